@@ -1,0 +1,187 @@
+"""``trl_plus.train(recipe)``: a validated recipe in, a trained model and its logs in ``output_dir`` out."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import TrlPlusError
+from .recipe import Recipe, check_recipe, load_recipe, recipe_source
+
+RESOLVED_RECIPE = "trl_plus_recipe.yaml"
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or interrupted) run produced."""
+
+    output_dir: str
+    global_step: int
+    metrics: dict[str, float] = field(default_factory=dict)  # the last logged value of each training metric
+    interrupted: bool = False
+    checkpoint: str | None = None
+
+    def summary(self) -> str:
+        """The closing lines printed by ``trl-plus train``."""
+        m = self.metrics
+        lines = [f"{'interrupted' if self.interrupted else 'finished'} after {self.global_step} steps"]
+        if "loss" in m:
+            lines.append(f"  final loss          {m['loss']:.4f}")
+        if "rewards/accuracies" in m:
+            lines.append(f"  reward accuracy     {m['rewards/accuracies']:.3f}")
+        if "rewards/margins" in m:
+            lines.append(f"  reward margin       {m['rewards/margins']:.4f}")
+        lines.append(f"  outputs             {self.output_dir}")
+        if self.checkpoint:
+            lines.append(f"  checkpoint          {self.checkpoint}")
+            lines.append(f"  resume with         --set training.resume_from_checkpoint={self.checkpoint}")
+        return "\n".join(lines)
+
+
+def last_metrics(log_history: list[dict[str, Any]]) -> dict[str, float]:
+    """The most recent value of every training metric in a ``trainer_state.json`` log history."""
+    out: dict[str, float] = {}
+    for entry in log_history:
+        for key, value in entry.items():
+            if not key.startswith("eval_") and isinstance(value, (int, float)):
+                out[key] = value
+    return out
+
+
+def _load_split(recipe: Recipe, method, which: str):
+    from .data import check_columns, load_preferences
+
+    spec = getattr(recipe.data, which)
+    if spec is None:
+        return None
+    dataset = load_preferences(spec.path, spec.split, spec.limit, where=f"{recipe_source(recipe)}: data.{which}")
+    check_columns(dataset.column_names, method, f"{recipe_source(recipe)}: data.{which} ({spec.path})")
+    return dataset
+
+
+def build_trainer(recipe: Recipe, callbacks: list | None = None):
+    """Everything ``train`` does before ``trainer.train()``: data, models, config, the :class:`PlusTrainer`."""
+    from trl import DPOConfig
+
+    from .modeling import load_model, load_tokenizer, lora_config
+    from .recipe import ModelSpec
+    from .trainer import PlusTrainer, resolve_reference_mode
+
+    method, training = check_recipe(recipe)
+    train_dataset = _load_split(recipe, method, "train")  # data problems surface before any model loads
+    eval_dataset = _load_split(recipe, method, "eval")
+
+    training.setdefault("output_dir", f"runs/{method.name}")
+    training.setdefault("report_to", "none")
+    if recipe.model.gradient_checkpointing is not None:
+        training["gradient_checkpointing"] = recipe.model.gradient_checkpointing
+    if "bf16" not in training and "fp16" not in training:
+        import torch
+
+        training["bf16"] = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if eval_dataset is not None:
+        training.setdefault("eval_strategy", "steps")
+    args = DPOConfig(**training)
+
+    tokenizer = load_tokenizer(recipe.model.name_or_path, recipe.model.revision, recipe.model.trust_remote_code)
+    model = load_model(recipe.model, gradient_checkpointing=args.gradient_checkpointing)
+    peft_config = lora_config(recipe.model.lora) if recipe.model.lora else None
+    mode = resolve_reference_mode(method, recipe.reference.mode, peft_config is not None, False)
+    ref_model = None
+    if mode == "model" or (mode == "precomputed" and recipe.reference.name_or_path):
+        ref_spec = recipe.model
+        if recipe.reference.name_or_path or recipe.reference.dtype:
+            ref_spec = ModelSpec(
+                name_or_path=recipe.reference.name_or_path or recipe.model.name_or_path,
+                dtype=recipe.reference.dtype or recipe.model.dtype,
+                quantization=recipe.model.quantization,
+            )
+        ref_model = load_model(ref_spec, trainable=False, key="reference")
+    teacher_model = None
+    if recipe.teacher is not None:
+        teacher_model = load_model(recipe.teacher, trainable=False, key="teacher")
+    return PlusTrainer(
+        model,
+        ref_model=ref_model,
+        args=args,
+        method=method,
+        reference_mode=mode,
+        teacher_model=teacher_model,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=callbacks,
+    )
+
+
+def _resume_target(value: Any, output_dir: str) -> str | bool | None:
+    if value in (None, False):
+        return None
+    if value is True:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        last = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+        if last is None:
+            raise TrlPlusError(f"training.resume_from_checkpoint: no checkpoint-* folder in {output_dir}")
+        return last
+    if not Path(str(value)).is_dir():
+        raise TrlPlusError(f"training.resume_from_checkpoint: no such checkpoint folder: {value}")
+    return str(value)
+
+
+def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None) -> TrainResult:
+    """Train as a recipe says. ``recipe`` is a YAML path, a dict or a :class:`Recipe`; ``overrides`` are
+    ``key.path=value`` strings (the CLI's ``--set``).
+
+    The output directory receives the final model (or LoRA adapter) and tokenizer, the resolved recipe
+    (``trl_plus_recipe.yaml``) and ``trainer_state.json``. Ctrl-C saves a checkpoint first; resume with
+    ``training.resume_from_checkpoint`` (a folder, or ``true`` for the latest one in ``output_dir``).
+    """
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe, overrides)
+    elif overrides:
+        raise ValueError("overrides apply to a recipe file or dict, not to a Recipe object")
+    resume = recipe.training.get("resume_from_checkpoint")
+    recipe_for_trainer = recipe.model_copy(deep=True)
+    recipe_for_trainer.training.pop("resume_from_checkpoint", None)
+    recipe_for_trainer._source = recipe_source(recipe)
+    trainer = build_trainer(recipe_for_trainer)
+    output_dir = trainer.args.output_dir
+    resume = _resume_target(resume, output_dir)
+
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    resolved = recipe.model_dump(mode="json")
+    resolved["method_args"] = trainer.method.config.model_dump(mode="json")
+    (Path(output_dir) / RESOLVED_RECIPE).write_text(yaml.safe_dump(resolved, sort_keys=False))
+
+    interrupted, checkpoint = False, None
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    except KeyboardInterrupt:
+        interrupted = True
+        if trainer.state.global_step > 0:
+            trainer._save_checkpoint(trainer.model, trial=None)
+            checkpoint = str(Path(output_dir) / f"checkpoint-{trainer.state.global_step}")
+        print("\ninterrupted: checkpoint saved" if checkpoint else "\ninterrupted before the first step",
+              file=sys.stderr)  # fmt: skip
+    if not interrupted:
+        trainer.save_model(output_dir)
+    trainer.state.save_to_json(str(Path(output_dir) / "trainer_state.json"))
+    return TrainResult(
+        output_dir=output_dir,
+        global_step=trainer.state.global_step,
+        metrics=last_metrics(trainer.state.log_history),
+        interrupted=interrupted,
+        checkpoint=checkpoint,
+    )
+
+
+def read_state(output_dir: str | Path) -> dict[str, Any]:
+    """The ``trainer_state.json`` of a run directory."""
+    return json.loads((Path(output_dir) / "trainer_state.json").read_text())

@@ -1,0 +1,20 @@
+"""The core's own plugin: registers the built-in methods and model aliases through the public hooks."""
+
+from __future__ import annotations
+
+from .hookspecs import hookimpl
+from .method import ModelAlias
+
+
+@hookimpl
+def register_methods(register):
+    from .methods.dpo import DPO
+
+    register(DPO)
+
+
+@hookimpl
+def register_model_aliases(register):
+    from .tiny import tiny_llama_alias
+
+    register(ModelAlias("tiny-llama", "random 2-layer Llama (hidden 64) + char tokenizer, offline", tiny_llama_alias))

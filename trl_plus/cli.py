@@ -1,0 +1,141 @@
+"""The ``trl-plus`` command: list, show, validate, train.
+
+``--help`` and ``list`` import neither torch nor transformers; ``train`` does, once the recipe is valid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import textwrap
+from typing import Any
+
+from .errors import TrlPlusError
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    lines = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
+    lines += [fmt.format(*map(str, r)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from .registry import get_registry
+
+    registry = get_registry()
+    rows = [
+        [name, cls.family, cls.needs.describe(), f"{cls.paper.arxiv}", registry.sources[name]]
+        for name, cls in sorted(registry.methods.items())
+    ]
+    print(_table(rows, ["method", "family", "needs", "arXiv", "from"]))
+    if registry.aliases:
+        print("\nmodel aliases: " + ", ".join(f"{a.name} ({a.description})" for a in registry.aliases.values()))
+    if registry.broken:
+        print("\nbroken plugins (not usable until fixed):")
+        for b in registry.broken.values():
+            print(f"  {b.name}: {b.source}: {b.error}")
+            if args.debug:
+                print(textwrap.indent(b.traceback, "    "))
+    return 0
+
+
+def example_recipe(method_cls) -> str:
+    """A minimal recipe for ``method_cls`` that runs on the CPU with the tiny built-in model."""
+    import yaml
+
+    defaults = {k: f.default for k, f in method_cls.Config.model_fields.items() if not f.is_required()}
+    recipe: dict[str, Any] = {
+        "method": method_cls.name,
+        "method_args": defaults,
+        "model": {"name_or_path": "tiny-llama"},
+        "data": {"train": {"path": "recipes/data/quickstart_prefs.jsonl"}},
+        "training": {"output_dir": f"runs/{method_cls.name}", "max_steps": 20, "learning_rate": 1e-3},
+    }
+    if method_cls.needs.teacher:
+        recipe["teacher"] = {"name_or_path": "tiny-llama"}
+    return yaml.safe_dump(recipe, sort_keys=False)
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from .registry import get_registry
+
+    registry = get_registry()
+    cls = registry.get(args.name)
+    print(f"{cls.name} — {cls.summary}" if cls.summary else cls.name)
+    print(f"paper:   {cls.paper}" + (f"\ncode:    {cls.paper.code}" if cls.paper.code else ""))
+    print(f"family:  {cls.family}\nneeds:   {cls.needs.describe()}\nfrom:    {registry.sources[cls.name]}")
+    print(f"data:    columns {', '.join(cls.required_columns())}; {cls.sequences_per_example} sequences per example\n")
+    rows = []
+    for name, f in cls.Config.model_fields.items():
+        annotation = getattr(f.annotation, "__name__", None) or str(f.annotation).replace("typing.", "")
+        default = "(required)" if f.is_required() else repr(f.default)
+        rows.append([name, annotation, default, f.description or ""])
+    print(_table(rows, ["hyperparameter", "type", "default", "meaning"]) if rows else "no hyperparameters")
+    print("\nexample recipe:\n" + textwrap.indent(example_recipe(cls), "  "))
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from .api import _load_split
+    from .recipe import check_recipe, load_recipe
+
+    recipe = load_recipe(args.recipe, args.set)
+    method, training = check_recipe(recipe)
+    _load_split(recipe, method, "train")
+    _load_split(recipe, method, "eval")
+    print(f"{args.recipe}: ok (method {method.name}, {len(training)} training keys)")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .api import train
+
+    result = train(args.recipe, args.set)
+    print(result.summary())
+    return 130 if result.interrupted else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trl-plus",
+        description="Preference optimization methods from the literature as plugins of one TRL trainer.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("list", help="installed methods: family, needs, paper, source; broken plugins")
+    p.set_defaults(func=cmd_list)
+    p = sub.add_parser("show", help="a method's hyperparameters, data fields and an example recipe")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_show)
+    for name, func, text in (
+        ("validate", cmd_validate, "check a recipe (keys, types, method args, files, data columns)"),
+        ("train", cmd_train, "train as a recipe says (works under `accelerate launch -m trl_plus`)"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("recipe", help="path to a YAML recipe")
+        p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                       help="override a recipe value, e.g. --set training.max_steps=10 (repeatable)")  # fmt: skip
+        p.set_defaults(func=func)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get("TRL_PLUS_DEBUG") == "1"
+    try:
+        return args.func(args)
+    except TrlPlusError as exc:
+        if debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

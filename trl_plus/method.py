@@ -1,0 +1,239 @@
+"""What a method is: its identity, its needs, its typed hyperparameters, its data handling and its loss.
+
+A method is a subclass of :class:`Method`. Only the loss is mandatory; everything else has a default that fits
+offline pairwise methods (DPO and its many edits). The loss is a pure function of a :class:`LossContext`, which
+holds what the trainer computed, so most plugin tests run on hand-made tensors.
+
+Nothing here imports torch at module level: listing methods must stay fast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    import torch
+
+
+class MethodConfig(BaseModel):
+    """Base class of a method's hyperparameters.
+
+    Declare each hyperparameter as a typed field with the paper's default and a description, e.g.
+    ``beta: float = Field(0.1, gt=0, description="inverse KL strength (paper: 0.1)")``. Unknown keys and wrong
+    types are rejected; the recipe's ``method_args`` are validated against this class before any model loads.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+@dataclass(frozen=True)
+class Paper:
+    """The paper a method comes from."""
+
+    title: str
+    arxiv: str
+    code: str | None = None  # official code repository, "owner/name"
+
+    def __str__(self) -> str:
+        return f"{self.title} (arXiv {self.arxiv})"
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a method needs from the trainer. The trainer builds exactly this and nothing more.
+
+    - ``reference``: ``"yes"`` (a frozen reference is required), ``"no"`` (never computed: no forward pass,
+      no weights in memory) or ``"optional"`` (used when the recipe's ``reference.mode`` provides one).
+    - ``teacher``: a frozen teacher model (recipe block ``teacher:``); its outputs reach the loss as
+      ``ctx.teacher``.
+    - ``generation`` / ``judge``: online methods (sampling, reward models or judges); reserved for later families.
+    - ``fields``: data columns required beyond ``prompt``/``chosen``/``rejected`` (e.g. ``("margin",)``);
+      they are collated into ``ctx.batch[name]``.
+    - ``logits`` / ``hidden_states``: ask for the full logits or hidden states in ``ctx.outputs`` (costs memory:
+      the default fused head never materialises the logits).
+    """
+
+    reference: Literal["yes", "no", "optional"] = "yes"
+    teacher: bool = False
+    generation: bool = False
+    judge: bool = False
+    fields: tuple[str, ...] = ()
+    logits: bool = False
+    hidden_states: bool = False
+
+    def describe(self) -> str:
+        """A short human-readable summary, as shown by ``trl-plus list``."""
+        parts = {"yes": ["reference"], "optional": ["reference?"], "no": []}[self.reference]
+        parts += [name for name in ("teacher", "generation", "judge") if getattr(self, name)]
+        parts += [f"field:{f}" for f in self.fields]
+        return ", ".join(parts) or "-"
+
+
+@dataclass
+class LossContext:
+    """Everything the trainer computed for one batch, handed to :meth:`Method.loss`.
+
+    The batch holds ``K = num_sequences`` sequences per example and ``B`` examples; per-token tensors are shaped
+    ``[K, B, T]`` (index 0 = the preferred sequence, 1 = the dispreferred one for pairwise methods), where ``T``
+    runs over the positions of the *shifted* labels (token ``t+1`` predicted from ``t``). Log-probs are zero
+    where ``mask`` is zero. A non-text scorer (a diffusion model's negative denoising error, say) fills
+    ``token_logps`` with shape ``[K, B, 1]`` and a mask of ones, so every helper below keeps working.
+    """
+
+    token_logps: torch.Tensor  # [K, B, T] policy per-token log-probs (with grad)
+    mask: torch.Tensor  # [K, B, T] 1.0 on scored (completion) tokens
+    ref_token_logps: torch.Tensor | None = None  # [K, B, T] reference per-token log-probs (no grad), if any
+    teacher: Any = None  # whatever the teacher hook returned (default: [K, B, T] teacher log-probs)
+    batch: Mapping[str, Any] = field(default_factory=dict)  # the collated batch: extra per-example fields
+    outputs: Any = None  # the policy forward's outputs (logits / hidden_states when the method asks)
+    step: int = 0  # global optimisation step
+    training: bool = True
+
+    @property
+    def num_sequences(self) -> int:
+        """``K``: sequences per example (2 for chosen/rejected)."""
+        return self.token_logps.shape[0]
+
+    @property
+    def batch_size(self) -> int:
+        """``B``: examples in the batch."""
+        return self.token_logps.shape[1]
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """``[K, B]`` number of scored tokens per sequence (as a float tensor)."""
+        return self.mask.sum(-1)
+
+    def logps(self) -> torch.Tensor:
+        """``[K, B]`` policy sequence log-probs: the sum over scored tokens."""
+        return (self.token_logps * self.mask).sum(-1)
+
+    def ref_logps(self) -> torch.Tensor:
+        """``[K, B]`` reference sequence log-probs; an error if no reference was computed."""
+        if self.ref_token_logps is None:
+            raise RuntimeError("this method asked for reference log-probs but the run has no reference model")
+        return (self.ref_token_logps * self.mask).sum(-1)
+
+    def mean_logps(self) -> torch.Tensor:
+        """``[K, B]`` policy log-probs averaged over each sequence's scored tokens."""
+        return self.logps() / self.lengths.clamp(min=1)
+
+
+@dataclass
+class LossOutput:
+    """What a loss returns.
+
+    - ``loss``: the scalar to minimise (already reduced over the batch).
+    - ``rewards``: optional ``[K, B]`` detached implicit rewards; rows 0 and 1 are logged as ``rewards/chosen``,
+      ``rewards/rejected``, ``rewards/margins`` and ``rewards/accuracies``, like TRL's DPOTrainer.
+    - ``metrics``: further named scalars (floats or 0-d tensors), logged next to TRL's.
+    """
+
+    loss: torch.Tensor
+    rewards: torch.Tensor | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+class Method:
+    """A preference-optimization method: subclass it, set the class attributes, implement :meth:`loss`.
+
+    Class attributes:
+        name: the registry name used in recipes (``method: name``).
+        family: e.g. ``"offline-pairwise"``.
+        paper: a :class:`Paper`.
+        summary: one line on what the method does.
+        needs: a :class:`Needs`.
+        Config: a :class:`MethodConfig` subclass with the paper's defaults.
+        data_fields: the dataset columns a user must provide (``needs.fields`` are added to them).
+        sequences_per_example: ``K``, the number of sequences the collator builds per example.
+
+    Hooks a method may override (all have working defaults for pairwise text):
+        :meth:`tokenize`, :meth:`collator`, :meth:`reference`, :meth:`teacher`.
+    """
+
+    name: ClassVar[str]
+    family: ClassVar[str] = "offline-pairwise"
+    paper: ClassVar[Paper]
+    summary: ClassVar[str] = ""
+    needs: ClassVar[Needs] = Needs()
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+    data_fields: ClassVar[tuple[str, ...]] = ("prompt", "chosen", "rejected")
+    sequences_per_example: ClassVar[int] = 2
+
+    def __init__(self, config: MethodConfig | Mapping[str, Any] | None = None, **kwargs: Any):
+        if config is None or isinstance(config, Mapping):
+            config = self.Config(**{**(config or {}), **kwargs})
+        elif kwargs:
+            raise TypeError("pass either a config object or keyword arguments, not both")
+        self.config = config
+
+    # -- identity -------------------------------------------------------------------------------------------
+    @classmethod
+    def required_columns(cls) -> tuple[str, ...]:
+        """Every column a training file must have for this method."""
+        return tuple(dict.fromkeys(cls.data_fields + cls.needs.fields))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config!r})"
+
+    # -- data -----------------------------------------------------------------------------------------------
+    #: When ``None`` (the default) the trainer tokenizes pairs exactly as TRL's DPOTrainer does: prompt
+    #: extraction, EOS appended, columns ``prompt_ids``, ``chosen_ids``, ``rejected_ids``. A method with another
+    #: data shape sets ``tokenize`` to a function ``(example: dict, tokenizer) -> dict`` of new columns.
+    tokenize: ClassVar[Callable[..., dict] | None] = None
+
+    #: Columns produced by ``tokenize`` that the collator reads (kept when TRL prunes unused columns).
+    tokenized_columns: ClassVar[tuple[str, ...]] = ("prompt_ids", "chosen_ids", "rejected_ids")
+
+    def collator(self, pad_token_id: int, max_length: int | None, truncation_mode: str = "keep_start") -> Callable:
+        """Return the data collator: ``list[example] -> batch``.
+
+        The batch must hold ``input_ids``, ``attention_mask`` and ``completion_mask`` shaped ``[K*B, L]`` and
+        ordered sequence-major (``[seq0_ex1..seq0_exB, seq1_ex1..]``), plus any extra per-example fields.
+        The default is TRL's pairwise collator with ``needs.fields`` stacked as tensors.
+        """
+        from .collators import PairwiseCollator
+
+        return PairwiseCollator(
+            pad_token_id=pad_token_id,
+            max_length=max_length,
+            truncation_mode=truncation_mode,
+            extra_fields=self.needs.fields,
+        )
+
+    # -- frozen models -------------------------------------------------------------------------------------
+    def reference(self, trainer: Any, inputs: Mapping[str, Any]) -> torch.Tensor | None:
+        """Reference hook: return ``[K*B, T]`` reference per-token log-probs, or ``None`` to use the core's.
+
+        The core's default follows ``reference.mode``: the PEFT adapter switched off, a separate frozen model,
+        or values precomputed once before training.
+        """
+        return None
+
+    def teacher(self, trainer: Any, inputs: Mapping[str, Any]) -> Any:
+        """Teacher hook: what reaches the loss as ``ctx.teacher``; ``None`` uses the core's default.
+
+        The default runs ``trainer.teacher_model`` without gradients on the same sequences and returns its
+        ``[K, B, T]`` per-token log-probs. Override it to return e.g. top-k distributions
+        (``trainer.forward_logits(trainer.teacher_model, inputs)`` gives full logits).
+        """
+        return None
+
+    # -- the objective --------------------------------------------------------------------------------------
+    def loss(self, ctx: LossContext) -> LossOutput:
+        """The objective: a pure function of ``ctx`` returning a :class:`LossOutput`."""
+        raise NotImplementedError(f"method {self.name!r} does not implement loss()")
+
+
+@dataclass(frozen=True)
+class ModelAlias:
+    """A short model name a recipe may use as ``model.name_or_path`` (see ``register_model_aliases``)."""
+
+    name: str
+    description: str
+    build: Callable[[Any], str]  # (cache_dir: pathlib.Path) -> local directory
+    source: str = ""

@@ -1,0 +1,142 @@
+"""Discovers methods and model aliases: the core's built-ins and installed plugins, through the same hooks."""
+
+from __future__ import annotations
+
+import os
+import traceback
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+
+import pluggy
+
+from . import hookspecs
+from .errors import TrlPlusError, did_you_mean
+from .method import Method, ModelAlias
+
+ENTRY_POINT_GROUP = "trl_plus"
+
+
+@dataclass
+class BrokenPlugin:
+    """An installed plugin whose import (or registration) failed."""
+
+    name: str
+    source: str
+    error: str  # "ExceptionType: message"
+    traceback: str
+
+
+@dataclass
+class Registry:
+    """The methods and model aliases known to this process, and the plugins that failed to load."""
+
+    methods: dict[str, type[Method]] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)  # method name -> "trl-plus (built-in)" / distribution
+    aliases: dict[str, ModelAlias] = field(default_factory=dict)
+    broken: dict[str, BrokenPlugin] = field(default_factory=dict)
+    plugin_manager: pluggy.PluginManager | None = None
+
+    # -- registration ---------------------------------------------------------------------------------------
+    def _register_method(self, method: type[Method], source: str) -> None:
+        if not (isinstance(method, type) and issubclass(method, Method)):
+            raise TypeError(f"{source}: register() expects a trl_plus.Method subclass, got {method!r}")
+        for attr in ("name", "paper"):
+            if not hasattr(method, attr):
+                raise TypeError(f"{source}: method class {method.__name__} does not set `{attr}`")
+        if method.name in self.methods:
+            raise TrlPlusError(
+                f"method {method.name!r} is registered twice: by {self.sources[method.name]} and by {source}"
+            )
+        self.methods[method.name] = method
+        self.sources[method.name] = source
+
+    def _register_alias(self, alias: ModelAlias, source: str) -> None:
+        if alias.name in self.aliases:
+            raise TrlPlusError(f"model alias {alias.name!r} is registered twice: by {self.aliases[alias.name].source}"
+                               f" and by {source}")
+        self.aliases[alias.name] = ModelAlias(alias.name, alias.description, alias.build, source)
+
+    def add_plugin(self, plugin: object, name: str, source: str) -> None:
+        """Register one plugin object (a module or an object with hook implementations) and run its hooks."""
+        pm = self.plugin_manager
+        pm.register(plugin, name=name)
+        caller = pm.subset_hook_caller  # call this plugin's hooks only
+        others = [p for p in pm.get_plugins() if p is not plugin]
+        caller("register_methods", others)(register=lambda m: self._register_method(m, source))
+        caller("register_model_aliases", others)(register=lambda a: self._register_alias(a, source))
+
+    def remove_plugin(self, name: str) -> None:
+        """Unregister a plugin and forget the methods and aliases it registered (used by tests)."""
+        plugin = self.plugin_manager.get_plugin(name)
+        if plugin is not None:
+            self.plugin_manager.unregister(plugin)
+        for method_name in [m for m, s in self.sources.items() if s == name or s.endswith(f"({name})")]:
+            self.methods.pop(method_name, None)
+            self.sources.pop(method_name, None)
+        for alias in [a for a, v in self.aliases.items() if v.source == name]:
+            self.aliases.pop(alias)
+
+    # -- lookup ---------------------------------------------------------------------------------------------
+    def get(self, name: str) -> type[Method]:
+        """The method class registered under ``name``; a clear error if it is unknown or its plugin is broken."""
+        if name in self.methods:
+            return self.methods[name]
+        if name in self.broken:
+            b = self.broken[name]
+            raise TrlPlusError(
+                f"method {name!r} is installed ({b.source}) but its plugin failed to import: {b.error}. "
+                f"Fix or reinstall that plugin (`trl-plus list --debug` shows the traceback)."
+            )
+        known = sorted(self.methods) + sorted(self.broken)
+        raise TrlPlusError(
+            f"unknown method {name!r}{did_you_mean(name, known)}. "
+            f"Installed: {', '.join(known) or 'none'}. Run `trl-plus list`, or `pip install trl-plus-{name}`."
+        )
+
+
+def _selected_entry_points():
+    eps = entry_points(group=ENTRY_POINT_GROUP)
+    wanted = os.environ.get("TRL_PLUS_PLUGINS")
+    if wanted is None:
+        return list(eps)
+    names = {n.strip() for n in wanted.split(",") if n.strip()}
+    return [ep for ep in eps if ep.name in names]
+
+
+def load_registry() -> Registry:
+    """Build a fresh registry: built-ins first, then every selected entry point of group ``trl_plus``."""
+    from . import builtins
+
+    pm = pluggy.PluginManager("trl_plus")
+    pm.add_hookspecs(hookspecs)
+    registry = Registry(plugin_manager=pm)
+    registry.add_plugin(builtins, name="trl-plus", source="trl-plus (built-in)")
+    for ep in _selected_entry_points():
+        dist = getattr(ep.dist, "name", None) or "?"
+        source = f"{dist} ({ep.name})"
+        try:
+            registry.add_plugin(ep.load(), name=ep.name, source=source)
+        except Exception as exc:  # a broken plugin must never hide the others
+            registry.broken[ep.name] = BrokenPlugin(
+                name=ep.name,
+                source=source,
+                error=f"{type(exc).__name__}: {exc}",
+                traceback=traceback.format_exc(),
+            )
+    return registry
+
+
+_REGISTRY: Registry | None = None
+
+
+def get_registry(reload: bool = False) -> Registry:
+    """The process-wide registry, loaded on first use."""
+    global _REGISTRY
+    if _REGISTRY is None or reload:
+        _REGISTRY = load_registry()
+    return _REGISTRY
+
+
+def get_method(name: str) -> type[Method]:
+    """Shortcut for ``get_registry().get(name)``."""
+    return get_registry().get(name)

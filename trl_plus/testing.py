@@ -1,0 +1,172 @@
+"""Test helpers for trl-plus and for plugin authors (also a pytest plugin: the fixtures below are auto-loaded).
+
+- :func:`make_context` builds a :class:`~trl_plus.LossContext` from ragged per-token log-prob lists, so a card's
+  worked example is a few lines.
+- :func:`registered` registers a throw-away method for the duration of a ``with`` block.
+- :func:`preference_rows` makes small synthetic prompt/chosen/rejected rows; :func:`train_tiny` runs a few real
+  optimiser steps of any method on the tiny offline model and returns the trainer.
+- Fixtures: ``tiny_model_dir`` (a saved tiny Llama + tokenizer), ``preference_file`` (a jsonl of synthetic pairs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .method import LossContext, Method
+from .registry import get_registry
+
+# -- loss contexts from hand-written numbers ---------------------------------------------------------------
+
+
+def _pad(sequences: Sequence[Sequence[Sequence[float]]]):
+    import torch
+
+    num_sequences, batch = len(sequences), len(sequences[0])
+    length = max(len(tokens) for seq in sequences for tokens in seq)
+    values = torch.zeros(num_sequences, batch, length, dtype=torch.float64)
+    mask = torch.zeros_like(values)
+    for k, seq in enumerate(sequences):
+        for b, tokens in enumerate(seq):
+            values[k, b, : len(tokens)] = torch.tensor(tokens, dtype=torch.float64)
+            mask[k, b, : len(tokens)] = 1
+    return values, mask
+
+
+def make_context(
+    policy: Sequence[Sequence[Sequence[float]]],
+    reference: Sequence[Sequence[Sequence[float]]] | None = None,
+    requires_grad: bool = True,
+    **kwargs: Any,
+) -> LossContext:
+    """A :class:`LossContext` from per-token log-probs given as ``[K][B][tokens]`` nested lists (float64).
+
+    ``policy[0]`` are the chosen sequences, ``policy[1]`` the rejected ones. A sequence-level example (only sums
+    on the card) is a one-token list: ``[[-12.0], [-20.0]]``. ``ctx.token_logps.grad`` holds the gradient after
+    ``loss.backward()``. Extra keyword arguments go to :class:`LossContext` (e.g. ``batch={...}``).
+    """
+    values, mask = _pad(policy)
+    values.requires_grad_(requires_grad)
+    ref = None
+    if reference is not None:
+        ref, ref_mask = _pad(reference)
+        if ref.shape != values.shape or not bool((ref_mask == mask).all()):
+            raise ValueError("reference must have the same shape (sequences and token counts) as policy")
+    return LossContext(token_logps=values, mask=mask, ref_token_logps=ref, **kwargs)
+
+
+# -- registering a method for one test -------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def registered(*methods: type[Method], name: str = "test-plugin") -> Iterator[None]:
+    """Register ``methods`` as if a plugin called ``name`` had, and unregister them afterwards."""
+    from .hookspecs import hookimpl
+
+    class _Plugin:
+        @hookimpl
+        def register_methods(self, register):
+            for method in methods:
+                register(method)
+
+    registry = get_registry()
+    registry.add_plugin(_Plugin(), name=name, source=name)
+    try:
+        yield
+    finally:
+        registry.remove_plugin(name)
+
+
+# -- synthetic data -----------------------------------------------------------------------------------------------
+
+_TASKS = [
+    ("What is {a} + {b}?", "{a} + {b} = {s}.", "I do not know."),
+    ("Add {a} and {b}.", "The sum is {s}.", "Numbers are boring."),
+    ("Please write the number {a} in digits.", "{a}", "No."),
+    ("Count from {a} to {c}.", "{seq}", "Counting is not something I do."),
+    ("Is {a} bigger than {b}?", "{cmp}", "Maybe, maybe not."),
+]
+
+
+def preference_rows(n: int = 64, seed: int = 0) -> list[dict[str, str]]:
+    """``n`` synthetic rows ``{"prompt", "chosen", "rejected"}``: a helpful answer vs an unhelpful one."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        prompt, chosen, rejected = rng.choice(_TASKS)
+        a, b = rng.randint(1, 40), rng.randint(1, 40)
+        c = a + rng.randint(2, 4)
+        values = {
+            "a": a, "b": b, "c": c, "s": a + b, "seq": ", ".join(str(i) for i in range(a, c + 1)),
+            "cmp": f"Yes, {a} is bigger than {b}." if a > b else f"No, {a} is not bigger than {b}.",
+        }  # fmt: skip
+        rows.append({k: t.format(**values) for k, t in zip(("prompt", "chosen", "rejected"), (prompt, chosen, rejected))})
+    return rows
+
+
+def write_jsonl(rows: Sequence[dict[str, Any]], path: str | Path) -> str:
+    """Write ``rows`` as JSON lines; return the path."""
+    Path(path).write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+# -- a few real steps on the tiny model ------------------------------------------------------------------------
+
+
+def train_tiny(
+    method: str | Method | type[Method],
+    output_dir: str | Path,
+    method_args: dict[str, Any] | None = None,
+    rows: Sequence[dict[str, Any]] | None = None,
+    max_steps: int = 8,
+    learning_rate: float = 5e-3,
+    reference_mode: str = "auto",
+    **trainer_kwargs: Any,
+):
+    """Train ``method`` for ``max_steps`` on the tiny offline model and synthetic pairs; return the trainer.
+
+    Useful for the "a few optimiser steps raise the method's margin" test every plugin should have:
+    compare ``trainer.state.log_history[0]`` with ``[-2]`` (the last training log).
+    """
+    from datasets import Dataset
+    from trl import DPOConfig
+
+    from .tiny import build_model, build_tokenizer
+    from .trainer import PlusTrainer
+
+    tokenizer = build_tokenizer()
+    args = DPOConfig(
+        output_dir=str(output_dir), max_steps=max_steps, learning_rate=learning_rate, per_device_train_batch_size=8,
+        logging_steps=1, report_to="none", save_strategy="no", bf16=False, gradient_checkpointing=False,
+        disable_tqdm=True, seed=0,
+    )  # fmt: skip
+    dataset = Dataset.from_list(list(rows or preference_rows(32)))
+    trainer = PlusTrainer(
+        build_model(tokenizer), args=args, method=method, method_args=method_args, reference_mode=reference_mode,
+        train_dataset=dataset, processing_class=tokenizer, **trainer_kwargs,
+    )  # fmt: skip
+    trainer.train()
+    return trainer
+
+
+# -- pytest fixtures ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    """A saved tiny random Llama with its character tokenizer (``from_pretrained`` loads it)."""
+    from .tiny import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture
+def preference_file(tmp_path) -> str:
+    """A jsonl file of 32 synthetic prompt/chosen/rejected rows."""
+    return write_jsonl(preference_rows(32), tmp_path / "prefs.jsonl")

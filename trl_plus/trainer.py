@@ -1,0 +1,345 @@
+"""PlusTrainer: TRL's DPOTrainer with the loss, collator and frozen-model hooks supplied by a method plugin.
+
+One step: the method's collator builds ``[K*B, L]`` sequences; one policy forward (TRL's fused LM head: per-token
+log-probs without materialising the logits); the reference (adapter off, a frozen model, or precomputed columns)
+and the teacher only when the method needs them; then ``method.loss(LossContext)``; TRL's usual metrics plus the
+method's own are logged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from accelerate.utils import is_peft_model, tqdm
+from datasets import Dataset, IterableDataset, concatenate_datasets
+from datasets.fingerprint import Hasher
+from torch.utils.data import DataLoader
+from transformers import AutoTokenizer
+from trl import DPOConfig, DPOTrainer
+from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer.utils import add_fused_lm_head, get_config_model_id, selective_log_softmax, use_adapter
+
+from .data import check_columns
+from .errors import TrlPlusError
+from .method import LossContext, Method
+from .registry import get_method
+
+REFERENCE_MODES = ("auto", "model", "adapter", "precomputed", "none")
+MODEL_INPUT_KEYS = (
+    "input_ids", "attention_mask", "position_ids", "token_type_ids", "mm_token_type_ids",
+    "pixel_values", "pixel_attention_mask", "image_grid_thw", "image_sizes",
+)  # fmt: skip
+REF_COLUMN = "ref_token_logps"
+
+
+def resolve_method(method: str | Method | type[Method], method_args: Mapping[str, Any] | None = None) -> Method:
+    """A method instance from a registry name, a class or an instance (``method_args`` fill its config)."""
+    if isinstance(method, Method):
+        if method_args:
+            raise ValueError("pass method_args only with a method name or class")
+        return method
+    cls = get_method(method) if isinstance(method, str) else method
+    return cls(dict(method_args or {}))
+
+
+def resolve_reference_mode(method: Method, mode: str, is_peft: bool, has_ref_model: bool) -> str:
+    """The concrete reference mode (``model``, ``adapter``, ``precomputed`` or ``none``) for a method and setup."""
+    if mode not in REFERENCE_MODES:
+        raise TrlPlusError(f"reference.mode: {mode!r} is not one of {', '.join(REFERENCE_MODES)}")
+    need = method.needs.reference
+    if need == "no":
+        if mode not in ("auto", "none"):
+            raise TrlPlusError(
+                f"reference.mode: method {method.name!r} is reference-free; set reference.mode to auto or none"
+            )
+        return "none"
+    if mode == "none":
+        if need == "yes":
+            raise TrlPlusError(f"reference.mode: method {method.name!r} needs a reference model; use auto")
+        return "none"
+    if mode == "auto":
+        return "model" if has_ref_model or not is_peft else "adapter"
+    if mode == "adapter" and not is_peft:
+        raise TrlPlusError("reference.mode: 'adapter' needs LoRA on the policy (model.lora); use 'model' instead")
+    return mode
+
+
+class _WithReferenceColumn:
+    """Wraps a method's collator: turns precomputed ``ref_token_logps`` lists back into a ``[K*B, T]`` tensor."""
+
+    def __init__(self, collator, num_sequences: int):
+        self.collator, self.num_sequences = collator, num_sequences
+
+    def __call__(self, examples):
+        if REF_COLUMN not in examples[0]:
+            return self.collator(examples)
+        ref = [example.pop(REF_COLUMN) for example in examples]
+        batch = self.collator(examples)
+        shift_mask = batch["completion_mask"][:, 1:].bool()
+        flat = [value for k in range(self.num_sequences) for seqs in ref for value in seqs[k]]
+        values = torch.tensor(flat, dtype=torch.float32)
+        if values.numel() != int(shift_mask.sum()):
+            raise RuntimeError("precomputed reference log-probs do not match the collated completion tokens")
+        batch[REF_COLUMN] = torch.zeros(shift_mask.shape).masked_scatter(shift_mask, values)
+        return batch
+
+
+class PlusTrainer(DPOTrainer):
+    """TRL's ``DPOTrainer`` driven by a method plugin.
+
+    Build it exactly like ``DPOTrainer`` plus ``method`` (a registered name, a :class:`~trl_plus.Method` class or
+    instance), ``method_args``, ``reference_mode`` (``auto``, ``model``, ``adapter``, ``precomputed``, ``none``) and,
+    for methods that need one, ``teacher_model``. ``args`` is a ``trl.DPOConfig``; its loss fields (``loss_type``,
+    ``beta``, ``ld_alpha``, ...) are ignored: the method owns the loss.
+    """
+
+    _tag_names = ["trl", "trl-plus"]
+    _name = "PlusTrainer"
+
+    def __init__(
+        self,
+        model,
+        ref_model=None,
+        args: DPOConfig | None = None,
+        *,
+        method: str | Method | type[Method] = "dpo",
+        method_args: Mapping[str, Any] | None = None,
+        reference_mode: str = "auto",
+        teacher_model=None,
+        data_collator=None,
+        processing_class=None,
+        peft_config=None,
+        **kwargs,
+    ):
+        self.method = resolve_method(method, method_args)
+        args = args or DPOConfig(output_dir=f"runs/{self.method.name}")
+        if isinstance(model, str) and processing_class is None:
+            processing_class = AutoTokenizer.from_pretrained(model)
+        elif processing_class is None:
+            processing_class = AutoTokenizer.from_pretrained(get_config_model_id(model.config))
+        tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+
+        will_be_peft = peft_config is not None or (not isinstance(model, str) and is_peft_model(model))
+        self.reference_mode = resolve_reference_mode(
+            self.method, reference_mode, will_be_peft, has_ref_model=ref_model is not None
+        )
+        if self.reference_mode == "none" and ref_model is not None:
+            raise TrlPlusError(f"method {self.method.name!r} runs without a reference; do not pass ref_model")
+        if self.reference_mode == "model" and ref_model is None and not isinstance(model, str):
+            ref_model = copy.deepcopy(model).eval().requires_grad_(False)  # the initial policy, frozen
+        if self.method.needs.teacher and teacher_model is None:
+            raise TrlPlusError(f"method {self.method.name!r} needs a teacher model (recipe block `teacher:`)")
+
+        if data_collator is None:
+            data_collator = self.method.collator(tokenizer.pad_token_id, args.max_length, args.truncation_mode)
+        data_collator = _WithReferenceColumn(data_collator, self.method.sequences_per_example)
+
+        # DPOTrainer loads a second full model as reference unless the policy is a PEFT model or the reference is
+        # precomputed. A reference-free run must never cost one: take the "precomputed" path during construction
+        # (our _precompute_ref_logps then does nothing), and restore the user's setting afterwards.
+        user_precompute = args.precompute_ref_log_probs
+        args.precompute_ref_log_probs = self.reference_mode == "precomputed" or (
+            self.reference_mode == "none" and not will_be_peft and ref_model is None
+        )
+        try:
+            super().__init__(
+                model, ref_model=ref_model, args=args, data_collator=data_collator,
+                processing_class=processing_class, peft_config=peft_config, **kwargs,
+            )  # fmt: skip
+        finally:
+            args.precompute_ref_log_probs = user_precompute
+        self.precompute_ref_logps = self.reference_mode == "precomputed"
+        self.args.precompute_ref_log_probs = self.precompute_ref_logps
+        if self.precompute_ref_logps:
+            self.ref_model = None  # its log-probs are in the dataset now: free the weights
+        self.ld_alpha = None  # TRL's loss options are unused: the method owns the loss
+        self.beta = getattr(self.method.config, "beta", None)
+
+        self.teacher_model = teacher_model
+        if teacher_model is not None:
+            add_fused_lm_head(teacher_model)
+            self.teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
+
+    # -- data -----------------------------------------------------------------------------------------------
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        if set(self.method.tokenized_columns) <= set(dataset.column_names):
+            return dataset  # already tokenized
+        check_columns(dataset.column_names, self.method, f"{dataset_name} dataset")
+        if self.method.tokenize is None:
+            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        map_kwargs = {"desc": f"Tokenizing {dataset_name} dataset"} if isinstance(dataset, Dataset) else {}
+        return dataset.map(self.method.tokenize, fn_kwargs={"tokenizer": self._tokenizer}, **map_kwargs)
+
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None:
+            self._signature_columns = list(
+                dict.fromkeys((*self.method.tokenized_columns, *self.method.needs.fields, REF_COLUMN))
+            )
+
+    # -- frozen models --------------------------------------------------------------------------------------
+    @staticmethod
+    def _model_kwargs(inputs: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in inputs.items() if k in MODEL_INPUT_KEYS}
+
+    def frozen_token_logps(self, model, inputs: Mapping[str, Any], adapter_off: bool = False) -> torch.Tensor:
+        """``[K*B, T]`` per-token log-probs of a frozen ``model`` (no grad); ``adapter_off`` disables the policy's
+        PEFT adapter (the reference of a LoRA/QLoRA run: no second copy of the base weights)."""
+        labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+        adapter_context = contextlib.nullcontext()
+        if adapter_off:
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            adapter_context = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
+        with (
+            torch.no_grad(),
+            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+            adapter_context,
+            self.accelerator.autocast(),
+        ):
+            outputs = model(**self._model_kwargs(inputs), labels=labels, use_cache=False, fused_lm_head=True)
+        return outputs.log_probs[:, -(labels.size(1) - 1) :]
+
+    def forward_logits(self, model, inputs: Mapping[str, Any], **kwargs) -> Any:
+        """Run ``model`` on the batch and return its full outputs (logits, and hidden states if asked)."""
+        return model(**self._model_kwargs(inputs), use_cache=False, **kwargs)
+
+    def reference_token_logps(self, inputs: Mapping[str, Any]) -> torch.Tensor:
+        """The reference hook: the method's override, precomputed columns, the adapter off, or the frozen model."""
+        custom = self.method.reference(self, inputs)
+        if custom is not None:
+            return custom
+        if REF_COLUMN in inputs:
+            return inputs[REF_COLUMN]
+        if self.ref_model is None:
+            return self.frozen_token_logps(self.model, inputs, adapter_off=is_peft_model(self.model))
+        return self.frozen_token_logps(self.ref_model, inputs)
+
+    def teacher_outputs(self, inputs: Mapping[str, Any]) -> Any:
+        """The teacher hook: the method's override, else the teacher's ``[K, B, T]`` per-token log-probs."""
+        custom = self.method.teacher(self, inputs)
+        if custom is not None:
+            return custom
+        logps = self.frozen_token_logps(self.teacher_model, inputs)
+        return logps.view(self.method.sequences_per_example, -1, logps.size(-1))
+
+    def _precompute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
+        if self.reference_mode != "precomputed":
+            return dataset  # reference-free construction path (see __init__)
+        if isinstance(dataset, IterableDataset):
+            raise TrlPlusError("reference.mode: precomputed needs a map-style dataset, not a streaming one")
+        num_sequences = self.method.sequences_per_example
+        fingerprint = Hasher.hash((dataset._fingerprint, self._precompute_model_hash, "trl-plus", num_sequences))
+        cache_file = dataset._get_cache_file_path(fingerprint)
+        if not os.path.exists(cache_file):
+            loader = self.accelerator.prepare(
+                DataLoader(dataset, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False)
+            )
+            model = self.ref_model or self.model
+            adapter_off = self.ref_model is None and is_peft_model(self.model)
+            rows = []
+            for batch in tqdm(loader, desc=f"Computing reference log probs for {name} dataset"):
+                logps = self.frozen_token_logps(model, batch, adapter_off=adapter_off).float().cpu()
+                mask = batch["completion_mask"][:, 1:].bool().cpu()
+                per_seq = [logps[i][mask[i]].tolist() for i in range(logps.size(0))]
+                size = len(per_seq) // num_sequences
+                rows += [[per_seq[k * size + b] for k in range(num_sequences)] for b in range(size)]
+            rows = self.accelerator.gather_for_metrics(rows, use_gather_object=True)
+            if self.accelerator.is_main_process:
+                dataset.map(
+                    lambda _, indices: {REF_COLUMN: [rows[i] for i in indices]},
+                    with_indices=True, batched=True, remove_columns=dataset.column_names,
+                    new_fingerprint=fingerprint, cache_file_name=cache_file,
+                    desc=f"Caching reference log probs for {name} dataset",
+                )  # fmt: skip
+            self.accelerator.wait_for_everyone()
+        return concatenate_datasets([dataset, Dataset.from_file(cache_file)], axis=1)
+
+    # -- the step -------------------------------------------------------------------------------------------
+    def _compute_loss(self, model, inputs, return_outputs):
+        mode = "train" if self.model.training else "eval"
+        needs = self.method.needs
+        num_sequences = self.method.sequences_per_example
+        model_kwargs = self._model_kwargs(inputs)
+        if self.aux_loss_enabled:
+            model_kwargs["output_router_logits"] = True
+        completion_mask = inputs["completion_mask"]
+        shift_mask = completion_mask[:, 1:]
+        seq_len = shift_mask.size(1)
+
+        if needs.logits or needs.hidden_states:
+            outputs = model(**model_kwargs, use_cache=False, output_hidden_states=needs.hidden_states)
+            token_logps = selective_log_softmax(outputs.logits[:, -seq_len - 1 : -1], inputs["input_ids"][:, 1:])
+            token_logps = token_logps * shift_mask
+        else:
+            labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
+            outputs = model(**model_kwargs, labels=labels, use_cache=False, fused_lm_head=True)
+            token_logps = outputs.log_probs[:, -seq_len:]
+
+        def per_example(t):  # [K*B, T] -> [K, B, T]
+            return t.view(num_sequences, -1, t.size(-1))
+
+        ref = self.reference_token_logps(inputs) if self.reference_mode != "none" else None
+        ctx = LossContext(
+            token_logps=per_example(token_logps),
+            mask=per_example(shift_mask.to(token_logps.dtype)),
+            ref_token_logps=None if ref is None else per_example(ref.to(token_logps.dtype)),
+            teacher=self.teacher_outputs(inputs) if needs.teacher else None,
+            batch=inputs,
+            outputs=outputs,
+            step=self.state.global_step,
+            training=mode == "train",
+        )
+        result = self.method.loss(ctx)
+        loss = result.loss
+        if self.aux_loss_enabled:
+            loss = loss + self.router_aux_loss_coef * outputs.aux_loss
+            self._metrics[mode]["aux_loss"].append(self._gathered_mean(outputs.aux_loss))
+        self._log_step_metrics(mode, ctx, result, outputs, inputs)
+
+        if return_outputs:
+            with torch.no_grad():
+                outputs = model(**model_kwargs)
+        return (loss, outputs) if return_outputs else loss
+
+    # -- metrics --------------------------------------------------------------------------------------------
+    def _gathered_mean(self, value) -> float:
+        value = torch.as_tensor(value, device=self.accelerator.device, dtype=torch.float32)
+        return self.accelerator.gather_for_metrics(value.detach().reshape(-1)).mean().item()
+
+    def _gathered_ratio(self, numerator, denominator) -> float:
+        both = torch.stack([numerator.float().sum(), denominator.float().sum()]).detach()
+        total = self.accelerator.gather_for_metrics(both.unsqueeze(0)).sum(0)
+        return (total[0] / total[1]).item() if total[1] > 0 else 0.0
+
+    def _log_step_metrics(self, mode, ctx: LossContext, result, outputs, inputs) -> None:
+        metrics = self._metrics[mode]
+        mask = ctx.mask
+        if getattr(outputs, "entropy", None) is not None:
+            entropy = outputs.entropy[:, -mask.size(-1) :].view_as(mask)
+            metrics["entropy"].append(self._gathered_ratio(entropy * mask, mask))
+        if getattr(outputs, "is_top1", None) is not None:
+            top1 = outputs.is_top1[:, -mask.size(-1) :].view_as(mask)[0]
+            metrics["mean_token_accuracy"].append(self._gathered_ratio(top1 & mask[0].bool(), mask[0]))
+        if mode == "train":
+            tokens = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+            self._total_train_tokens += tokens // self._tp_size
+        metrics["num_tokens"] = [self._total_train_tokens]
+        sequence_logps = ctx.logps().detach()
+        metrics["logps/chosen"].append(self._gathered_mean(sequence_logps[0]))
+        if ctx.num_sequences > 1:
+            metrics["logps/rejected"].append(self._gathered_mean(sequence_logps[1]))
+        rewards = result.rewards
+        if rewards is not None and rewards.size(0) > 1:
+            rewards = rewards.detach()
+            metrics["rewards/chosen"].append(self._gathered_mean(rewards[0]))
+            metrics["rewards/rejected"].append(self._gathered_mean(rewards[1]))
+            metrics["rewards/accuracies"].append(self._gathered_mean((rewards[0] > rewards[1]).float()))
+            metrics["rewards/margins"].append(self._gathered_mean(rewards[0] - rewards[1]))
+        for name, value in result.metrics.items():
+            metrics[name].append(self._gathered_mean(value))
