@@ -84,6 +84,7 @@ def build_trainer(recipe: Recipe, callbacks: list | None = None):
         import torch
 
         training["bf16"] = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        training.setdefault("dataloader_pin_memory", torch.cuda.is_available())
     if eval_dataset is not None:
         training.setdefault("eval_strategy", "steps")
     args = DPOConfig(**training)

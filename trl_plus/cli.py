@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import textwrap
@@ -124,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # bitsandbytes warns on import, on some CPUs, that it cannot download an optional kernel from the hub
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     debug = args.debug or os.environ.get("TRL_PLUS_DEBUG") == "1"
     try:
         return args.func(args)

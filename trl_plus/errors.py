@@ -18,7 +18,7 @@ def nearest(name: str, choices: Iterable[str], n: int = 3) -> list[str]:
     return difflib.get_close_matches(name, list(choices), n=n, cutoff=0.5)
 
 
-def did_you_mean(name: str, choices: Iterable[str]) -> str:
-    """`` (did you mean x?)`` when a close name exists, else the empty string."""
-    close = nearest(name, choices)
+def did_you_mean(name: str, choices: Iterable[str], n: int = 1) -> str:
+    """`` (did you mean x?)`` naming the ``n`` closest names, or the empty string when none is close."""
+    close = nearest(name, choices, n=n)
     return f" (did you mean {' or '.join(close)}?)" if close else ""

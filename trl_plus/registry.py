@@ -89,7 +89,7 @@ class Registry:
             )
         known = sorted(self.methods) + sorted(self.broken)
         raise TrlPlusError(
-            f"unknown method {name!r}{did_you_mean(name, known)}. "
+            f"unknown method {name!r}{did_you_mean(name, known, n=3)}. "
             f"Installed: {', '.join(known) or 'none'}. Run `trl-plus list`, or `pip install trl-plus-{name}`."
         )
 

@@ -1,0 +1,44 @@
+"""Shared fixtures of the core's tests (the plugin-author fixtures come from ``trl_plus.testing``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from datasets import Dataset
+from trl import DPOConfig
+
+from trl_plus.testing import preference_rows
+
+
+@pytest.fixture
+def dpo_args(tmp_path):
+    """A small, deterministic, CPU-friendly DPOConfig factory."""
+
+    def make(**overrides):
+        base = dict(
+            output_dir=str(tmp_path / "out"), max_steps=4, learning_rate=5e-3, per_device_train_batch_size=4,
+            logging_steps=1, report_to="none", save_strategy="no", bf16=False, gradient_checkpointing=False,
+            disable_tqdm=True, seed=0,
+        )  # fmt: skip
+        base.update(overrides)
+        return DPOConfig(**base)
+
+    return make
+
+
+@pytest.fixture
+def pref_dataset():
+    return Dataset.from_list(preference_rows(16))
+
+
+def perturb(model, seed: int = 0, scale: float = 0.05) -> None:
+    """Add the same seeded noise to every parameter, so two copies stay identical and leave their init."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * scale)
+
+
+def first_batch(trainer, n: int = 4):
+    """The collated first ``n`` training examples (no shuffling)."""
+    return trainer.data_collator([trainer.train_dataset[i] for i in range(n)])

@@ -1,0 +1,99 @@
+"""The `trl-plus` command: fast listing, clear one-line errors, broken plugins, train end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from trl_plus.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args, env=None, check=True):
+    proc = subprocess.run(
+        [sys.executable, "-m", "trl_plus", *args], capture_output=True, text=True, cwd=ROOT,
+        env={**os.environ, **(env or {})}, timeout=300,
+    )  # fmt: skip
+    if check and proc.returncode != 0:
+        raise AssertionError(proc.stderr)
+    return proc
+
+
+def test_help_and_list_do_not_import_torch():
+    code = textwrap.dedent("""
+        import sys
+        from trl_plus.cli import main
+        main(["list"])
+        assert "torch" not in sys.modules and "transformers" not in sys.modules, "heavy import"
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert "dpo" in proc.stdout and "offline-pairwise" in proc.stdout and "2305.18290" in proc.stdout
+    assert run("--help").stdout.count("train") >= 1
+
+
+def test_show_lists_every_hyperparameter_with_its_default(capsys):
+    assert main(["show", "dpo"]) == 0
+    out = capsys.readouterr().out
+    for line in ("beta", "0.1", "loss_type", "'sigmoid'", "label_smoothing", "ipo_normalize_by_length"):
+        assert line in out
+    assert "columns prompt, chosen, rejected" in out
+    recipe = yaml.safe_load(out.split("example recipe:\n", 1)[1])
+    assert recipe["method"] == "dpo" and recipe["method_args"]["beta"] == 0.1
+
+
+def test_bad_input_is_one_line_no_traceback(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method: dpo\nmodel: {name_or_path: tiny-llama}\ndata: {train: {path: x.jsonl}}\n"
+                   "training: {learnin_rate: 0.1}\n")  # fmt: skip
+    proc = run("validate", str(bad), check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: {bad}: training.learnin_rate: unknown key (did you mean learning_rate?)"
+    proc = run("show", "simpoo", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "unknown method 'simpoo'" in proc.stderr
+    proc = run("--debug", "show", "simpoo", check=False)
+    assert "Traceback" in proc.stderr
+
+
+def test_missing_column_is_named_before_any_model_loads(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "a", "chosen": "b"}) + "\n")
+    proc = run("validate", "recipes/quickstart.yaml", "--set", f"data.train.path={data}", "--set", "data.eval=null",
+               check=False)  # fmt: skip
+    assert proc.returncode == 2
+    assert "missing column 'rejected': method 'dpo' needs prompt, chosen, rejected; the data has prompt, chosen" in (
+        proc.stderr
+    )
+
+
+def test_a_plugin_that_fails_to_import_is_listed_and_named_when_asked_for(tmp_path):
+    dist = tmp_path / "trl_plus_broken-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: trl-plus-broken\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[trl_plus]\nbroken = trl_plus_broken_module_that_is_missing\n")
+    env = {"PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    out = run("list", env=env).stdout
+    assert "dpo" in out and "broken plugins" in out
+    assert "broken: trl-plus-broken (broken): ModuleNotFoundError" in out
+    proc = run("validate", "recipes/quickstart.yaml", "--set", "method=broken", env=env, check=False)
+    assert proc.returncode == 2 and "its plugin failed to import: ModuleNotFoundError" in proc.stderr
+
+
+def test_train_writes_model_recipe_and_state(tmp_path):
+    proc = run("train", "recipes/quickstart.yaml", "--set", f"training.output_dir={tmp_path}",
+               "--set", "training.max_steps=6", "--set", "training.eval_steps=3", "--set", "training.save_steps=3")  # fmt: skip
+    assert "finished after 6 steps" in proc.stdout and "reward accuracy" in proc.stdout
+    assert (tmp_path / "model.safetensors").exists() and (tmp_path / "tokenizer.json").exists()
+    resolved = yaml.safe_load((tmp_path / "trl_plus_recipe.yaml").read_text())
+    assert resolved["method_args"]["beta"] == 0.1 and resolved["training"]["max_steps"] == 6
+    state = json.loads((tmp_path / "trainer_state.json").read_text())
+    assert state["global_step"] == 6 and any("eval_rewards/margins" in e for e in state["log_history"])
+    assert (tmp_path / "checkpoint-6").is_dir()

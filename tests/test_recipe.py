@@ -1,0 +1,119 @@
+"""Recipes: every error names the file, the key path and the fix; precedence default < YAML < --set."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from trl_plus import TrlPlusError
+from trl_plus.recipe import check_recipe, load_recipe
+
+BASE = {
+    "method": "dpo",
+    "model": {"name_or_path": "tiny-llama"},
+    "data": {"train": {"path": "recipes/data/quickstart_prefs.jsonl"}},
+    "training": {"max_steps": 3},
+}
+
+
+def write(tmp_path, data, name="r.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def deep(data, **updates):
+    out = yaml.safe_load(yaml.safe_dump(data))
+    for dotted, value in updates.items():
+        node = out
+        *parents, last = dotted.split("__")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return out
+
+
+def error_of(tmp_path, data, overrides=()):
+    path = write(tmp_path, data)
+    with pytest.raises(TrlPlusError) as info:
+        check_recipe(load_recipe(path, list(overrides)))
+    message = str(info.value)
+    assert message.startswith(path + ": ") or message.startswith(f"--set"), message
+    return message
+
+
+def test_valid_recipe_resolves_method_defaults(tmp_path):
+    method, training = check_recipe(load_recipe(write(tmp_path, BASE)))
+    assert method.name == "dpo" and method.config.beta == 0.1
+    assert training == {"max_steps": 3}
+
+
+def test_unknown_training_key_suggests_the_nearest(tmp_path):
+    msg = error_of(tmp_path, deep(BASE, training__learnin_rate=1e-3))
+    assert msg.endswith("training.learnin_rate: unknown key (did you mean learning_rate?)")
+
+
+def test_unknown_block_key_suggests_the_nearest(tmp_path):
+    msg = error_of(tmp_path, deep(BASE, model__lora={"r": 4, "alpah": 8}))
+    assert "model.lora.alpah: unknown key (did you mean alpha?)" in msg
+    msg = error_of(tmp_path, deep(BASE, modle={"name_or_path": "x"}))
+    assert "modle: unknown key (did you mean model?)" in msg
+
+
+def test_wrong_types_name_the_key_and_the_expected_type(tmp_path):
+    assert "training.max_steps: expected int" in error_of(tmp_path, deep(BASE, training__max_steps="many"))
+    assert "model.lora.r:" in error_of(tmp_path, deep(BASE, model__lora={"r": "big"}))
+    msg = error_of(tmp_path, deep(BASE, reference={"mode": "copy"}))
+    assert "reference.mode:" in msg and "'auto'" in msg and "'precomputed'" in msg
+
+
+def test_method_args_are_validated_by_the_method(tmp_path):
+    msg = error_of(tmp_path, deep(BASE, method_args={"betta": 0.2}))
+    assert msg.endswith("method_args.betta: unknown key (did you mean beta?)")
+    assert "method_args.beta:" in error_of(tmp_path, deep(BASE, method_args={"beta": "high"}))
+
+
+def test_unknown_method_lists_the_nearest_names(tmp_path):
+    msg = error_of(tmp_path, deep(BASE, method="dp"))
+    assert "method: unknown method 'dp' (did you mean dpo?)" in msg
+
+
+def test_loss_fields_belong_to_the_method(tmp_path):
+    msg = error_of(tmp_path, deep(BASE, training__beta=0.2))
+    assert "training.beta: set by trl-plus; use method_args.beta instead" in msg
+
+
+def test_missing_files_and_models(tmp_path):
+    assert "data.train.path: no such file" in error_of(tmp_path, deep(BASE, data__train={"path": "nope.jsonl"}))
+    msg = error_of(tmp_path, deep(BASE, model__name_or_path="./no/such/model"))
+    assert "model.name_or_path: no such model directory: ./no/such/model" in msg
+    with pytest.raises(TrlPlusError, match="no such recipe file"):
+        load_recipe(str(tmp_path / "absent.yaml"))
+
+
+def test_reference_mode_must_fit_the_method_and_model(tmp_path):
+    assert "needs model.lora" in error_of(tmp_path, deep(BASE, reference={"mode": "adapter"}))
+    assert "needs a reference" in error_of(tmp_path, deep(BASE, reference={"mode": "none"}))
+
+
+def test_set_overrides_win_over_yaml_and_keep_types(tmp_path):
+    path = write(tmp_path, deep(BASE, method_args={"beta": 0.2}))
+    recipe = load_recipe(path, ["method_args.beta=0.5", "training.learning_rate=5e-7", "model.lora.r=8"])
+    method, training = check_recipe(recipe)
+    assert method.config.beta == 0.5
+    assert training["learning_rate"] == 5e-7  # "5e-7" (a YAML string) is coerced to the field's float
+    assert recipe.model.lora.r == 8
+    with pytest.raises(TrlPlusError, match="expected key.path=value"):
+        load_recipe(path, ["training.max_steps"])
+
+
+def test_yaml_is_read_safely(tmp_path):
+    path = tmp_path / "evil.yaml"
+    path.write_text("method: !!python/object/apply:os.system ['echo hi']\n")
+    with pytest.raises(TrlPlusError, match="not valid YAML"):
+        load_recipe(str(path))
+
+
+@pytest.mark.parametrize("recipe", ["recipes/quickstart.yaml"])
+def test_shipped_core_recipes_validate(recipe):
+    check_recipe(load_recipe(recipe))
