@@ -8,6 +8,7 @@ from .method import ModelAlias
 
 @hookimpl
 def register_methods(register):
+    """The core's methods: ``dpo``."""
     from .methods.dpo import DPO
 
     register(DPO)
@@ -15,6 +16,7 @@ def register_methods(register):
 
 @hookimpl
 def register_model_aliases(register):
+    """The core's model aliases: ``tiny-llama`` (offline, for quickstarts and tests)."""
     from .tiny import tiny_llama_alias
 
     register(ModelAlias("tiny-llama", "random 2-layer Llama (hidden 64) + char tokenizer, offline", tiny_llama_alias))

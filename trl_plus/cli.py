@@ -24,6 +24,7 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    """``trl-plus list``: a table of methods, the model aliases and any broken plugin."""
     from .registry import get_registry
 
     registry = get_registry()
@@ -61,6 +62,7 @@ def example_recipe(method_cls) -> str:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    """``trl-plus show NAME``: paper, needs, data columns, hyperparameters and an example recipe."""
     from .registry import get_registry
 
     registry = get_registry()
@@ -80,6 +82,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    """``trl-plus validate RECIPE``: everything ``train`` checks before loading a model, data columns included."""
     from .api import _load_split
     from .recipe import check_recipe, load_recipe
 
@@ -92,6 +95,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """``trl-plus train RECIPE``: train, then print the closing summary (exit 130 when interrupted)."""
     from .api import train
 
     result = train(args.recipe, args.set)
@@ -100,6 +104,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``trl-plus`` command."""
     parser = argparse.ArgumentParser(
         prog="trl-plus",
         description="Preference optimization methods from the literature as plugins of one TRL trainer.",
@@ -124,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point: run a command; user errors print one line (``--debug`` for the traceback) and exit 2."""
     args = build_parser().parse_args(argv)
     # bitsandbytes warns on import, on some CPUs, that it cannot download an optional kernel from the hub
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)

@@ -144,7 +144,7 @@ def train_tiny(
     args = DPOConfig(
         output_dir=str(output_dir), max_steps=max_steps, learning_rate=learning_rate, per_device_train_batch_size=8,
         logging_steps=1, report_to="none", save_strategy="no", bf16=False, gradient_checkpointing=False,
-        disable_tqdm=True, seed=0,
+        disable_tqdm=True, seed=0, dataloader_pin_memory=False,
     )  # fmt: skip
     dataset = Dataset.from_list(list(rows or preference_rows(32)))
     trainer = PlusTrainer(

@@ -1,0 +1,27 @@
+# The two commands of the README:  `make quickstart`  and  `make test`.
+# TORCH pins the CPU build that lies on this project's machines; on a GPU machine use `make ... TORCH=torch`.
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+VENV ?= .venv
+PLUGINS := $(foreach p,$(sort $(wildcard plugins/*/pyproject.toml)),-e $(dir $(p)))
+BIN := $(VENV)/bin
+
+.PHONY: setup quickstart test bench
+
+$(BIN)/trl-plus: pyproject.toml $(wildcard plugins/*/pyproject.toml)
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[dev]" $(PLUGINS)
+	touch $@
+
+setup: $(BIN)/trl-plus
+
+quickstart: setup
+	$(BIN)/trl-plus train recipes/quickstart.yaml
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python bench/bench_step_time.py
