@@ -25,6 +25,7 @@ class TrainResult:
     metrics: dict[str, float] = field(default_factory=dict)  # the last logged value of each training metric
     interrupted: bool = False
     checkpoint: str | None = None
+    is_main_process: bool = True  # False on the other ranks of an `accelerate launch` run
 
     def summary(self) -> str:
         """The closing lines printed by ``trl-plus train``."""
@@ -80,11 +81,11 @@ def build_trainer(recipe: Recipe, callbacks: list | None = None):
     training.setdefault("report_to", "none")
     if recipe.model.gradient_checkpointing is not None:
         training["gradient_checkpointing"] = recipe.model.gradient_checkpointing
-    if "bf16" not in training and "fp16" not in training:
-        import torch
+    import torch
 
+    if "bf16" not in training and "fp16" not in training:
         training["bf16"] = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        training.setdefault("dataloader_pin_memory", torch.cuda.is_available())
+    training.setdefault("dataloader_pin_memory", torch.cuda.is_available())
     if eval_dataset is not None:
         training.setdefault("eval_strategy", "steps")
     args = DPOConfig(**training)
@@ -156,10 +157,12 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None
     output_dir = trainer.args.output_dir
     resume = _resume_target(resume, output_dir)
 
-    Path(output_dir).mkdir(parents=True, exist_ok=True)
-    resolved = recipe.model_dump(mode="json")
-    resolved["method_args"] = trainer.method.config.model_dump(mode="json")
-    (Path(output_dir) / RESOLVED_RECIPE).write_text(yaml.safe_dump(resolved, sort_keys=False))
+    main_process = trainer.accelerator.is_main_process
+    if main_process:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        resolved = recipe.model_dump(mode="json")
+        resolved["method_args"] = trainer.method.config.model_dump(mode="json")
+        (Path(output_dir) / RESOLVED_RECIPE).write_text(yaml.safe_dump(resolved, sort_keys=False))
 
     interrupted, checkpoint = False, None
     try:
@@ -173,9 +176,11 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None
               file=sys.stderr)  # fmt: skip
     if not interrupted:
         trainer.save_model(output_dir)
-    trainer.state.save_to_json(str(Path(output_dir) / "trainer_state.json"))
+    if main_process:
+        trainer.state.save_to_json(str(Path(output_dir) / "trainer_state.json"))
     return TrainResult(
         output_dir=output_dir,
+        is_main_process=main_process,
         global_step=trainer.state.global_step,
         metrics=last_metrics(trainer.state.log_history),
         interrupted=interrupted,

@@ -99,7 +99,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .api import train
 
     result = train(args.recipe, args.set)
-    print(result.summary())
+    if result.is_main_process:
+        print(result.summary())
     return 130 if result.interrupted else 0
 
 

@@ -110,7 +110,8 @@ def load_model(
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-    if torch.cuda.is_available() is False and kwargs.get("dtype") == "auto" and model.dtype == torch.bfloat16:
+    quantized = quantization is not None and quantization.load_in_4bit
+    if not torch.cuda.is_available() and spec.dtype == "auto" and model.dtype == torch.bfloat16 and not quantized:
         model = model.float()  # CPU: bf16 weights train slowly and imprecisely; use float32
     return model
 
