@@ -97,3 +97,19 @@ def test_train_writes_model_recipe_and_state(tmp_path):
     state = json.loads((tmp_path / "trainer_state.json").read_text())
     assert state["global_step"] == 6 and any("eval_rewards/margins" in e for e in state["log_history"])
     assert (tmp_path / "checkpoint-6").is_dir()
+
+
+def test_train_runs_unchanged_under_accelerate_launch(tmp_path):
+    """Two CPU processes (DDP over gloo): one summary, one set of outputs, the same recipe."""
+    accelerate = Path(sys.executable).with_name("accelerate")
+    proc = subprocess.run(
+        [str(accelerate), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+         "--dynamo_backend", "no", "-m", "trl_plus", "train", "recipes/quickstart.yaml",
+         "--set", f"training.output_dir={tmp_path}", "--set", "training.max_steps=4", "--set", "data.eval=null",
+         "--set", "training.disable_tqdm=true"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("finished after 4 steps") == 1
+    state = json.loads((tmp_path / "trainer_state.json").read_text())
+    assert state["global_step"] == 4 and (tmp_path / "model.safetensors").exists()
