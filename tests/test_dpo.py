@@ -95,5 +95,7 @@ def test_matches_trl_dpo_trainer_on_the_same_batch(tiny_model_dir, dpo_args, pre
         got = plus.compute_loss(plus.model, batch_plus)
     assert abs(expected.item() - math.log(2)) > 1e-3  # not at init
     assert got.item() == pytest.approx(expected.item(), abs=1e-6)
-    for key in ("rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected", "entropy"):
+    keys = ("rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected", "entropy", "logits/chosen",
+            "logits/rejected", "mean_token_accuracy")  # fmt: skip
+    for key in keys:
         assert plus._metrics["eval"][key][-1] == pytest.approx(trl._metrics["eval"][key][-1], abs=1e-5), key

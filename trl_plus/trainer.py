@@ -323,6 +323,10 @@ class PlusTrainer(DPOTrainer):
         if getattr(outputs, "entropy", None) is not None:
             entropy = outputs.entropy[:, -mask.size(-1) :].view_as(mask)
             metrics["entropy"].append(self._gathered_ratio(entropy * mask, mask))
+        if getattr(outputs, "mean_logits", None) is not None and ctx.num_sequences > 1:
+            mean_logits = outputs.mean_logits[:, -mask.size(-1) :].view_as(mask)
+            metrics["logits/chosen"].append(self._gathered_ratio(mean_logits[0] * mask[0], mask[0]))
+            metrics["logits/rejected"].append(self._gathered_ratio(mean_logits[1] * mask[1], mask[1]))
         if getattr(outputs, "is_top1", None) is not None:
             top1 = outputs.is_top1[:, -mask.size(-1) :].view_as(mask)[0]
             metrics["mean_token_accuracy"].append(self._gathered_ratio(top1 & mask[0].bool(), mask[0]))
