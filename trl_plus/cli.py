@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 import textwrap
+import typing
 from typing import Any
 
 from .errors import TrlPlusError
@@ -61,6 +62,12 @@ def example_recipe(method_cls) -> str:
     return yaml.safe_dump(recipe, sort_keys=False)
 
 
+def _type_name(annotation: Any) -> str:
+    if typing.get_origin(annotation) is typing.Literal:
+        return "|".join(map(str, typing.get_args(annotation)))
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     """``trl-plus show NAME``: paper, needs, data columns, hyperparameters and an example recipe."""
     from .registry import get_registry
@@ -73,7 +80,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     print(f"data:    columns {', '.join(cls.required_columns())}; {cls.sequences_per_example} sequences per example\n")
     rows = []
     for name, f in cls.Config.model_fields.items():
-        annotation = getattr(f.annotation, "__name__", None) or str(f.annotation).replace("typing.", "")
+        annotation = _type_name(f.annotation)
         default = "(required)" if f.is_required() else repr(f.default)
         rows.append([name, annotation, default, f.description or ""])
     print(_table(rows, ["hyperparameter", "type", "default", "meaning"]) if rows else "no hyperparameters")
