@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from datasets import Dataset
 from trl import DPOConfig
 
-from trl_plus.testing import preference_rows
+from trl_plus.testing import perturb, preference_rows  # noqa: F401 (re-exported for the tests)
 
 
 @pytest.fixture
@@ -29,14 +28,6 @@ def dpo_args(tmp_path):
 @pytest.fixture
 def pref_dataset():
     return Dataset.from_list(preference_rows(16))
-
-
-def perturb(model, seed: int = 0, scale: float = 0.05) -> None:
-    """Add the same seeded noise to every parameter, so two copies stay identical and leave their init."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * scale)
 
 
 def first_batch(trainer, n: int = 4):

@@ -67,7 +67,7 @@ class Needs:
 
     def describe(self) -> str:
         """A short human-readable summary, as shown by ``trl-plus list``."""
-        parts = {"yes": ["reference"], "optional": ["reference?"], "no": []}[self.reference]
+        parts = {"yes": ["reference"], "optional": ["reference (optional)"], "no": ["reference-free"]}[self.reference]
         parts += [name for name in ("teacher", "generation", "judge") if getattr(self, name)]
         parts += [f"field:{f}" for f in self.fields]
         return ", ".join(parts) or "-"

@@ -155,6 +155,39 @@ def train_tiny(
     return trainer
 
 
+CPU_OVERRIDES = (
+    "model.name_or_path=tiny-llama", "model.dtype=float32", "model.quantization=null",
+    "data.train.path=recipes/data/quickstart_prefs.jsonl", "data.train.limit=16", "data.eval=null",
+    "training.max_steps=2", "training.gradient_checkpointing=false", "training.disable_tqdm=true",
+    "training.per_device_train_batch_size=4", "training.gradient_accumulation_steps=1",
+)  # fmt: skip
+
+
+def run_recipe_on_cpu(recipe: str | Path, output_dir: str | Path, *overrides: str):
+    """Validate a (7B, QLoRA) recipe as written, then train it for 2 steps on the tiny CPU model.
+
+    Run from the repository root (the quickstart data lives in ``recipes/data``). LoRA layer indices that the
+    tiny model lacks are dropped. Returns the :class:`~trl_plus.api.TrainResult`.
+    """
+    from .api import train
+    from .recipe import check_recipe, load_recipe
+
+    check_recipe(load_recipe(recipe, ["data.train.path=recipes/data/quickstart_prefs.jsonl", "data.eval=null"]))
+    extra = ["model.lora.layers=null"] if (load_recipe(recipe).model.lora or None) is not None else []
+    return train(recipe, [*CPU_OVERRIDES, *extra, f"training.output_dir={output_dir}", *overrides])
+
+
+def perturb(model, seed: int = 0, scale: float = 0.05) -> None:
+    """Add the same seeded noise to every parameter, so two copies of a model stay identical but leave their
+    initial state (and a loss leaves its value at initialisation)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * scale)
+
+
 # -- pytest fixtures ------------------------------------------------------------------------------------------------
 
 

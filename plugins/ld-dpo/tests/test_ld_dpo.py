@@ -10,10 +10,8 @@ import torch
 from trl import DPOConfig, DPOTrainer
 from trl_plus_ld_dpo import LDDPO, desensitized_logps
 
-import trl_plus
 from trl_plus.methods.dpo import DPO
-from trl_plus.recipe import check_recipe, load_recipe
-from trl_plus.testing import make_context, preference_rows, train_tiny
+from trl_plus.testing import make_context, perturb, preference_rows, run_recipe_on_cpu, train_tiny
 from trl_plus.tiny import build_tokenizer
 from trl_plus.trainer import PlusTrainer
 
@@ -84,13 +82,6 @@ def test_tail_gradient_is_scaled_by_alpha_and_signs():
     assert (g[ld.mask == 0] == 0).all()
 
 
-def _perturb(model, seed=0, scale=0.05):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=generator) * scale)
-
-
 @pytest.mark.parametrize("alpha", [0.3, 1.0])
 def test_matches_trl_ld_alpha_on_the_same_batch(tiny_model_dir, tmp_path, alpha):
     from datasets import Dataset
@@ -105,7 +96,7 @@ def test_matches_trl_ld_alpha_on_the_same_batch(tiny_model_dir, tmp_path, alpha)
                        train_dataset=dataset, processing_class=tokenizer)  # fmt: skip
     batches = []
     for trainer in (trl, plus):
-        _perturb(trainer.model)
+        perturb(trainer.model)
         trainer.model.eval()
         batches.append(trainer.data_collator([trainer.train_dataset[i] for i in range(8)]))
     lengths = batches[0]["completion_mask"].sum(1).view(2, -1)
@@ -135,11 +126,5 @@ def test_config_rejects_bad_values():
 
 def test_recipe_validates_and_runs_on_cpu(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
-    check_recipe(load_recipe("recipes/ld-dpo.yaml", ["data.train.path=recipes/data/quickstart_prefs.jsonl"]))
-    result = trl_plus.train("recipes/ld-dpo.yaml", [
-        "model.name_or_path=tiny-llama", "model.dtype=float32", "model.quantization=null", "model.lora.layers=null",
-        "data.train.path=recipes/data/quickstart_prefs.jsonl", "data.train.limit=16", "training.max_steps=2",
-        f"training.output_dir={tmp_path}", "training.gradient_checkpointing=false", "training.disable_tqdm=true",
-        "training.per_device_train_batch_size=4", "training.gradient_accumulation_steps=1",
-    ])  # fmt: skip
+    result = run_recipe_on_cpu("recipes/ld-dpo.yaml", tmp_path)
     assert result.global_step == 2 and (tmp_path / "adapter_model.safetensors").exists()

@@ -10,10 +10,8 @@ import torch
 from trl import DPOConfig, DPOTrainer
 from trl_plus_rpo import RPO
 
-import trl_plus
 from trl_plus.methods.dpo import DPO
-from trl_plus.recipe import check_recipe, load_recipe
-from trl_plus.testing import make_context, preference_rows, train_tiny
+from trl_plus.testing import make_context, perturb, preference_rows, run_recipe_on_cpu, train_tiny
 from trl_plus.tiny import build_tokenizer
 from trl_plus.trainer import PlusTrainer
 
@@ -80,13 +78,6 @@ def test_at_init_the_dpo_part_is_log2():
     assert out.metrics["rpo/sft_loss"].item() == pytest.approx(0.2 * (1.0 + 2.0) / 2, abs=1e-12)
 
 
-def _perturb(model, seed=0, scale=0.05):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=generator) * scale)
-
-
 def test_token_mean_matches_trl_sigmoid_plus_sft(tiny_model_dir, tmp_path):
     from datasets import Dataset
 
@@ -103,7 +94,7 @@ def test_token_mean_matches_trl_sigmoid_plus_sft(tiny_model_dir, tmp_path):
                        train_dataset=dataset, processing_class=tokenizer)  # fmt: skip
     losses = []
     for trainer in (trl, plus):
-        _perturb(trainer.model)
+        perturb(trainer.model)
         trainer.model.eval()
         batch = trainer.data_collator([trainer.train_dataset[i] for i in range(8)])
         with torch.no_grad():
@@ -129,11 +120,5 @@ def test_config_rejects_bad_values():
 
 def test_recipe_validates_and_runs_on_cpu(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
-    check_recipe(load_recipe("recipes/rpo.yaml", ["data.train.path=recipes/data/quickstart_prefs.jsonl"]))
-    result = trl_plus.train("recipes/rpo.yaml", [
-        "model.name_or_path=tiny-llama", "model.dtype=float32", "model.quantization=null",
-        "data.train.path=recipes/data/quickstart_prefs.jsonl", "data.train.limit=16", "training.max_steps=2",
-        f"training.output_dir={tmp_path}", "training.gradient_checkpointing=false", "training.disable_tqdm=true",
-        "training.per_device_train_batch_size=4", "training.gradient_accumulation_steps=1",
-    ])  # fmt: skip
+    result = run_recipe_on_cpu("recipes/rpo.yaml", tmp_path)
     assert result.global_step == 2 and (tmp_path / "adapter_model.safetensors").exists()
