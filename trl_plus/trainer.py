@@ -142,21 +142,16 @@ class PlusTrainer(DPOTrainer):
         data_collator = _WithReferenceColumn(data_collator, self.method.sequences_per_example)
 
         # DPOTrainer loads a second full model as reference unless the policy is a PEFT model or the reference is
-        # precomputed. A reference-free run must never cost one: take the "precomputed" path during construction
-        # (our _precompute_ref_logps then does nothing), and restore the user's setting afterwards.
-        user_precompute = args.precompute_ref_log_probs
+        # precomputed. A reference-free run must never cost one: it takes the "precomputed" path during
+        # construction (our _precompute_ref_logps then does nothing); the flag is set to its real value after.
         args.precompute_ref_log_probs = self.reference_mode == "precomputed" or (
-            self.reference_mode == "none" and not will_be_peft and ref_model is None
+            self.reference_mode == "none" and not will_be_peft
         )
-        try:
-            super().__init__(
-                model, ref_model=ref_model, args=args, data_collator=data_collator,
-                processing_class=processing_class, peft_config=peft_config, **kwargs,
-            )  # fmt: skip
-        finally:
-            args.precompute_ref_log_probs = user_precompute
-        self.precompute_ref_logps = self.reference_mode == "precomputed"
-        self.args.precompute_ref_log_probs = self.precompute_ref_logps
+        super().__init__(
+            model, ref_model=ref_model, args=args, data_collator=data_collator,
+            processing_class=processing_class, peft_config=peft_config, **kwargs,
+        )  # fmt: skip
+        self.precompute_ref_logps = args.precompute_ref_log_probs = self.reference_mode == "precomputed"
         if self.precompute_ref_logps:
             self.ref_model = None  # its log-probs are in the dataset now: free the weights
         self.ld_alpha = None  # TRL's loss options are unused: the method owns the loss
