@@ -53,3 +53,26 @@ def test_qlora_with_layer_targeted_lora_trains_and_saves_only_those_layers(tmp_p
     base = trainer.model.get_base_model()
     assert isinstance(base.model.layers[1].self_attn.q_proj.base_layer, bnb.nn.Linear4bit)
     assert not hasattr(base.model.layers[0].self_attn.q_proj, "lora_A")
+
+
+def test_a_separate_reference_model_from_the_recipe(tmp_path):
+    from trl_plus.tiny import save_tiny_model
+
+    other = save_tiny_model(tmp_path / "other-reference", seed=7)
+    recipe = {
+        "method": "dpo",
+        "model": {"name_or_path": "tiny-llama"},
+        "reference": {"mode": "model", "name_or_path": other},
+        "data": {"train": {"path": "recipes/data/quickstart_prefs.jsonl", "limit": 8}},
+        "training": {"output_dir": str(tmp_path / "out"), "gradient_checkpointing": False},
+    }
+    trainer = trl_plus.api.build_trainer(trl_plus.load_recipe(recipe))
+    assert trainer.reference_mode == "model"
+    ref_weight = trainer.ref_model.model.embed_tokens.weight
+    assert not ref_weight.requires_grad
+    assert not (ref_weight == trainer.model.model.embed_tokens.weight).all()  # the other model, not a copy
+    import torch
+
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    with torch.no_grad():
+        assert abs(trainer.compute_loss(trainer.model, batch).item() - math.log(2)) > 1e-3

@@ -232,3 +232,19 @@ def test_mean_token_accuracy_and_method_metrics_are_logged(tmp_path):
                 "logps/chosen", "logps/rejected", "entropy", "mean_token_accuracy", "num_tokens"):  # fmt: skip
         assert key in first, key
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_lora_precomputed_reference_equals_adapter_off(dpo_args, pref_dataset):
+    from peft import LoraConfig
+
+    def lora():
+        return LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)  # non-zero B
+
+    live = make_trainer(dpo_args, pref_dataset, "dpo", peft_config=lora())
+    pre = make_trainer(dpo_args, pref_dataset, "dpo", peft_config=lora(), reference_mode="precomputed")
+    assert (live.reference_mode, pre.reference_mode) == ("adapter", "precomputed")
+    with torch.no_grad():
+        a = live.compute_loss(live.model, first_batch(live))
+        b = pre.compute_loss(pre.model, first_batch(pre))
+    assert abs(a.item() - math.log(2)) > 1e-4  # the adapter moved the policy away from the base
+    assert b.item() == pytest.approx(a.item(), abs=1e-6)
