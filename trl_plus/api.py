@@ -67,6 +67,7 @@ def _load_split(recipe: Recipe, method, which: str):
 
 def build_trainer(recipe: Recipe, callbacks: list | None = None):
     """Everything ``train`` does before ``trainer.train()``: data, models, config, the :class:`PlusTrainer`."""
+    import torch
     from trl import DPOConfig
 
     from .modeling import load_model, load_tokenizer, lora_config
@@ -81,8 +82,6 @@ def build_trainer(recipe: Recipe, callbacks: list | None = None):
     training.setdefault("report_to", "none")
     if recipe.model.gradient_checkpointing is not None:
         training["gradient_checkpointing"] = recipe.model.gradient_checkpointing
-    import torch
-
     if "bf16" not in training and "fp16" not in training:
         training["bf16"] = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     training.setdefault("dataloader_pin_memory", torch.cuda.is_available())

@@ -19,7 +19,7 @@ from .errors import TrlPlusError
 def _table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    lines = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
+    lines = [fmt.format(*header).rstrip(), fmt.format(*("-" * w for w in widths))]
     lines += [fmt.format(*map(str, r)).rstrip() for r in rows]
     return "\n".join(lines)
 
