@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from trl import DPOTrainer
 
 from trl_plus.methods.dpo import DPO
-from trl_plus.testing import make_context
+from trl_plus.testing import make_context, run_recipe_on_cpu
 from trl_plus.tiny import build_tokenizer
 from trl_plus.trainer import PlusTrainer
 
@@ -99,3 +99,11 @@ def test_matches_trl_dpo_trainer_on_the_same_batch(tiny_model_dir, dpo_args, pre
             "logits/rejected", "mean_token_accuracy")  # fmt: skip
     for key in keys:
         assert plus._metrics["eval"][key][-1] == pytest.approx(trl._metrics["eval"][key][-1], abs=1e-5), key
+
+
+def test_recipe_validates_and_runs_on_cpu(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    result = run_recipe_on_cpu("recipes/dpo.yaml", tmp_path)
+    assert result.global_step == 2 and (tmp_path / "adapter_model.safetensors").exists()

@@ -29,11 +29,15 @@ def cmd_list(args: argparse.Namespace) -> int:
     from .registry import get_registry
 
     registry = get_registry()
+    def paper(p):
+        title = p.title if len(p.title) <= 44 else p.title[:43].rstrip() + "…"
+        return f"{title} ({p.arxiv})"
+
     rows = [
-        [name, cls.family, cls.needs.describe(), f"{cls.paper.arxiv}", registry.sources[name]]
+        [name, cls.family, cls.needs.describe(), paper(cls.paper), registry.sources[name]]
         for name, cls in sorted(registry.methods.items())
     ]
-    print(_table(rows, ["method", "family", "needs", "arXiv", "from"]))
+    print(_table(rows, ["method", "family", "needs", "paper (arXiv)", "from"]))
     if registry.aliases:
         print("\nmodel aliases: " + ", ".join(f"{a.name} ({a.description})" for a in registry.aliases.values()))
     if registry.broken:
