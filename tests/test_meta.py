@@ -105,3 +105,15 @@ def test_contributing_example_runs(tmp_path, monkeypatch):
     for test in tests:
         params = inspect.signature(test).parameters
         test(**({"tmp_path": tmp_path / test.__name__} if "tmp_path" in params else {}))
+
+
+@pytest.mark.parametrize("name", sorted(get_registry().methods))
+def test_show_lists_every_hyperparameter_with_its_default(name, capsys):
+    from trl_plus.cli import main
+
+    assert main(["show", name]) == 0
+    table = capsys.readouterr().out.split("example recipe:")[0]
+    for field_name, field in get_registry().methods[name].Config.model_fields.items():
+        row = next((line for line in table.splitlines() if line.startswith(field_name + " ")), None)
+        assert row is not None, f"trl-plus show {name} lacks {field_name}"
+        assert repr(field.default) in row and field.description and field.description[:20] in row
