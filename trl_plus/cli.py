@@ -13,6 +13,7 @@ import textwrap
 import typing
 from typing import Any
 
+from . import __version__
 from .errors import TrlPlusError
 
 
@@ -122,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Preference optimization methods from the literature as plugins of one TRL trainer.",
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    parser.add_argument("--version", action="version", version=f"trl-plus {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("list", help="installed methods: family, needs, paper, source; broken plugins")
     p.set_defaults(func=cmd_list)
