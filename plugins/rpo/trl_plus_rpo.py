@@ -61,6 +61,8 @@ class RPO(DPO):
     Config = RPOConfig
 
     def loss(self, ctx: LossContext) -> LossOutput:
+        """DPO's loss plus :func:`sft_term`; logs both parts (``rpo/dpo_loss``, ``rpo/sft_loss`` = the weighted
+        term that is added) and DPO's rewards."""
         dpo = super().loss(ctx)
         sft = sft_term(ctx, self.config)
         return LossOutput(

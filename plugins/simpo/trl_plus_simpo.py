@@ -59,6 +59,7 @@ class SimPO(Method):
     Config = SimPOConfig
 
     def loss(self, ctx: LossContext) -> LossOutput:
+        """Mean over pairs of the SimPO loss (plus ``sft_weight`` × chosen token-mean NLL); rewards β·r̄."""
         import torch.nn.functional as F
 
         c = self.config

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from trl import DPOConfig, DPOTrainer
 from trl_plus_ld_dpo import LDDPO, desensitized_logps
 
@@ -34,10 +35,15 @@ def pair(i):
 
 @pytest.mark.parametrize(
     "alpha, per_pair, mean",
-    [(0.5, [0.683197, 0.685675], 0.684436), (1.0, [0.678260, 0.688160], 0.683210), (0.0, [0.688160, 0.683197], 0.685678)],
+    [
+        (0.5, [0.683197, 0.685675], 0.684436),
+        (1.0, [0.678260, 0.688160], 0.683210),
+        (0.0, [0.688160, 0.683197], 0.685678),
+    ],
 )
 def test_card_worked_example(alpha, per_pair, mean):
-    assert LDDPO(beta=0.1, alpha=alpha).loss(make_context(POLICY, REFERENCE)).loss.item() == pytest.approx(mean, abs=1e-6)
+    batch_loss = LDDPO(beta=0.1, alpha=alpha).loss(make_context(POLICY, REFERENCE)).loss.item()
+    assert batch_loss == pytest.approx(mean, abs=1e-6)
     for i, expected in enumerate(per_pair):
         assert LDDPO(beta=0.1, alpha=alpha).loss(pair(i)).loss.item() == pytest.approx(expected, abs=1e-6)
 
@@ -65,47 +71,81 @@ def test_alpha_one_is_dpo_and_equal_lengths_are_dpo_for_any_alpha():
 
 def test_loss_is_log2_at_init_for_every_alpha():
     for alpha in (0.0, 0.5, 1.0):
-        assert LDDPO(alpha=alpha).loss(make_context(POLICY, POLICY)).loss.item() == pytest.approx(math.log(2), abs=1e-12)
+        at_init = LDDPO(alpha=alpha).loss(make_context(POLICY, POLICY)).loss.item()
+        assert at_init == pytest.approx(math.log(2), abs=1e-12)
 
 
-def test_tail_gradient_is_scaled_by_alpha_and_signs():
-    alpha = 0.3
-    ld = make_context(POLICY, REFERENCE)
-    LDDPO(beta=0.1, alpha=alpha).loss(ld).loss.backward()
-    g = ld.token_logps.grad
-    # pair 1: the rejected response is longer (5 vs 3): its tokens 4, 5 have alpha times the shared tokens' gradient
-    assert g[1, 0, 3].item() == pytest.approx(alpha * g[1, 0, 0].item(), rel=1e-12)
-    assert g[1, 0, 4].item() == pytest.approx(alpha * g[1, 0, 0].item(), rel=1e-12)
-    # pair 2: the chosen response is longer (4 vs 2)
-    assert g[0, 1, 2].item() == pytest.approx(alpha * g[0, 1, 0].item(), rel=1e-12)
-    assert (g[0][ld.mask[0] > 0] < 0).all() and (g[1][ld.mask[1] > 0] > 0).all()
-    assert (g[ld.mask == 0] == 0).all()
+def reference_delta_hat(i, alpha):
+    """Δ̂ of card pair ``i`` computed by hand from Eq. 11 (independent of the plugin)."""
+    shared = min(len(POLICY[0][i]), len(POLICY[1][i]))
+
+    def hat(tokens):
+        return sum(tokens[:shared]) + alpha * sum(tokens[shared:])
+
+    return (hat(POLICY[0][i]) - hat(REFERENCE[0][i])) - (hat(POLICY[1][i]) - hat(REFERENCE[1][i]))
 
 
-@pytest.mark.parametrize("alpha", [0.3, 1.0])
-def test_matches_trl_ld_alpha_on_the_same_batch(tiny_model_dir, tmp_path, alpha):
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+def test_gradients_shared_tokens_get_dpos_and_tail_tokens_alpha_times_it(alpha):
+    beta = 0.1
+    ctx = make_context(POLICY, REFERENCE)
+    LDDPO(beta=beta, alpha=alpha).loss(ctx).loss.backward()
+    g = ctx.token_logps.grad
+    for i in range(2):
+        # ∂L/∂Δ̂ = −β σ(−βΔ̂), mean over B = 2 pairs; a shared token has weight 1 in ℓ̂, a tail token α
+        d = -beta / (1 + math.exp(beta * reference_delta_hat(i, alpha))) / 2
+        shared = min(len(POLICY[0][i]), len(POLICY[1][i]))
+        for k, sign in ((0, 1), (1, -1)):
+            n = len(POLICY[k][i])
+            expected = [sign * d] * shared + [sign * d * alpha] * (n - shared)
+            assert g[k, i, :n].tolist() == pytest.approx(expected, abs=1e-15, rel=1e-12)
+    # pair 1: the rejected response is the longer (5 vs 3); pair 2: the chosen one (4 vs 2)
+    assert (g[0, 0, :3] < 0).all() and (g[1, 1, :2] > 0).all()
+    if alpha > 0:
+        assert (g[0][ctx.mask[0] > 0] < 0).all() and (g[1][ctx.mask[1] > 0] > 0).all()
+    else:  # α = 0: the tail is ignored entirely
+        assert (g[1, 0, 3:5] == 0).all() and (g[0, 1, 2:4] == 0).all()
+    assert (g[ctx.mask == 0] == 0).all()
+
+
+def test_matches_trl_ld_alpha_on_the_same_batch(tiny_model_dir, tmp_path):
     from datasets import Dataset
 
     tokenizer = build_tokenizer()
     dataset = Dataset.from_list(preference_rows(8))
     common = dict(output_dir=str(tmp_path), report_to="none", bf16=False, gradient_checkpointing=False,
                   dataloader_pin_memory=False)  # fmt: skip
-    trl = DPOTrainer(tiny_model_dir, args=DPOConfig(ld_alpha=alpha, **common), train_dataset=dataset,
-                     processing_class=tokenizer)  # fmt: skip
-    plus = PlusTrainer(tiny_model_dir, args=DPOConfig(**common), method="ld-dpo", method_args={"alpha": alpha},
-                       train_dataset=dataset, processing_class=tokenizer)  # fmt: skip
-    batches = []
-    for trainer in (trl, plus):
-        perturb(trainer.model)
+
+    def trl_trainer(ld_alpha):
+        return DPOTrainer(tiny_model_dir, args=DPOConfig(ld_alpha=ld_alpha, **common), train_dataset=dataset,
+                          processing_class=tokenizer)  # fmt: skip
+
+    def plus_trainer(alpha):
+        return PlusTrainer(tiny_model_dir, args=DPOConfig(**common), method="ld-dpo", method_args={"alpha": alpha},
+                           train_dataset=dataset, processing_class=tokenizer)  # fmt: skip
+
+    core_dpo = PlusTrainer(tiny_model_dir, args=DPOConfig(**common), method="dpo", train_dataset=dataset,
+                           processing_class=tokenizer)  # fmt: skip
+    trainers = {"trl-0.3": trl_trainer(0.3), "plus-0.3": plus_trainer(0.3), "trl-1.0": trl_trainer(1.0),
+                "trl-none": trl_trainer(None), "plus-1.0": plus_trainer(1.0), "dpo": core_dpo}  # fmt: skip
+    for trainer in trainers.values():
+        perturb(trainer.model)  # the same noise for every copy: the policy leaves the reference (loss ≠ log 2)
         trainer.model.eval()
-        batches.append(trainer.data_collator([trainer.train_dataset[i] for i in range(8)]))
-    lengths = batches[0]["completion_mask"].sum(1).view(2, -1)
-    assert (lengths[0] != lengths[1]).any()  # the pairs have tails
+    pair = (trainers["trl-0.3"], trainers["plus-0.3"])
+    batches = [t.data_collator([t.train_dataset[i] for i in range(8)]) for t in pair]
+    for key in ("input_ids", "attention_mask", "completion_mask"):
+        assert torch.equal(batches[0][key], batches[1][key])  # both tokenize and collate the pairs identically
+    batch = batches[0]
+    lengths = batch["completion_mask"].sum(1).view(2, -1)
+    assert (lengths[0] > lengths[1]).any() and (lengths[0] < lengths[1]).any()  # tails on both sides
     with torch.no_grad():
-        expected = trl.compute_loss(trl.model, batches[0]).item()
-        got = plus.compute_loss(plus.model, batches[1]).item()
-    assert abs(expected - math.log(2)) > 1e-3
-    assert got == pytest.approx(expected, abs=1e-6)
+        loss = {name: t.compute_loss(t.model, batch).item() for name, t in trainers.items()}
+    assert abs(loss["trl-0.3"] - math.log(2)) > 1e-3
+    assert loss["plus-0.3"] == pytest.approx(loss["trl-0.3"], abs=1e-6)
+    assert loss["plus-1.0"] == pytest.approx(loss["trl-1.0"], abs=1e-6)
+    assert loss["trl-1.0"] == pytest.approx(loss["trl-none"], abs=1e-6)  # TRL: ld_alpha 1 is plain DPO
+    assert loss["plus-1.0"] == pytest.approx(loss["dpo"], abs=1e-6)
+    assert abs(loss["plus-0.3"] - loss["dpo"]) > 1e-4  # and α < 1 is not
 
 
 def test_a_few_steps_raise_the_margin(tmp_path):
@@ -126,5 +166,9 @@ def test_config_rejects_bad_values():
 
 def test_recipe_validates_and_runs_on_cpu(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
+    recipe = yaml.safe_load((ROOT / "recipes/ld-dpo.yaml").read_text())
+    assert recipe["method"] == "ld-dpo" and recipe["model"]["quantization"]["load_in_4bit"]
     result = run_recipe_on_cpu("recipes/ld-dpo.yaml", tmp_path)
     assert result.global_step == 2 and (tmp_path / "adapter_model.safetensors").exists()
+    resolved = yaml.safe_load((tmp_path / "trl_plus_recipe.yaml").read_text())["method_args"]
+    assert {k: resolved[k] for k in recipe["method_args"]} == recipe["method_args"]
