@@ -238,7 +238,8 @@ class PlusTrainer(DPOTrainer):
             model = self.ref_model or self.model
             adapter_off = self.ref_model is None and is_peft_model(self.model)
             rows = []
-            for batch in tqdm(loader, desc=f"Computing reference log probs for {name} dataset"):
+            quiet = self.args.disable_tqdm or bool(os.environ.get("TQDM_DISABLE"))
+            for batch in tqdm(loader, desc=f"Computing reference log probs for {name} dataset", disable=quiet):
                 logps = self.frozen_token_logps(model, batch, adapter_off=adapter_off).float().cpu()
                 mask = batch["completion_mask"][:, 1:].bool().cpu()
                 per_seq = [logps[i][mask[i]].tolist() for i in range(logps.size(0))]
