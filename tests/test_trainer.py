@@ -248,3 +248,40 @@ def test_lora_precomputed_reference_equals_adapter_off(dpo_args, pref_dataset):
         b = pre.compute_loss(pre.model, first_batch(pre))
     assert abs(a.item() - math.log(2)) > 1e-4  # the adapter moved the policy away from the base
     assert b.item() == pytest.approx(a.item(), abs=1e-6)
+
+
+class OptionalWeight(Method):
+    """Reference-free; an optional per-example ``weight`` column scales each pair's loss when the data has it."""
+
+    name = "test-optional"
+    paper = PAPER
+    needs = Needs(reference="no", optional_fields=("weight",))
+    seen: list = []
+
+    def loss(self, ctx):
+        import torch.nn.functional as F
+
+        r = ctx.mean_logps()
+        weight = ctx.batch.get("weight")
+        type(self).seen.append(None if weight is None else weight.tolist())
+        losses = -F.logsigmoid(r[0] - r[1])
+        return LossOutput((losses if weight is None else weight * losses).mean(), rewards=r.detach())
+
+
+def test_optional_fields_reach_the_loss_only_when_the_data_has_them(tmp_path):
+    rows = preference_rows(8)
+    with registered(OptionalWeight):
+        OptionalWeight.seen = []
+        train_tiny("test-optional", tmp_path / "without", rows=rows, max_steps=1)
+        assert OptionalWeight.seen == [None]
+        weighted = [{**row, "weight": 0.5 + i} for i, row in enumerate(rows)]
+        train_tiny("test-optional", tmp_path / "with", rows=weighted, max_steps=1)
+        assert len(OptionalWeight.seen[1]) > 0 and set(OptionalWeight.seen[1]) <= {0.5 + i for i in range(8)}
+    assert "field:weight (optional)" in OptionalWeight.needs.describe()
+
+
+def test_optional_field_missing_in_some_rows_is_an_error():
+    collate = PairwiseCollator(pad_token_id=0, max_length=None, optional_fields=("weight",))
+    rows = [{"prompt_ids": [1], "chosen_ids": [2], "rejected_ids": [3], "weight": w} for w in (1.0, None)]
+    with pytest.raises(ValueError, match="'weight' is missing"):
+        collate(rows)

@@ -53,6 +53,8 @@ class Needs:
     - ``generation`` / ``judge``: online methods (sampling, reward models or judges); reserved for later families.
     - ``fields``: data columns required beyond ``prompt``/``chosen``/``rejected`` (e.g. ``("margin",)``);
       they are collated into ``ctx.batch[name]``.
+    - ``optional_fields``: data columns used when the data has them (e.g. behaviour-policy log-probs); collated
+      into ``ctx.batch[name]`` when every example of the batch has the column, absent from ``ctx.batch`` otherwise.
     - ``logits`` / ``hidden_states``: ask for the full logits or hidden states in ``ctx.outputs`` (costs memory:
       the default fused head never materialises the logits).
     """
@@ -62,6 +64,7 @@ class Needs:
     generation: bool = False
     judge: bool = False
     fields: tuple[str, ...] = ()
+    optional_fields: tuple[str, ...] = ()
     logits: bool = False
     hidden_states: bool = False
 
@@ -70,6 +73,7 @@ class Needs:
         parts = {"yes": ["reference"], "optional": ["reference (optional)"], "no": ["reference-free"]}[self.reference]
         parts += [name for name in ("teacher", "generation", "judge") if getattr(self, name)]
         parts += [f"field:{f}" for f in self.fields]
+        parts += [f"field:{f} (optional)" for f in self.optional_fields]
         return ", ".join(parts) or "-"
 
 
@@ -194,7 +198,8 @@ class Method:
 
         The batch must hold ``input_ids``, ``attention_mask`` and ``completion_mask`` shaped ``[K*B, L]`` and
         ordered sequence-major (``[seq0_ex1..seq0_exB, seq1_ex1..]``), plus any extra per-example fields.
-        The default is TRL's pairwise collator with ``needs.fields`` stacked as tensors.
+        The default is TRL's pairwise collator with ``needs.fields`` (and the ``needs.optional_fields`` the data has)
+        stacked as tensors.
         """
         from .collators import PairwiseCollator
 
@@ -203,6 +208,7 @@ class Method:
             max_length=max_length,
             truncation_mode=truncation_mode,
             extra_fields=self.needs.fields,
+            optional_fields=self.needs.optional_fields,
         )
 
     # -- frozen models -------------------------------------------------------------------------------------

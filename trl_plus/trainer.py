@@ -174,9 +174,9 @@ class PlusTrainer(DPOTrainer):
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
-            self._signature_columns = list(
-                dict.fromkeys((*self.method.tokenized_columns, *self.method.needs.fields, REF_COLUMN))
-            )
+            needs = self.method.needs
+            columns = (*self.method.tokenized_columns, *needs.fields, *needs.optional_fields, REF_COLUMN)
+            self._signature_columns = list(dict.fromkeys(columns))
 
     # -- frozen models --------------------------------------------------------------------------------------
     @staticmethod
