@@ -117,3 +117,16 @@ def test_show_lists_every_hyperparameter_with_its_default(name, capsys):
         row = next((line for line in table.splitlines() if line.startswith(field_name + " ")), None)
         assert row is not None, f"trl-plus show {name} lacks {field_name}"
         assert repr(field.default) in row and field.description and field.description[:20] in row
+
+
+@pytest.mark.parametrize("name", sorted(get_registry().methods))
+def test_show_example_recipe_validates_with_its_data(name, tmp_path, monkeypatch):
+    from trl_plus.api import _load_split
+    from trl_plus.cli import example_recipe
+
+    monkeypatch.chdir(ROOT)
+    path = tmp_path / "example.yaml"
+    path.write_text(example_recipe(get_registry().methods[name]))
+    recipe = load_recipe(path)
+    check_recipe(recipe)
+    _load_split(recipe, get_registry().get(name)(recipe.method_args), "train")  # the columns the method reads

@@ -60,7 +60,8 @@ def _load_split(recipe: Recipe, method, which: str):
     spec = getattr(recipe.data, which)
     if spec is None:
         return None
-    dataset = load_preferences(spec.path, spec.split, spec.limit, where=f"{recipe_source(recipe)}: data.{which}")
+    where = f"{recipe_source(recipe)}: data.{which}"
+    dataset = load_preferences(spec.path, spec.split, spec.limit, where=where, columns=spec.columns)
     check_columns(dataset.column_names, method, f"{recipe_source(recipe)}: data.{which} ({spec.path})")
     return dataset
 

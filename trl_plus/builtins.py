@@ -8,10 +8,12 @@ from .method import ModelAlias
 
 @hookimpl
 def register_methods(register):
-    """The core's methods: ``dpo``."""
+    """The core's methods: ``dpo`` and ``sft``."""
     from .methods.dpo import DPO
+    from .methods.sft import SFT
 
     register(DPO)
+    register(SFT)
 
 
 @hookimpl

@@ -54,12 +54,12 @@ def example_recipe(method_cls) -> str:
     """A minimal recipe for ``method_cls`` that runs on the CPU with the tiny built-in model."""
     import yaml
 
-    defaults = {k: f.default for k, f in method_cls.Config.model_fields.items() if not f.is_required()}
-    recipe: dict[str, Any] = {
-        "method": method_cls.name,
-        "method_args": defaults,
+    fields = method_cls.Config.model_fields.items()
+    defaults = {k: f.default for k, f in fields if not f.is_required() and f.default is not None}
+    recipe: dict[str, Any] = {"method": method_cls.name, **({"method_args": defaults} if defaults else {})}
+    recipe |= {
         "model": {"name_or_path": "tiny-llama"},
-        "data": {"train": {"path": "recipes/data/quickstart_prefs.jsonl"}},
+        "data": {"train": dict(method_cls.example_data)},
         "training": {"output_dir": f"runs/{method_cls.name}", "max_steps": 20, "learning_rate": 1e-3},
     }
     if method_cls.needs.teacher:
@@ -82,7 +82,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     print(f"{cls.name} — {cls.summary}" if cls.summary else cls.name)
     print(f"paper:   {cls.paper}" + (f"\ncode:    {cls.paper.code}" if cls.paper.code else ""))
     print(f"family:  {cls.family}\nneeds:   {cls.needs.describe()}\nfrom:    {registry.sources[cls.name]}")
-    print(f"data:    columns {', '.join(cls.required_columns())}; {cls.sequences_per_example} sequences per example\n")
+    print(f"data:    columns {', '.join(cls.required_columns())}; {cls.sequences_per_example} "
+          f"sequence{'s' if cls.sequences_per_example > 1 else ''} per example\n")
     rows = []
     for name, f in cls.Config.model_fields.items():
         annotation = _type_name(f.annotation)

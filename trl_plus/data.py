@@ -36,8 +36,18 @@ def looks_local(path: str) -> bool:
     return path.startswith((".", "/", "~")) or Path(path).suffix in LOCAL_FORMATS or Path(path).exists()
 
 
-def load_preferences(path: str, split: str = "train", limit: int | None = None, where: str = "data.train"):
-    """A ``datasets.Dataset`` from a local jsonl/json/parquet/csv file (or a directory of them) or a hub dataset."""
+def load_preferences(
+    path: str,
+    split: str = "train",
+    limit: int | None = None,
+    where: str = "data.train",
+    columns: dict[str, str] | None = None,
+):
+    """A ``datasets.Dataset`` from a local jsonl/json/parquet/csv file (or a directory of them) or a hub dataset.
+
+    ``columns`` maps the names a method reads to the data's own (``{"completion": "chosen"}``): each such column
+    is copied under the method's name, so the original stays available too.
+    """
     import datasets
 
     if looks_local(path):
@@ -60,4 +70,37 @@ def load_preferences(path: str, split: str = "train", limit: int | None = None, 
             raise TrlPlusError(f"{where}.path: cannot load hub dataset {path!r} (split {split!r}): {exc}") from exc
     if limit is not None:
         dataset = dataset.select(range(min(limit, len(dataset))))
+    for name, source in (columns or {}).items():
+        if source not in dataset.column_names:
+            raise TrlPlusError(
+                f"{where}.columns.{name}: the data has no column {source!r}; it has {', '.join(dataset.column_names)}"
+            )
+        if name in dataset.column_names:
+            dataset = dataset.remove_columns(name)
+        dataset = dataset.add_column(name, dataset[source])
     return dataset
+
+
+def tokenize_completions(tokenizer, prompt, completions: dict) -> dict:
+    """Tokenize one prompt and several completions exactly as TRL's ``DPOTrainer`` tokenizes a pair.
+
+    ``completions`` maps output names to completions (text, or message lists for conversational data). Returns
+    ``{"prompt_ids": [...], name: [...] for each completion}`` where each completion's ids start where the tokenized
+    prompt and prompt+completion first differ (chat templates may render the prompt alone differently), and plain
+    text completions get the EOS token appended (conversational ones end with the template's own end of turn).
+    """
+    from trl.data_utils import _tokenize, common_prefix_length
+
+    conversational = isinstance(prompt, list)
+    if conversational:
+        prompt_ids = _tokenize(tokenizer, prompt, add_generation_prompt=True)["input_ids"]
+        full = {name: _tokenize(tokenizer, prompt + c)["input_ids"] for name, c in completions.items()}
+    else:
+        eos = tokenizer.eos_token or ""
+        prompt_ids = _tokenize(tokenizer, prompt)["input_ids"]
+        full = {
+            name: _tokenize(tokenizer, prompt + (c if c.endswith(eos) else c + eos))["input_ids"]
+            for name, c in completions.items()
+        }
+    prompt_len = min([len(prompt_ids)] + [common_prefix_length(prompt_ids, ids) for ids in full.values()])
+    return {"prompt_ids": prompt_ids[:prompt_len], **{name: ids[prompt_len:] for name, ids in full.items()}}

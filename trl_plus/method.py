@@ -154,6 +154,7 @@ class Method:
         Config: a :class:`MethodConfig` subclass with the paper's defaults.
         data_fields: the dataset columns a user must provide (``needs.fields`` are added to them).
         sequences_per_example: ``K``, the number of sequences the collator builds per example.
+        example_data: the ``data.train`` block of the example recipe shown by ``trl-plus show``.
 
     Hooks a method may override (all have working defaults for pairwise text):
         :meth:`tokenize`, :meth:`collator`, :meth:`reference`, :meth:`teacher`.
@@ -167,6 +168,8 @@ class Method:
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     data_fields: ClassVar[tuple[str, ...]] = ("prompt", "chosen", "rejected")
     sequences_per_example: ClassVar[int] = 2
+    #: The ``data.train`` block of the example recipe ``trl-plus show`` prints (must run from the repository root).
+    example_data: ClassVar[dict[str, Any]] = {"path": "recipes/data/quickstart_prefs.jsonl"}
 
     def __init__(self, config: MethodConfig | Mapping[str, Any] | None = None, **kwargs: Any):
         if config is None or isinstance(config, Mapping):

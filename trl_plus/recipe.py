@@ -72,9 +72,13 @@ class TeacherSpec(_Block):
 
 
 class DataSource(_Block):
+    """One data file or hub dataset. ``columns`` maps the method's column names to the file's, e.g.
+    ``{completion: chosen}`` trains ``sft`` on the chosen answers of a preference file."""
+
     path: str
     split: str = "train"
     limit: PositiveInt | None = None
+    columns: dict[str, str] = Field(default_factory=dict)
 
 
 class DataSpec(_Block):
