@@ -67,7 +67,7 @@ def test_a_broken_plugin_is_reported_and_never_hides_the_others(fake_entry_point
 
 
 def test_unknown_method_error_lists_nearest_names():
-    with pytest.raises(TrlPlusError, match=r"unknown method 'dop' \(did you mean dpo\?\)"):
+    with pytest.raises(TrlPlusError, match=r"unknown method 'dop' \(did you mean dpo\b"):
         get_registry().get("dop")
 
 

@@ -1,7 +1,9 @@
-"""Data collators. The default is TRL's pairwise collator plus the method's extra per-example fields."""
+"""Data collators. The default is TRL's pairwise collator plus the method's extra per-example fields;
+:class:`SequencesCollator` serves methods with other shapes (one sequence, six, a prompt per side)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,4 +32,52 @@ class PairwiseCollator(DataCollatorForPreference):
             elif any(present):
                 raise ValueError(f"column {name!r} is missing (None) in some examples of a batch: fill it in every row "
                                  "or drop the column")
+        return batch
+
+
+def prompt_completion(prompt_ids: list[int], completion_ids: list[int]) -> tuple[list[int], list[int]]:
+    """One sequence for :class:`SequencesCollator`: ``prompt + completion`` ids and a mask scoring the completion."""
+    return prompt_ids + completion_ids, [0] * len(prompt_ids) + [1] * len(completion_ids)
+
+
+class SequencesCollator:
+    """Any number of sequences per example: ``sequences(example)`` returns the example's ``K`` sequences as
+    ``(token ids, score mask)`` pairs (see :func:`prompt_completion`); the batch is ``[K*B, L]``, sequence-major
+    (``[seq0_ex1..seq0_exB, seq1_ex1..]``), right-padded, each sequence cut to ``max_length`` from the end
+    (``keep_start``) or the start (``keep_end``) like TRL's preference collator, with ``completion_mask`` = the
+    score mask. Per-example ``fields`` are stacked into tensors."""
+
+    def __init__(
+        self,
+        sequences: Callable[[dict[str, Any]], list[tuple[list[int], list[int]]]],
+        pad_token_id: int,
+        max_length: int | None,
+        truncation_mode: str = "keep_start",
+        fields: tuple[str, ...] = (),
+    ):
+        if truncation_mode not in ("keep_start", "keep_end"):
+            raise ValueError(f"truncation_mode must be 'keep_start' or 'keep_end', not {truncation_mode!r}")
+        self.sequences, self.pad_token_id, self.fields = sequences, pad_token_id, fields
+        if max_length is None:
+            self.window = slice(None)
+        else:
+            self.window = slice(None, max_length) if truncation_mode == "keep_start" else slice(-max_length, None)
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        from trl.trainer.utils import pad
+
+        per_example = [self.sequences(example) for example in examples]
+        ids, scored = [], []
+        for k in range(len(per_example[0])):
+            for sequences in per_example:
+                tokens, mask = sequences[k]
+                ids.append(torch.tensor(tokens[self.window]))
+                scored.append(torch.tensor(mask[self.window]))
+        batch = {
+            "input_ids": pad(ids, padding_value=self.pad_token_id, padding_side="right"),
+            "attention_mask": pad([torch.ones_like(i) for i in ids], padding_value=0, padding_side="right"),
+            "completion_mask": pad(scored, padding_value=0, padding_side="right"),
+        }
+        for name in self.fields:
+            batch[name] = torch.tensor([example[name] for example in examples])
         return batch

@@ -170,6 +170,8 @@ class Method:
     sequences_per_example: ClassVar[int] = 2
     #: The ``data.train`` block of the example recipe ``trl-plus show`` prints (must run from the repository root).
     example_data: ClassVar[dict[str, Any]] = {"path": "recipes/data/quickstart_prefs.jsonl"}
+    #: The run's tokenizer, set by the trainer before it calls :meth:`collator` (vocabulary size, special ids).
+    tokenizer: Any = None
 
     def __init__(self, config: MethodConfig | Mapping[str, Any] | None = None, **kwargs: Any):
         if config is None or isinstance(config, Mapping):

@@ -163,6 +163,23 @@ CPU_OVERRIDES = (
 )  # fmt: skip
 
 
+def training_logs(trainer) -> list[dict[str, Any]]:
+    """The training log entries (one per logged step, the final summary left out) of a finished trainer."""
+    return [entry for entry in trainer.state.log_history if "loss" in entry]
+
+
+def forbid_reference(monkeypatch) -> None:
+    """Make any reference forward fail the test: for the "a reference-free method never pays for a reference"
+    check (``monkeypatch`` is pytest's fixture)."""
+    from .trainer import PlusTrainer
+
+    def no_reference(*args, **kwargs):
+        raise AssertionError("a reference-free method asked for reference log-probs")
+
+    monkeypatch.setattr(PlusTrainer, "reference_token_logps", no_reference)
+    monkeypatch.setattr(PlusTrainer, "frozen_token_logps", no_reference)
+
+
 def run_recipe_on_cpu(recipe: str | Path, output_dir: str | Path, *overrides: str):
     """Validate a (7B, QLoRA) recipe as written, then train it for 2 steps on the tiny CPU model.
 

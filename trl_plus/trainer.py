@@ -137,6 +137,7 @@ class PlusTrainer(DPOTrainer):
         if self.method.needs.teacher and teacher_model is None:
             raise TrlPlusError(f"method {self.method.name!r} needs a teacher model (recipe block `teacher:`)")
 
+        self.method.tokenizer = tokenizer  # for collators that need vocabulary facts (special ids, vocab size)
         if data_collator is None:
             data_collator = self.method.collator(tokenizer.pad_token_id, args.max_length, args.truncation_mode)
         data_collator = _WithReferenceColumn(data_collator, self.method.sequences_per_example)

@@ -64,12 +64,16 @@ class DPO(Method):
         """``[K, B]`` policy − reference sequence log-probs (subclasses change how a sequence is scored)."""
         return ctx.logps() - ctx.ref_logps()
 
-    def loss(self, ctx: LossContext) -> LossOutput:
+    def pair_losses(self, ctx: LossContext):
+        """``([B] per-pair losses, [K, B] log-ratios)``: the override point for methods that weight pairs."""
         ratios = self.log_ratios(ctx)
         if self.config.loss_type == "ipo" and self.config.ipo_normalize_by_length:
             ratios_for_delta = ratios / ctx.lengths.clamp(min=1)
         else:
             ratios_for_delta = ratios
-        delta = ratios_for_delta[0] - ratios_for_delta[1]
-        losses = dpo_losses(delta, self.config)
+        return dpo_losses(ratios_for_delta[0] - ratios_for_delta[1], self.config), ratios
+
+    def loss(self, ctx: LossContext) -> LossOutput:
+        """The batch mean of :meth:`pair_losses`; rewards ``β · log-ratios``."""
+        losses, ratios = self.pair_losses(ctx)
         return LossOutput(loss=losses.mean(), rewards=self.config.beta * ratios.detach())

@@ -17,38 +17,6 @@ class SFTConfig(MethodConfig):
     """SFT has no hyperparameters of its own: learning rate, epochs and lengths live in ``training``."""
 
 
-def _pad_right(sequences, value):
-    from trl.trainer.utils import pad
-
-    return pad(sequences, padding_value=value, padding_side="right")
-
-
-class SFTCollator:
-    """``[B, L]`` prompt + completion sequences, right-padded, with a completion mask; ``max_length`` truncates the
-    end (``keep_start``) or the start (``keep_end``)."""
-
-    def __init__(self, pad_token_id: int, max_length: int | None, truncation_mode: str = "keep_start"):
-        self.pad_token_id, self.max_length, self.truncation_mode = pad_token_id, max_length, truncation_mode
-
-    def __call__(self, examples):
-        import torch
-
-        ids, completion = [], []
-        for example in examples:
-            seq = example["prompt_ids"] + example["completion_ids"]
-            mask = [0] * len(example["prompt_ids"]) + [1] * len(example["completion_ids"])
-            if self.max_length is not None and len(seq) > self.max_length:
-                cut = slice(None, self.max_length) if self.truncation_mode == "keep_start" else slice(-self.max_length, None)
-                seq, mask = seq[cut], mask[cut]
-            ids.append(torch.tensor(seq))
-            completion.append(torch.tensor(mask))
-        return {
-            "input_ids": _pad_right(ids, self.pad_token_id),
-            "attention_mask": _pad_right([torch.ones_like(i) for i in ids], 0),
-            "completion_mask": _pad_right(completion, 0),
-        }
-
-
 def tokenize_sft(example, tokenizer):
     """``prompt_ids`` and ``completion_ids`` of one ``prompt``/``completion`` row (TRL's DPO tokenization)."""
     from ..data import tokenize_completions
@@ -74,8 +42,13 @@ class SFT(Method):
     tokenized_columns = ("prompt_ids", "completion_ids")
 
     def collator(self, pad_token_id, max_length, truncation_mode="keep_start"):
-        """:class:`SFTCollator`: one sequence per example."""
-        return SFTCollator(pad_token_id, max_length, truncation_mode)
+        """One sequence per example: prompt + completion, the completion scored."""
+        from ..collators import SequencesCollator, prompt_completion
+
+        def sequences(example):
+            return [prompt_completion(example["prompt_ids"], example["completion_ids"])]
+
+        return SequencesCollator(sequences, pad_token_id, max_length, truncation_mode)
 
     def loss(self, ctx: LossContext) -> LossOutput:
         """Token-mean NLL over all completion tokens of the batch; logs ``sft/nll`` (the same value)."""
