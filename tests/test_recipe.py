@@ -116,6 +116,6 @@ def test_yaml_is_read_safely(tmp_path):
         load_recipe(str(path))
 
 
-@pytest.mark.parametrize("recipe", ["recipes/quickstart.yaml"])
+@pytest.mark.parametrize("recipe", ["recipes/quickstart-tiny.yaml"])
 def test_shipped_core_recipes_validate(recipe):
     check_recipe(load_recipe(recipe))

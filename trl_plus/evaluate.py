@@ -1,0 +1,277 @@
+"""Held-out evaluation of preference pairs, the same for every method: how the model ranks chosen vs rejected.
+
+For each pair the model scores the chosen and the rejected completion by its summed token log-probs
+``ℓ(y) = Σ_t log π(y_t | x, y_<t)`` (TRL's tokenization: chat template, EOS, completion tokens only). From those:
+
+- **likelihood ranking accuracy**: the share of pairs with ``ℓ(y_w) > ℓ(y_l)`` (and with the per-token mean, the
+  length-normalised variant); ties count one half;
+- **implicit-reward accuracy and margin** (DPO-style), against a reference = the model before training:
+  ``m = β [(ℓθ(y_w) − ℓref(y_w)) − (ℓθ(y_l) − ℓref(y_l))]``; accuracy is the share with ``m > 0`` (ties count one
+  half, so an untrained model scores 0.5, i.e. chance), margin is the mean of ``m``;
+- **length statistics** of the pairs (completion tokens), since several methods exist to undo a length bias.
+
+``trl-plus train`` prints this table before/after when the recipe has ``data.eval``; ``trl-plus eval`` prints it for
+a recipe or a finished run directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import TrlPlusError
+
+PAIR_COLUMNS = ("prompt", "chosen", "rejected")
+
+
+@dataclass
+class PairScores:
+    """Per-pair sequence log-probs of one model: ``logps[i] = (ℓ(chosen), ℓ(rejected))``, ``lengths`` likewise."""
+
+    logps: Any  # torch.Tensor [N, 2], float64
+    lengths: Any  # torch.Tensor [N, 2], float64
+
+    def to_dict(self) -> dict[str, list]:
+        """JSON-friendly form."""
+        return {"logps": self.logps.tolist(), "lengths": self.lengths.tolist()}
+
+
+def _tokenized_pairs(dataset, tokenizer) -> list[dict]:
+    from trl.data_utils import extract_prompt
+
+    from .data import tokenize_completions
+
+    missing = [c for c in ("chosen", "rejected") if c not in dataset.column_names]
+    if missing:
+        raise TrlPlusError(
+            f"held-out evaluation needs pairs with columns prompt, chosen, rejected; the data lacks {', '.join(missing)}"
+        )
+    rows = []
+    for example in dataset:
+        if "prompt" not in example:
+            example = {**example, **extract_prompt(example)}
+        rows.append(
+            tokenize_completions(
+                tokenizer, example["prompt"], {"chosen_ids": example["chosen"], "rejected_ids": example["rejected"]}
+            )
+        )
+    return rows
+
+
+def score_pairs(
+    model,
+    tokenizer,
+    dataset,
+    *,
+    batch_size: int = 8,
+    max_length: int | None = None,
+    adapter_off: bool = False,
+    desc: str = "Scoring held-out pairs",
+    disable_progress: bool = False,
+) -> PairScores:
+    """Sum of completion-token log-probs of chosen and rejected for every pair of ``dataset`` (no gradients).
+
+    ``adapter_off`` scores a PEFT model with its adapter switched off (the base model: the "before" of a LoRA run).
+    """
+    import torch
+    from tqdm.auto import tqdm
+    from trl.trainer.utils import selective_log_softmax
+
+    from .collators import PairwiseCollator
+
+    rows = _tokenized_pairs(dataset, tokenizer)
+    collate = PairwiseCollator(pad_token_id=tokenizer.pad_token_id, max_length=max_length)
+    device = next(model.parameters()).device
+    logps, lengths = [], []
+    adapter = model.disable_adapter() if adapter_off else contextlib.nullcontext()
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), adapter:
+            for start in tqdm(range(0, len(rows), batch_size), desc=desc, disable=disable_progress):
+                chunk = rows[start : start + batch_size]
+                batch = collate(chunk)
+                input_ids = batch["input_ids"].to(device)
+                logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"].to(device)).logits
+                token_logps = selective_log_softmax(logits[:, :-1].float(), input_ids[:, 1:])
+                mask = batch["completion_mask"][:, 1:].to(device).to(token_logps.dtype)
+                seq = (token_logps * mask).sum(-1).double().cpu()
+                n = len(chunk)
+                logps.append(torch.stack([seq[:n], seq[n:]], dim=1))
+                count = mask.sum(-1).double().cpu()
+                lengths.append(torch.stack([count[:n], count[n:]], dim=1))
+    finally:
+        model.train(was_training)
+    return PairScores(torch.cat(logps), torch.cat(lengths))
+
+
+def _ranking_accuracy(chosen, rejected) -> float:
+    return ((chosen > rejected).double() + 0.5 * (chosen == rejected).double()).mean().item()
+
+
+def pair_metrics(scores: PairScores, reference: PairScores | None = None, beta: float = 0.1) -> dict[str, float]:
+    """The held-out metrics of one model (see the module docstring); reward metrics only with a ``reference``."""
+    chosen, rejected = scores.logps[:, 0], scores.logps[:, 1]
+    lengths = scores.lengths.clamp(min=1)
+    out = {
+        "likelihood_accuracy": _ranking_accuracy(chosen, rejected),
+        "normalized_likelihood_accuracy": _ranking_accuracy(chosen / lengths[:, 0], rejected / lengths[:, 1]),
+        "logps/chosen": chosen.mean().item(),
+        "logps/rejected": rejected.mean().item(),
+    }
+    if reference is not None:
+        ratios = scores.logps - reference.logps
+        margins = beta * (ratios[:, 0] - ratios[:, 1])
+        out["reward_accuracy"] = _ranking_accuracy(margins, margins.new_zeros(()))
+        out["reward_margin"] = margins.mean().item()
+    return out
+
+
+def length_stats(scores: PairScores) -> dict[str, float]:
+    """Completion lengths of the pairs, in tokens."""
+    chosen, rejected = scores.lengths[:, 0], scores.lengths[:, 1]
+    return {
+        "pairs": float(len(chosen)),
+        "chosen_tokens": chosen.mean().item(),
+        "rejected_tokens": rejected.mean().item(),
+        "chosen_longer": (chosen > rejected).double().mean().item(),
+    }
+
+
+ROWS = (
+    ("reward_accuracy", "implicit-reward accuracy", "{:.3f}"),
+    ("reward_margin", "implicit-reward margin (β·Δ)", "{:+.4f}"),
+    ("likelihood_accuracy", "likelihood ranking accuracy", "{:.3f}"),
+    ("normalized_likelihood_accuracy", "  per-token (length-normalised)", "{:.3f}"),
+    ("logps/chosen", "mean log-prob, chosen", "{:.2f}"),
+    ("logps/rejected", "mean log-prob, rejected", "{:.2f}"),
+)
+
+
+def format_report(columns: dict[str, dict[str, float]], lengths: dict[str, float], beta: float, source: str) -> str:
+    """A plain-text table: one row per metric, one column per model state (``before``, ``after``)."""
+    names = list(columns)
+    lines = [
+        f"held-out pairs: {int(lengths['pairs'])} from {source}  (β = {beta:g}; reference = the model before training)",
+        f"{'':32}" + "".join(f"{n:>10}" for n in names),
+    ]
+    for key, label, fmt in ROWS:
+        if any(key in columns[n] for n in names):
+            lines.append(f"{label:32}" + "".join(f"{fmt.format(columns[n][key]) if key in columns[n] else '-':>10}"
+                                                 for n in names))  # fmt: skip
+    lines.append(
+        f"lengths: chosen {lengths['chosen_tokens']:.1f} tokens, rejected {lengths['rejected_tokens']:.1f} tokens on "
+        f"average; chosen is longer in {100 * lengths['chosen_longer']:.0f}% of pairs"
+    )
+    return "\n".join(lines)
+
+
+@dataclass
+class EvalReport:
+    """Before/after metrics on held-out pairs, as ``trl-plus eval`` and ``trl-plus train`` print them."""
+
+    before: dict[str, float]
+    after: dict[str, float] | None
+    lengths: dict[str, float]
+    beta: float
+    source: str
+
+    def table(self) -> str:
+        """The report as a plain-text table."""
+        columns = {"before": self.before} | ({"after": self.after} if self.after is not None else {})
+        return format_report(columns, self.lengths, self.beta, self.source)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly form (written as ``eval_report.json`` in a run directory)."""
+        return {"before": self.before, "after": self.after, "lengths": self.lengths, "beta": self.beta,
+                "source": self.source}  # fmt: skip
+
+
+def report_from_scores(before: PairScores, after: PairScores | None, beta: float, source: str) -> EvalReport:
+    """An :class:`EvalReport` from the scores of the model before and (optionally) after training."""
+    return EvalReport(
+        before=pair_metrics(before, before, beta),
+        after=pair_metrics(after, before, beta) if after is not None else None,
+        lengths=length_stats(before),
+        beta=beta,
+        source=source,
+    )
+
+
+def recipe_beta(recipe) -> float:
+    """β for the implicit reward: the method's own ``beta`` when it has one, else DPO's default 0.1."""
+    value = recipe.method_args.get("beta")
+    if value is None:
+        from .registry import get_registry
+
+        field = get_registry().get(recipe.method).Config.model_fields.get("beta")
+        value = field.default if field is not None and field.default is not None else 0.1
+    return float(value)
+
+
+def evaluate(
+    target: str | Path,
+    data: str | None = None,
+    limit: int | None = None,
+    batch_size: int | None = None,
+    overrides: list[str] | None = None,
+) -> EvalReport:
+    """Evaluate a recipe or a finished run directory on held-out pairs.
+
+    ``target`` is a recipe file (its model is "before"; "after" is its ``training.output_dir`` when that holds a
+    trained model) or a run directory (which holds ``trl_plus_recipe.yaml``). ``data`` overrides the recipe's
+    ``data.eval.path``.
+    """
+    from .api import RESOLVED_RECIPE
+    from .data import load_preferences
+    from .modeling import load_model, load_tokenizer
+    from .recipe import load_recipe
+
+    target = Path(target)
+    recipe_file = target / RESOLVED_RECIPE if target.is_dir() else target
+    if not recipe_file.is_file():
+        raise TrlPlusError(f"{target}: not a recipe file nor a run directory with {RESOLVED_RECIPE}")
+    recipe = load_recipe(recipe_file, overrides)
+    run_dir = target if target.is_dir() else Path(recipe.training.get("output_dir", ""))
+    spec = recipe.data.eval
+    path = data or (spec.path if spec else None)
+    if path is None:
+        raise TrlPlusError(f"{recipe_file}: data.eval: no held-out pairs; add data.eval.path or pass --data FILE")
+    where = f"{recipe_file}: data.eval"
+    columns = spec.columns if spec and not data else {}
+    dataset = load_preferences(path, spec.split if spec else "train", limit or (spec.limit if spec else None), where,
+                               columns)  # fmt: skip
+    batch_size = batch_size or int(recipe.training.get("per_device_eval_batch_size", 8))
+    max_length = recipe.training.get("max_length", 1024)
+    model_spec = recipe.model.model_copy(update={"lora": None})
+    tokenizer = load_tokenizer(recipe.model.name_or_path, recipe.model.revision, recipe.model.trust_remote_code,
+                               recipe.model.gguf_file)  # fmt: skip
+    trained = _trained_model_path(run_dir)
+    model = load_model(model_spec, trainable=False)
+    before = score_pairs(model, tokenizer, dataset, batch_size=batch_size, max_length=max_length,
+                         desc="Scoring held-out pairs (before)")  # fmt: skip
+    after = None
+    if trained is not None:
+        if (trained / "adapter_config.json").exists():
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(trained))
+        else:
+            del model
+            model = load_model(model_spec.model_copy(update={"name_or_path": str(trained), "gguf_file": None}),
+                               trainable=False)  # fmt: skip
+        after = score_pairs(model, tokenizer, dataset, batch_size=batch_size, max_length=max_length,
+                            desc="Scoring held-out pairs (after)")  # fmt: skip
+    return report_from_scores(before, after, recipe_beta(recipe), str(path))
+
+
+def _trained_model_path(run_dir: Path) -> Path | None:
+    """The trained model in a run directory: a LoRA adapter or full weights (``None`` when there is none)."""
+    if not run_dir or not run_dir.is_dir():
+        return None
+    for name in ("adapter_config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"):
+        if (run_dir / name).exists():
+            return run_dir
+    return None
