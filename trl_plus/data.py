@@ -28,6 +28,7 @@ def check_columns(columns: Iterable[str], method: Method | type[Method], where: 
         raise TrlPlusError(
             f"{where}: missing column{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}: method "
             f"{method.name!r} needs {', '.join(method.required_columns())}; the data has {', '.join(columns) or 'no columns'}"
+            f" (a column named otherwise can be mapped in the recipe's data block: columns: {{{missing[0]}: <column>}})"
         )
 
 
