@@ -87,6 +87,7 @@ def run_one(args: argparse.Namespace) -> dict:
             "gradient_checkpointing": False,
             "logging_steps": max(1, args.steps // 10),
             "save_strategy": "no",
+            "eval_strategy": "no",  # the held-out pairs are scored before and after (data.eval), not during
             "seed": args.seed,
             "disable_tqdm": True,
             "report_to": "none",
