@@ -113,3 +113,18 @@ def test_the_real_quickstart_recipe_runs_on_smollm2(tmp_path):
     assert report.lengths["pairs"] == 8 and report.before["reward_accuracy"] == 0.5
     assert report.after["reward_margin"] != 0.0  # the adapter moved
     assert (tmp_path / "training_curves.png").is_file()
+
+
+def test_eval_of_a_lora_run_loads_the_adapter_on_its_base(tmp_path):
+    from trl_plus.evaluate import evaluate
+
+    overrides = [f"training.output_dir={tmp_path}", "training.max_steps=6", "training.disable_tqdm=true",
+                 "training.eval_strategy='no'", "training.learning_rate=0.02", "data.eval.limit=16",
+                 "model.lora={r: 8, alpha: 16, target_modules: [q_proj, v_proj]}"]  # fmt: skip
+    trained = trl_plus.train("recipes/quickstart-tiny.yaml", overrides)
+    assert (tmp_path / "adapter_config.json").is_file()
+    again = evaluate(tmp_path)
+    assert trained.evaluation.after["reward_margin"] > 0.1
+    for state in ("before", "after"):
+        for key, value in getattr(trained.evaluation, state).items():
+            assert getattr(again, state)[key] == pytest.approx(value, abs=1e-4), (state, key)

@@ -119,3 +119,8 @@ def test_yaml_is_read_safely(tmp_path):
 @pytest.mark.parametrize("recipe", ["recipes/quickstart-tiny.yaml"])
 def test_shipped_core_recipes_validate(recipe):
     check_recipe(load_recipe(recipe))
+
+
+def test_yaml_booleans_where_a_word_is_expected_say_to_quote_it(tmp_path):
+    msg = error_of(tmp_path, BASE, ["training.eval_strategy=no"])
+    assert "training.eval_strategy: expected" in msg and "got False" in msg and "quote the word, e.g. 'no'" in msg

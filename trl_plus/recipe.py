@@ -186,8 +186,9 @@ def validate_training(training: dict[str, Any], source: str) -> dict[str, Any]:
             out[key] = TypeAdapter(annotation).validate_python(value)
         except ValidationError as exc:
             expected = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+            hint = " (YAML reads no/yes/off/on as booleans: quote the word, e.g. 'no')" if isinstance(value, bool) else ""
             raise TrlPlusError(
-                f"{source}: training.{key}: expected {expected}, got {value!r} ({exc.errors()[0]['msg']})"
+                f"{source}: training.{key}: expected {expected}, got {value!r} ({exc.errors()[0]['msg']}){hint}"
             ) from None
         except Exception:  # annotation pydantic cannot check (an enum union, a class): TRL will check it
             out[key] = value
