@@ -40,7 +40,7 @@ def error_of(tmp_path, data, overrides=()):
     with pytest.raises(TrlPlusError) as info:
         check_recipe(load_recipe(path, list(overrides)))
     message = str(info.value)
-    assert message.startswith(path + ": ") or message.startswith(f"--set"), message
+    assert message.startswith(path + ": ") or message.startswith("--set"), message
     return message
 
 

@@ -119,7 +119,7 @@ def write_jsonl(rows: Sequence[dict[str, Any]], path: str | Path) -> str:
 # -- a few real steps on the tiny model ------------------------------------------------------------------------
 
 
-def train_tiny(
+def tiny_trainer(
     method: str | Method | type[Method],
     output_dir: str | Path,
     method_args: dict[str, Any] | None = None,
@@ -129,11 +129,9 @@ def train_tiny(
     reference_mode: str = "auto",
     **trainer_kwargs: Any,
 ):
-    """Train ``method`` for ``max_steps`` on the tiny offline model and synthetic pairs; return the trainer.
-
-    Useful for the "a few optimiser steps raise the method's margin" test every plugin should have:
-    compare ``trainer.state.log_history[0]`` with ``[-2]`` (the last training log).
-    """
+    """A :class:`~trl_plus.trainer.PlusTrainer` for ``method`` on the tiny offline model (seeded: every call builds
+    the same weights) and ``rows`` (default: 32 synthetic pairs), not yet trained: for "the same batch through two
+    methods" tests."""
     from datasets import Dataset
     from trl import DPOConfig
 
@@ -147,10 +145,20 @@ def train_tiny(
         disable_tqdm=True, seed=0, dataloader_pin_memory=False,
     )  # fmt: skip
     dataset = Dataset.from_list(list(rows or preference_rows(32)))
-    trainer = PlusTrainer(
+    return PlusTrainer(
         build_model(tokenizer), args=args, method=method, method_args=method_args, reference_mode=reference_mode,
         train_dataset=dataset, processing_class=tokenizer, **trainer_kwargs,
     )  # fmt: skip
+
+
+def train_tiny(method: str | Method | type[Method], output_dir: str | Path, **kwargs: Any):
+    """Train ``method`` on the tiny offline model (:func:`tiny_trainer`'s arguments, ``max_steps`` default 8);
+    return the trainer.
+
+    Useful for the "a few optimiser steps raise the method's margin" test every plugin should have: compare the
+    first and the last of :func:`training_logs`.
+    """
+    trainer = tiny_trainer(method, output_dir, **kwargs)
     trainer.train()
     return trainer
 

@@ -10,13 +10,10 @@ import pytest
 import torch
 import yaml
 from pydantic import ValidationError
-from trl import DPOConfig
 from trl_plus_is_daa import ISDAA, importance_weights
 
 from trl_plus.methods.dpo import DPO
-from trl_plus.testing import make_context, perturb, preference_rows, run_recipe_on_cpu, train_tiny
-from trl_plus.tiny import build_tokenizer
-from trl_plus.trainer import PlusTrainer
+from trl_plus.testing import make_context, perturb, preference_rows, run_recipe_on_cpu, tiny_trainer, train_tiny
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -129,17 +126,9 @@ def test_clear_errors():
         ISDAA().loss(make_context(POLICY))
 
 
-def test_trainer_step_with_and_without_behaviour_columns(tiny_model_dir, tmp_path):
-    from datasets import Dataset
-
-    tokenizer = build_tokenizer()
-    dataset = Dataset.from_list(preference_rows(8))
-    args = dict(output_dir=str(tmp_path), report_to="none", bf16=False, gradient_checkpointing=False,
-                dataloader_pin_memory=False)  # fmt: skip
-
+def test_trainer_step_with_and_without_behaviour_columns(tmp_path):
     def trainer(method, **method_args):
-        return PlusTrainer(tiny_model_dir, args=DPOConfig(**args), method=method, method_args=method_args,
-                           train_dataset=dataset, processing_class=tokenizer)  # fmt: skip
+        return tiny_trainer(method, tmp_path, method_args, rows=preference_rows(8))
 
     dpo, is_dpo = trainer("dpo", beta=0.1), trainer("is-daa", beta=0.1, eps=0.25)
     for t in (dpo, is_dpo):

@@ -3,7 +3,6 @@ the two-stage recipe (SFT, adapter merge, REDI) on the CPU."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest

@@ -3,7 +3,6 @@ real steps, the recipe and clear errors."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest

@@ -11,7 +11,6 @@ import pytest
 import torch
 import yaml
 from pydantic import ValidationError
-from trl import DPOConfig
 from trl_plus_tars import (
     TARS,
     _reference_hidden_states,
@@ -24,9 +23,8 @@ from trl_plus_tars import (
 
 from trl_plus import TrlPlusError
 from trl_plus.methods.dpo import DPO
-from trl_plus.testing import make_context, perturb, preference_rows, run_recipe_on_cpu, train_tiny
+from trl_plus.testing import make_context, perturb, preference_rows, run_recipe_on_cpu, tiny_trainer, train_tiny
 from trl_plus.tiny import build_tokenizer
-from trl_plus.trainer import PlusTrainer
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -261,17 +259,11 @@ def trainer_with_method(trainer, method):
     return trainer
 
 
-def test_on_the_same_batch_tars_is_dpo_on_the_perturbed_pairs_plus_the_triplet(tiny_model_dir, tmp_path):
-    from datasets import Dataset
-
+def test_on_the_same_batch_tars_is_dpo_on_the_perturbed_pairs_plus_the_triplet(tmp_path):
     tokenizer = build_tokenizer()
-    dataset = Dataset.from_list(preference_rows(6))
-    common = dict(output_dir=str(tmp_path), report_to="none", bf16=False, gradient_checkpointing=False,
-                  dataloader_pin_memory=False)  # fmt: skip
 
     def trainer(method, **method_args):
-        return PlusTrainer(tiny_model_dir, args=DPOConfig(**common), method=method, method_args=method_args,
-                           train_dataset=dataset, processing_class=tokenizer)  # fmt: skip
+        return tiny_trainer(method, tmp_path, method_args, rows=preference_rows(6))
 
     trainers = {"dpo": trainer("dpo"), "on": trainer("tars", adv_p=0.1, beta_fre=0.5, freq_examples="all", seed=1)}
     for tr in trainers.values():
