@@ -57,6 +57,9 @@ class Needs:
       into ``ctx.batch[name]`` when every example of the batch has the column, absent from ``ctx.batch`` otherwise.
     - ``logits`` / ``hidden_states``: ask for the full logits or hidden states in ``ctx.outputs`` (costs memory:
       the default fused head never materialises the logits).
+    - ``precomputable_reference``: ``False`` when the collated sequences change from step to step (random
+      perturbations): reference log-probs computed once before training could not match them, so
+      ``reference.mode: precomputed`` is refused.
     """
 
     reference: Literal["yes", "no", "optional"] = "yes"
@@ -67,6 +70,7 @@ class Needs:
     optional_fields: tuple[str, ...] = ()
     logits: bool = False
     hidden_states: bool = False
+    precomputable_reference: bool = True
 
     def describe(self) -> str:
         """A short human-readable summary, as shown by ``trl-plus list``."""

@@ -64,6 +64,11 @@ def resolve_reference_mode(method: Method, mode: str, is_peft: bool, has_ref_mod
         return "none"
     if mode == "auto":
         return "model" if has_ref_model or not is_peft else "adapter"
+    if mode == "precomputed" and not method.needs.precomputable_reference:
+        raise TrlPlusError(
+            f"reference.mode: method {method.name!r} changes its sequences at every step, so reference log-probs "
+            "precomputed before training cannot match them; use auto, model or adapter"
+        )
     if mode == "adapter" and not is_peft:
         raise TrlPlusError("reference.mode: 'adapter' needs LoRA on the policy (model.lora); use 'model' instead")
     return mode

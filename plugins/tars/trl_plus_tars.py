@@ -294,7 +294,8 @@ class TARS(DPO):
         super().__init__(config, **kwargs)
         cfg = self.config
         optional = () if cfg.relevance_column == "ignore" else RELEVANCE_COLUMNS
-        self.needs = dataclasses.replace(type(self).needs, optional_fields=optional, hidden_states=cfg.beta_fre > 0)
+        self.needs = dataclasses.replace(type(self).needs, optional_fields=optional, hidden_states=cfg.beta_fre > 0,
+                                         precomputable_reference=cfg.adv_p == 0)  # fmt: skip
         self.tokenize = functools.partial(tokenize_tars, relevance_column=cfg.relevance_column)
 
     def collator(self, pad_token_id: int, max_length: int | None, truncation_mode: str = "keep_start"):

@@ -25,6 +25,7 @@ from trl_plus import TrlPlusError
 from trl_plus.methods.dpo import DPO
 from trl_plus.testing import make_context, perturb, preference_rows, run_recipe_on_cpu, tiny_trainer, train_tiny
 from trl_plus.tiny import build_tokenizer
+from trl_plus.trainer import resolve_reference_mode
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -247,6 +248,9 @@ def test_config_and_reference_errors():
     with pytest.raises(TrlPlusError, match="precomputed"):
         _reference_hidden_states(trainer, {}, 0, [0, 1])
     assert not TARS(beta_fre=0).needs.hidden_states and TARS().needs.hidden_states
+    with pytest.raises(TrlPlusError, match=r"reference.mode: method 'tars' changes its sequences at every step"):
+        resolve_reference_mode(TARS(), "precomputed", is_peft=True, has_ref_model=False)
+    assert resolve_reference_mode(TARS(adv_p=0.0), "precomputed", is_peft=True, has_ref_model=False) == "precomputed"
     assert TARS(relevance_column="ignore").needs.optional_fields == ()
 
 
