@@ -45,7 +45,7 @@ class SequencesCollator:
     ``(token ids, score mask)`` pairs (see :func:`prompt_completion`); the batch is ``[K*B, L]``, sequence-major
     (``[seq0_ex1..seq0_exB, seq1_ex1..]``), right-padded, each sequence cut to ``max_length`` from the end
     (``keep_start``) or the start (``keep_end``) like TRL's preference collator, with ``completion_mask`` = the
-    score mask. Per-example ``fields`` are stacked into tensors."""
+    score mask."""
 
     def __init__(
         self,
@@ -53,11 +53,10 @@ class SequencesCollator:
         pad_token_id: int,
         max_length: int | None,
         truncation_mode: str = "keep_start",
-        fields: tuple[str, ...] = (),
     ):
         if truncation_mode not in ("keep_start", "keep_end"):
             raise ValueError(f"truncation_mode must be 'keep_start' or 'keep_end', not {truncation_mode!r}")
-        self.sequences, self.pad_token_id, self.fields = sequences, pad_token_id, fields
+        self.sequences, self.pad_token_id = sequences, pad_token_id
         if max_length is None:
             self.window = slice(None)
         else:
@@ -73,11 +72,8 @@ class SequencesCollator:
                 tokens, mask = sequences[k]
                 ids.append(torch.tensor(tokens[self.window]))
                 scored.append(torch.tensor(mask[self.window]))
-        batch = {
+        return {
             "input_ids": pad(ids, padding_value=self.pad_token_id, padding_side="right"),
             "attention_mask": pad([torch.ones_like(i) for i in ids], padding_value=0, padding_side="right"),
             "completion_mask": pad(scored, padding_value=0, padding_side="right"),
         }
-        for name in self.fields:
-            batch[name] = torch.tensor([example[name] for example in examples])
-        return batch

@@ -16,14 +16,11 @@ a recipe or a finished run directory.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import TrlPlusError
-
-PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 
 
 @dataclass
@@ -32,10 +29,6 @@ class PairScores:
 
     logps: Any  # torch.Tensor [N, 2], float64
     lengths: Any  # torch.Tensor [N, 2], float64
-
-    def to_dict(self) -> dict[str, list]:
-        """JSON-friendly form."""
-        return {"logps": self.logps.tolist(), "lengths": self.lengths.tolist()}
 
 
 def _tokenized_pairs(dataset, tokenizer) -> list[dict]:
@@ -67,17 +60,17 @@ def score_pairs(
     *,
     batch_size: int = 8,
     max_length: int | None = None,
-    adapter_off: bool = False,
     desc: str = "Scoring held-out pairs",
     disable_progress: bool = False,
 ) -> PairScores:
     """Sum of completion-token log-probs of chosen and rejected for every pair of ``dataset`` (no gradients).
 
-    ``adapter_off`` scores a PEFT model with its adapter switched off (the base model: the "before" of a LoRA run).
+    ``model`` carries TRL's fused LM head (``trl.trainer.utils.add_fused_lm_head``, as every PlusTrainer policy
+    does): per-token log-probs come out without materialising the ``[B, L, vocab]`` logits, exactly as the trainer
+    computes them.
     """
     import torch
     from tqdm.auto import tqdm
-    from trl.trainer.utils import selective_log_softmax
 
     from .collators import PairwiseCollator
 
@@ -85,22 +78,21 @@ def score_pairs(
     collate = PairwiseCollator(pad_token_id=tokenizer.pad_token_id, max_length=max_length)
     device = next(model.parameters()).device
     logps, lengths = [], []
-    adapter = model.disable_adapter() if adapter_off else contextlib.nullcontext()
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), adapter:
+        with torch.no_grad():
             for start in tqdm(range(0, len(rows), batch_size), desc=desc, disable=disable_progress):
                 chunk = rows[start : start + batch_size]
-                batch = collate(chunk)
-                input_ids = batch["input_ids"].to(device)
-                logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"].to(device)).logits
-                token_logps = selective_log_softmax(logits[:, :-1].float(), input_ids[:, 1:])
-                mask = batch["completion_mask"][:, 1:].to(device).to(token_logps.dtype)
-                seq = (token_logps * mask).sum(-1).double().cpu()
+                batch = {k: v.to(device) for k, v in collate(chunk).items()}
+                labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+                outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
+                                use_cache=False, fused_lm_head=True)  # fmt: skip
+                mask = batch["completion_mask"][:, 1:].double()
+                seq = (outputs.log_probs.double() * mask).sum(-1).cpu()
+                count = mask.sum(-1).cpu()
                 n = len(chunk)
                 logps.append(torch.stack([seq[:n], seq[n:]], dim=1))
-                count = mask.sum(-1).double().cpu()
                 lengths.append(torch.stack([count[:n], count[n:]], dim=1))
     finally:
         model.train(was_training)
@@ -224,6 +216,8 @@ def evaluate(
     trained model) or a run directory (which holds ``trl_plus_recipe.yaml``). ``data`` overrides the recipe's
     ``data.eval.path``.
     """
+    from trl.trainer.utils import add_fused_lm_head
+
     from .api import RESOLVED_RECIPE
     from .data import load_preferences
     from .modeling import load_model, load_tokenizer
@@ -250,6 +244,7 @@ def evaluate(
                                recipe.model.gguf_file)  # fmt: skip
     trained = _trained_model_path(run_dir)
     model = load_model(model_spec, trainable=False)
+    add_fused_lm_head(model)
     before = score_pairs(model, tokenizer, dataset, batch_size=batch_size, max_length=max_length,
                          desc="Scoring held-out pairs (before)")  # fmt: skip
     after = None
@@ -257,11 +252,12 @@ def evaluate(
         if (trained / "adapter_config.json").exists():
             from peft import PeftModel
 
-            model = PeftModel.from_pretrained(model, str(trained))
+            model = PeftModel.from_pretrained(model, str(trained))  # its base already has the fused head
         else:
             del model
             model = load_model(model_spec.model_copy(update={"name_or_path": str(trained), "gguf_file": None}),
                                trainable=False)  # fmt: skip
+            add_fused_lm_head(model)
         after = score_pairs(model, tokenizer, dataset, batch_size=batch_size, max_length=max_length,
                             desc="Scoring held-out pairs (after)")  # fmt: skip
     return report_from_scores(before, after, recipe_beta(recipe), str(path))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +38,14 @@ def resolve_model_path(name_or_path: str, gguf_file: str | None = None, key: str
 
 
 def file_digest(path: str | Path) -> str:
-    """The SHA-256 of a file, read in 16 MiB blocks."""
+    """The SHA-256 of a file, read in 16 MiB blocks; computed once per process for an unchanged file (a run
+    resolves its model several times: tokenizer, policy, reference, evaluation)."""
+    stat = Path(path).stat()
+    return _digest(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.cache
+def _digest(path: str, size: int, mtime_ns: int) -> str:
     import hashlib
 
     digest = hashlib.sha256()
@@ -44,6 +53,22 @@ def file_digest(path: str | Path) -> str:
         while block := f.read(1 << 24):
             digest.update(block)
     return digest.hexdigest()
+
+
+def build_once(target: Path, build: Callable[[Path], None]) -> str:
+    """``target`` as a cached directory: when it lacks ``config.json``, ``build(tmp)`` writes a sibling temporary
+    directory that is then renamed into place, so concurrent processes (tests, ``accelerate launch``) never see
+    half a checkpoint; the first to finish wins. Returns ``str(target)``."""
+    import shutil
+
+    if not (target / "config.json").exists():
+        tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+        build(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process won the race: keep its copy
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)
 
 
 def gguf_checkpoint(gguf_path: str | Path) -> str:
@@ -54,13 +79,14 @@ def gguf_checkpoint(gguf_path: str | Path) -> str:
     ``cache_dir()/gguf/<file stem>-<sha256[:16]>`` and reused by every later run (the hash is of the file's bytes,
     so a changed file is converted again). Returns the checkpoint directory.
     """
-    import shutil
-    import sys
-
     gguf_path = Path(gguf_path)
     target = cache_dir() / "gguf" / f"{gguf_path.stem}-{file_digest(gguf_path)[:16]}"
-    if (target / "config.json").exists():
-        return str(target)
+    return build_once(target, lambda tmp: _convert_gguf(gguf_path, tmp, target))
+
+
+def _convert_gguf(gguf_path: Path, out: Path, target: Path) -> None:
+    import sys
+
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -79,14 +105,8 @@ def gguf_checkpoint(gguf_path: str | Path) -> str:
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(loaded.state_dict())
     plain.generation_config = loaded.generation_config
-    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")  # several processes may convert at once
-    plain.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    try:
-        tmp.rename(target)
-    except OSError:  # another process finished first: keep its copy
-        shutil.rmtree(tmp, ignore_errors=True)
-    return str(target)
+    plain.save_pretrained(out)
+    tokenizer.save_pretrained(out)
 
 
 def _torch_dtype(name: str | None):

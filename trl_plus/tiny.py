@@ -70,15 +70,6 @@ def save_tiny_model(directory: str | Path, **model_kwargs) -> str:
 
 def tiny_llama_alias(cache_dir: Path) -> str:
     """Build (once) and return the directory of the ``tiny-llama`` alias: hidden 64, 2 layers, seed 0."""
-    import os
-    import shutil
+    from .modeling import build_once
 
-    target = Path(cache_dir) / "models" / "tiny-llama-v1"
-    if not (target / "config.json").exists():
-        tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")  # several processes may build it at once
-        save_tiny_model(tmp)
-        try:
-            tmp.rename(target)
-        except OSError:  # another process won the race: keep its copy
-            shutil.rmtree(tmp, ignore_errors=True)
-    return str(target)
+    return build_once(Path(cache_dir) / "models" / "tiny-llama-v1", save_tiny_model)
