@@ -65,6 +65,7 @@ def run_one(args: argparse.Namespace) -> dict:
     import torch
 
     import trl_plus
+    import trl_plus.run.rundir
 
     recipe = {
         "method": args.one,
@@ -94,7 +95,7 @@ def run_one(args: argparse.Namespace) -> dict:
         },
     }
     result = trl_plus.train(recipe)
-    state = trl_plus.api.read_state(result.output_dir)
+    state = trl_plus.run.rundir.read_state(result.output_dir)
     runtime = next(e["train_runtime"] for e in state["log_history"] if "train_runtime" in e)
     if torch.cuda.is_available():
         peak = torch.cuda.max_memory_allocated() / 2**20

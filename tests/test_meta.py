@@ -8,15 +8,16 @@ import inspect
 import pkgutil
 import re
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 import trl_plus
-from trl_plus import hookspecs
-from trl_plus.recipe import check_recipe, load_recipe
+from trl_plus import contract
+from trl_plus.config import load_recipe
 from trl_plus.registry import get_registry
+from trl_plus.run.validate import check_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUGINS = sorted(p.parent for p in ROOT.glob("plugins/*/pyproject.toml"))
@@ -25,14 +26,14 @@ QUICK_DATA = "recipes/data/quickstart_prefs.jsonl"
 
 
 def hook_names():
-    return [n for n, f in inspect.getmembers(hookspecs, inspect.isfunction) if n.startswith("register_")]
+    return [n for n, f in inspect.getmembers(contract, inspect.isfunction) if n.startswith("register_")]
 
 
 @pytest.mark.parametrize("name", hook_names())
 def test_every_hook_is_documented_and_exercised(name):
-    assert len(inspect.getdoc(getattr(hookspecs, name)) or "") > 200
+    assert len(inspect.getdoc(getattr(contract, name)) or "") > 200
     used = [p for p in ROOT.glob("tests/*.py") if p.name != "test_meta.py" and name in p.read_text()]
-    used += [p for p in ROOT.glob("trl_plus/*.py") if p.name != "hookspecs.py" and f"def {name}" in p.read_text()]
+    used += [p for p in ROOT.glob("trl_plus/**/*.py") if p.name != "contract.py" and f"def {name}" in p.read_text()]
     assert used, f"hook {name} is neither implemented by the core nor used by a test"
 
 
@@ -121,12 +122,12 @@ def test_show_lists_every_hyperparameter_with_its_default(name, capsys):
 
 @pytest.mark.parametrize("name", sorted(get_registry().methods))
 def test_show_example_recipe_validates_with_its_data(name, tmp_path, monkeypatch):
-    from trl_plus.api import _load_split
     from trl_plus.cli import example_recipe
+    from trl_plus.run.validate import load_split
 
     monkeypatch.chdir(ROOT)
     path = tmp_path / "example.yaml"
     path.write_text(example_recipe(get_registry().methods[name]))
     recipe = load_recipe(path)
     check_recipe(recipe)
-    _load_split(recipe, get_registry().get(name)(recipe.method_args), "train")  # the columns the method reads
+    load_split(recipe, get_registry().get(name)(recipe.method_args), "train")  # the columns the method reads

@@ -8,8 +8,10 @@ import pytest
 from safetensors import safe_open
 
 import trl_plus
-from trl_plus.modeling import load_model
-from trl_plus.recipe import ModelSpec, QuantizationSpec
+import trl_plus.run.rundir
+import trl_plus.run.train
+from trl_plus.config import ModelSpec, QuantizationSpec
+from trl_plus.models.load import load_model
 
 QLORA = {
     "method": "dpo",
@@ -46,17 +48,17 @@ def test_qlora_with_layer_targeted_lora_trains_and_saves_only_those_layers(tmp_p
     assert any("q_proj" in k for k in keys) and any("v_proj" in k for k in keys)
     assert all(("q_proj" in k) or ("v_proj" in k) for k in keys)
     # the reference is the adapter switched off: the first loss is exactly log 2
-    state = trl_plus.api.read_state(tmp_path)
+    state = trl_plus.run.rundir.read_state(tmp_path)
     assert state["log_history"][0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
     # the trained base weights are still 4-bit
-    trainer = trl_plus.api.build_trainer(trl_plus.load_recipe(QLORA, [f"training.output_dir={tmp_path}/b"]))
+    trainer = trl_plus.run.train.build_trainer(trl_plus.load_recipe(QLORA, [f"training.output_dir={tmp_path}/b"]))
     base = trainer.model.get_base_model()
     assert isinstance(base.model.layers[1].self_attn.q_proj.base_layer, bnb.nn.Linear4bit)
     assert not hasattr(base.model.layers[0].self_attn.q_proj, "lora_A")
 
 
 def test_a_separate_reference_model_from_the_recipe(tmp_path):
-    from trl_plus.tiny import save_tiny_model
+    from trl_plus.models.tiny import save_tiny_model
 
     other = save_tiny_model(tmp_path / "other-reference", seed=7)
     recipe = {
@@ -66,7 +68,7 @@ def test_a_separate_reference_model_from_the_recipe(tmp_path):
         "data": {"train": {"path": "recipes/data/quickstart_prefs.jsonl", "limit": 8}},
         "training": {"output_dir": str(tmp_path / "out"), "gradient_checkpointing": False},
     }
-    trainer = trl_plus.api.build_trainer(trl_plus.load_recipe(recipe))
+    trainer = trl_plus.run.train.build_trainer(trl_plus.load_recipe(recipe))
     assert trainer.reference_mode == "model"
     ref_weight = trainer.ref_model.model.embed_tokens.weight
     assert not ref_weight.requires_grad

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 import trl_plus
-from trl_plus.api import read_state
-from trl_plus.trainer import PlusTrainer
+from trl_plus.run.rundir import read_state
+from trl_plus.trainers.preference import PlusTrainer
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,7 @@ def test_report_writes_the_training_curves_png(quickstart, tmp_path):
 
     png = Path(quickstart.plot)
     assert png.name == "training_curves.png" and png.is_file()
-    from trl_plus.report import plot_run
+    from trl_plus.run.report import plot_run
 
     other = plot_run(quickstart.output_dir, tmp_path / "curves.png")
     height, width, _ = matplotlib.image.imread(other).shape
@@ -116,7 +116,7 @@ def test_the_real_quickstart_recipe_runs_on_smollm2(tmp_path):
 
 
 def test_eval_of_a_lora_run_loads_the_adapter_on_its_base(tmp_path):
-    from trl_plus.evaluate import evaluate
+    from trl_plus.run.evaluate import evaluate
 
     overrides = [f"training.output_dir={tmp_path}", "training.max_steps=6", "training.disable_tqdm=true",
                  "training.eval_strategy='no'", "training.learning_rate=0.02", "data.eval.limit=16",

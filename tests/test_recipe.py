@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from trl_plus import TrlPlusError
-from trl_plus.recipe import check_recipe, load_recipe
+from trl_plus.config import load_recipe
+from trl_plus.run.validate import check_recipe
 
 BASE = {
     "method": "dpo",
@@ -124,3 +125,19 @@ def test_shipped_core_recipes_validate(recipe):
 def test_yaml_booleans_where_a_word_is_expected_say_to_quote_it(tmp_path):
     msg = error_of(tmp_path, BASE, ["training.eval_strategy=no"])
     assert "training.eval_strategy: expected" in msg and "got False" in msg and "quote the word, e.g. 'no'" in msg
+
+
+def test_a_method_of_a_trainer_kind_this_core_lacks_is_refused_at_validation(tmp_path):
+    from trl_plus import Method, Paper, PlusTrainer
+    from trl_plus.testing import registered
+
+    class Diffusion(Method):
+        name, paper, trainer = "future-diffusion", Paper("A later method", "0000.00000"), "diffusion"
+
+    assert Method.trainer == "preference" and Method().collator(0, None) is None  # None: the core's collator
+    with registered(Diffusion):
+        message = error_of(tmp_path, deep(BASE, method="future-diffusion"))
+        assert message.endswith("r.yaml: method: method 'future-diffusion' runs on a 'diffusion' trainer, which this "
+                                "trl-plus does not have (it has: preference); upgrade trl-plus or the plugin")
+        with pytest.raises(TrlPlusError, match="runs on a 'diffusion' trainer, not on PlusTrainer"):
+            PlusTrainer("unused", method="future-diffusion")

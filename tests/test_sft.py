@@ -7,10 +7,11 @@ import torch
 from datasets import Dataset
 
 from trl_plus import TrlPlusError
-from trl_plus.data import load_preferences, tokenize_completions
+from trl_plus.data.load import load_preferences
+from trl_plus.data.tokenize import tokenize_completions
+from trl_plus.models.tiny import build_model, build_tokenizer
 from trl_plus.testing import perturb, preference_rows, train_tiny, write_jsonl
-from trl_plus.tiny import build_model, build_tokenizer
-from trl_plus.trainer import PlusTrainer
+from trl_plus.trainers.preference import PlusTrainer
 
 
 def sft_rows(n=32):

@@ -10,11 +10,11 @@ from conftest import first_batch, perturb
 from datasets import Dataset
 
 from trl_plus import LossContext, LossOutput, Method, Needs, Paper, TrlPlusError
-from trl_plus.collators import PairwiseCollator
-from trl_plus.methods.dpo import DPO
+from trl_plus.builtin.dpo import DPO
+from trl_plus.data.collate import PairwiseCollator
+from trl_plus.models.tiny import build_model, build_tokenizer
 from trl_plus.testing import preference_rows, registered, train_tiny
-from trl_plus.tiny import build_model, build_tokenizer
-from trl_plus.trainer import PlusTrainer
+from trl_plus.trainers.preference import PlusTrainer
 
 PAPER = Paper("A test method", "0000.00000")
 

@@ -1,35 +1,55 @@
 """trl-plus: preference-optimization methods from the literature as plugins of one TRL trainer.
 
-Light names (the plugin contract) import eagerly; the trainer and ``train`` load torch only when used.
+This is the stable surface: a plugin imports from ``trl_plus`` (and ``trl_plus.testing`` in its tests), never from
+the modules below it, so the core can move without breaking plugins. The contract and the built-in methods import
+eagerly (no torch); the trainer, the collators and the commands load torch only when first used.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
+from ._version import __version__
+from .builtin.dpo import DPO, DPOConfig, dpo_losses
+from .builtin.sft import SFT
+from .config import Recipe, load_recipe
+from .contract import LossContext, LossOutput, Method, MethodConfig, ModelAlias, Needs, Paper, hookimpl
+from .data.tokenize import tokenize_completions
 from .errors import TrlPlusError
-from .hookspecs import hookimpl
-from .method import LossContext, LossOutput, Method, MethodConfig, ModelAlias, Needs, Paper
 from .registry import get_method, get_registry
-
-__version__ = "0.1.0"
+from .trainers.frozen import REFERENCE_MODES, resolve_reference_mode
 
 __all__ = [
-    "LossContext", "LossOutput", "Method", "MethodConfig", "ModelAlias", "Needs", "Paper", "PlusTrainer",
-    "TrlPlusError", "get_method", "get_registry", "hookimpl", "load_recipe", "train",
+    "DPO", "DPOConfig", "LossContext", "LossOutput", "Method", "MethodConfig", "ModelAlias", "Needs",
+    "PairwiseCollator", "Paper", "PlusTrainer", "REFERENCE_MODES", "Recipe", "SFT", "SequencesCollator",
+    "TrainResult", "TrlPlusError", "check_recipe", "dpo_losses", "evaluate", "get_method", "get_registry", "hookimpl",
+    "load_recipe", "merge_adapter", "prompt_completion", "resolve_reference_mode", "tokenize_completions", "train",
 ]  # fmt: skip
 
 if TYPE_CHECKING:
-    from .api import train
-    from .recipe import load_recipe
-    from .trainer import PlusTrainer
+    from .data.collate import PairwiseCollator, SequencesCollator, prompt_completion
+    from .run.evaluate import evaluate
+    from .run.merge import merge_adapter
+    from .run.train import TrainResult, train
+    from .run.validate import check_recipe
+    from .trainers.preference import PlusTrainer
 
-_LAZY = {"train": "api", "PlusTrainer": "trainer", "load_recipe": "recipe"}
+#: Names that need torch/TRL, imported on first access: name -> module.
+_LAZY = {
+    "PlusTrainer": "trainers.preference",
+    "PairwiseCollator": "data.collate",
+    "SequencesCollator": "data.collate",
+    "prompt_completion": "data.collate",
+    "train": "run.train",
+    "TrainResult": "run.train",
+    "evaluate": "run.evaluate",
+    "merge_adapter": "run.merge",
+    "check_recipe": "run.validate",
+}
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'trl_plus' has no attribute {name!r}")

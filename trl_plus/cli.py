@@ -15,7 +15,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from ._version import __version__
 from .errors import TrlPlusError
 
 
@@ -98,20 +98,20 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     """``trl-plus validate RECIPE``: everything ``train`` checks before loading a model, data columns included."""
-    from .api import _load_split
-    from .recipe import check_recipe, load_recipe
+    from .config import load_recipe
+    from .run.validate import check_recipe, load_split
 
     recipe = load_recipe(args.recipe, args.set)
     method, training = check_recipe(recipe)
-    _load_split(recipe, method, "train")
-    _load_split(recipe, method, "eval")
+    load_split(recipe, method, "train")
+    load_split(recipe, method, "eval")
     print(f"{args.recipe}: ok (method {method.name}, {len(training)} training keys)")
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     """``trl-plus train RECIPE``: train, then print the closing summary (exit 130 when interrupted)."""
-    from .api import train
+    from .run.train import train
 
     result = train(args.recipe, args.set)
     if result.is_main_process:
@@ -121,7 +121,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """``trl-plus eval RECIPE_OR_RUN_DIR``: held-out pair metrics before (and after) training, as a table."""
-    from .evaluate import evaluate
+    from .run.evaluate import evaluate
 
     report = evaluate(args.target, data=args.data, limit=args.limit, batch_size=args.batch_size, overrides=args.set)
     print(report.table())
@@ -132,7 +132,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """``trl-plus report RUN_DIR``: write the training-curves PNG of a run."""
-    from .report import plot_run
+    from .run.report import plot_run
 
     print(plot_run(args.run_dir, args.output))
     return 0
@@ -140,7 +140,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     """``trl-plus merge RUN_DIR``: merge a LoRA run's adapter into its base model (a second stage's start)."""
-    from .modeling import merge_adapter
+    from .run.merge import merge_adapter
 
     print(merge_adapter(args.run_dir, args.output))
     return 0

@@ -1,4 +1,6 @@
-"""YAML recipes: the user-facing description of a run, validated completely before any model is loaded.
+"""YAML recipes: the schema of a run, reading YAML, ``--set`` overrides and one-line error messages.
+
+Pure data: nothing here needs the installed methods (``trl_plus.run.validate`` checks what does).
 
 Precedence: the method's defaults < the YAML file < ``--set key.path=value`` overrides. Every error names the
 file, the key path and the expected type or choices (with the nearest key for a typo).
@@ -11,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
 
 from .errors import TrlPlusError, did_you_mean
 
@@ -90,7 +92,7 @@ class DataSource(_Block):
 
 class DataSpec(_Block):
     """Training pairs and, optionally, held-out pairs: ``eval`` feeds TRL's evaluation loop (``eval_steps``) and,
-    with ``report: true``, the before/after table ``trl-plus train`` prints (see ``trl_plus.evaluate``)."""
+    with ``report: true``, the before/after table ``trl-plus train`` prints (see ``trl_plus.run.evaluate``)."""
 
     train: DataSource
     eval: DataSource | None = None
@@ -107,22 +109,6 @@ class Recipe(_Block):
     teacher: TeacherSpec | None = None
     data: DataSpec
     training: dict[str, Any] = Field(default_factory=dict)
-
-
-# DPOConfig fields that the method, the reference block or the model block own.
-OWNED_TRAINING_KEYS = {
-    "beta": "method_args.beta",
-    "loss_type": "method (choose another method or method_args)",
-    "loss_weights": "method / method_args",
-    "label_smoothing": "method_args.label_smoothing",
-    "ld_alpha": "method: ld-dpo (method_args.alpha)",
-    "f_divergence_type": "method / method_args",
-    "f_alpha_divergence_coef": "method / method_args",
-    "use_weighting": "method / method_args",
-    "discopop_tau": "method / method_args",
-    "precompute_ref_log_probs": "reference.mode: precomputed",
-    "model_init_kwargs": "the model: block",
-}
 
 
 def _format_loc(loc: tuple) -> str:
@@ -156,43 +142,6 @@ def explain(error: ValidationError, source: str, prefix: tuple = (), model: type
         else:
             lines.append(f"{source}: {key}: {err['msg']} (got {err.get('input')!r})")
     return "\n".join(dict.fromkeys(lines))
-
-
-def _training_field_types() -> dict[str, Any]:
-    from trl import DPOConfig
-
-    try:
-        return typing.get_type_hints(DPOConfig)
-    except Exception:  # an annotation that cannot be resolved: fall back to names only
-        return {f: Any for f in DPOConfig.__dataclass_fields__}
-
-
-def validate_training(training: dict[str, Any], source: str) -> dict[str, Any]:
-    """Check the ``training`` block against ``trl.DPOConfig`` (names and types); return it with coerced values."""
-    import dataclasses
-
-    from trl import DPOConfig
-
-    fields = {f.name: f for f in dataclasses.fields(DPOConfig) if f.init}
-    types = _training_field_types()
-    out = {}
-    for key, value in training.items():
-        if key in OWNED_TRAINING_KEYS:
-            raise TrlPlusError(f"{source}: training.{key}: set by trl-plus; use {OWNED_TRAINING_KEYS[key]} instead")
-        if key not in fields:
-            raise TrlPlusError(f"{source}: training.{key}: unknown key{did_you_mean(key, fields)}")
-        annotation = types.get(key, Any)
-        try:
-            out[key] = TypeAdapter(annotation).validate_python(value)
-        except ValidationError as exc:
-            expected = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
-            hint = " (YAML reads no/yes/off/on as booleans: quote the word, e.g. 'no')" if isinstance(value, bool) else ""
-            raise TrlPlusError(
-                f"{source}: training.{key}: expected {expected}, got {value!r} ({exc.errors()[0]['msg']}){hint}"
-            ) from None
-        except Exception:  # annotation pydantic cannot check (an enum union, a class): TRL will check it
-            out[key] = value
-    return out
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -235,7 +184,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 def load_recipe(source: str | Path | dict[str, Any], overrides: list[str] | None = None) -> Recipe:
     """Read (a file or a dict), apply ``--set`` overrides and validate the recipe's structure and types.
 
-    The method name, its ``method_args`` and the ``training`` block are checked by :func:`check_recipe`.
+    The method name, its ``method_args`` and the ``training`` block are checked by
+    :func:`trl_plus.run.validate.check_recipe` (they depend on installed code).
     """
     name = "<recipe>" if isinstance(source, dict) else str(source)
     data = dict(source) if isinstance(source, dict) else read_yaml(source)
@@ -251,48 +201,3 @@ def load_recipe(source: str | Path | dict[str, Any], overrides: list[str] | None
 def recipe_source(recipe: Recipe) -> str:
     """The file a recipe came from (for error messages)."""
     return getattr(recipe, "_source", "<recipe>")
-
-
-def check_recipe(recipe: Recipe):
-    """Validate what depends on installed code: the method and its args, the training block, local paths.
-
-    Returns ``(method_instance, training_kwargs)``.
-    """
-    from .data import looks_local
-    from .registry import get_registry
-
-    source = recipe_source(recipe)
-    registry = get_registry()
-    try:
-        method_cls = registry.get(recipe.method)
-    except TrlPlusError as exc:
-        raise TrlPlusError(f"{source}: method: {exc}") from None
-    try:
-        method = method_cls(method_cls.Config(**recipe.method_args))
-    except ValidationError as exc:
-        raise TrlPlusError(explain(exc, source, prefix=("method_args",), model=method_cls.Config)) from None
-    training = validate_training(recipe.training, source)
-
-    model_paths = [("model.name_or_path", recipe.model.name_or_path)]
-    if recipe.reference.name_or_path:
-        model_paths.append(("reference.name_or_path", recipe.reference.name_or_path))
-    if recipe.teacher:
-        model_paths.append(("teacher.name_or_path", recipe.teacher.name_or_path))
-    for key, path in model_paths:
-        if path not in registry.aliases and looks_local(path) and not Path(path).expanduser().is_dir():
-            raise TrlPlusError(
-                f"{source}: {key}: no such model directory: {path} "
-                f"(use a local directory, a hub name, or an alias: {', '.join(registry.aliases)})"
-            )
-    for key, spec in (("data.train", recipe.data.train), ("data.eval", recipe.data.eval)):
-        if spec is not None and looks_local(spec.path) and not Path(spec.path).expanduser().exists():
-            raise TrlPlusError(f"{source}: {key}.path: no such file: {spec.path}")
-    if method.needs.teacher and recipe.teacher is None:
-        raise TrlPlusError(f"{source}: teacher: method {method.name!r} needs a teacher model (teacher.name_or_path)")
-    if recipe.reference.mode == "adapter" and recipe.model.lora is None:
-        raise TrlPlusError(f"{source}: reference.mode: 'adapter' needs model.lora; use 'model' or 'auto'")
-    if method.needs.reference == "no" and recipe.reference.mode not in ("auto", "none"):
-        raise TrlPlusError(f"{source}: reference.mode: method {method.name!r} is reference-free; use auto or none")
-    if method.needs.reference == "yes" and recipe.reference.mode == "none":
-        raise TrlPlusError(f"{source}: reference.mode: method {method.name!r} needs a reference; use auto")
-    return method, training

@@ -1,10 +1,23 @@
-"""What a method is: its identity, its needs, its typed hyperparameters, its data handling and its loss.
+"""The plugin contract of trl-plus: every hook a plugin can implement and every type a hook registers.
 
-A method is a subclass of :class:`Method`. Only the loss is mandatory; everything else has a default that fits
-offline pairwise methods (DPO and its many edits). The loss is a pure function of a :class:`LossContext`, which
-holds what the trainer computed, so most plugin tests run on hand-made tensors.
+This module is the documentation of record (read it top to bottom: the hooks, then what a method is).
 
-Nothing here imports torch at module level: listing methods must stay fast.
+A plugin is a Python module listed under the entry-point group ``trl_plus`` (distribution ``trl-plus-<method>``,
+module ``trl_plus_<method>``, entry-point name = method name). trl-plus imports it, registers it with pluggy and
+calls the hooks below. The core's own methods (``dpo``, ``sft``) and model aliases are registered through the very
+same hooks (``trl_plus/builtin/``).
+
+Discovery order: the core's built-ins first, then installed entry points in the order ``importlib.metadata``
+returns them. Set ``TRL_PLUS_PLUGINS=name1,name2`` to load only those entry points (``TRL_PLUS_PLUGINS=`` loads
+none); a plugin that fails to import is recorded as broken and never hides the others.
+
+A plugin imports only ``trl_plus`` (and ``trl_plus.testing`` in its tests) and keeps its top-level imports light
+(``trl_plus``, ``pydantic`` and the standard library; ``torch`` inside functions) so that ``trl-plus list`` and
+``--help`` stay fast. Nothing here imports torch at module level.
+
+What a method is: a subclass of :class:`Method`. Only the loss is mandatory; everything else has a default that
+fits offline pairwise methods (DPO and its many edits). The loss is a pure function of a :class:`LossContext`,
+which holds what the trainer computed, so most plugin tests run on hand-made tensors.
 """
 
 from __future__ import annotations
@@ -13,10 +26,52 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
+import pluggy
 from pydantic import BaseModel, ConfigDict
 
 if TYPE_CHECKING:
     import torch
+
+# -- the hooks ----------------------------------------------------------------------------------------------------
+
+hookspec = pluggy.HookspecMarker("trl_plus")
+hookimpl = pluggy.HookimplMarker("trl_plus")
+
+
+@hookspec
+def register_methods(register: Callable[[type[Method]], None]) -> None:
+    """Register preference-optimization methods.
+
+    Called once per plugin when the registry loads. Call ``register(MethodClass)`` once per method, with a
+    subclass of :class:`trl_plus.Method` (not an instance: trl-plus instantiates it with the validated
+    ``method_args`` of a recipe). Registering a name twice, from the same or another plugin, is an error that
+    names both sources. The return value is ignored.
+
+    Example::
+
+        from trl_plus import Method, hookimpl
+
+        class MyMethod(Method):
+            name = "my-method"
+            ...
+
+        @hookimpl
+        def register_methods(register):
+            register(MyMethod)
+    """
+
+
+@hookspec
+def register_model_aliases(register: Callable[[ModelAlias], None]) -> None:
+    """Register short model names usable as ``model.name_or_path`` in a recipe.
+
+    Call ``register(ModelAlias(name, description, build))`` where ``build(cache_dir: pathlib.Path) -> str``
+    returns a local directory that ``from_pretrained`` can load (it may create it on first use and reuse it
+    afterwards). Duplicate alias names are an error. The return value is ignored.
+    """
+
+
+# -- what a hook registers ----------------------------------------------------------------------------------
 
 
 class MethodConfig(BaseModel):
@@ -151,7 +206,9 @@ class Method:
 
     Class attributes:
         name: the registry name used in recipes (``method: name``).
-        family: e.g. ``"offline-pairwise"``.
+        family: e.g. ``"offline-pairwise"`` (free text, for display).
+        trainer: the trainer kind that runs the method (``"preference"``: :class:`trl_plus.PlusTrainer`); the
+            application maps kinds to trainer classes, so a new kind never needs a branch over methods.
         paper: a :class:`Paper`.
         summary: one line on what the method does.
         needs: a :class:`Needs`.
@@ -166,6 +223,7 @@ class Method:
 
     name: ClassVar[str]
     family: ClassVar[str] = "offline-pairwise"
+    trainer: ClassVar[str] = "preference"
     paper: ClassVar[Paper]
     summary: ClassVar[str] = ""
     needs: ClassVar[Needs] = Needs()
@@ -202,23 +260,16 @@ class Method:
     #: Columns produced by ``tokenize`` that the collator reads (kept when TRL prunes unused columns).
     tokenized_columns: ClassVar[tuple[str, ...]] = ("prompt_ids", "chosen_ids", "rejected_ids")
 
-    def collator(self, pad_token_id: int, max_length: int | None, truncation_mode: str = "keep_start") -> Callable:
-        """Return the data collator: ``list[example] -> batch``.
+    def collator(self, pad_token_id: int, max_length: int | None, truncation_mode: str = "keep_start") -> Callable | None:
+        """Return the data collator (``list[example] -> batch``), or ``None`` (the default) for the core's.
 
         The batch must hold ``input_ids``, ``attention_mask`` and ``completion_mask`` shaped ``[K*B, L]`` and
-        ordered sequence-major (``[seq0_ex1..seq0_exB, seq1_ex1..]``), plus any extra per-example fields.
-        The default is TRL's pairwise collator with ``needs.fields`` (and the ``needs.optional_fields`` the data has)
-        stacked as tensors.
+        ordered sequence-major (``[seq0_ex1..seq0_exB, seq1_ex1..]``), plus any extra per-example fields. The
+        core's default is TRL's pairwise collator with ``needs.fields`` (and the ``needs.optional_fields`` the data
+        has) stacked as tensors (:class:`trl_plus.PairwiseCollator`); :class:`trl_plus.SequencesCollator` builds
+        any other shape from per-example ``(ids, score mask)`` lists.
         """
-        from .collators import PairwiseCollator
-
-        return PairwiseCollator(
-            pad_token_id=pad_token_id,
-            max_length=max_length,
-            truncation_mode=truncation_mode,
-            extra_fields=self.needs.fields,
-            optional_fields=self.needs.optional_fields,
-        )
+        return None
 
     # -- frozen models -------------------------------------------------------------------------------------
     def reference(self, trainer: Any, inputs: Mapping[str, Any]) -> torch.Tensor | None:

@@ -9,9 +9,9 @@ from importlib.metadata import entry_points
 
 import pluggy
 
-from . import hookspecs
+from . import builtin, contract
+from .contract import Method, ModelAlias
 from .errors import TrlPlusError, did_you_mean
-from .method import Method, ModelAlias
 
 ENTRY_POINT_GROUP = "trl_plus"
 
@@ -105,12 +105,10 @@ def _selected_entry_points():
 
 def load_registry() -> Registry:
     """Build a fresh registry: built-ins first, then every selected entry point of group ``trl_plus``."""
-    from . import builtins
-
     pm = pluggy.PluginManager("trl_plus")
-    pm.add_hookspecs(hookspecs)
+    pm.add_hookspecs(contract)
     registry = Registry(plugin_manager=pm)
-    registry.add_plugin(builtins, name="trl-plus", source="trl-plus (built-in)")
+    registry.add_plugin(builtin, name="trl-plus", source="trl-plus (built-in)")
     for ep in _selected_entry_points():
         dist = getattr(ep.dist, "name", None) or "?"
         source = f"{dist} ({ep.name})"

@@ -5,6 +5,8 @@
 - :func:`registered` registers a throw-away method for the duration of a ``with`` block.
 - :func:`preference_rows` makes small synthetic prompt/chosen/rejected rows; :func:`train_tiny` runs a few real
   optimiser steps of any method on the tiny offline model and returns the trainer.
+- :func:`build_tokenizer`, :func:`build_model`, :func:`save_tiny_model`: the tiny model itself, for tests that build
+  trainers by hand.
 - Fixtures: ``tiny_model_dir`` (a saved tiny Llama + tokenizer), ``preference_file`` (a jsonl of synthetic pairs).
 """
 
@@ -19,8 +21,15 @@ from typing import Any
 
 import pytest
 
-from .method import LossContext, Method
+from .contract import LossContext, Method, hookimpl
+from .models.tiny import build_model, build_tokenizer, save_tiny_model
 from .registry import get_registry
+
+__all__ = [
+    "CPU_OVERRIDES", "build_model", "build_tokenizer", "cli", "forbid_reference", "make_context", "perturb",
+    "preference_rows", "registered", "run_recipe_on_cpu", "save_tiny_model", "tiny_trainer", "train_tiny",
+    "training_logs", "write_jsonl",
+]  # fmt: skip
 
 # -- loss contexts from hand-written numbers ---------------------------------------------------------------
 
@@ -67,7 +76,6 @@ def make_context(
 @contextlib.contextmanager
 def registered(*methods: type[Method], name: str = "test-plugin") -> Iterator[None]:
     """Register ``methods`` as if a plugin called ``name`` had, and unregister them afterwards."""
-    from .hookspecs import hookimpl
 
     class _Plugin:
         @hookimpl
@@ -129,14 +137,13 @@ def tiny_trainer(
     reference_mode: str = "auto",
     **trainer_kwargs: Any,
 ):
-    """A :class:`~trl_plus.trainer.PlusTrainer` for ``method`` on the tiny offline model (seeded: every call builds
+    """A :class:`~trl_plus.PlusTrainer` for ``method`` on the tiny offline model (seeded: every call builds
     the same weights) and ``rows`` (default: 32 synthetic pairs), not yet trained: for "the same batch through two
     methods" tests."""
     from datasets import Dataset
     from trl import DPOConfig
 
-    from .tiny import build_model, build_tokenizer
-    from .trainer import PlusTrainer
+    from .trainers.preference import PlusTrainer
 
     tokenizer = build_tokenizer()
     args = DPOConfig(
@@ -179,7 +186,7 @@ def training_logs(trainer) -> list[dict[str, Any]]:
 def forbid_reference(monkeypatch) -> None:
     """Make any reference forward fail the test: for the "a reference-free method never pays for a reference"
     check (``monkeypatch`` is pytest's fixture)."""
-    from .trainer import PlusTrainer
+    from .trainers.preference import PlusTrainer
 
     def no_reference(*args, **kwargs):
         raise AssertionError("a reference-free method asked for reference log-probs")
@@ -192,14 +199,22 @@ def run_recipe_on_cpu(recipe: str | Path, output_dir: str | Path, *overrides: st
     """Validate a (7B, QLoRA) recipe as written, then train it for 2 steps on the tiny CPU model.
 
     Run from the repository root (the quickstart data lives in ``recipes/data``). LoRA layer indices that the
-    tiny model lacks are dropped. Returns the :class:`~trl_plus.api.TrainResult`.
+    tiny model lacks are dropped. Returns the :class:`~trl_plus.run.train.TrainResult`.
     """
-    from .api import train
-    from .recipe import check_recipe, load_recipe
+    from .config import load_recipe
+    from .run.train import train
+    from .run.validate import check_recipe
 
     check_recipe(load_recipe(recipe, ["data.train.path=recipes/data/quickstart_prefs.jsonl", "data.eval=null"]))
     extra = ["model.lora.layers=null"] if (load_recipe(recipe).model.lora or None) is not None else []
     return train(recipe, [*CPU_OVERRIDES, *extra, f"training.output_dir={output_dir}", *overrides])
+
+
+def cli(*argv: str) -> int:
+    """Run the ``trl-plus`` command in this process (``cli("merge", run_dir)``); returns its exit code."""
+    from .cli import main
+
+    return main(list(argv))
 
 
 def perturb(model, seed: int = 0, scale: float = 0.05) -> None:
@@ -219,8 +234,6 @@ def perturb(model, seed: int = 0, scale: float = 0.05) -> None:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:
     """A saved tiny random Llama with its character tokenizer (``from_pretrained`` loads it)."""
-    from .tiny import save_tiny_model
-
     return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
 
 

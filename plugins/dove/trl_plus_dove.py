@@ -22,8 +22,7 @@ from typing import Any
 
 from pydantic import Field
 
-from trl_plus import Paper, hookimpl
-from trl_plus.methods.dpo import DPO, DPOConfig
+from trl_plus import DPO, DPOConfig, Paper, hookimpl
 
 SIDES = ("chosen", "rejected")
 
@@ -40,10 +39,10 @@ class DOVEConfig(DPOConfig):
 
 
 def DOVECollator(pad_token_id: int, max_length: int | None, truncation_mode: str, joint: bool):  # noqa: N802
-    """The core's :class:`~trl_plus.collators.SequencesCollator` on per-side prompts: ``[chosen_1..B, rejected_1..B]``
+    """The core's :class:`~trl_plus.SequencesCollator` on per-side prompts: ``[chosen_1..B, rejected_1..B]``
     sequences ``prompt_ids + completion_ids`` of each side. ``completion_mask`` marks the scored tokens: the response
     (``joint=False``) or every token but the first, which nothing predicts (``joint=True``)."""
-    from trl_plus.collators import SequencesCollator, prompt_completion
+    from trl_plus import SequencesCollator, prompt_completion
 
     def sequences(example):
         out = []
@@ -74,7 +73,7 @@ class DOVE(DPO):
         """Tokenize each side as TRL's DPOTrainer tokenizes a pair (EOS appended to plain-text responses), with
         that side's own prompt: columns ``chosen_prompt_ids``, ``chosen_ids``, ``rejected_prompt_ids``,
         ``rejected_ids``."""
-        from trl_plus.data import tokenize_completions
+        from trl_plus import tokenize_completions
 
         out = {}
         for side in SIDES:

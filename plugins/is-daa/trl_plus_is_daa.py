@@ -19,8 +19,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from trl_plus import LossContext, LossOutput, Needs, Paper, hookimpl
-from trl_plus.methods.dpo import DPO, DPOConfig
+from trl_plus import DPO, DPOConfig, LossContext, LossOutput, Needs, Paper, hookimpl
 
 BEHAVIOUR_COLUMNS = ("chosen_logps", "rejected_logps")
 

@@ -14,8 +14,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from trl_plus import LossContext, Paper, hookimpl
-from trl_plus.methods.dpo import DPO, DPOConfig
+from trl_plus import DPO, DPOConfig, LossContext, Paper, hookimpl
 
 
 class LDDPOConfig(DPOConfig):

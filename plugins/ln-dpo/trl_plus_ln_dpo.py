@@ -15,8 +15,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from trl_plus import LossContext, MethodConfig, Paper, hookimpl
-from trl_plus.methods.dpo import DPO
+from trl_plus import DPO, LossContext, MethodConfig, Paper, hookimpl
 
 
 class LNDPOConfig(MethodConfig):

@@ -20,8 +20,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from trl_plus import LossContext, LossOutput, Paper, hookimpl
-from trl_plus.methods.dpo import DPO, DPOConfig
+from trl_plus import DPO, DPOConfig, LossContext, LossOutput, Paper, hookimpl
 
 
 class RPOConfig(DPOConfig):

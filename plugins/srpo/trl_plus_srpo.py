@@ -77,9 +77,9 @@ class SRPOConfig(MethodConfig):
 
 
 def SRPOCollator(pad_token_id: int, max_length: int | None, truncation_mode: str = "keep_start"):  # noqa: N802
-    """The core's :class:`~trl_plus.collators.SequencesCollator` building ``[6*B, L]``, sequence-major in the order
+    """The core's :class:`~trl_plus.SequencesCollator` building ``[6*B, L]``, sequence-major in the order
     of :data:`SEQUENCES`: each sequence is its prompt's ids plus its completion's ids (EOS included), prompt masked."""
-    from trl_plus.collators import SequencesCollator, prompt_completion
+    from trl_plus import SequencesCollator, prompt_completion
 
     def sequences(example):
         prompts, completions = example["srpo_prompt_ids"], example["srpo_completion_ids"]
@@ -110,7 +110,7 @@ class SRPO(Method):
     def tokenize(self, example: dict[str, Any], tokenizer) -> dict[str, list]:
         """Render P0(x), P1(x, y_l), P1(x, y_w) and tokenize the six (prompt, completion) sequences as TRL's
         DPOTrainer tokenizes a pair (EOS appended to each completion). Plain-text rows only."""
-        from trl_plus.data import tokenize_completions
+        from trl_plus import tokenize_completions
 
         x, y_w, y_l = example["prompt"], example["chosen"], example["rejected"]
         if not all(isinstance(v, str) for v in (x, y_w, y_l)):

@@ -28,8 +28,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from trl_plus import LossContext, LossOutput, Needs, Paper, TrlPlusError, hookimpl
-from trl_plus.methods.dpo import DPO, DPOConfig
+from trl_plus import DPO, DPOConfig, LossContext, LossOutput, Needs, Paper, TrlPlusError, hookimpl
 
 RELEVANCE_COLUMNS = ("chosen_relevance", "rejected_relevance")
 REPLACE_MIN_ID = 5  # official code: torch.randint(low=5, high=vocab_size) (skips LLaMA's first special ids)
@@ -119,7 +118,7 @@ def tokenizer_facts(tokenizer) -> dict:
 def tokenize_tars(example: dict, tokenizer, relevance_column: str = "auto") -> dict:
     """The tokenize hook: TRL's pair tokenization and the relevance columns checked and aligned to
     prompt+response tokens."""
-    from trl_plus.data import tokenize_completions
+    from trl_plus import tokenize_completions
 
     out = tokenize_completions(
         tokenizer, example["prompt"], {"chosen_ids": example["chosen"], "rejected_ids": example["rejected"]}

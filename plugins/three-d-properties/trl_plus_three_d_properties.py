@@ -19,8 +19,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from trl_plus import LossContext, LossOutput, MethodConfig, Paper, hookimpl
-from trl_plus.methods.dpo import DPO
+from trl_plus import DPO, LossContext, LossOutput, MethodConfig, Paper, hookimpl
 
 
 class ThreeDPropertiesConfig(MethodConfig):

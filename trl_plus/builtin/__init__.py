@@ -1,16 +1,16 @@
-"""The core's own plugin: registers the built-in methods and model aliases through the public hooks."""
+"""The core's own plugin: registers the built-in methods (``dpo``, ``sft``) and model aliases through the public
+hooks, exactly as an installed plugin does. The implementations load lazily (``trl-plus list`` stays light)."""
 
 from __future__ import annotations
 
-from .hookspecs import hookimpl
-from .method import ModelAlias
+from ..contract import ModelAlias, hookimpl
 
 
 @hookimpl
 def register_methods(register):
     """The core's methods: ``dpo`` and ``sft``."""
-    from .methods.dpo import DPO
-    from .methods.sft import SFT
+    from .dpo import DPO
+    from .sft import SFT
 
     register(DPO)
     register(SFT)
@@ -20,8 +20,7 @@ def register_methods(register):
 def register_model_aliases(register):
     """The core's model aliases: ``tiny-llama`` (offline, for tests) and ``smollm2-135m-instruct`` (a real
     pretrained model from PyPI, for the quickstart and benchmarks)."""
-    from .modeling import SMOLLM2_PIP, smollm2_alias
-    from .tiny import tiny_llama_alias
+    from .aliases import SMOLLM2_PIP, smollm2_alias, tiny_llama_alias
 
     register(ModelAlias("tiny-llama", "random 2-layer Llama (hidden 64) + char tokenizer, offline", tiny_llama_alias))
     register(

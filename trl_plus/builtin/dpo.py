@@ -16,7 +16,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from ..method import LossContext, LossOutput, Method, MethodConfig, Needs, Paper
+from ..contract import LossContext, LossOutput, Method, MethodConfig, Needs, Paper
 
 
 class DPOConfig(MethodConfig):

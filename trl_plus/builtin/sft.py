@@ -10,7 +10,7 @@ answers of a preference file, map the column in the recipe: ``data: {train: {pat
 
 from __future__ import annotations
 
-from ..method import LossContext, LossOutput, Method, MethodConfig, Needs, Paper
+from ..contract import LossContext, LossOutput, Method, MethodConfig, Needs, Paper
 
 
 class SFTConfig(MethodConfig):
@@ -19,7 +19,7 @@ class SFTConfig(MethodConfig):
 
 def tokenize_sft(example, tokenizer):
     """``prompt_ids`` and ``completion_ids`` of one ``prompt``/``completion`` row (TRL's DPO tokenization)."""
-    from ..data import tokenize_completions
+    from ..data.tokenize import tokenize_completions
 
     return tokenize_completions(tokenizer, example["prompt"], {"completion_ids": example["completion"]})
 
@@ -43,7 +43,7 @@ class SFT(Method):
 
     def collator(self, pad_token_id, max_length, truncation_mode="keep_start"):
         """One sequence per example: prompt + completion, the completion scored."""
-        from ..collators import SequencesCollator, prompt_completion
+        from ..data.collate import SequencesCollator, prompt_completion
 
         def sequences(example):
             return [prompt_completion(example["prompt_ids"], example["completion_ids"])]

@@ -1,5 +1,6 @@
-"""Data collators. The default is TRL's pairwise collator plus the method's extra per-example fields;
-:class:`SequencesCollator` serves methods with other shapes (one sequence, six, a prompt per side)."""
+"""Data collators. The core's default is TRL's pairwise collator plus the method's extra per-example fields
+(:class:`PairwiseCollator`); :class:`SequencesCollator` serves methods with other shapes (one sequence, six, a
+prompt per side)."""
 
 from __future__ import annotations
 

@@ -1,1 +1,2 @@
-"""The core's built-in methods (registered by ``trl_plus.builtins`` like any plugin)."""
+"""Deprecated: the built-in methods moved to ``trl_plus.builtin``; import ``DPO``, ``DPOConfig``, ``SFT`` from
+``trl_plus``. ``trl_plus.methods.dpo`` and ``trl_plus.methods.sft`` keep working until trl-plus 0.3."""

@@ -1,4 +1,4 @@
-"""A tiny offline Llama and a character-level tokenizer: the built-in ``tiny-llama`` model alias.
+"""A tiny offline Llama and a character-level tokenizer: what the built-in ``tiny-llama`` model alias builds.
 
 They need no network, so the CPU quickstart, the tests and plugin authors' tests all run anywhere. The model is
 random (seeded), so it learns preferences quickly but says nothing sensible.
@@ -66,10 +66,3 @@ def save_tiny_model(directory: str | Path, **model_kwargs) -> str:
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return str(directory)
-
-
-def tiny_llama_alias(cache_dir: Path) -> str:
-    """Build (once) and return the directory of the ``tiny-llama`` alias: hidden 64, 2 layers, seed 0."""
-    from .modeling import build_once
-
-    return build_once(Path(cache_dir) / "models" / "tiny-llama-v1", save_tiny_model)

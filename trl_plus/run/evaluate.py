@@ -20,7 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import TrlPlusError
+from ..config import load_recipe
+from ..data.collate import PairwiseCollator
+from ..data.load import load_preferences
+from ..data.tokenize import tokenize_completions
+from ..errors import TrlPlusError
+from ..models.load import load_model, load_tokenizer
+from ..registry import get_registry
+from .rundir import RESOLVED_RECIPE, trained_model_path
 
 
 @dataclass
@@ -33,8 +40,6 @@ class PairScores:
 
 def _tokenized_pairs(dataset, tokenizer) -> list[dict]:
     from trl.data_utils import extract_prompt
-
-    from .data import tokenize_completions
 
     missing = [c for c in ("chosen", "rejected") if c not in dataset.column_names]
     if missing:
@@ -71,8 +76,6 @@ def score_pairs(
     """
     import torch
     from tqdm.auto import tqdm
-
-    from .collators import PairwiseCollator
 
     rows = _tokenized_pairs(dataset, tokenizer)
     collate = PairwiseCollator(pad_token_id=tokenizer.pad_token_id, max_length=max_length)
@@ -196,8 +199,6 @@ def recipe_beta(recipe) -> float:
     """β for the implicit reward: the method's own ``beta`` when it has one, else DPO's default 0.1."""
     value = recipe.method_args.get("beta")
     if value is None:
-        from .registry import get_registry
-
         field = get_registry().get(recipe.method).Config.model_fields.get("beta")
         value = field.default if field is not None and field.default is not None else 0.1
     return float(value)
@@ -218,11 +219,6 @@ def evaluate(
     """
     from trl.trainer.utils import add_fused_lm_head
 
-    from .api import RESOLVED_RECIPE
-    from .data import load_preferences
-    from .modeling import load_model, load_tokenizer
-    from .recipe import load_recipe
-
     target = Path(target)
     recipe_file = target / RESOLVED_RECIPE if target.is_dir() else target
     if not recipe_file.is_file():
@@ -242,7 +238,7 @@ def evaluate(
     model_spec = recipe.model.model_copy(update={"lora": None})
     tokenizer = load_tokenizer(recipe.model.name_or_path, recipe.model.revision, recipe.model.trust_remote_code,
                                recipe.model.gguf_file)  # fmt: skip
-    trained = _trained_model_path(run_dir)
+    trained = trained_model_path(run_dir)
     model = load_model(model_spec, trainable=False)
     add_fused_lm_head(model)
     before = score_pairs(model, tokenizer, dataset, batch_size=batch_size, max_length=max_length,
@@ -261,13 +257,3 @@ def evaluate(
         after = score_pairs(model, tokenizer, dataset, batch_size=batch_size, max_length=max_length,
                             desc="Scoring held-out pairs (after)")  # fmt: skip
     return report_from_scores(before, after, recipe_beta(recipe), str(path))
-
-
-def _trained_model_path(run_dir: Path) -> Path | None:
-    """The trained model in a run directory: a LoRA adapter or full weights (``None`` when there is none)."""
-    if not run_dir or not run_dir.is_dir():
-        return None
-    for name in ("adapter_config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"):
-        if (run_dir / name).exists():
-            return run_dir
-    return None

@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import TrlPlusError
+from ..errors import TrlPlusError
+from .rundir import RESOLVED_RECIPE, STATE_FILE
 
 PNG_NAME = "training_curves.png"
 PANELS = (
@@ -35,7 +36,7 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
     import matplotlib.pyplot as plt
 
     run_dir = Path(run_dir)
-    state_file = run_dir / "trainer_state.json"
+    state_file = run_dir / STATE_FILE
     if not state_file.is_file():
         raise TrlPlusError(f"{run_dir}: no trainer_state.json (is this the output_dir of a trl-plus train run?)")
     history = json.loads(state_file.read_text()).get("log_history", [])
@@ -67,7 +68,7 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
 
 
 def _title(run_dir: Path) -> str:
-    recipe = run_dir / "trl_plus_recipe.yaml"
+    recipe = run_dir / RESOLVED_RECIPE
     if recipe.is_file():
         import yaml
 

@@ -1,4 +1,5 @@
-"""``trl_plus.train(recipe)``: a validated recipe in, a trained model and its logs in ``output_dir`` out."""
+"""``trl_plus.train(recipe)``: a validated recipe in, a trained model and its logs in ``output_dir`` out (the
+files are those of ``trl_plus.run.rundir``)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,15 @@ from typing import Any
 
 import yaml
 
-from .errors import TrlPlusError
-from .recipe import Recipe, check_recipe, load_recipe, recipe_source
-
-RESOLVED_RECIPE = "trl_plus_recipe.yaml"
+from ..config import ModelSpec, Recipe, load_recipe, recipe_source
+from ..errors import TrlPlusError
+from ..models.load import load_model, load_tokenizer, lora_config
+from ..trainers import trainer_class
+from ..trainers.frozen import resolve_reference_mode
+from .evaluate import recipe_beta, report_from_scores, score_pairs
+from .report import plot_run
+from .rundir import EVAL_REPORT, RESOLVED_RECIPE, STATE_FILE, last_metrics
+from .validate import check_recipe, load_split
 
 
 @dataclass
@@ -26,7 +32,7 @@ class TrainResult:
     interrupted: bool = False
     checkpoint: str | None = None
     is_main_process: bool = True  # False on the other ranks of an `accelerate launch` run
-    evaluation: Any = None  # trl_plus.evaluate.EvalReport: held-out pairs before/after (when data.eval is set)
+    evaluation: Any = None  # trl_plus.run.evaluate.EvalReport: held-out pairs before/after (when data.eval is set)
     plot: str | None = None  # the training-curves PNG
 
     def summary(self) -> str:
@@ -50,40 +56,16 @@ class TrainResult:
         return "\n".join(lines)
 
 
-def last_metrics(log_history: list[dict[str, Any]]) -> dict[str, float]:
-    """The most recent value of every training metric in a ``trainer_state.json`` log history."""
-    out: dict[str, float] = {}
-    for entry in log_history:
-        for key, value in entry.items():
-            if not key.startswith("eval_") and isinstance(value, (int, float)):
-                out[key] = value
-    return out
-
-
-def _load_split(recipe: Recipe, method, which: str):
-    from .data import check_columns, load_preferences
-
-    spec = getattr(recipe.data, which)
-    if spec is None:
-        return None
-    where = f"{recipe_source(recipe)}: data.{which}"
-    dataset = load_preferences(spec.path, spec.split, spec.limit, where=where, columns=spec.columns)
-    check_columns(dataset.column_names, method, f"{recipe_source(recipe)}: data.{which} ({spec.path})")
-    return dataset
-
-
 def build_trainer(recipe: Recipe, callbacks: list | None = None):
-    """Everything ``train`` does before ``trainer.train()``: data, models, config, the :class:`PlusTrainer`."""
+    """Everything ``train`` does before ``trainer.train()``: data, models, config, and the trainer of the method's
+    kind (``Method.trainer``; ``preference``: :class:`~trl_plus.PlusTrainer`)."""
     import torch
     from trl import DPOConfig
 
-    from .modeling import load_model, load_tokenizer, lora_config
-    from .recipe import ModelSpec
-    from .trainer import PlusTrainer, resolve_reference_mode
-
     method, training = check_recipe(recipe)
-    train_dataset = _load_split(recipe, method, "train")  # data problems surface before any model loads
-    eval_dataset = _load_split(recipe, method, "eval")
+    trainer_cls = trainer_class(method)
+    train_dataset = load_split(recipe, method, "train")  # data problems surface before any model loads
+    eval_dataset = load_split(recipe, method, "eval")
 
     training.setdefault("output_dir", f"runs/{method.name}")
     training.setdefault("report_to", "none")
@@ -116,7 +98,7 @@ def build_trainer(recipe: Recipe, callbacks: list | None = None):
     teacher_model = None
     if recipe.teacher is not None:
         teacher_model = load_model(recipe.teacher, trainable=False, key="teacher")
-    return PlusTrainer(
+    return trainer_cls(
         model,
         ref_model=ref_model,
         args=args,
@@ -189,15 +171,11 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None
         trainer.save_model(output_dir)
     evaluation, plot = None, None
     if held_out and not interrupted:
-        from .evaluate import recipe_beta, report_from_scores
-
         evaluation = report_from_scores(before, held_out(), recipe_beta(recipe), recipe.data.eval.path)
     if main_process:
-        trainer.state.save_to_json(str(Path(output_dir) / "trainer_state.json"))
+        trainer.state.save_to_json(str(Path(output_dir) / STATE_FILE))
         if evaluation is not None:
-            (Path(output_dir) / "eval_report.json").write_text(json.dumps(evaluation.to_dict(), indent=2))
-        from .report import plot_run
-
+            (Path(output_dir) / EVAL_REPORT).write_text(json.dumps(evaluation.to_dict(), indent=2))
         plot = str(plot_run(output_dir))
     return TrainResult(
         output_dir=output_dir,
@@ -216,10 +194,8 @@ def _held_out_scorer(recipe: Recipe, trainer):
     has no ``data.eval`` (or ``data.report: false``, or the eval data are not prompt/chosen/rejected pairs)."""
     if recipe.data.eval is None or not recipe.data.report:
         return None
-    from .evaluate import score_pairs
-
     spec = recipe.data.eval
-    dataset = _load_split(recipe, trainer.method, "eval")
+    dataset = load_split(recipe, trainer.method, "eval")
     if not {"chosen", "rejected"} <= set(dataset.column_names):
         return None
     model = trainer.accelerator.unwrap_model(trainer.model)
@@ -232,8 +208,3 @@ def _held_out_scorer(recipe: Recipe, trainer):
                            disable_progress=quiet)  # fmt: skip
 
     return score
-
-
-def read_state(output_dir: str | Path) -> dict[str, Any]:
-    """The ``trainer_state.json`` of a run directory."""
-    return json.loads((Path(output_dir) / "trainer_state.json").read_text())

@@ -24,17 +24,17 @@ from trl import DPOConfig, DPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import add_fused_lm_head, get_config_model_id, selective_log_softmax, use_adapter
 
-from .data import check_columns
-from .errors import TrlPlusError
-from .method import LossContext, Method
-from .registry import get_method
+from ..contract import LossContext, Method
+from ..data.collate import PairwiseCollator
+from ..data.load import check_columns
+from ..errors import TrlPlusError
+from ..registry import get_method
+from .frozen import REF_COLUMN, ReferenceColumnCollator, resolve_reference_mode
 
-REFERENCE_MODES = ("auto", "model", "adapter", "precomputed", "none")
 MODEL_INPUT_KEYS = (
     "input_ids", "attention_mask", "position_ids", "token_type_ids", "mm_token_type_ids",
     "pixel_values", "pixel_attention_mask", "image_grid_thw", "image_sizes",
 )  # fmt: skip
-REF_COLUMN = "ref_token_logps"
 
 
 def resolve_method(method: str | Method | type[Method], method_args: Mapping[str, Any] | None = None) -> Method:
@@ -45,53 +45,6 @@ def resolve_method(method: str | Method | type[Method], method_args: Mapping[str
         return method
     cls = get_method(method) if isinstance(method, str) else method
     return cls(dict(method_args or {}))
-
-
-def resolve_reference_mode(method: Method, mode: str, is_peft: bool, has_ref_model: bool) -> str:
-    """The concrete reference mode (``model``, ``adapter``, ``precomputed`` or ``none``) for a method and setup."""
-    if mode not in REFERENCE_MODES:
-        raise TrlPlusError(f"reference.mode: {mode!r} is not one of {', '.join(REFERENCE_MODES)}")
-    need = method.needs.reference
-    if need == "no":
-        if mode not in ("auto", "none"):
-            raise TrlPlusError(
-                f"reference.mode: method {method.name!r} is reference-free; set reference.mode to auto or none"
-            )
-        return "none"
-    if mode == "none":
-        if need == "yes":
-            raise TrlPlusError(f"reference.mode: method {method.name!r} needs a reference model; use auto")
-        return "none"
-    if mode == "auto":
-        return "model" if has_ref_model or not is_peft else "adapter"
-    if mode == "precomputed" and not method.needs.precomputable_reference:
-        raise TrlPlusError(
-            f"reference.mode: method {method.name!r} changes its sequences at every step, so reference log-probs "
-            "precomputed before training cannot match them; use auto, model or adapter"
-        )
-    if mode == "adapter" and not is_peft:
-        raise TrlPlusError("reference.mode: 'adapter' needs LoRA on the policy (model.lora); use 'model' instead")
-    return mode
-
-
-class _WithReferenceColumn:
-    """Wraps a method's collator: turns precomputed ``ref_token_logps`` lists back into a ``[K*B, T]`` tensor."""
-
-    def __init__(self, collator, num_sequences: int):
-        self.collator, self.num_sequences = collator, num_sequences
-
-    def __call__(self, examples):
-        if REF_COLUMN not in examples[0]:
-            return self.collator(examples)
-        ref = [example.pop(REF_COLUMN) for example in examples]
-        batch = self.collator(examples)
-        shift_mask = batch["completion_mask"][:, 1:].bool()
-        flat = [value for k in range(self.num_sequences) for seqs in ref for value in seqs[k]]
-        values = torch.tensor(flat, dtype=torch.float32)
-        if values.numel() != int(shift_mask.sum()):
-            raise RuntimeError("precomputed reference log-probs do not match the collated completion tokens")
-        batch[REF_COLUMN] = torch.zeros(shift_mask.shape).masked_scatter(shift_mask, values)
-        return batch
 
 
 class PlusTrainer(DPOTrainer):
@@ -122,6 +75,8 @@ class PlusTrainer(DPOTrainer):
         **kwargs,
     ):
         self.method = resolve_method(method, method_args)
+        if self.method.trainer != "preference":
+            raise TrlPlusError(f"method {self.method.name!r} runs on a {self.method.trainer!r} trainer, not on PlusTrainer")
         args = args or DPOConfig(output_dir=f"runs/{self.method.name}")
         if isinstance(model, str) and processing_class is None:
             processing_class = AutoTokenizer.from_pretrained(model)
@@ -145,7 +100,12 @@ class PlusTrainer(DPOTrainer):
         self.method.tokenizer = tokenizer  # for collators that need vocabulary facts (special ids, vocab size)
         if data_collator is None:
             data_collator = self.method.collator(tokenizer.pad_token_id, args.max_length, args.truncation_mode)
-        data_collator = _WithReferenceColumn(data_collator, self.method.sequences_per_example)
+        if data_collator is None:  # the core's default: TRL's pairwise collator plus the method's fields
+            data_collator = PairwiseCollator(
+                pad_token_id=tokenizer.pad_token_id, max_length=args.max_length, truncation_mode=args.truncation_mode,
+                extra_fields=self.method.needs.fields, optional_fields=self.method.needs.optional_fields,
+            )  # fmt: skip
+        data_collator = ReferenceColumnCollator(data_collator, self.method.sequences_per_example)
 
         # DPOTrainer loads a second full model as reference unless the policy is a PEFT model or the reference is
         # precomputed. A reference-free run must never cost one: it takes the "precomputed" path during

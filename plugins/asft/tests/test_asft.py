@@ -11,7 +11,7 @@ import yaml
 from pydantic import ValidationError
 from trl_plus_asft import ASFT, log_odds, log_one_minus_exp
 
-from trl_plus.methods.sft import SFT
+from trl_plus import SFT
 from trl_plus.testing import forbid_reference, make_context, run_recipe_on_cpu, train_tiny, training_logs
 
 ROOT = Path(__file__).resolve().parents[3]

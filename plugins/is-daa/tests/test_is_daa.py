@@ -12,7 +12,7 @@ import yaml
 from pydantic import ValidationError
 from trl_plus_is_daa import ISDAA, importance_weights
 
-from trl_plus.methods.dpo import DPO
+from trl_plus import DPO
 from trl_plus.testing import make_context, perturb, preference_rows, run_recipe_on_cpu, tiny_trainer, train_tiny
 
 ROOT = Path(__file__).resolve().parents[3]

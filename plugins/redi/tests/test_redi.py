@@ -11,8 +11,7 @@ import yaml
 from pydantic import ValidationError
 from trl_plus_redi import REDI
 
-from trl_plus import TrlPlusError
-from trl_plus.methods.sft import SFT
+from trl_plus import SFT, TrlPlusError
 from trl_plus.testing import forbid_reference, make_context, run_recipe_on_cpu, train_tiny, training_logs
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -125,7 +124,7 @@ def test_no_reference_and_a_few_steps_raise_the_margin(tmp_path, monkeypatch):
 def test_two_stage_recipes_run_on_cpu(tmp_path, monkeypatch):
     """Stage 1 (`sft` on the chosen traces), `trl-plus merge` as recipes/redi.yaml's header says, then stage 2 from
     the merged stage-1 model, which must differ from stage 2 started from the base model."""
-    from trl_plus.cli import main
+    from trl_plus.testing import cli
 
     monkeypatch.chdir(ROOT)
     sft_recipe = yaml.safe_load((ROOT / "recipes/redi-sft.yaml").read_text())
@@ -137,7 +136,7 @@ def test_two_stage_recipes_run_on_cpu(tmp_path, monkeypatch):
     stage1 = run_recipe_on_cpu("recipes/redi-sft.yaml", tmp_path / "sft", "data.train.columns.completion=chosen",
                                "training.learning_rate=0.05", "training.warmup_steps=0")  # fmt: skip
     assert stage1.global_step == 2 and (tmp_path / "sft/adapter_model.safetensors").exists()
-    assert main(["merge", str(tmp_path / "sft")]) == 0
+    assert cli("merge", str(tmp_path / "sft")) == 0
     merged = tmp_path / "sft-merged"
     with pytest.raises(TrlPlusError, match=r"holds a LoRA adapter, not a model; merge it into its base first"):
         run_recipe_on_cpu("recipes/redi.yaml", tmp_path / "unmerged", f"model.name_or_path={tmp_path / 'sft'}")

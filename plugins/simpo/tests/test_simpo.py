@@ -12,9 +12,16 @@ from pydantic import ValidationError
 from transformers import TrainerCallback
 from trl_plus_simpo import SimPO
 
-from trl_plus.testing import make_context, perturb, preference_rows, run_recipe_on_cpu, train_tiny
-from trl_plus.tiny import build_model, build_tokenizer
-from trl_plus.trainer import PlusTrainer
+from trl_plus import PlusTrainer
+from trl_plus.testing import (
+    build_model,
+    build_tokenizer,
+    make_context,
+    perturb,
+    preference_rows,
+    run_recipe_on_cpu,
+    train_tiny,
+)
 
 ROOT = Path(__file__).resolve().parents[3]
 

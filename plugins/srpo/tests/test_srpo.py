@@ -12,11 +12,8 @@ from pydantic import ValidationError
 from trl import DPOConfig
 from trl_plus_srpo import PR_GENERATION_TEMPLATE, PR_REVISION_TEMPLATE, SRPO, SRPOCollator
 
-from trl_plus.errors import TrlPlusError
-from trl_plus.methods.dpo import DPO
-from trl_plus.testing import make_context, perturb, preference_rows, run_recipe_on_cpu, train_tiny
-from trl_plus.tiny import build_tokenizer
-from trl_plus.trainer import PlusTrainer
+from trl_plus import DPO, PlusTrainer, TrlPlusError
+from trl_plus.testing import build_tokenizer, make_context, perturb, preference_rows, run_recipe_on_cpu, train_tiny
 
 ROOT = Path(__file__).resolve().parents[3]
 

@@ -21,11 +21,16 @@ from trl_plus_tars import (
     tokenizer_facts,
 )
 
-from trl_plus import TrlPlusError
-from trl_plus.methods.dpo import DPO
-from trl_plus.testing import make_context, perturb, preference_rows, run_recipe_on_cpu, tiny_trainer, train_tiny
-from trl_plus.tiny import build_tokenizer
-from trl_plus.trainer import resolve_reference_mode
+from trl_plus import DPO, TrlPlusError, resolve_reference_mode
+from trl_plus.testing import (
+    build_tokenizer,
+    make_context,
+    perturb,
+    preference_rows,
+    run_recipe_on_cpu,
+    tiny_trainer,
+    train_tiny,
+)
 
 ROOT = Path(__file__).resolve().parents[3]
 

@@ -13,10 +13,8 @@ from pydantic import ValidationError
 from trl import DPOConfig
 from trl_plus_three_d_properties import ThreeDProperties
 
-from trl_plus.methods.dpo import DPO
-from trl_plus.testing import make_context, perturb, preference_rows, run_recipe_on_cpu, train_tiny
-from trl_plus.tiny import build_tokenizer
-from trl_plus.trainer import PlusTrainer
+from trl_plus import DPO, PlusTrainer
+from trl_plus.testing import build_tokenizer, make_context, perturb, preference_rows, run_recipe_on_cpu, train_tiny
 
 ROOT = Path(__file__).resolve().parents[3]
 

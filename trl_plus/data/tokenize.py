@@ -1,0 +1,28 @@
+"""Tokenization helpers for methods with their own data shapes (TRL's DPO tokenization, generalised)."""
+
+from __future__ import annotations
+
+
+def tokenize_completions(tokenizer, prompt, completions: dict) -> dict:
+    """Tokenize one prompt and several completions exactly as TRL's ``DPOTrainer`` tokenizes a pair.
+
+    ``completions`` maps output names to completions (text, or message lists for conversational data). Returns
+    ``{"prompt_ids": [...], name: [...] for each completion}`` where each completion's ids start where the tokenized
+    prompt and prompt+completion first differ (chat templates may render the prompt alone differently), and plain
+    text completions get the EOS token appended (conversational ones end with the template's own end of turn).
+    """
+    from trl.data_utils import _tokenize, common_prefix_length
+
+    conversational = isinstance(prompt, list)
+    if conversational:
+        prompt_ids = _tokenize(tokenizer, prompt, add_generation_prompt=True)["input_ids"]
+        full = {name: _tokenize(tokenizer, prompt + c)["input_ids"] for name, c in completions.items()}
+    else:
+        eos = tokenizer.eos_token or ""
+        prompt_ids = _tokenize(tokenizer, prompt)["input_ids"]
+        full = {
+            name: _tokenize(tokenizer, prompt + (c if c.endswith(eos) else c + eos))["input_ids"]
+            for name, c in completions.items()
+        }
+    prompt_len = min([len(prompt_ids)] + [common_prefix_length(prompt_ids, ids) for ids in full.values()])
+    return {"prompt_ids": prompt_ids[:prompt_len], **{name: ids[prompt_len:] for name, ids in full.items()}}
