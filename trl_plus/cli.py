@@ -99,12 +99,19 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     """``trl-plus validate RECIPE``: everything ``train`` checks before loading a model, data columns included."""
     from .config import load_recipe
-    from .run.validate import check_recipe, load_split
+    from .run.validate import check_lengths, check_recipe, load_split
 
     recipe = load_recipe(args.recipe, args.set)
     method, training = check_recipe(recipe)
-    load_split(recipe, method, "train")
-    load_split(recipe, method, "eval")
+    datasets = {split: load_split(recipe, method, split) for split in ("train", "eval")}
+    try:
+        warnings = check_lengths(recipe, method, training, datasets)
+    except TrlPlusError as exc:
+        if "cannot load a tokenizer" not in str(exc):
+            raise
+        warnings = [f"{args.recipe}: token lengths not checked: {exc}"]
+    for line in warnings:
+        print(f"warning: {line}")
     print(f"{args.recipe}: ok (method {method.name}, {len(training)} training keys)")
     return 0
 

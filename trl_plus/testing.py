@@ -135,11 +135,12 @@ def tiny_trainer(
     max_steps: int = 8,
     learning_rate: float = 5e-3,
     reference_mode: str = "auto",
+    training: dict[str, Any] | None = None,
     **trainer_kwargs: Any,
 ):
     """A :class:`~trl_plus.PlusTrainer` for ``method`` on the tiny offline model (seeded: every call builds
     the same weights) and ``rows`` (default: 32 synthetic pairs), not yet trained: for "the same batch through two
-    methods" tests."""
+    methods" tests. ``training`` overrides ``trl.DPOConfig`` fields (e.g. ``{"max_length": 64}``)."""
     from datasets import Dataset
     from trl import DPOConfig
 
@@ -149,7 +150,7 @@ def tiny_trainer(
     args = DPOConfig(
         output_dir=str(output_dir), max_steps=max_steps, learning_rate=learning_rate, per_device_train_batch_size=8,
         logging_steps=1, report_to="none", save_strategy="no", bf16=False, gradient_checkpointing=False,
-        disable_tqdm=True, seed=0, dataloader_pin_memory=False,
+        disable_tqdm=True, seed=0, dataloader_pin_memory=False, **(training or {}),
     )  # fmt: skip
     dataset = Dataset.from_list(list(rows or preference_rows(32)))
     return PlusTrainer(

@@ -51,7 +51,7 @@ def DOVECollator(pad_token_id: int, max_length: int | None, truncation_mode: str
             out.append((ids, [0] + [1] * (len(ids) - 1)) if joint else (ids, mask))
         return out
 
-    return SequencesCollator(sequences, pad_token_id, max_length, truncation_mode)
+    return SequencesCollator(sequences, pad_token_id, max_length, truncation_mode, side_names=SIDES)
 
 
 class DOVE(DPO):

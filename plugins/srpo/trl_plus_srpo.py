@@ -85,7 +85,8 @@ def SRPOCollator(pad_token_id: int, max_length: int | None, truncation_mode: str
         prompts, completions = example["srpo_prompt_ids"], example["srpo_completion_ids"]
         return [prompt_completion(prompts[PROMPTS.index(p)], completions[k]) for k, (p, _) in enumerate(SEQUENCES)]
 
-    return SequencesCollator(sequences, pad_token_id, max_length, truncation_mode)
+    names = tuple(f"{completion} ({prompt})" for prompt, completion in SEQUENCES)
+    return SequencesCollator(sequences, pad_token_id, max_length, truncation_mode, side_names=names)
 
 
 def srpo_losses(ratios, beta: float, alpha: float):

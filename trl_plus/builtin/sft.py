@@ -48,7 +48,7 @@ class SFT(Method):
         def sequences(example):
             return [prompt_completion(example["prompt_ids"], example["completion_ids"])]
 
-        return SequencesCollator(sequences, pad_token_id, max_length, truncation_mode)
+        return SequencesCollator(sequences, pad_token_id, max_length, truncation_mode, side_names=("completion",))
 
     def loss(self, ctx: LossContext) -> LossOutput:
         """Token-mean NLL over all completion tokens of the batch; logs ``sft/nll`` (the same value)."""

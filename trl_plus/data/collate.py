@@ -6,10 +6,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+if TYPE_CHECKING:
+    from ..contract import Method
+
+#: Batch key: how many of the batch's sequences ``max_length`` cut (the trainer logs the fraction as ``truncated``).
+TRUNCATED = "num_truncated"
 
 
 @dataclass
@@ -21,9 +27,18 @@ class PairwiseCollator(DataCollatorForPreference):
 
     extra_fields: tuple[str, ...] = ()
     optional_fields: tuple[str, ...] = ()
+    side_names: ClassVar[tuple[str, ...]] = ("chosen", "rejected")
+
+    def sequences(self, example: dict[str, Any]) -> list[tuple[list[int], list[int]]]:
+        """The example's two sequences before truncation, as ``(ids, score mask)``: prompt + chosen, prompt +
+        rejected (for the truncation report)."""
+        return [prompt_completion(example["prompt_ids"], example[f"{side}_ids"]) for side in self.side_names]
 
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         batch = super().torch_call(examples)
+        if self.max_length is not None:
+            lengths = [len(e["prompt_ids"]) + len(e[f"{side}_ids"]) for side in self.side_names for e in examples]
+            batch[TRUNCATED] = torch.tensor(sum(n > self.max_length for n in lengths))
         for name in self.extra_fields:
             batch[name] = torch.tensor([example[name] for example in examples])
         for name in self.optional_fields:
@@ -46,7 +61,7 @@ class SequencesCollator:
     ``(token ids, score mask)`` pairs (see :func:`prompt_completion`); the batch is ``[K*B, L]``, sequence-major
     (``[seq0_ex1..seq0_exB, seq1_ex1..]``), right-padded, each sequence cut to ``max_length`` from the end
     (``keep_start``) or the start (``keep_end``) like TRL's preference collator, with ``completion_mask`` = the
-    score mask."""
+    score mask. ``side_names`` names the ``K`` sequences in the truncation report (default ``sequence k``)."""
 
     def __init__(
         self,
@@ -54,10 +69,12 @@ class SequencesCollator:
         pad_token_id: int,
         max_length: int | None,
         truncation_mode: str = "keep_start",
+        side_names: tuple[str, ...] = (),
     ):
         if truncation_mode not in ("keep_start", "keep_end"):
             raise ValueError(f"truncation_mode must be 'keep_start' or 'keep_end', not {truncation_mode!r}")
-        self.sequences, self.pad_token_id = sequences, pad_token_id
+        self.sequences, self.pad_token_id, self.side_names = sequences, pad_token_id, side_names
+        self.max_length = max_length
         if max_length is None:
             self.window = slice(None)
         else:
@@ -73,8 +90,24 @@ class SequencesCollator:
                 tokens, mask = sequences[k]
                 ids.append(torch.tensor(tokens[self.window]))
                 scored.append(torch.tensor(mask[self.window]))
-        return {
+        batch = {
             "input_ids": pad(ids, padding_value=self.pad_token_id, padding_side="right"),
             "attention_mask": pad([torch.ones_like(i) for i in ids], padding_value=0, padding_side="right"),
             "completion_mask": pad(scored, padding_value=0, padding_side="right"),
         }
+        if self.max_length is not None:
+            full = [len(sequences[k][0]) for k in range(len(per_example[0])) for sequences in per_example]
+            batch[TRUNCATED] = torch.tensor(sum(n > self.max_length for n in full))
+        return batch
+
+
+def method_collator(method: Method, pad_token_id: int, max_length: int | None, truncation_mode: str) -> Callable:
+    """The collator a method trains with: its own (:meth:`Method.collator`), or the core's default when that returns
+    ``None``: :class:`PairwiseCollator` with the method's ``needs.fields`` and ``needs.optional_fields``."""
+    collator = method.collator(pad_token_id, max_length, truncation_mode)
+    if collator is None:
+        collator = PairwiseCollator(
+            pad_token_id=pad_token_id, max_length=max_length, truncation_mode=truncation_mode,
+            extra_fields=method.needs.fields, optional_fields=method.needs.optional_fields,
+        )  # fmt: skip
+    return collator

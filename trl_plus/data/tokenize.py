@@ -26,3 +26,14 @@ def tokenize_completions(tokenizer, prompt, completions: dict) -> dict:
         }
     prompt_len = min([len(prompt_ids)] + [common_prefix_length(prompt_ids, ids) for ids in full.values()])
     return {"prompt_ids": prompt_ids[:prompt_len], **{name: ids[prompt_len:] for name, ids in full.items()}}
+
+
+def tokenize_pair(example: dict, tokenizer) -> dict:
+    """``prompt_ids``, ``chosen_ids``, ``rejected_ids`` of one preference row, as TRL's ``DPOTrainer`` tokenizes it
+    (a row without ``prompt`` gets the shared prefix of ``chosen`` and ``rejected`` as its prompt)."""
+    if "prompt" not in example:
+        from trl.data_utils import extract_prompt
+
+        example = {**example, **extract_prompt(example)}
+    return tokenize_completions(tokenizer, example["prompt"], {"chosen_ids": example["chosen"],
+                                                               "rejected_ids": example["rejected"]})  # fmt: skip

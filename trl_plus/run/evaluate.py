@@ -23,7 +23,7 @@ from typing import Any
 from ..config import load_recipe
 from ..data.collate import PairwiseCollator
 from ..data.load import load_preferences
-from ..data.tokenize import tokenize_completions
+from ..data.tokenize import tokenize_pair
 from ..errors import TrlPlusError
 from ..models.load import load_model, load_tokenizer
 from ..registry import get_registry
@@ -39,23 +39,12 @@ class PairScores:
 
 
 def _tokenized_pairs(dataset, tokenizer) -> list[dict]:
-    from trl.data_utils import extract_prompt
-
     missing = [c for c in ("chosen", "rejected") if c not in dataset.column_names]
     if missing:
         raise TrlPlusError(
             f"held-out evaluation needs pairs with columns prompt, chosen, rejected; the data lacks {', '.join(missing)}"
         )
-    rows = []
-    for example in dataset:
-        if "prompt" not in example:
-            example = {**example, **extract_prompt(example)}
-        rows.append(
-            tokenize_completions(
-                tokenizer, example["prompt"], {"chosen_ids": example["chosen"], "rejected_ids": example["rejected"]}
-            )
-        )
-    return rows
+    return [tokenize_pair(example, tokenizer) for example in dataset]
 
 
 def score_pairs(

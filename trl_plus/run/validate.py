@@ -11,8 +11,12 @@ from typing import Any
 from pydantic import TypeAdapter, ValidationError
 
 from ..config import Recipe, explain, recipe_source
+from ..data.collate import method_collator
+from ..data.lengths import dropped_message, fully_truncated, truncation_report
 from ..data.load import check_columns, load_preferences, looks_local
+from ..data.tokenize import tokenize_pair
 from ..errors import TrlPlusError, did_you_mean
+from ..models.load import load_tokenizer
 from ..registry import get_registry
 from ..trainers import check_trainer_kind
 from ..trainers.frozen import resolve_reference_mode
@@ -126,3 +130,52 @@ def load_split(recipe: Recipe, method, which: str):
     dataset = load_preferences(spec.path, spec.split, spec.limit, where=where, columns=spec.columns)
     check_columns(dataset.column_names, method, f"{recipe_source(recipe)}: data.{which} ({spec.path})")
     return dataset
+
+
+def training_value(training: dict[str, Any], key: str) -> Any:
+    """A ``training`` value as the run will see it: the recipe's, else ``trl.DPOConfig``'s default."""
+    import dataclasses
+
+    from trl import DPOConfig
+
+    if key in training:
+        return training[key]
+    return next(f.default for f in dataclasses.fields(DPOConfig) if f.name == key)
+
+
+def check_lengths(recipe: Recipe, method, training: dict[str, Any], datasets: dict[str, Any]) -> list[str]:
+    """What ``training.max_length`` does to the recipe's data, measured with the model's tokenizer only: one line per
+    split that truncation cuts (per side: sequences, prompt and completion tokens lost) or that loses examples to
+    TRL's fully-truncated filter; an error when a split would lose every example. ``datasets``: split -> dataset."""
+    max_length, mode = training_value(training, "max_length"), training_value(training, "truncation_mode")
+    if max_length is None:
+        return []
+    model = recipe.model
+    tokenizer = load_tokenizer(model.name_or_path, model.revision, model.trust_remote_code, model.gguf_file)
+    method.tokenizer = tokenizer
+    collator = method_collator(method, tokenizer.pad_token_id, max_length, mode)
+    if method.tokenize is None:
+        def tokenize(example):
+            return tokenize_pair(example, tokenizer)
+    else:
+        def tokenize(example):
+            return method.tokenize(example, tokenizer=tokenizer)
+    source, lines = recipe_source(recipe), []
+    for split, dataset in datasets.items():
+        if dataset is None:
+            continue
+        where = f"{source}: data.{split} ({getattr(recipe.data, split).path})"
+        rows = dataset.map(tokenize, desc=f"Measuring token lengths of data.{split}",
+                           remove_columns=dataset.column_names)  # fmt: skip
+        rows = rows.select_columns([c for c in method.tokenized_columns if c in rows.column_names])
+        if method.tokenize is None:
+            dropped = fully_truncated(map(len, rows["prompt_ids"]), max_length, mode)
+            if dropped == len(rows):
+                raise TrlPlusError(dropped_message(dropped, len(rows), max_length, where))
+            if dropped:
+                lines.append(dropped_message(dropped, len(rows), max_length, where))
+                rows = rows.filter(lambda row: len(row["prompt_ids"]) < max_length)
+        report = truncation_report(collator, iter(rows), max_length, mode)
+        if report is not None and report.any:
+            lines.append(report.summary(where))
+    return lines

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -25,11 +26,14 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import add_fused_lm_head, get_config_model_id, selective_log_softmax, use_adapter
 
 from ..contract import LossContext, Method
-from ..data.collate import PairwiseCollator
+from ..data.collate import TRUNCATED, method_collator
+from ..data.lengths import dropped_message, rows_of, truncation_report
 from ..data.load import check_columns
 from ..errors import TrlPlusError
 from ..registry import get_method
 from .frozen import REF_COLUMN, ReferenceColumnCollator, resolve_reference_mode
+
+logger = logging.getLogger(__name__)
 
 MODEL_INPUT_KEYS = (
     "input_ids", "attention_mask", "position_ids", "token_type_ids", "mm_token_type_ids",
@@ -76,7 +80,9 @@ class PlusTrainer(DPOTrainer):
     ):
         self.method = resolve_method(method, method_args)
         if self.method.trainer != "preference":
-            raise TrlPlusError(f"method {self.method.name!r} runs on a {self.method.trainer!r} trainer, not on PlusTrainer")
+            raise TrlPlusError(
+                f"method {self.method.name!r} runs on a {self.method.trainer!r} trainer, not on PlusTrainer"
+            )
         args = args or DPOConfig(output_dir=f"runs/{self.method.name}")
         if isinstance(model, str) and processing_class is None:
             processing_class = AutoTokenizer.from_pretrained(model)
@@ -99,12 +105,8 @@ class PlusTrainer(DPOTrainer):
 
         self.method.tokenizer = tokenizer  # for collators that need vocabulary facts (special ids, vocab size)
         if data_collator is None:
-            data_collator = self.method.collator(tokenizer.pad_token_id, args.max_length, args.truncation_mode)
-        if data_collator is None:  # the core's default: TRL's pairwise collator plus the method's fields
-            data_collator = PairwiseCollator(
-                pad_token_id=tokenizer.pad_token_id, max_length=args.max_length, truncation_mode=args.truncation_mode,
-                extra_fields=self.method.needs.fields, optional_fields=self.method.needs.optional_fields,
-            )  # fmt: skip
+            data_collator = method_collator(self.method, tokenizer.pad_token_id, args.max_length, args.truncation_mode)
+        self.method_collator = data_collator
         data_collator = ReferenceColumnCollator(data_collator, self.method.sequences_per_example)
 
         # DPOTrainer loads a second full model as reference unless the policy is a PEFT model or the reference is
@@ -127,16 +129,38 @@ class PlusTrainer(DPOTrainer):
         if teacher_model is not None:
             add_fused_lm_head(teacher_model)
             self.teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
+        self._report_truncation()
 
     # -- data -----------------------------------------------------------------------------------------------
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         if set(self.method.tokenized_columns) <= set(dataset.column_names):
             return dataset  # already tokenized
         check_columns(dataset.column_names, self.method, f"{dataset_name} dataset")
-        if self.method.tokenize is None:
-            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        if self.method.tokenize is None:  # TRL's tokenization, which drops examples whose prompt fills max_length
+            prepared = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+            if isinstance(dataset, Dataset) and len(prepared) < len(dataset):
+                message = dropped_message(len(dataset) - len(prepared), len(dataset), args.max_length,
+                                          f"{dataset_name} dataset")  # fmt: skip
+                if len(prepared) == 0:
+                    raise TrlPlusError(message)
+                logger.warning(message)
+            return prepared
         map_kwargs = {"desc": f"Tokenizing {dataset_name} dataset"} if isinstance(dataset, Dataset) else {}
         return dataset.map(self.method.tokenize, fn_kwargs={"tokenizer": self._tokenizer}, **map_kwargs)
+
+    def _report_truncation(self) -> None:
+        """Say once, per dataset, what ``max_length`` cuts from its sequences (counts per side, prompt and completion
+        tokens lost); each step then logs the fraction of its sequences that were cut as ``truncated``."""
+        if not self.accelerator.is_main_process:
+            return
+        eval_sets = self.eval_dataset if isinstance(self.eval_dataset, dict) else {"eval": self.eval_dataset}
+        for name, dataset in {"train": self.train_dataset, **eval_sets}.items():
+            if not isinstance(dataset, Dataset):
+                continue
+            rows = rows_of(dataset, self.method.tokenized_columns)
+            report = truncation_report(self.method_collator, rows, self.args.max_length, self.args.truncation_mode)
+            if report is not None and report.any:
+                logger.warning(report.summary(f"{name} dataset"))
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
@@ -292,6 +316,10 @@ class PlusTrainer(DPOTrainer):
         if getattr(outputs, "is_top1", None) is not None:
             top1 = outputs.is_top1[:, -mask.size(-1) :].view_as(mask)[0]
             metrics["mean_token_accuracy"].append(self._gathered_ratio(top1 & mask[0].bool(), mask[0]))
+        if TRUNCATED in inputs:  # the fraction of this step's sequences that max_length cut
+            truncated = inputs[TRUNCATED].reshape(1).float()
+            sequences = truncated.new_tensor([inputs["input_ids"].size(0)])
+            metrics["truncated"].append(self._gathered_ratio(truncated, sequences))
         if mode == "train":
             tokens = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
             self._total_train_tokens += tokens // self._tp_size
