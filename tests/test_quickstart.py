@@ -128,3 +128,37 @@ def test_eval_of_a_lora_run_loads_the_adapter_on_its_base(tmp_path):
     for state in ("before", "after"):
         for key, value in getattr(trained.evaluation, state).items():
             assert getattr(again, state)[key] == pytest.approx(value, abs=1e-4), (state, key)
+
+
+def test_a_folder_holding_another_run_is_never_trained_resumed_or_evaluated_into(quickstart, tmp_path, capsys):
+    """The tiny quickstart's folder holds `dpo on tiny-llama`: an sft run, or a run of dpo on another model, must be
+    refused (training over it, resuming from it, evaluating it as theirs), with one line saying whose it is."""
+    from trl_plus.cli import main
+
+    theirs = quickstart.output_dir
+    sft = ["method=sft", "method_args={}", "data.train.columns.completion=chosen", "data.eval=null", f"training.output_dir={theirs}"]
+    other_model = ["model.name_or_path=smollm2-135m-instruct", f"training.output_dir={theirs}"]
+    for overrides in (sft, other_model, [*sft, "training.resume_from_checkpoint=true"]):
+        args = ["train", "recipes/quickstart-tiny.yaml"] + [a for o in overrides for a in ("--set", o)]
+        assert main(args) == 2
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert error.startswith("error: recipes/quickstart-tiny.yaml: training.output_dir: ")
+        assert f"{theirs} holds a run of dpo on tiny-llama (see {theirs}/trl_plus_recipe.yaml), not of this " in error
+    assert main(["eval", "recipes/quickstart-tiny.yaml", "--set", "method=sft", "--set", "method_args={}", "--set",
+                 "data.train.columns.completion=chosen", "--set", f"training.output_dir={theirs}"]) == 2  # fmt: skip
+    assert "holds a run of dpo on tiny-llama" in capsys.readouterr().err
+    # the same method on the same model may go on there (resume after Ctrl-C, or a rerun)
+    assert trl_plus.run.validate.check_recipe(
+        trl_plus.load_recipe("recipes/quickstart-tiny.yaml", [f"training.output_dir={theirs}"])
+    )
+
+
+def test_every_shipped_recipe_writes_to_its_own_folder():
+    import yaml
+
+    folders = {}
+    for recipe in sorted(Path("recipes").glob("*.yaml")):
+        folder = (yaml.safe_load(recipe.read_text()).get("training") or {}).get("output_dir")
+        assert folder, f"{recipe} sets no training.output_dir"
+        assert folder not in folders, f"{recipe} and {folders.get(folder)} both write {folder}"
+        folders[folder] = recipe

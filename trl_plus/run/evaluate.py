@@ -27,7 +27,7 @@ from ..data.tokenize import tokenize_pair
 from ..errors import TrlPlusError
 from ..models.load import load_model, load_tokenizer
 from ..registry import get_registry
-from .rundir import RESOLVED_RECIPE, trained_model_path
+from .rundir import RESOLVED_RECIPE, check_run_owner, trained_model_path
 
 
 @dataclass
@@ -214,6 +214,8 @@ def evaluate(
         raise TrlPlusError(f"{target}: not a recipe file nor a run directory with {RESOLVED_RECIPE}")
     recipe = load_recipe(recipe_file, overrides)
     run_dir = target if target.is_dir() else Path(recipe.training.get("output_dir", ""))
+    if not target.is_dir():
+        check_run_owner(run_dir, recipe.method, recipe.model)
     spec = recipe.data.eval
     path = data or (spec.path if spec else None)
     if path is None:

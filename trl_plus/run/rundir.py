@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..errors import TrlPlusError
+
 #: The recipe as it ran, every method default written out (``trl-plus eval``/``merge`` read it).
 RESOLVED_RECIPE = "trl_plus_recipe.yaml"
 #: transformers' trainer state, with the log history.
@@ -37,3 +39,31 @@ def trained_model_path(run_dir: Path | None) -> Path | None:
         if (run_dir / name).exists():
             return run_dir
     return None
+
+
+def run_identity(method: str, model: Any) -> str:
+    """Whose a run is, in words: ``"dpo on tiny-llama"`` (the model's GGUF file named when it has one)."""
+    name = model.get("name_or_path") if isinstance(model, dict) else model.name_or_path
+    gguf = model.get("gguf_file") if isinstance(model, dict) else model.gguf_file
+    return f"{method} on {name}" + (f" ({gguf})" if gguf else "")
+
+
+def check_run_owner(run_dir: str | Path, method: str, model: Any, key: str = "training.output_dir") -> None:
+    """Refuse a run directory that holds another method's or another model's run (its ``trl_plus_recipe.yaml``
+    says whose it is): training, resuming or evaluating there would mix two runs' checkpoints and files."""
+    recorded = Path(run_dir) / RESOLVED_RECIPE
+    if not recorded.is_file():
+        return
+    import yaml
+
+    try:
+        data = yaml.safe_load(recorded.read_text()) or {}
+        theirs = run_identity(data["method"], data["model"])
+    except Exception:  # not ours to judge: an unreadable file is reported by whoever reads it next
+        return
+    ours = run_identity(method, model)
+    if theirs != ours:
+        raise TrlPlusError(
+            f"{key}: {run_dir} holds a run of {theirs} (see {recorded}), not of this recipe's {ours}; "
+            "choose another training.output_dir, or delete that folder if you no longer need it"
+        )

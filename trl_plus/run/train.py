@@ -19,7 +19,7 @@ from ..trainers.frozen import resolve_reference_mode
 from .evaluate import recipe_beta, report_from_scores, score_pairs
 from .report import plot_run
 from .rundir import EVAL_REPORT, RESOLVED_RECIPE, STATE_FILE, last_metrics
-from .validate import check_recipe, load_split
+from .validate import check_recipe, default_output_dir, load_split, resume_target
 
 
 @dataclass
@@ -67,7 +67,7 @@ def build_trainer(recipe: Recipe, callbacks: list | None = None):
     train_dataset = load_split(recipe, method, "train")  # data problems surface before any model loads
     eval_dataset = load_split(recipe, method, "eval")
 
-    training.setdefault("output_dir", f"runs/{method.name}")
+    training.setdefault("output_dir", default_output_dir(method))
     training.setdefault("report_to", "none")
     if recipe.model.gradient_checkpointing is not None:
         training["gradient_checkpointing"] = recipe.model.gradient_checkpointing
@@ -113,21 +113,6 @@ def build_trainer(recipe: Recipe, callbacks: list | None = None):
     )
 
 
-def _resume_target(value: Any, output_dir: str) -> str | bool | None:
-    if value in (None, False):
-        return None
-    if value is True:
-        from transformers.trainer_utils import get_last_checkpoint
-
-        last = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
-        if last is None:
-            raise TrlPlusError(f"training.resume_from_checkpoint: no checkpoint-* folder in {output_dir}")
-        return last
-    if not Path(str(value)).is_dir():
-        raise TrlPlusError(f"training.resume_from_checkpoint: no such checkpoint folder: {value}")
-    return str(value)
-
-
 def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None) -> TrainResult:
     """Train as a recipe says. ``recipe`` is a YAML path, a dict or a :class:`Recipe`; ``overrides`` are
     ``key.path=value`` strings (the CLI's ``--set``).
@@ -140,13 +125,14 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None
         recipe = load_recipe(recipe, overrides)
     elif overrides:
         raise ValueError("overrides apply to a recipe file or dict, not to a Recipe object")
+    check_recipe(recipe)  # the resume target and the output folder's owner too, before any model loads
     resume = recipe.training.get("resume_from_checkpoint")
     recipe_for_trainer = recipe.model_copy(deep=True)
     recipe_for_trainer.training.pop("resume_from_checkpoint", None)
     recipe_for_trainer._source = recipe_source(recipe)
     trainer = build_trainer(recipe_for_trainer)
     output_dir = trainer.args.output_dir
-    resume = _resume_target(resume, output_dir)
+    resume = resume_target(resume, output_dir)
 
     main_process = trainer.accelerator.is_main_process
     if main_process:

@@ -19,6 +19,7 @@ from ..errors import TrlPlusError, did_you_mean
 from ..models.load import load_tokenizer
 from ..registry import get_registry
 from ..trainers import check_trainer_kind
+from .rundir import check_run_owner
 from ..trainers.frozen import resolve_reference_mode
 
 # DPOConfig fields that the method, the reference block or the model block own.
@@ -94,7 +95,12 @@ def check_recipe(recipe: Recipe):
         check_trainer_kind(method)
     except TrlPlusError as exc:
         raise TrlPlusError(f"{source}: method: {exc}") from None
-    training = validate_training(recipe.training, source)
+    training = {k: v for k, v in recipe.training.items() if k != "resume_from_checkpoint"}
+    training = validate_training(training, source)
+    resume = recipe.training.get("resume_from_checkpoint")  # true (the latest checkpoint) or a folder
+    if not isinstance(resume, (bool, str, type(None))):
+        raise TrlPlusError(f"{source}: training.resume_from_checkpoint: expected true or a checkpoint folder, "
+                           f"got {resume!r}")  # fmt: skip
 
     model_paths = [("model.name_or_path", recipe.model.name_or_path)]
     if recipe.reference.name_or_path:
@@ -112,12 +118,42 @@ def check_recipe(recipe: Recipe):
             raise TrlPlusError(f"{source}: {key}.path: no such file: {spec.path}")
     if method.needs.teacher and recipe.teacher is None:
         raise TrlPlusError(f"{source}: teacher: method {method.name!r} needs a teacher model (teacher.name_or_path)")
+    output_dir = training.get("output_dir", default_output_dir(method))
+    try:
+        check_run_owner(output_dir, method.name, recipe.model)
+        resume = resume_target(resume, output_dir)
+        if resume is not None:  # a checkpoint folder inside another run's directory
+            check_run_owner(Path(resume).parent, method.name, recipe.model, key="training.resume_from_checkpoint")
+    except TrlPlusError as exc:
+        raise TrlPlusError(f"{source}: {exc}") from None
     try:  # the one copy of the reference-mode rules (the trainer applies the same function)
         resolve_reference_mode(method, recipe.reference.mode, is_peft=recipe.model.lora is not None,
                                has_ref_model=False)  # fmt: skip
     except TrlPlusError as exc:
         raise TrlPlusError(f"{source}: {exc}") from None
     return method, training
+
+
+def default_output_dir(method) -> str:
+    """Where a run goes when the recipe does not say: ``runs/<method>``."""
+    return f"runs/{method.name}"
+
+
+def resume_target(value: Any, output_dir: str) -> str | None:
+    """The checkpoint folder ``training.resume_from_checkpoint`` names (``true``: the latest in ``output_dir``), or
+    ``None``; an error when there is none."""
+    if value in (None, False):
+        return None
+    if value is True:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        last = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+        if last is None:
+            raise TrlPlusError(f"training.resume_from_checkpoint: no checkpoint-* folder in {output_dir}")
+        return last
+    if not Path(str(value)).is_dir():
+        raise TrlPlusError(f"training.resume_from_checkpoint: no such checkpoint folder: {value}")
+    return str(value)
 
 
 def load_split(recipe: Recipe, method, which: str):
