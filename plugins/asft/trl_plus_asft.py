@@ -24,7 +24,10 @@ class ASFTConfig(MethodConfig):
     """ASFT hyperparameters (the ASFT paper's own values were not available; see the README)."""
 
     align_weight: float = Field(
-        0.1, ge=0, description="λ, weight of the alignment term (ORPO-like 0.1; arXiv 2502.01237 grid 0.1–1.0, best 1.0)"
+        1.0,
+        ge=0,
+        description="λ, weight of the alignment term (arXiv 2502.01237 §5.1: best 1.0 in its grid 0.1, 0.2, 0.5, 1.0; "
+        "turbo-alignment's ASFTLoss: lambda_=1.0)",
     )
     beta: float = Field(1.0, gt=0, description="β, temperature on the log-odds (1 = ASFT; <1 = tempered, arXiv 2502.01237)")
     include_sft_term: bool = Field(

@@ -70,7 +70,7 @@ class ISDAA(DPO):
     name = "is-daa"
     paper = Paper(
         "Mitigating Reward Over-optimization in Direct Alignment Algorithms with Importance Sampling",
-        "2502.03029",
+        "2506.08681",
         code="mail-research/AIS-Sampling4DAAs",
     )
     summary = "DPO/IPO weighted per pair by a clipped, stop-gradient importance ratio πθ/π_data (both responses)"

@@ -30,9 +30,10 @@ SEQUENCES = (("generate", "chosen"), ("generate", "rejected"), ("revise_rejected
              ("revise_rejected", "rejected"), ("revise_chosen", "chosen"), ("revise_chosen", "rejected"))  # fmt: skip
 PROMPTS = ("generate", "revise_rejected", "revise_chosen")
 
-# The PR's TL;DR example script (examples/scripts/srpo/srpo_tldr.py) sets prefix_zero_prompt, prefix_n_prompt and
-# post_revision_prompt; its trainer builds  prefix + "\n" + x + post  and  prefix_n + "\n" + x + "EXAMPLE SUMMARY: "
-# + y′ + "\n\n" + post.  The same strings as templates:
+# The PR's TL;DR example script (examples/scripts/srpo/srpo_tldr.py) at commit 2dac9d5 (2024-07-08) sets
+# prefix_zero_prompt, prefix_n_prompt and post_revision_prompt; its trainer builds  prefix + "\n" + x + post  and
+# prefix_n + "\n" + x + "EXAMPLE SUMMARY: " + y′ + "\n\n" + post.  The same strings as templates (later commits of
+# the PR render the prompts with a chat template of slightly different wording instead):
 PR_GENERATION_TEMPLATE = (
     "Below is a reddit POST and the corresponding SUBREDDIT and TITLE.\n"
     "Write a both precise and concise summary of the contents of the POST.\n{prompt}TL;DR:"

@@ -144,7 +144,23 @@ def test_config_validation():
         ASFT(beta=0.0)
     with pytest.raises(ValidationError):
         ASFT(lambda_=0.1)  # a typo is an error, not a silently ignored key
-    assert ASFT().config.align_weight == 0.1 and ASFT().config.beta == 1.0
+    assert ASFT().config.beta == 1.0
+
+
+
+def test_default_lambda_is_one_as_its_sources():
+    """λ = 1.0: arXiv 2502.01237 §5.1 found it best in its grid {0.1, 0.2, 0.5, 1.0} for one-stage ASFT, and
+    turbo-llm/turbo-alignment's ASFTLoss defaults to lambda_=1.0 (beta=1.0). The default is stated with its source."""
+    field = ASFT.Config.model_fields["align_weight"]
+    assert field.default == 1.0 and ASFT().config.align_weight == 1.0
+    assert "2502.01237" in field.description and "lambda_=1.0" in field.description
+    ctx = make_context(CARD)
+    assert ASFT().loss(ctx).loss.item() == ASFT(align_weight=1.0).loss(ctx).loss.item()
+    # λ = 1 in the closed form: −2 log p_w − log(1 − p_l), mean over the card's two pairs
+    by_hand = [(2 * -w - math.log(1 - math.exp(l))) for w, l in MEAN_LOGPS]
+    assert ASFT().loss(ctx).loss.item() == pytest.approx(sum(by_hand) / 2, rel=1e-12)
+    recipe = yaml.safe_load((ROOT / "recipes/asft.yaml").read_text())
+    assert recipe["method_args"]["align_weight"] == 1.0
 
 
 def test_no_reference_and_a_few_steps_raise_the_margin(tmp_path, monkeypatch):

@@ -45,6 +45,17 @@ def test_card_worked_example():
     assert is_ipo.metrics["is_daa/base_loss"].item() == pytest.approx(25.625, abs=1e-12)  # IPO alone
 
 
+
+def test_paper_is_arxiv_2506_08681():
+    """Nguyen et al., NeurIPS 2025: arXiv 2506.08681 (the official repository's badge links 2502.03029, another id);
+    the plugin, its README and the top-level methods table name the same id."""
+    assert ISDAA.paper.arxiv == "2506.08681" and ISDAA.paper.code == "mail-research/AIS-Sampling4DAAs"
+    assert ISDAA.paper.title.startswith("Mitigating Reward Over-optimization in Direct Alignment Algorithms")
+    row = next(line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("| `is-daa` |"))
+    assert "arXiv 2506.08681" in row and "2502.03029" not in row
+    assert "arxiv.org/abs/2506.08681" in (ROOT / "plugins/is-daa/README.md").read_text()
+
+
 def test_cap_is_exp_two_eps_and_there_is_no_lower_clip():
     # log-weight 1.2 (policy above the data on both responses) is capped at 2ε = 0.5
     ctx = make_context([[[-12.0]], [[-15.0]]], [[[-12.6]], [[-15.6]]])

@@ -148,3 +148,34 @@ def test_two_stage_recipes_run_on_cpu(tmp_path, monkeypatch):
     resolved = yaml.safe_load((tmp_path / "redi/trl_plus_recipe.yaml").read_text())["method_args"]
     assert {k: resolved[k] for k in recipe["method_args"]} == recipe["method_args"]
     assert abs(from_sft.metrics["logps/chosen"] - from_base.metrics["logps/chosen"]) > 1.0  # stage 1 carried over
+
+
+# The official pipeline's length filter (experiments_trl/data_preprocess/study_length_distribution.py, dataset
+# ..._filtered_P800_R19000) and window (redi_1_08_1e-6/config.yaml: max_prompt_length 800, max_length 19800).
+OFFICIAL_PROMPT, OFFICIAL_RESPONSE = 800, 19_000
+
+
+@pytest.mark.parametrize("name", ["redi-sft", "redi"])
+def test_recipe_windows_hold_the_official_filtered_lengths(name):
+    """A pair at the official filter's limits goes through the recipe's window whole: the same full prompt on both
+    sides, every response token scored, the EOS last (no keep_end/keep_start cut)."""
+    from trl_plus.recipe import load_recipe
+
+    recipe = load_recipe(ROOT / f"recipes/{name}.yaml")
+    max_length = recipe.training["max_length"]
+    assert max_length >= OFFICIAL_PROMPT + OFFICIAL_RESPONSE
+    eos, pad = 2, 0
+    prompt = [5 + i % 7 for i in range(OFFICIAL_PROMPT)]
+    longest, shorter = [9] * (OFFICIAL_RESPONSE - 1) + [eos], [8] * 12_344 + [eos]  # EOS counted in the 19,000
+    if recipe.method == "sft":
+        method, example, sides = SFT(), {"prompt_ids": prompt, "completion_ids": longest}, [longest]
+    else:
+        method, example = REDI(), {"prompt_ids": prompt, "chosen_ids": longest, "rejected_ids": shorter}
+        sides = [longest, shorter]
+    batch = method.collator(pad, max_length, recipe.training.get("truncation_mode", "keep_start"))([example])
+    assert batch["input_ids"].shape[0] == len(sides)
+    for row, response in enumerate(sides):
+        n = len(prompt) + len(response)
+        assert batch["input_ids"][row, :n].tolist() == prompt + response
+        assert batch["completion_mask"][row].sum().item() == len(response)
+        assert batch["attention_mask"][row].sum().item() == n

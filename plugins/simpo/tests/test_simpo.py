@@ -151,7 +151,12 @@ def test_matches_trl_cpo_simpo_on_a_real_batch(tmp_path, monkeypatch, sft_weight
     for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
         assert ours[name] == pytest.approx(trl_metrics[name], abs=1e-5), name
     if sft_weight:
-        assert ours["simpo/sft_loss"] == pytest.approx(trl_metrics["nll_loss"], abs=1e-6)
+        # CPO: cross-entropy over the full float32 logits; trl-plus: the fused head's per-token log-probs, then the
+        # mean over the n chosen tokens. Each is exact to about eps32·log2(n)·NLL: 2× that (~8e-6 here; seen:
+        # 4.8e-7, one float32 ulp of the NLL)
+        n = int(batch["completion_mask"][:batch_size].sum())
+        tol = 2 * torch.finfo(torch.float32).eps * math.log2(n) * trl_metrics["nll_loss"]
+        assert ours["simpo/sft_loss"] == pytest.approx(trl_metrics["nll_loss"], abs=tol)
 
 
 class _CountForwards(TrainerCallback):
@@ -183,6 +188,41 @@ def test_no_reference_ever_and_the_margin_grows(tmp_path, monkeypatch):
     assert logs[-1]["rewards/margins"] > logs[0]["rewards/margins"] + 0.5
     assert logs[-1]["rewards/accuracies"] > logs[0]["rewards/accuracies"]
     assert logs[-1]["loss"] < logs[0]["loss"]
+
+
+
+def official_truncation(prompt, chosen, rejected, max_length, max_prompt_length, mode="keep_end"):
+    """scripts/simpo_trainer.py tokenize_row: cut the prompt first (keep_end: its last max_prompt_length tokens),
+    then, if still too long, both responses to their first max_length − max_prompt_length tokens."""
+    longer = max(len(chosen), len(rejected))
+    if len(prompt) + longer > max_length:
+        prompt = prompt[-max_prompt_length:] if mode == "keep_end" else prompt[:max_prompt_length]
+    if len(prompt) + longer > max_length:
+        chosen, rejected = chosen[: max_length - max_prompt_length], rejected[: max_length - max_prompt_length]
+    return (prompt, chosen), (prompt, rejected)
+
+
+def test_truncation_official_keep_end_cuts_only_the_prompt_trl_plus_cuts_whole_sequences():
+    """What the README says: the official keep_end truncates only the prompt (the same one for both responses);
+    trl-plus's keep_start cuts the responses' ends (EOS included), its keep_end the prompt's start, per sequence."""
+    eos = 2
+    prompt, chosen, rejected = list(range(10, 30)), [5] * 7 + [eos], [6] * 4 + [eos]  # 20 + 8 / 20 + 5 tokens
+    max_length, max_prompt_length = 24, 12
+    for (p, response), full in zip(official_truncation(prompt, chosen, rejected, max_length, max_prompt_length),
+                                   (chosen, rejected)):  # fmt: skip
+        assert p == prompt[-12:] and response == full  # the prompt's end, the same for both; responses whole
+
+    example = {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected}
+    keep_start = SimPO().collator(0, max_length, "keep_start")([example])
+    for row, full in enumerate((chosen, rejected)):
+        kept = keep_start["input_ids"][row][keep_start["completion_mask"][row].bool()].tolist()
+        assert keep_start["input_ids"][row, :20].tolist() == prompt and kept == full[: max_length - 20]
+        assert eos not in kept  # the response's end is gone, its EOS with it
+    keep_end = SimPO().collator(0, max_length, "keep_end")([example])
+    for row, full in enumerate((chosen, rejected)):
+        n_prompt = max_length - len(full)  # 16 for y_w, 19 for y_l: different contexts
+        assert keep_end["input_ids"][row, :max_length].tolist() == prompt[-n_prompt:] + full
+        assert keep_end["completion_mask"][row].sum().item() == len(full)
 
 
 def test_recipe_validates_and_runs_on_cpu(tmp_path, monkeypatch):

@@ -122,7 +122,7 @@ def test_tokenize_and_collate_six_sequences():
 
 def test_default_templates_are_the_prs_prompt_construction():
     """srpo_trainer.tokenize_row: prefix_zero + "\\n" + x + post and prefix_n + "\\n" + x + "EXAMPLE SUMMARY: " + y′ +
-    "\\n\\n" + post, with the strings of the PR's srpo_tldr.py."""
+    "\\n\\n" + post, with the strings of srpo_tldr.py at the PR's commit 2dac9d5 (later commits use a chat template)."""
     task = "Write a both precise and concise summary of the contents of the POST."
     prefix_zero = "Below is a reddit POST and the corresponding SUBREDDIT and TITLE.\n" + task
     prefix_n = "Below is a reddit POST and the corresponding SUBREDDIT, TITLE, and an EXAMPLE\nSUMMARY. " + task
@@ -217,3 +217,14 @@ def test_recipe_validates_and_runs_on_cpu(tmp_path, monkeypatch):
     assert result.global_step == 2 and (tmp_path / "adapter_model.safetensors").exists()
     resolved = yaml.safe_load((tmp_path / "trl_plus_recipe.yaml").read_text())["method_args"]
     assert {k: resolved[k] for k in recipe["method_args"]} == recipe["method_args"]
+
+
+def test_recipe_uses_the_prs_final_training_command():
+    """srpo_tldr.py's post-SFT LoRA command from 2024-07-13 to the PR's final head: --learning_rate=2e-5,
+    --per_device_train_batch_size=32 --gradient_accumulation_steps=4 (2dac9d5's 2e-4 and 32 x 8 were superseded);
+    the recipe keeps 1 pair per micro-batch and accumulates the same 128 pairs."""
+    training = yaml.safe_load((ROOT / "recipes/srpo.yaml").read_text())["training"]
+    assert training["learning_rate"] == 2e-5
+    assert training["per_device_train_batch_size"] == 1
+    assert training["per_device_train_batch_size"] * training["gradient_accumulation_steps"] == 32 * 4
+    assert (training["lr_scheduler_type"], training["warmup_steps"], training["weight_decay"]) == ("cosine", 150, 0.1)
