@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from ._version import __version__
+from ._version import __version__  # noqa: F401 (re-exported)
 from .builtin.dpo import DPO, DPOConfig, dpo_losses
 from .builtin.sft import SFT
 from .config import Recipe, load_recipe
@@ -24,11 +24,11 @@ __all__ = [
     "DPO", "DPOConfig", "LossContext", "LossOutput", "Method", "MethodConfig", "ModelAlias", "Needs",
     "PairwiseCollator", "Paper", "PlusTrainer", "REFERENCE_MODES", "Recipe", "SFT", "SequencesCollator",
     "TrainResult", "TrlPlusError", "check_recipe", "dpo_losses", "evaluate", "get_method", "get_registry", "hookimpl",
-    "load_recipe", "merge_adapter", "prompt_completion", "resolve_reference_mode", "tokenize_completions", "train",
+    "load_recipe", "merge_adapter", "method_collator", "prompt_completion", "resolve_reference_mode", "tokenize_completions", "train",
 ]  # fmt: skip
 
 if TYPE_CHECKING:
-    from .data.collate import PairwiseCollator, SequencesCollator, prompt_completion
+    from .data.collate import PairwiseCollator, SequencesCollator, method_collator, prompt_completion
     from .run.evaluate import evaluate
     from .run.merge import merge_adapter
     from .run.train import TrainResult, train
@@ -41,6 +41,7 @@ _LAZY = {
     "PairwiseCollator": "data.collate",
     "SequencesCollator": "data.collate",
     "prompt_completion": "data.collate",
+    "method_collator": "data.collate",
     "train": "run.train",
     "TrainResult": "run.train",
     "evaluate": "run.evaluate",

@@ -159,7 +159,7 @@ OFFICIAL_PROMPT, OFFICIAL_RESPONSE = 800, 19_000
 def test_recipe_windows_hold_the_official_filtered_lengths(name):
     """A pair at the official filter's limits goes through the recipe's window whole: the same full prompt on both
     sides, every response token scored, the EOS last (no keep_end/keep_start cut)."""
-    from trl_plus.recipe import load_recipe
+    from trl_plus import load_recipe, method_collator
 
     recipe = load_recipe(ROOT / f"recipes/{name}.yaml")
     max_length = recipe.training["max_length"]
@@ -172,7 +172,7 @@ def test_recipe_windows_hold_the_official_filtered_lengths(name):
     else:
         method, example = REDI(), {"prompt_ids": prompt, "chosen_ids": longest, "rejected_ids": shorter}
         sides = [longest, shorter]
-    batch = method.collator(pad, max_length, recipe.training.get("truncation_mode", "keep_start"))([example])
+    batch = method_collator(method, pad, max_length, recipe.training.get("truncation_mode", "keep_start"))([example])
     assert batch["input_ids"].shape[0] == len(sides)
     for row, response in enumerate(sides):
         n = len(prompt) + len(response)

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from transformers import TrainerCallback
 from trl_plus_simpo import SimPO
 
-from trl_plus import PlusTrainer
+from trl_plus import PlusTrainer, method_collator
 from trl_plus.testing import (
     build_model,
     build_tokenizer,
@@ -213,12 +213,12 @@ def test_truncation_official_keep_end_cuts_only_the_prompt_trl_plus_cuts_whole_s
         assert p == prompt[-12:] and response == full  # the prompt's end, the same for both; responses whole
 
     example = {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected}
-    keep_start = SimPO().collator(0, max_length, "keep_start")([example])
+    keep_start = method_collator(SimPO(), 0, max_length, "keep_start")([example])
     for row, full in enumerate((chosen, rejected)):
         kept = keep_start["input_ids"][row][keep_start["completion_mask"][row].bool()].tolist()
         assert keep_start["input_ids"][row, :20].tolist() == prompt and kept == full[: max_length - 20]
         assert eos not in kept  # the response's end is gone, its EOS with it
-    keep_end = SimPO().collator(0, max_length, "keep_end")([example])
+    keep_end = method_collator(SimPO(), 0, max_length, "keep_end")([example])
     for row, full in enumerate((chosen, rejected)):
         n_prompt = max_length - len(full)  # 16 for y_w, 19 for y_l: different contexts
         assert keep_end["input_ids"][row, :max_length].tolist() == prompt[-n_prompt:] + full
