@@ -112,3 +112,66 @@ def test_train_runs_unchanged_under_accelerate_launch(tmp_path):
     assert proc.stdout.count("finished after 4 steps") == 1
     state = json.loads((tmp_path / "trainer_state.json").read_text())
     assert state["global_step"] == 4 and (tmp_path / "model.safetensors").exists()
+
+
+def test_set_takes_several_values_after_one_flag_and_repeats():
+    from trl_plus.cli import build_parser
+
+    args = build_parser().parse_args(["train", "r.yaml", "--set", "a=1", "b.c=2", "--set", "d=3"])
+    assert args.set == ["a=1", "b.c=2", "d=3"]
+
+
+def test_debug_after_the_command_shows_the_traceback(tmp_path):
+    import pytest
+
+    from trl_plus import TrlPlusError
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method: dpo\nmodel: {name_or_path: tiny-llama}\ndata: {train: {path: x.jsonl}}\n"
+                   "training: {learnin_rate: 0.1}\n")  # fmt: skip
+    assert main(["validate", str(bad)]) == 2
+    with pytest.raises(TrlPlusError, match="learnin_rate"):
+        main(["validate", str(bad), "--debug"])
+    with pytest.raises(TrlPlusError, match="learnin_rate"):
+        main(["--debug", "validate", str(bad)])
+
+
+def test_a_typo_in_set_is_blamed_on_set_not_on_the_file(capsys):
+    recipe = "recipes/quickstart-tiny.yaml"
+    cases = {
+        "training.learnin_rate=1": "error: --set training.learnin_rate: unknown key (did you mean learning_rate?)",
+        "model.name_or_pth=x": "error: --set model.name_or_pth: unknown key (did you mean name_or_path?)",
+        "method_args.bta=1": "error: --set method_args.bta: unknown key (did you mean beta?)",
+        "training.max_steps=-3": "error: --set training.max_steps: -3 is not a step count",
+        "method=dpoo": "error: --set method: unknown method 'dpoo' (did you mean dpo",
+    }
+    for override, expected in cases.items():
+        assert main(["validate", recipe, "--set", override]) == 2
+        assert capsys.readouterr().err.strip().startswith(expected), override
+
+
+def test_data_paths_in_a_recipe_are_read_from_the_recipe_folder(tmp_path, capsys, monkeypatch):
+    from trl_plus.testing import preference_rows, write_jsonl
+
+    folder = tmp_path / "project"
+    folder.mkdir()
+    write_jsonl(preference_rows(8), folder / "pairs.jsonl")
+    recipe = folder / "r.yaml"
+    recipe.write_text("method: dpo\nmodel: {name_or_path: tiny-llama}\ndata: {train: {path: pairs.jsonl}}\n")
+    monkeypatch.chdir(tmp_path)  # not the recipe's folder
+    assert main(["validate", str(recipe)]) == 0
+    capsys.readouterr()
+    recipe.write_text("method: dpo\nmodel: {name_or_path: tiny-llama}\ndata: {train: {path: absent.jsonl}}\n")
+    assert main(["validate", str(recipe)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: {recipe}: data.train.path: no such file: absent.jsonl (a relative path in a recipe is read from the "
+        "recipe's folder, then from the working directory)"
+    )
+
+
+def test_an_unknown_method_suggests_installed_names_and_only_real_install_lines():
+    proc = run("show", "simpoo", check=False)
+    assert "(did you mean simpo" in proc.stderr and "pip install" not in proc.stderr
+    proc = run("show", "simpo", env={"TRL_PLUS_PLUGINS": ""}, check=False)  # a repository plugin, not loaded
+    assert proc.returncode == 2
+    assert "It is a plugin of the trl-plus repository: `pip install -e plugins/simpo` in a checkout." in proc.stderr

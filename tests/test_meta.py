@@ -131,3 +131,9 @@ def test_show_example_recipe_validates_with_its_data(name, tmp_path, monkeypatch
     recipe = load_recipe(path)
     check_recipe(recipe)
     load_split(recipe, get_registry().get(name)(recipe.method_args), "train")  # the columns the method reads
+
+
+def test_the_registry_knows_the_repository_plugins_for_its_install_hint():
+    from trl_plus.registry import REPOSITORY_PLUGINS
+
+    assert REPOSITORY_PLUGINS == {p.name for p in PLUGINS}

@@ -24,7 +24,8 @@ __all__ = [
     "DPO", "DPOConfig", "LossContext", "LossOutput", "Method", "MethodConfig", "ModelAlias", "Needs",
     "PairwiseCollator", "Paper", "PlusTrainer", "REFERENCE_MODES", "Recipe", "SFT", "SequencesCollator",
     "TrainResult", "TrlPlusError", "check_recipe", "dpo_losses", "evaluate", "get_method", "get_registry", "hookimpl",
-    "load_recipe", "merge_adapter", "method_collator", "prompt_completion", "resolve_reference_mode", "tokenize_completions", "train",
+    "load_recipe", "merge_adapter", "method_collator", "prompt_completion", "resolve_reference_mode",
+    "tokenize_completions", "train",
 ]  # fmt: skip
 
 if TYPE_CHECKING:

@@ -99,9 +99,10 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     """``trl-plus validate RECIPE``: everything ``train`` checks before loading a model, data columns included."""
     from .config import load_recipe
+
+    recipe = load_recipe(args.recipe, args.set)  # the schema first: a typo is reported before anything heavy loads
     from .run.validate import check_lengths, check_recipe, load_split
 
-    recipe = load_recipe(args.recipe, args.set)
     method, training = check_recipe(recipe)
     datasets = {split: load_split(recipe, method, split) for split in ("train", "eval")}
     try:
@@ -110,6 +111,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
         if "cannot load a tokenizer" not in str(exc):
             raise
         warnings = [f"{args.recipe}: token lengths not checked: {exc}"]
+    model = recipe.model
+    if model.lora is not None:  # module names from the model's config (meta device: no weights load)
+        from .models.load import check_lora_targets, resolve_model_path
+
+        try:
+            check_lora_targets(model, resolve_model_path(model.name_or_path, model.gguf_file))
+        except TrlPlusError as exc:
+            raise TrlPlusError(f"{args.recipe}: {exc}") from None
     for line in warnings:
         print(f"warning: {line}")
     print(f"{args.recipe}: ok (method {method.name}, {len(training)} training keys)")
@@ -161,34 +170,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     parser.add_argument("--version", action="version", version=f"trl-plus {__version__}")
+    common = argparse.ArgumentParser(add_help=False)  # --debug is accepted after the command too
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+    sets = argparse.ArgumentParser(add_help=False)
+    sets.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY.PATH=VALUE",
+                      help="override recipe values, e.g. --set training.max_steps=10 model.dtype=float32 "
+                           "(repeatable)")  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    p = sub.add_parser("list", help="installed methods: family, needs, paper, source; broken plugins")
+    p = sub.add_parser("list", parents=[common],
+                       help="installed methods: family, needs, paper, source; broken plugins")  # fmt: skip
     p.set_defaults(func=cmd_list)
-    p = sub.add_parser("show", help="a method's hyperparameters, data fields and an example recipe")
+    p = sub.add_parser("show", parents=[common],
+                       help="a method's hyperparameters, data fields and an example recipe")  # fmt: skip
     p.add_argument("name")
     p.set_defaults(func=cmd_show)
     for name, func, text in (
         ("validate", cmd_validate, "check a recipe (keys, types, method args, files, data columns)"),
         ("train", cmd_train, "train as a recipe says (works under `accelerate launch -m trl_plus`)"),
     ):
-        p = sub.add_parser(name, help=text)
+        p = sub.add_parser(name, parents=[common, sets], help=text)
         p.add_argument("recipe", help="path to a YAML recipe")
-        p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
-                       help="override a recipe value, e.g. --set training.max_steps=10 (repeatable)")  # fmt: skip
         p.set_defaults(func=func)
-    p = sub.add_parser("eval", help="held-out pairs: reward and likelihood ranking accuracy, margin, lengths")
+    p = sub.add_parser("eval", parents=[common, sets],
+                       help="held-out pairs: reward and likelihood ranking accuracy, margin, lengths")  # fmt: skip
     p.add_argument("target", metavar="RECIPE_OR_RUN_DIR", help="a recipe, or the output_dir of a finished run")
     p.add_argument("--data", help="held-out pairs file (default: the recipe's data.eval)")
     p.add_argument("--limit", type=int, help="evaluate only the first N pairs")
     p.add_argument("--batch-size", type=int, help="pairs per forward pass (default: per_device_eval_batch_size or 8)")
     p.add_argument("--json", metavar="FILE", help="also write the metrics as JSON")
-    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a recipe value")
     p.set_defaults(func=cmd_eval)
-    p = sub.add_parser("report", help="write the training-curves PNG of a run directory")
+    p = sub.add_parser("report", parents=[common], help="write the training-curves PNG of a run directory")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--output", help="PNG path (default: RUN_DIR/training_curves.png)")
     p.set_defaults(func=cmd_report)
-    p = sub.add_parser("merge", help="merge a LoRA run's adapter into its base model (e.g. before a second stage)")
+    p = sub.add_parser("merge", parents=[common],
+                       help="merge a LoRA run's adapter into its base model (e.g. before a second stage)")  # fmt: skip
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--output", help="output directory (default: RUN_DIR-merged)")
     p.set_defaults(func=cmd_merge)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, PrivateAttr, ValidationError
 
 from .errors import TrlPlusError, did_you_mean
 
@@ -110,6 +110,9 @@ class Recipe(_Block):
     data: DataSpec
     training: dict[str, Any] = Field(default_factory=dict)
 
+    _source: str = PrivateAttr("<recipe>")  # the file it came from
+    _overridden: tuple[str, ...] = PrivateAttr(())  # key paths set by --set
+
 
 def _format_loc(loc: tuple) -> str:
     return ".".join(str(part) for part in loc)
@@ -127,21 +130,34 @@ def _model_at(loc: tuple) -> type[BaseModel] | None:
     return model if isinstance(model, type) and issubclass(model, BaseModel) else None
 
 
-def explain(error: ValidationError, source: str, prefix: tuple = (), model: type[BaseModel] | None = None) -> str:
-    """One line per problem: ``file: key.path: what is wrong``."""
+def explain(error: ValidationError, source: str, prefix: tuple = (), model: type[BaseModel] | None = None,
+            overridden: tuple[str, ...] = ()) -> str:  # fmt: skip
+    """One line per problem: ``file: key.path: what is wrong`` (``--set key.path: ...`` for a key set by ``--set``)."""
     lines = []
     for err in error.errors():
         loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("function-", "union["))))
         key = _format_loc(prefix + loc)
+        where = f"--set {key}" if is_overridden(key, overridden) else f"{source}: {key}"
         if err["type"] == "extra_forbidden":
             parent = model if model is not None and len(loc) == 1 else _model_at(loc[:-1])
             hint = did_you_mean(str(loc[-1]), parent.model_fields) if parent else ""
-            lines.append(f"{source}: {key}: unknown key{hint}")
+            lines.append(f"{where}: unknown key{hint}")
         elif err["type"] == "missing":
-            lines.append(f"{source}: {key}: required key is missing")
+            lines.append(f"{where}: required key is missing")
         else:
-            lines.append(f"{source}: {key}: {err['msg']} (got {err.get('input')!r})")
+            lines.append(f"{where}: {err['msg']} (got {err.get('input')!r})")
     return "\n".join(dict.fromkeys(lines))
+
+
+def is_overridden(key: str, overridden: tuple[str, ...]) -> bool:
+    """Whether ``key`` (``a.b.c``) was set by one of the ``--set`` key paths (itself or a block above it)."""
+    return any(key == path or key.startswith(path + ".") for path in overridden)
+
+
+def locate(recipe: Recipe, key: str) -> str:
+    """Where an error about ``key`` points: ``recipe.yaml: key`` or, for a value given on the command line,
+    ``--set key``."""
+    return f"--set {key}" if is_overridden(key, recipe._overridden) else f"{recipe._source}: {key}"
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -184,20 +200,42 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 def load_recipe(source: str | Path | dict[str, Any], overrides: list[str] | None = None) -> Recipe:
     """Read (a file or a dict), apply ``--set`` overrides and validate the recipe's structure and types.
 
-    The method name, its ``method_args`` and the ``training`` block are checked by
-    :func:`trl_plus.run.validate.check_recipe` (they depend on installed code).
+    A relative local data path in a recipe file is read from the recipe's folder (then, for recipes written
+    before 0.2, from the working directory); a path given with ``--set`` from the working directory. The method
+    name, its ``method_args`` and the ``training`` block are checked by :func:`trl_plus.run.validate.check_recipe`
+    (they depend on installed code).
     """
     name = "<recipe>" if isinstance(source, dict) else str(source)
     data = dict(source) if isinstance(source, dict) else read_yaml(source)
-    data = apply_overrides(data, overrides or [])
+    overrides = list(overrides or [])
+    data = apply_overrides(data, overrides)
+    overridden = tuple(".".join(parse_override(item)[0]) for item in overrides)
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
-        raise TrlPlusError(explain(exc, name)) from None
-    recipe._source = name
+        raise TrlPlusError(explain(exc, name, overridden=overridden)) from None
+    recipe._source, recipe._overridden = name, overridden
+    if not isinstance(source, dict):
+        for split in ("train", "eval"):
+            spec = getattr(recipe.data, split)
+            if spec is not None and not is_overridden(f"data.{split}.path", overridden):
+                spec.path = relative_to_recipe(spec.path, Path(source).parent)
     return recipe
+
+
+def relative_to_recipe(path: str, folder: Path) -> str:
+    """``path`` read from the recipe's ``folder`` when that file exists there (as a path from the working directory
+    when it lies below it, else absolute); otherwise ``path`` unchanged (the working directory, or a hub name)."""
+    candidate = Path(path).expanduser()
+    if candidate.is_absolute() or not (folder / candidate).exists():
+        return path
+    found = (folder / candidate).resolve()
+    try:
+        return str(found.relative_to(Path.cwd()))
+    except ValueError:
+        return str(found)
 
 
 def recipe_source(recipe: Recipe) -> str:
     """The file a recipe came from (for error messages)."""
-    return getattr(recipe, "_source", "<recipe>")
+    return recipe._source

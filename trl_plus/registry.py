@@ -14,6 +14,11 @@ from .contract import Method, ModelAlias
 from .errors import TrlPlusError, did_you_mean
 
 ENTRY_POINT_GROUP = "trl_plus"
+#: The plugins in the trl-plus repository (``plugins/<name>``), for the install hint of an unknown method;
+#: ``tests/test_meta.py`` keeps it equal to the folder.
+REPOSITORY_PLUGINS = frozenset({
+    "asft", "dove", "is-daa", "ld-dpo", "ln-dpo", "redi", "rpo", "simpo", "srpo", "tars", "three-d-properties",
+})  # fmt: skip
 
 
 @dataclass
@@ -88,9 +93,12 @@ class Registry:
                 f"Fix or reinstall that plugin (`trl-plus list --debug` shows the traceback)."
             )
         known = sorted(self.methods) + sorted(self.broken)
+        install = ""
+        if name in REPOSITORY_PLUGINS:
+            install = f" It is a plugin of the trl-plus repository: `pip install -e plugins/{name}` in a checkout."
         raise TrlPlusError(
             f"unknown method {name!r}{did_you_mean(name, known, n=3)}. "
-            f"Installed: {', '.join(known) or 'none'}. Run `trl-plus list`, or `pip install trl-plus-{name}`."
+            f"Installed: {', '.join(known) or 'none'} (`trl-plus list`).{install}"
         )
 
 

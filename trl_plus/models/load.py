@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import LoraSpec, ModelSpec, QuantizationSpec
-from ..errors import TrlPlusError
+from ..errors import TrlPlusError, did_you_mean
 from ..registry import get_registry
 from .cache import cache_dir, gguf_checkpoint
 
@@ -138,3 +138,37 @@ def _device_index():
 
         return PartialState().local_process_index
     return "cpu"
+
+
+def check_lora_targets(spec: ModelSpec, path: str, key: str = "model") -> None:
+    """Check ``spec.lora`` against the model's modules before any weight loads: the model is built from its config on
+    the meta device (no memory), so a mistyped ``target_modules`` name or a ``layers`` index the model lacks is one
+    line naming the modules it has, not a peft traceback after loading. Skipped unless ``path`` is a local folder."""
+    lora = spec.lora
+    if lora is None or not (Path(path) / "config.json").is_file():
+        return
+    import re
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
+    names = [name for name, _ in model.named_modules() if name]
+    linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    targets = lora.target_modules
+    if isinstance(targets, str) and targets != "all-linear":
+        if not any(re.fullmatch(targets, name) for name in names):
+            raise TrlPlusError(f"{key}.lora.target_modules: the pattern {targets!r} matches no module of "
+                               f"{spec.name_or_path} (its linear layers: {', '.join(linear)})")  # fmt: skip
+    elif isinstance(targets, list):
+        missing = [t for t in targets if not any(name == t or name.endswith("." + t) for name in names)]
+        if missing:
+            raise TrlPlusError(f"{key}.lora.target_modules: {spec.name_or_path} has no module named "
+                               f"{', '.join(missing)}{did_you_mean(missing[0], linear)} (its linear layers: "
+                               f"{', '.join(linear)})")  # fmt: skip
+    layers = getattr(config, "num_hidden_layers", None)
+    if lora.layers and layers is not None and not all(0 <= i < layers for i in lora.layers):
+        raise TrlPlusError(f"{key}.lora.layers: {spec.name_or_path} has {layers} decoder layers (0 to {layers - 1}); "
+                           f"got {lora.layers}")  # fmt: skip

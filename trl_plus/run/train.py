@@ -12,8 +12,7 @@ from typing import Any
 import yaml
 
 from ..config import ModelSpec, Recipe, load_recipe, recipe_source
-from ..errors import TrlPlusError
-from ..models.load import load_model, load_tokenizer, lora_config
+from ..models.load import check_lora_targets, load_model, load_tokenizer, lora_config, resolve_model_path
 from ..trainers import trainer_class
 from ..trainers.frozen import resolve_reference_mode
 from .evaluate import recipe_beta, report_from_scores, score_pairs
@@ -81,6 +80,10 @@ def build_trainer(recipe: Recipe, callbacks: list | None = None):
     tokenizer = load_tokenizer(
         recipe.model.name_or_path, recipe.model.revision, recipe.model.trust_remote_code, recipe.model.gguf_file
     )
+    try:
+        check_lora_targets(recipe.model, resolve_model_path(recipe.model.name_or_path, recipe.model.gguf_file))
+    except TrlPlusError as exc:
+        raise TrlPlusError(f"{recipe_source(recipe)}: {exc}") from None
     model = load_model(recipe.model, gradient_checkpointing=args.gradient_checkpointing)
     peft_config = lora_config(recipe.model.lora) if recipe.model.lora else None
     mode = resolve_reference_mode(method, recipe.reference.mode, peft_config is not None, False)

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import typing
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
-from ..config import Recipe, explain, recipe_source
-from ..data.collate import method_collator
+from ..config import Recipe, explain, locate, recipe_source
 from ..data.lengths import dropped_message, fully_truncated, truncation_report
 from ..data.load import check_columns, load_preferences, looks_local
 from ..data.tokenize import tokenize_pair
@@ -19,8 +19,8 @@ from ..errors import TrlPlusError, did_you_mean
 from ..models.load import load_tokenizer
 from ..registry import get_registry
 from ..trainers import check_trainer_kind
-from .rundir import check_run_owner
 from ..trainers.frozen import resolve_reference_mode
+from .rundir import check_run_owner
 
 # DPOConfig fields that the method, the reference block or the model block own.
 OWNED_TRAINING_KEYS = {
@@ -39,6 +39,39 @@ OWNED_TRAINING_KEYS = {
 
 
 
+#: Counts and rates that must be positive (TRL would accept them and train something else, or nothing).
+POSITIVE_TRAINING_KEYS = (
+    "learning_rate", "num_train_epochs", "per_device_train_batch_size", "per_device_eval_batch_size",
+    "gradient_accumulation_steps", "max_length", "logging_steps", "save_steps", "eval_steps",
+)  # fmt: skip
+#: Those that may also be zero.
+NON_NEGATIVE_TRAINING_KEYS = ("warmup_steps", "weight_decay", "max_grad_norm", "save_total_limit")
+
+
+def training_field_names() -> set[str]:
+    """The ``__init__`` fields of ``trl.DPOConfig`` (with those of its ``TrainingArguments`` bases), read from their
+    source files without importing TRL (which imports torch: seconds), so a mistyped key is reported at once."""
+    import ast
+    import importlib.util
+
+    names: set[str] = set()
+    for module, cls in (("trl.trainer.dpo_config", "DPOConfig"), ("trl.trainer.base_config", "_BaseConfig"),
+                        ("transformers.training_args", "TrainingArguments")):  # fmt: skip
+        spec = importlib.util.find_spec(module)
+        tree = ast.parse(Path(spec.origin).read_text())
+        body = next(n.body for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls)
+        for node in body:
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                call = node.value
+                no_init = isinstance(call, ast.Call) and any(
+                    k.arg == "init" and isinstance(k.value, ast.Constant) and k.value.value is False
+                    for k in call.keywords
+                )
+                if not no_init and not node.target.id.startswith("_"):
+                    names.add(node.target.id)
+    return names
+
+
 def _training_field_types() -> dict[str, Any]:
     from trl import DPOConfig
 
@@ -48,20 +81,44 @@ def _training_field_types() -> dict[str, Any]:
         return {f: Any for f in DPOConfig.__dataclass_fields__}
 
 
-def validate_training(training: dict[str, Any], source: str) -> dict[str, Any]:
-    """Check the ``training`` block against ``trl.DPOConfig`` (names and types); return it with coerced values."""
-    import dataclasses
+def _check_range(key: str, value: Any, where: Callable[[str], str]) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if key == "max_steps" and (value == 0 or value < -1):
+        raise TrlPlusError(f"{where('training.max_steps')}: {value} is not a step count; give a positive number, or -1 "
+                           "to train for num_train_epochs")  # fmt: skip
+    if key in POSITIVE_TRAINING_KEYS and value <= 0:
+        raise TrlPlusError(f"{where('training.' + key)}: must be positive, got {value}")
+    if key in NON_NEGATIVE_TRAINING_KEYS and value < 0:
+        raise TrlPlusError(f"{where('training.' + key)}: must be zero or more, got {value}")
 
-    from trl import DPOConfig
 
-    fields = {f.name: f for f in dataclasses.fields(DPOConfig) if f.init}
-    types = _training_field_types()
+def validate_training(training: dict[str, Any], where: str | Callable[[str], str]) -> dict[str, Any]:
+    """Check the ``training`` block against ``trl.DPOConfig``: names first (without importing TRL), then types and
+    the ranges of counts and rates; return it with coerced values. ``where(key)`` says where an error points (a
+    file name ``f`` stands for ``f: key``)."""
+    if isinstance(where, str):
+        source = where
+
+        def where(key: str) -> str:
+            return f"{source}: {key}"
+
+    try:
+        fields = training_field_names()
+    except Exception:  # TRL's source moved: ask the class itself (slower)
+        import dataclasses
+
+        from trl import DPOConfig
+
+        fields = {f.name for f in dataclasses.fields(DPOConfig) if f.init}
+    for key in training:
+        if key in OWNED_TRAINING_KEYS:
+            raise TrlPlusError(f"{where('training.' + key)}: set by trl-plus; use {OWNED_TRAINING_KEYS[key]} instead")
+        if key not in fields:
+            raise TrlPlusError(f"{where('training.' + key)}: unknown key{did_you_mean(key, fields)}")
+    types = _training_field_types() if training else {}
     out = {}
     for key, value in training.items():
-        if key in OWNED_TRAINING_KEYS:
-            raise TrlPlusError(f"{source}: training.{key}: set by trl-plus; use {OWNED_TRAINING_KEYS[key]} instead")
-        if key not in fields:
-            raise TrlPlusError(f"{source}: training.{key}: unknown key{did_you_mean(key, fields)}")
         annotation = types.get(key, Any)
         try:
             out[key] = TypeAdapter(annotation).validate_python(value)
@@ -69,10 +126,11 @@ def validate_training(training: dict[str, Any], source: str) -> dict[str, Any]:
             expected = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
             hint = " (YAML reads no/yes/off/on as booleans: quote the word, e.g. 'no')" if isinstance(value, bool) else ""
             raise TrlPlusError(
-                f"{source}: training.{key}: expected {expected}, got {value!r} ({exc.errors()[0]['msg']}){hint}"
+                f"{where('training.' + key)}: expected {expected}, got {value!r} ({exc.errors()[0]['msg']}){hint}"
             ) from None
         except Exception:  # annotation pydantic cannot check (an enum union, a class): TRL will check it
             out[key] = value
+        _check_range(key, out[key], where)
     return out
 
 
@@ -86,17 +144,18 @@ def check_recipe(recipe: Recipe):
     try:
         method_cls = registry.get(recipe.method)
     except TrlPlusError as exc:
-        raise TrlPlusError(f"{source}: method: {exc}") from None
+        raise TrlPlusError(f"{locate(recipe, 'method')}: {exc}") from None
     try:
         method = method_cls(method_cls.Config(**recipe.method_args))
     except ValidationError as exc:
-        raise TrlPlusError(explain(exc, source, prefix=("method_args",), model=method_cls.Config)) from None
+        raise TrlPlusError(explain(exc, source, prefix=("method_args",), model=method_cls.Config,
+                                   overridden=recipe._overridden)) from None  # fmt: skip
     try:
         check_trainer_kind(method)
     except TrlPlusError as exc:
         raise TrlPlusError(f"{source}: method: {exc}") from None
     training = {k: v for k, v in recipe.training.items() if k != "resume_from_checkpoint"}
-    training = validate_training(training, source)
+    training = validate_training(training, lambda key: locate(recipe, key))
     resume = recipe.training.get("resume_from_checkpoint")  # true (the latest checkpoint) or a folder
     if not isinstance(resume, (bool, str, type(None))):
         raise TrlPlusError(f"{source}: training.resume_from_checkpoint: expected true or a checkpoint folder, "
@@ -110,12 +169,13 @@ def check_recipe(recipe: Recipe):
     for key, path in model_paths:
         if path not in registry.aliases and looks_local(path) and not Path(path).expanduser().is_dir():
             raise TrlPlusError(
-                f"{source}: {key}: no such model directory: {path} "
+                f"{locate(recipe, key)}: no such model directory: {path} "
                 f"(use a local directory, a hub name, or an alias: {', '.join(registry.aliases)})"
             )
     for key, spec in (("data.train", recipe.data.train), ("data.eval", recipe.data.eval)):
         if spec is not None and looks_local(spec.path) and not Path(spec.path).expanduser().exists():
-            raise TrlPlusError(f"{source}: {key}.path: no such file: {spec.path}")
+            raise TrlPlusError(f"{locate(recipe, key + '.path')}: no such file: {spec.path} (a relative path in a recipe "
+                               "is read from the recipe's folder, then from the working directory)")  # fmt: skip
     if method.needs.teacher and recipe.teacher is None:
         raise TrlPlusError(f"{source}: teacher: method {method.name!r} needs a teacher model (teacher.name_or_path)")
     output_dir = training.get("output_dir", default_output_dir(method))
@@ -188,6 +248,8 @@ def check_lengths(recipe: Recipe, method, training: dict[str, Any], datasets: di
         return []
     model = recipe.model
     tokenizer = load_tokenizer(model.name_or_path, model.revision, model.trust_remote_code, model.gguf_file)
+    from ..data.collate import method_collator  # torch: only once the recipe is known to be valid
+
     method.tokenizer = tokenizer
     collator = method_collator(method, tokenizer.pad_token_id, max_length, mode)
     if method.tokenize is None:
