@@ -110,7 +110,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     except TrlPlusError as exc:
         if "cannot load a tokenizer" not in str(exc):
             raise
-        warnings = [f"{args.recipe}: token lengths not checked: {exc}"]
+        warnings = [f"{args.recipe}: token lengths not checked: the tokenizer of {recipe.model.name_or_path} is not "
+                    "on this machine yet (the first train downloads it)"]  # fmt: skip
     model = recipe.model
     if model.lora is not None:  # module names from the model's config (meta device: no weights load)
         from .models.load import check_lora_targets, resolve_model_path

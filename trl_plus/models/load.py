@@ -66,14 +66,17 @@ def lora_config(spec: LoraSpec):
 
 
 def load_tokenizer(
-    name_or_path: str, revision: str | None = None, trust_remote_code: bool = False, gguf_file: str | None = None
-):
-    """The tokenizer of a model (alias, directory, hub name or GGUF file), with a pad token (EOS if it has none)."""
+    name_or_path: str, revision: str | None = None, trust_remote_code: bool = False, gguf_file: str | None = None,
+    local_files_only: bool = False,
+):  # fmt: skip
+    """The tokenizer of a model (alias, directory, hub name or GGUF file), with a pad token (EOS if it has none).
+    ``local_files_only``: never reach the hub (a hub name must be in the local cache), so it fails at once offline."""
     from transformers import AutoTokenizer
 
     path = resolve_model_path(name_or_path, gguf_file)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code,
+                                                  local_files_only=local_files_only)  # fmt: skip
     except Exception as exc:
         raise TrlPlusError(f"model.name_or_path: cannot load a tokenizer from {name_or_path!r}: {exc}") from exc
     if tokenizer.pad_token is None:

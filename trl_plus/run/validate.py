@@ -242,12 +242,14 @@ def training_value(training: dict[str, Any], key: str) -> Any:
 def check_lengths(recipe: Recipe, method, training: dict[str, Any], datasets: dict[str, Any]) -> list[str]:
     """What ``training.max_length`` does to the recipe's data, measured with the model's tokenizer only: one line per
     split that truncation cuts (per side: sequences, prompt and completion tokens lost) or that loses examples to
-    TRL's fully-truncated filter; an error when a split would lose every example. ``datasets``: split -> dataset."""
+    TRL's fully-truncated filter; an error when a split would lose every example. ``datasets``: split -> dataset.
+    The tokenizer is read from local files only (a hub model not downloaded yet: ``cannot load a tokenizer``)."""
     max_length, mode = training_value(training, "max_length"), training_value(training, "truncation_mode")
     if max_length is None:
         return []
     model = recipe.model
-    tokenizer = load_tokenizer(model.name_or_path, model.revision, model.trust_remote_code, model.gguf_file)
+    tokenizer = load_tokenizer(model.name_or_path, model.revision, model.trust_remote_code, model.gguf_file,
+                               local_files_only=True)  # validation never waits on the network  # fmt: skip
     from ..data.collate import method_collator  # torch: only once the recipe is known to be valid
 
     method.tokenizer = tokenizer
