@@ -138,3 +138,11 @@ def _device_index():
 
         return PartialState().local_process_index
     return "cpu"
+
+
+def bf16_available() -> bool:
+    """Whether training here can use bf16: a CUDA GPU that supports it (``trl.DPOConfig``'s default, ``bf16=True``,
+    fails on a CPU)."""
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()

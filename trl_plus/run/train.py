@@ -13,7 +13,7 @@ import yaml
 
 from ..config import ModelSpec, Recipe, load_recipe, recipe_source
 from ..errors import TrlPlusError
-from ..models.load import load_model, load_tokenizer, lora_config
+from ..models.load import bf16_available, load_model, load_tokenizer, lora_config
 from ..trainers import trainer_class
 from ..trainers.frozen import resolve_reference_mode
 from .evaluate import recipe_beta, report_from_scores, score_pairs
@@ -72,7 +72,7 @@ def build_trainer(recipe: Recipe, callbacks: list | None = None):
     if recipe.model.gradient_checkpointing is not None:
         training["gradient_checkpointing"] = recipe.model.gradient_checkpointing
     if "bf16" not in training and "fp16" not in training:
-        training["bf16"] = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        training["bf16"] = bf16_available()
     training.setdefault("dataloader_pin_memory", torch.cuda.is_available())
     if eval_dataset is not None:
         training.setdefault("eval_strategy", "steps")

@@ -30,6 +30,7 @@ from ..data.collate import TRUNCATED, method_collator
 from ..data.lengths import dropped_message, rows_of, truncation_report
 from ..data.load import check_columns
 from ..errors import TrlPlusError
+from ..models.load import bf16_available, resolve_model_path
 from ..registry import get_method
 from .frozen import REF_COLUMN, ReferenceColumnCollator, resolve_reference_mode
 
@@ -56,8 +57,9 @@ class PlusTrainer(DPOTrainer):
 
     Build it exactly like ``DPOTrainer`` plus ``method`` (a registered name, a :class:`~trl_plus.Method` class or
     instance), ``method_args``, ``reference_mode`` (``auto``, ``model``, ``adapter``, ``precomputed``, ``none``) and,
-    for methods that need one, ``teacher_model``. ``args`` is a ``trl.DPOConfig``; its loss fields (``loss_type``,
-    ``beta``, ``ld_alpha``, ...) are ignored: the method owns the loss.
+    for methods that need one, ``teacher_model``. ``model`` may also be a model alias (``tiny-llama``). ``args`` is a
+    ``trl.DPOConfig`` (``None``: its defaults in ``runs/<method>``, bf16 and pinned memory only on a GPU); its loss
+    fields (``loss_type``, ``beta``, ``ld_alpha``, ...) are ignored: the method owns the loss.
     """
 
     _tag_names = ["trl", "trl-plus"]
@@ -83,7 +85,11 @@ class PlusTrainer(DPOTrainer):
             raise TrlPlusError(
                 f"method {self.method.name!r} runs on a {self.method.trainer!r} trainer, not on PlusTrainer"
             )
-        args = args or DPOConfig(output_dir=f"runs/{self.method.name}")
+        if args is None:  # TRL's defaults, less those that fail or warn on a CPU
+            args = DPOConfig(f"runs/{self.method.name}", bf16=bf16_available(),
+                             dataloader_pin_memory=torch.cuda.is_available())  # fmt: skip
+        if isinstance(model, str):
+            model = resolve_model_path(model)  # an alias becomes its directory
         if isinstance(model, str) and processing_class is None:
             processing_class = AutoTokenizer.from_pretrained(model)
         elif processing_class is None:
