@@ -119,7 +119,8 @@ def test_readme_python_snippets_run(tmp_path, monkeypatch):
         code = block.replace('"runs/', f'"{tmp_path}/').replace("=runs/", f"={tmp_path}/")
         assert code != block, "a snippet that writes outside runs/"
         exec(compile(code, f"README.md (### Python, block {i + 1})", "exec"), {})
-    assert any(tmp_path.iterdir())  # what they wrote landed here
+    cards = list(tmp_path.glob("*/README.md"))  # what they wrote landed here, model cards included
+    assert len(cards) == len(blocks) and all("fine-tuned version of `tiny-llama`" in c.read_text() for c in cards)
 
 
 @pytest.mark.parametrize("name", sorted(get_registry().methods))

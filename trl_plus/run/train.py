@@ -110,7 +110,14 @@ def build_trainer(recipe: Recipe, callbacks: list | None = None):
         processing_class=tokenizer,
         peft_config=peft_config,
         callbacks=callbacks,
+        base_model=base_model_name(recipe.model),
     )
+
+
+def base_model_name(spec: ModelSpec) -> str:
+    """How the run's model card names its base model: the recipe's ``name_or_path`` (an alias, a hub id, a folder)
+    and its GGUF file, if any."""
+    return f"{spec.name_or_path} ({spec.gguf_file})" if spec.gguf_file else spec.name_or_path
 
 
 def _resume_target(value: Any, output_dir: str) -> str | bool | None:
