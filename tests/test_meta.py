@@ -108,6 +108,21 @@ def test_contributing_example_runs(tmp_path, monkeypatch):
         test(**({"tmp_path": tmp_path / test.__name__} if "tmp_path" in params else {}))
 
 
+def test_readme_python_snippets_run(tmp_path, monkeypatch):
+    """The README's "### Python" blocks run as written on a CPU, from the repository root; only their output
+    directories (``runs/...``) are moved into ``tmp_path``."""
+    section = (ROOT / "README.md").read_text().split("### Python\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert blocks
+    monkeypatch.chdir(ROOT)
+    for i, block in enumerate(blocks):
+        code = block.replace('"runs/', f'"{tmp_path}/').replace("=runs/", f"={tmp_path}/")
+        assert code != block, "a snippet that writes outside runs/"
+        exec(compile(code, f"README.md (### Python, block {i + 1})", "exec"), {})
+    cards = list(tmp_path.glob("*/README.md"))  # what they wrote landed here, model cards included
+    assert len(cards) == len(blocks) and all("fine-tuned version of `tiny-llama`" in c.read_text() for c in cards)
+
+
 @pytest.mark.parametrize("name", sorted(get_registry().methods))
 def test_show_lists_every_hyperparameter_with_its_default(name, capsys):
     from trl_plus.cli import main

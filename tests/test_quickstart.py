@@ -31,6 +31,18 @@ def test_quickstart_margin_and_accuracy_grow(quickstart):
     assert "reward margin" in quickstart.summary()
 
 
+def test_model_cards_name_the_base_model(quickstart, tmp_path):
+    cards = {"full fine-tuning, checkpoints": Path(quickstart.output_dir) / "README.md"}
+    lora = ["training.max_steps=1", "training.save_strategy='no'", "data.eval=null", "model.lora={r: 4}"]
+    lora += [f"training.output_dir={tmp_path}", "training.disable_tqdm=true"]
+    trl_plus.train("recipes/quickstart-tiny.yaml", lora)
+    cards["LoRA, final save only"] = tmp_path / "README.md"
+    for run, card in cards.items():
+        text = card.read_text()
+        assert "fine-tuned version of `tiny-llama`" in text and "None" not in text, run
+        assert f'model="{card.parent}"' in text, run  # the quick start loads the run's own output
+
+
 def test_ctrl_c_keeps_a_checkpoint_that_resumes(tmp_path, monkeypatch):
     original = PlusTrainer.training_step
 

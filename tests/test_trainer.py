@@ -285,3 +285,12 @@ def test_optional_field_missing_in_some_rows_is_an_error():
     rows = [{"prompt_ids": [1], "chosen_ids": [2], "rejected_ids": [3], "weight": w} for w in (1.0, None)]
     with pytest.raises(ValueError, match="'weight' is missing"):
         collate(rows)
+
+
+def test_without_args_it_builds_on_a_cpu(tmp_path, monkeypatch, pref_dataset):
+    monkeypatch.chdir(tmp_path)
+    tokenizer = build_tokenizer()
+    trainer = PlusTrainer(build_model(tokenizer), method=MeanLogpFree, train_dataset=pref_dataset,
+                          processing_class=tokenizer)  # fmt: skip
+    assert trainer.args.output_dir == "runs/test-free"
+    assert trainer.args.bf16 == (torch.cuda.is_available() and torch.cuda.is_bf16_supported())

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import json
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,6 +39,92 @@ def looks_local(path: str) -> bool:
     return path.startswith((".", "/", "~")) or Path(path).suffix in LOCAL_FORMATS or Path(path).exists()
 
 
+@contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """No progress bars and no log lines from ``datasets`` (its own report of a bad row counts rows from 0)."""
+    from datasets.utils import logging as ds_logging
+
+    bars, verbosity = ds_logging.is_progress_bar_enabled(), ds_logging.get_verbosity()
+    ds_logging.disable_progress_bar()
+    ds_logging.set_verbosity(ds_logging.CRITICAL)
+    try:
+        yield
+    finally:
+        ds_logging.set_verbosity(verbosity)
+        if bars:
+            ds_logging.enable_progress_bar()
+
+
+def _not_utf8(number: int, line: bytes, exc: UnicodeDecodeError) -> str:
+    column = len(line[: exc.start].decode()) + 1  # the bytes before the first bad one are valid UTF-8
+    return f"line {number}: not UTF-8 (byte 0x{line[exc.start]:02x} at column {column}: {exc.reason})"
+
+
+def _invalid_json(line: int, exc: json.JSONDecodeError) -> str:
+    return f"line {line}: invalid JSON ({exc.msg}: column {exc.colno})"
+
+
+def diagnose(file: Path) -> str | None:
+    """What is wrong with a local data file, read line by line: ``"empty file"``, ``"line N: not UTF-8 (...)"`` or
+    ``"line N: invalid JSON (...)"`` (lines counted from 1); ``None`` when none of these is."""
+    if file.stat().st_size == 0:
+        return "empty file"
+    if file.suffix not in (".jsonl", ".json", ".csv"):
+        return None
+    lines = []
+    with file.open("rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                lines.append(raw.decode())
+            except UnicodeDecodeError as exc:
+                return _not_utf8(number, raw, exc)
+    text = "".join(lines)
+    if not text.strip():
+        return "empty file"
+    if file.suffix == ".csv":
+        return None
+    try:  # one JSON document (a .json list of rows), else JSON lines: the first bad line
+        json.loads(text)
+        return None
+    except json.JSONDecodeError as exc:
+        if exc.msg != "Extra data":
+            return _invalid_json(exc.lineno, exc)
+    for number, line in enumerate(lines, 1):
+        try:
+            if line.strip():
+                json.loads(line)
+        except json.JSONDecodeError as exc:
+            return _invalid_json(number, exc)
+    return None
+
+
+def _root_cause(exc: BaseException) -> str:
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        exc = exc.__cause__ or exc.__context__
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def read_local(files: list[Path], path: str | None, where: str):
+    """``datasets.load_dataset`` on local files; when that fails (or the strings are not valid UTF-8), a one-line
+    error that names the file (as ``path`` when given), the line and the cause (see :func:`diagnose`)."""
+    import datasets
+
+    with _quiet_datasets():
+        try:
+            dataset = datasets.load_dataset(
+                LOCAL_FORMATS[files[0].suffix], data_files=[str(f) for f in files], split="train"
+            )
+            dataset.data.table.validate(full=True)  # pyarrow reads invalid UTF-8 in JSON into strings silently
+            return dataset
+        except Exception as exc:
+            error = exc
+    for file in files:
+        problem = diagnose(file)
+        if problem:
+            raise TrlPlusError(f"{where}.path: {path or file}: {problem}") from error
+    raise TrlPlusError(f"{where}.path: cannot read {path or files[0].parent}: {_root_cause(error)}") from error
+
+
 def load_preferences(
     path: str,
     split: str = "train",
@@ -58,12 +146,7 @@ def load_preferences(
         files = sorted(f for f in p.iterdir() if f.suffix in LOCAL_FORMATS) if p.is_dir() else [p]
         if not files or files[0].suffix not in LOCAL_FORMATS:
             raise TrlPlusError(f"{where}.path: {path} is not a {'/'.join(LOCAL_FORMATS)} file (or a folder of them)")
-        try:
-            dataset = datasets.load_dataset(
-                LOCAL_FORMATS[files[0].suffix], data_files=[str(f) for f in files], split="train"
-            )
-        except Exception as exc:
-            raise TrlPlusError(f"{where}.path: cannot read {path}: {exc}") from exc
+        dataset = read_local(files, path if p.is_file() else None, where)
     else:
         try:
             dataset = datasets.load_dataset(path, split=split)

@@ -175,3 +175,11 @@ def check_lora_targets(spec: ModelSpec, path: str, key: str = "model") -> None:
     if lora.layers and layers is not None and not all(0 <= i < layers for i in lora.layers):
         raise TrlPlusError(f"{key}.lora.layers: {spec.name_or_path} has {layers} decoder layers (0 to {layers - 1}); "
                            f"got {lora.layers}")  # fmt: skip
+
+
+def bf16_available() -> bool:
+    """Whether training here can use bf16: a CUDA GPU that supports it (``trl.DPOConfig``'s default, ``bf16=True``,
+    fails on a CPU)."""
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()

@@ -12,7 +12,15 @@ from typing import Any
 import yaml
 
 from ..config import ModelSpec, Recipe, load_recipe, recipe_source
-from ..models.load import check_lora_targets, load_model, load_tokenizer, lora_config, resolve_model_path
+from ..errors import TrlPlusError
+from ..models.load import (
+    bf16_available,
+    check_lora_targets,
+    load_model,
+    load_tokenizer,
+    lora_config,
+    resolve_model_path,
+)  # fmt: skip
 from ..trainers import trainer_class
 from ..trainers.frozen import resolve_reference_mode
 from .evaluate import recipe_beta, report_from_scores, score_pairs
@@ -71,7 +79,7 @@ def build_trainer(recipe: Recipe, callbacks: list | None = None):
     if recipe.model.gradient_checkpointing is not None:
         training["gradient_checkpointing"] = recipe.model.gradient_checkpointing
     if "bf16" not in training and "fp16" not in training:
-        training["bf16"] = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        training["bf16"] = bf16_available()
     training.setdefault("dataloader_pin_memory", torch.cuda.is_available())
     if eval_dataset is not None:
         training.setdefault("eval_strategy", "steps")
@@ -113,7 +121,14 @@ def build_trainer(recipe: Recipe, callbacks: list | None = None):
         processing_class=tokenizer,
         peft_config=peft_config,
         callbacks=callbacks,
+        base_model=base_model_name(recipe.model),
     )
+
+
+def base_model_name(spec: ModelSpec) -> str:
+    """How the run's model card names its base model: the recipe's ``name_or_path`` (an alias, a hub id, a folder)
+    and its GGUF file, if any."""
+    return f"{spec.name_or_path} ({spec.gguf_file})" if spec.gguf_file else spec.name_or_path
 
 
 def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None) -> TrainResult:

@@ -5,8 +5,8 @@ the ``training`` block against ``trl.DPOConfig``, model and data paths, the refe
 from __future__ import annotations
 
 import typing
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from pydantic import TypeAdapter, ValidationError

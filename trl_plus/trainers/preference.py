@@ -13,6 +13,7 @@ import copy
 import logging
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,6 +31,7 @@ from ..data.collate import TRUNCATED, method_collator
 from ..data.lengths import dropped_message, rows_of, truncation_report
 from ..data.load import check_columns
 from ..errors import TrlPlusError
+from ..models.load import bf16_available, resolve_model_path
 from ..registry import get_method
 from .frozen import REF_COLUMN, ReferenceColumnCollator, resolve_reference_mode
 
@@ -56,8 +58,10 @@ class PlusTrainer(DPOTrainer):
 
     Build it exactly like ``DPOTrainer`` plus ``method`` (a registered name, a :class:`~trl_plus.Method` class or
     instance), ``method_args``, ``reference_mode`` (``auto``, ``model``, ``adapter``, ``precomputed``, ``none``) and,
-    for methods that need one, ``teacher_model``. ``args`` is a ``trl.DPOConfig``; its loss fields (``loss_type``,
-    ``beta``, ``ld_alpha``, ...) are ignored: the method owns the loss.
+    for methods that need one, ``teacher_model``. ``model`` may also be a model alias (``tiny-llama``). ``args`` is a
+    ``trl.DPOConfig`` (``None``: its defaults in ``runs/<method>``, bf16 and pinned memory only on a GPU); its loss
+    fields (``loss_type``, ``beta``, ``ld_alpha``, ...) are ignored: the method owns the loss. ``base_model`` is how
+    the model card names the base model (default: ``model`` itself when it is a name, else its ``name_or_path``).
     """
 
     _tag_names = ["trl", "trl-plus"]
@@ -76,6 +80,7 @@ class PlusTrainer(DPOTrainer):
         data_collator=None,
         processing_class=None,
         peft_config=None,
+        base_model: str | None = None,
         **kwargs,
     ):
         self.method = resolve_method(method, method_args)
@@ -83,7 +88,12 @@ class PlusTrainer(DPOTrainer):
             raise TrlPlusError(
                 f"method {self.method.name!r} runs on a {self.method.trainer!r} trainer, not on PlusTrainer"
             )
-        args = args or DPOConfig(output_dir=f"runs/{self.method.name}")
+        if args is None:  # TRL's defaults, less those that fail or warn on a CPU
+            args = DPOConfig(f"runs/{self.method.name}", bf16=bf16_available(),
+                             dataloader_pin_memory=torch.cuda.is_available())  # fmt: skip
+        self.base_model_name = base_model or (model if isinstance(model, str) else get_config_model_id(model.config))
+        if isinstance(model, str):
+            model = resolve_model_path(model)  # an alias becomes its directory
         if isinstance(model, str) and processing_class is None:
             processing_class = AutoTokenizer.from_pretrained(model)
         elif processing_class is None:
@@ -130,6 +140,26 @@ class PlusTrainer(DPOTrainer):
             add_fused_lm_head(teacher_model)
             self.teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
         self._report_truncation()
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        """TRL's model card, with what TRL leaves as ``None`` filled in: the base model (TRL names only a hub id,
+        not a local folder such as an alias, a converted GGUF file or a checkpoint) and the quick start's
+        ``model=`` (the output directory, for a run not pushed to the hub)."""
+        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+        card = Path(self.args.output_dir) / "README.md"
+        if not self.is_world_process_zero() or not card.is_file():
+            return
+        base = f"`{self.base_model_name}`" if self.base_model_name else "a model without a name"
+        text = card.read_text().replace("[None](https://huggingface.co/None)", base)
+        card.write_text(text.replace('model="None"', f'model="{self.args.output_dir}"'))
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """TRL's save; the final model saved in ``args.output_dir`` gets the model card too (written first, so that
+        PEFT's save adds its adapter metadata to it)."""
+        if not _internal_call and output_dir in (None, self.args.output_dir):
+            hub_id = self.args.hub_model_id
+            self.create_model_card(model_name=hub_id.split("/")[-1] if hub_id else Path(self.args.output_dir).name)
+        super().save_model(output_dir, _internal_call)
 
     # -- data -----------------------------------------------------------------------------------------------
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
