@@ -70,7 +70,9 @@ def build_trainer(recipe: Recipe, callbacks: list | None = None):
     training.setdefault("output_dir", f"runs/{method.name}")
     training.setdefault("report_to", "none")
     if recipe.model.gradient_checkpointing is not None:
-        training["gradient_checkpointing"] = recipe.model.gradient_checkpointing
+        training["activation_checkpointing"] = recipe.model.gradient_checkpointing
+    # TRL's default (on), passed under transformers' current name: DPOConfig's own default sets the deprecated one
+    training.setdefault("activation_checkpointing", DPOConfig.gradient_checkpointing)
     if "bf16" not in training and "fp16" not in training:
         training["bf16"] = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     training.setdefault("dataloader_pin_memory", torch.cuda.is_available())
@@ -81,7 +83,7 @@ def build_trainer(recipe: Recipe, callbacks: list | None = None):
     tokenizer = load_tokenizer(
         recipe.model.name_or_path, recipe.model.revision, recipe.model.trust_remote_code, recipe.model.gguf_file
     )
-    model = load_model(recipe.model, gradient_checkpointing=args.gradient_checkpointing)
+    model = load_model(recipe.model, gradient_checkpointing=args.activation_checkpointing)
     peft_config = lora_config(recipe.model.lora) if recipe.model.lora else None
     mode = resolve_reference_mode(method, recipe.reference.mode, peft_config is not None, False)
     ref_model = None

@@ -36,6 +36,11 @@ OWNED_TRAINING_KEYS = {
     "model_init_kwargs": "the model: block",
 }
 
+# Deprecated DPOConfig names a recipe may still use: read as the current transformers names (no FutureWarning).
+RENAMED_TRAINING_KEYS = {
+    "gradient_checkpointing": "activation_checkpointing",
+    "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs",
+}
 
 
 def _training_field_types() -> dict[str, Any]:
@@ -48,7 +53,8 @@ def _training_field_types() -> dict[str, Any]:
 
 
 def validate_training(training: dict[str, Any], source: str) -> dict[str, Any]:
-    """Check the ``training`` block against ``trl.DPOConfig`` (names and types); return it with coerced values."""
+    """Check the ``training`` block against ``trl.DPOConfig`` (names and types); return it with coerced values, the
+    deprecated names of :data:`RENAMED_TRAINING_KEYS` under their current ones."""
     import dataclasses
 
     from trl import DPOConfig
@@ -61,9 +67,12 @@ def validate_training(training: dict[str, Any], source: str) -> dict[str, Any]:
             raise TrlPlusError(f"{source}: training.{key}: set by trl-plus; use {OWNED_TRAINING_KEYS[key]} instead")
         if key not in fields:
             raise TrlPlusError(f"{source}: training.{key}: unknown key{did_you_mean(key, fields)}")
+        name = RENAMED_TRAINING_KEYS.get(key, key)
+        if name != key and name in training:
+            raise TrlPlusError(f"{source}: training.{key}: the deprecated name of {name}; set only {name}")
         annotation = types.get(key, Any)
         try:
-            out[key] = TypeAdapter(annotation).validate_python(value)
+            out[name] = TypeAdapter(annotation).validate_python(value)
         except ValidationError as exc:
             expected = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
             hint = " (YAML reads no/yes/off/on as booleans: quote the word, e.g. 'no')" if isinstance(value, bool) else ""
@@ -71,7 +80,7 @@ def validate_training(training: dict[str, Any], source: str) -> dict[str, Any]:
                 f"{source}: training.{key}: expected {expected}, got {value!r} ({exc.errors()[0]['msg']}){hint}"
             ) from None
         except Exception:  # annotation pydantic cannot check (an enum union, a class): TRL will check it
-            out[key] = value
+            out[name] = value
     return out
 
 

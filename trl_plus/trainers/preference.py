@@ -22,7 +22,6 @@ from datasets.fingerprint import Hasher
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer
 from trl import DPOConfig, DPOTrainer
-from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import add_fused_lm_head, get_config_model_id, selective_log_softmax, use_adapter
 
 from ..contract import LossContext, Method
@@ -49,6 +48,22 @@ def resolve_method(method: str | Method | type[Method], method_args: Mapping[str
         return method
     cls = get_method(method) if isinstance(method, str) else method
     return cls(dict(method_args or {}))
+
+
+@contextlib.contextmanager
+def _checkpointing_off(model, kwargs: Mapping[str, Any] | None):
+    """Activation checkpointing off for a no-grad forward and back on after: TRL's ``disable_gradient_checkpointing``
+    under transformers' current names (the deprecated ones warn at every step)."""
+    enabled = model.is_activation_checkpointing
+    if enabled:
+        model.activation_checkpointing_disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            options = dict(kwargs or {})  # split as transformers' Trainer does when it first enables it
+            every_n_layers, offload = options.pop("every_n_layers", 1), options.pop("offload", False)
+            model.activation_checkpointing_enable(options or None, every_n_layers=every_n_layers, offload=offload)
 
 
 class PlusTrainer(DPOTrainer):
@@ -83,7 +98,10 @@ class PlusTrainer(DPOTrainer):
             raise TrlPlusError(
                 f"method {self.method.name!r} runs on a {self.method.trainer!r} trainer, not on PlusTrainer"
             )
-        args = args or DPOConfig(output_dir=f"runs/{self.method.name}")
+        # TRL's default (on) under transformers' current name: DPOConfig's own default is the deprecated alias
+        args = args or DPOConfig(
+            output_dir=f"runs/{self.method.name}", activation_checkpointing=DPOConfig.gradient_checkpointing
+        )
         if isinstance(model, str) and processing_class is None:
             processing_class = AutoTokenizer.from_pretrained(model)
         elif processing_class is None:
@@ -183,7 +201,7 @@ class PlusTrainer(DPOTrainer):
             adapter_context = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
         with (
             torch.no_grad(),
-            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+            _checkpointing_off(self.model, self.args.activation_checkpointing_kwargs),
             adapter_context,
             self.accelerator.autocast(),
         ):
