@@ -40,3 +40,12 @@ def test_no_future_warning_from_our_configuration(tiny_run):
     future = sorted({f"{w.filename}:{w.lineno}: {w.message}" for w in caught if issubclass(w.category, FutureWarning)})
     assert not future, "\n".join(future)
 
+
+def test_one_progress_bar_per_long_phase(tiny_run):
+    _, stderr, _ = tiny_run
+    bars = set(re.findall(r"([A-Za-z][^:\r\n%|]*): +\d+%\|", stderr))
+    for noise in ("Generating train split", "Adding EOS to train dataset", "Tokenizing train dataset",
+                  "Dropping fully truncated examples from eval dataset", "Writing model shards"):  # fmt: skip
+        assert noise not in bars, bars
+    assert "Scoring held-out pairs (recipes/data/quickstart_prefs_eval.jsonl)" in bars, bars
+    assert re.search(r"100%\|[#█]+\| 2/2 \[", stderr), "the training bar"

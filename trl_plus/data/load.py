@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import TrlPlusError
 
@@ -12,6 +13,35 @@ if TYPE_CHECKING:
     from ..contract import Method
 
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+#: Data this small is read and mapped without datasets' progress bars: on a few thousand rows each bar ("Generating
+#: train split", TRL's "Tokenizing train dataset", ...) is over in about a second, and a run drew a dozen of them.
+SMALL_DATA_ROWS = 10_000
+SMALL_DATA_BYTES = 16 * 2**20
+
+
+def few_rows(dataset: Any) -> bool:
+    """Whether ``dataset`` is a ``datasets.Dataset`` of fewer than :data:`SMALL_DATA_ROWS` rows."""
+    from datasets import Dataset
+
+    return isinstance(dataset, Dataset) and len(dataset) < SMALL_DATA_ROWS
+
+
+@contextlib.contextmanager
+def quiet_progress(quiet: bool = True) -> Iterator[None]:
+    """datasets' progress bars off inside the block when ``quiet`` (unless ``HF_DATASETS_DISABLE_PROGRESS_BARS`` is
+    set: the user's choice wins), as they were after it."""
+    import datasets
+    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    switch = quiet and datasets.config.HF_DATASETS_DISABLE_PROGRESS_BARS is None and not are_progress_bars_disabled()
+    if switch:
+        disable_progress_bars()
+    try:
+        yield
+    finally:
+        if switch:
+            enable_progress_bars()
 
 
 def check_columns(columns: Iterable[str], method: Method | type[Method], where: str) -> None:
@@ -59,9 +89,10 @@ def load_preferences(
         if not files or files[0].suffix not in LOCAL_FORMATS:
             raise TrlPlusError(f"{where}.path: {path} is not a {'/'.join(LOCAL_FORMATS)} file (or a folder of them)")
         try:
-            dataset = datasets.load_dataset(
-                LOCAL_FORMATS[files[0].suffix], data_files=[str(f) for f in files], split="train"
-            )
+            with quiet_progress(sum(f.stat().st_size for f in files) < SMALL_DATA_BYTES):
+                dataset = datasets.load_dataset(
+                    LOCAL_FORMATS[files[0].suffix], data_files=[str(f) for f in files], split="train"
+                )
         except Exception as exc:
             raise TrlPlusError(f"{where}.path: cannot read {path}: {exc}") from exc
     else:

@@ -13,7 +13,7 @@ from pydantic import TypeAdapter, ValidationError
 from ..config import Recipe, explain, recipe_source
 from ..data.collate import method_collator
 from ..data.lengths import dropped_message, fully_truncated, truncation_report
-from ..data.load import check_columns, load_preferences, looks_local
+from ..data.load import check_columns, few_rows, load_preferences, looks_local, quiet_progress
 from ..data.tokenize import tokenize_pair
 from ..errors import TrlPlusError, did_you_mean
 from ..models.load import load_tokenizer
@@ -174,16 +174,17 @@ def check_lengths(recipe: Recipe, method, training: dict[str, Any], datasets: di
         if dataset is None:
             continue
         where = f"{source}: data.{split} ({getattr(recipe.data, split).path})"
-        rows = dataset.map(tokenize, desc=f"Measuring token lengths of data.{split}",
-                           remove_columns=dataset.column_names)  # fmt: skip
-        rows = rows.select_columns([c for c in method.tokenized_columns if c in rows.column_names])
-        if method.tokenize is None:
-            dropped = fully_truncated(map(len, rows["prompt_ids"]), max_length, mode)
-            if dropped == len(rows):
-                raise TrlPlusError(dropped_message(dropped, len(rows), max_length, where))
-            if dropped:
-                lines.append(dropped_message(dropped, len(rows), max_length, where))
-                rows = rows.filter(lambda row: len(row["prompt_ids"]) < max_length)
+        with quiet_progress(few_rows(dataset)):
+            rows = dataset.map(tokenize, desc=f"Measuring token lengths of data.{split}",
+                               remove_columns=dataset.column_names)  # fmt: skip
+            rows = rows.select_columns([c for c in method.tokenized_columns if c in rows.column_names])
+            if method.tokenize is None:
+                dropped = fully_truncated(map(len, rows["prompt_ids"]), max_length, mode)
+                if dropped == len(rows):
+                    raise TrlPlusError(dropped_message(dropped, len(rows), max_length, where))
+                if dropped:
+                    lines.append(dropped_message(dropped, len(rows), max_length, where))
+                    rows = rows.filter(lambda row: len(row["prompt_ids"]) < max_length)
         report = truncation_report(collator, iter(rows), max_length, mode)
         if report is not None and report.any:
             lines.append(report.summary(where))

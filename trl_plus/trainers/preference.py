@@ -27,7 +27,7 @@ from trl.trainer.utils import add_fused_lm_head, get_config_model_id, selective_
 from ..contract import LossContext, Method
 from ..data.collate import TRUNCATED, method_collator
 from ..data.lengths import dropped_message, rows_of, truncation_report
-from ..data.load import check_columns
+from ..data.load import check_columns, few_rows, quiet_progress
 from ..errors import TrlPlusError
 from ..registry import get_method
 from .frozen import REF_COLUMN, ReferenceColumnCollator, resolve_reference_mode
@@ -154,17 +154,19 @@ class PlusTrainer(DPOTrainer):
         if set(self.method.tokenized_columns) <= set(dataset.column_names):
             return dataset  # already tokenized
         check_columns(dataset.column_names, self.method, f"{dataset_name} dataset")
-        if self.method.tokenize is None:  # TRL's tokenization, which drops examples whose prompt fills max_length
-            prepared = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-            if isinstance(dataset, Dataset) and len(prepared) < len(dataset):
-                message = dropped_message(len(dataset) - len(prepared), len(dataset), args.max_length,
-                                          f"{dataset_name} dataset")  # fmt: skip
-                if len(prepared) == 0:
-                    raise TrlPlusError(message)
-                logger.warning(message)
-            return prepared
-        map_kwargs = {"desc": f"Tokenizing {dataset_name} dataset"} if isinstance(dataset, Dataset) else {}
-        return dataset.map(self.method.tokenize, fn_kwargs={"tokenizer": self._tokenizer}, **map_kwargs)
+        # datasets draws a bar per map (TRL: three per split): only for data large enough to wait for
+        with quiet_progress(args.disable_tqdm or few_rows(dataset)):
+            if self.method.tokenize is None:  # TRL's tokenization: drops examples whose prompt fills max_length
+                prepared = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+                if isinstance(dataset, Dataset) and len(prepared) < len(dataset):
+                    message = dropped_message(len(dataset) - len(prepared), len(dataset), args.max_length,
+                                              f"{dataset_name} dataset")  # fmt: skip
+                    if len(prepared) == 0:
+                        raise TrlPlusError(message)
+                    logger.warning(message)
+                return prepared
+            map_kwargs = {"desc": f"Tokenizing {dataset_name} dataset"} if isinstance(dataset, Dataset) else {}
+            return dataset.map(self.method.tokenize, fn_kwargs={"tokenizer": self._tokenizer}, **map_kwargs)
 
     def _report_truncation(self) -> None:
         """Say once, per dataset, what ``max_length`` cuts from its sequences (counts per side, prompt and completion
@@ -255,12 +257,13 @@ class PlusTrainer(DPOTrainer):
                 rows += [[per_seq[k * size + b] for k in range(num_sequences)] for b in range(size)]
             rows = self.accelerator.gather_for_metrics(rows, use_gather_object=True)
             if self.accelerator.is_main_process:
-                dataset.map(
-                    lambda _, indices: {REF_COLUMN: [rows[i] for i in indices]},
-                    with_indices=True, batched=True, remove_columns=dataset.column_names,
-                    new_fingerprint=fingerprint, cache_file_name=cache_file,
-                    desc=f"Caching reference log probs for {name} dataset",
-                )  # fmt: skip
+                with quiet_progress(few_rows(dataset)):
+                    dataset.map(
+                        lambda _, indices: {REF_COLUMN: [rows[i] for i in indices]},
+                        with_indices=True, batched=True, remove_columns=dataset.column_names,
+                        new_fingerprint=fingerprint, cache_file_name=cache_file,
+                        desc=f"Caching reference log probs for {name} dataset",
+                    )  # fmt: skip
             self.accelerator.wait_for_everyone()
         return concatenate_datasets([dataset, Dataset.from_file(cache_file)], axis=1)
 
@@ -355,3 +358,16 @@ class PlusTrainer(DPOTrainer):
             metrics["rewards/margins"].append(self._gathered_mean(rewards[0] - rewards[1]))
         for name, value in result.metrics.items():
             metrics[name].append(self._gathered_mean(value))
+
+    # -- saving ---------------------------------------------------------------------------------------------
+    def _save(self, output_dir=None, state_dict=None):
+        # transformers draws a "Writing model shards" bar at every save (1/1 for most models), inside the training bar
+        from transformers.utils import logging as transformers_logging
+
+        shown = transformers_logging.is_progress_bar_enabled()
+        transformers_logging.disable_progress_bar()
+        try:
+            super()._save(output_dir, state_dict)
+        finally:
+            if shown:
+                transformers_logging.enable_progress_bar()
