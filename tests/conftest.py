@@ -16,7 +16,7 @@ def dpo_args(tmp_path):
     def make(**overrides):
         base = dict(
             output_dir=str(tmp_path / "out"), max_steps=4, learning_rate=5e-3, per_device_train_batch_size=4,
-            logging_steps=1, report_to="none", save_strategy="no", bf16=False, gradient_checkpointing=False,
+            logging_steps=1, report_to="none", save_strategy="no", bf16=False, activation_checkpointing=False,
             disable_tqdm=True, seed=0, dataloader_pin_memory=False,
         )  # fmt: skip
         base.update(overrides)

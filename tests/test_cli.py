@@ -39,6 +39,39 @@ def test_help_and_list_do_not_import_torch():
     assert run("--help").stdout.count("train") >= 1
 
 
+def test_list_fits_100_columns_and_wide_shows_everything(capsys):
+    from trl_plus.registry import get_registry
+
+    registry = get_registry()
+    assert len(registry.methods) == 13  # dpo and sft (built in) and the 11 plugins of this repository
+    assert main(["list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert max(map(len, lines)) <= 100, max(lines, key=len)
+    for name, cls in registry.methods.items():
+        assert any(line.startswith(f"{name} ") for line in lines), name
+        assert any(f"arXiv {cls.paper.arxiv}" in line for line in lines), name
+    assert main(["list", "--wide"]) == 0
+    wide = capsys.readouterr().out
+    for name, cls in registry.methods.items():
+        row = next(line for line in wide.splitlines() if line.startswith(f"{name} "))
+        assert cls.paper.title in row and registry.sources[name] in row and cls.needs.describe() in row
+
+
+def test_a_closed_pipe_ends_the_command_quietly(monkeypatch, capsys):
+    """``trl-plus list | head -3``: the reader leaves early; no BrokenPipeError traceback."""
+
+    class ClosedPipe:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    assert main(["list"]) == 141  # 128 + SIGPIPE, what a shell reports for a command a pipe closed on
+    assert capsys.readouterr().err == ""
+
+
 def test_show_lists_every_hyperparameter_with_its_default(capsys):
     assert main(["show", "dpo"]) == 0
     out = capsys.readouterr().out

@@ -51,6 +51,31 @@ def test_every_plugin_distribution_is_complete(plugin):
     assert plugin.name in get_registry().methods, f"{plugin.name} is not installed: pip install -e {plugin}"
 
 
+def _contributing_pyproject() -> dict:
+    text = (ROOT / "CONTRIBUTING.md").read_text()
+    return tomllib.loads(re.search(r"```toml\n(.*?)```", text, re.S).group(1))
+
+
+@pytest.mark.parametrize("project", [ROOT, *PLUGINS], ids=lambda p: "core" if p == ROOT else p.name)
+def test_editable_install_is_quiet(project):
+    """``pip install -e`` warns "Editable installation. Please be careful with folders in your working directory
+    ..." whenever setuptools' ``editable_wheel`` installs an import finder; it writes a plain ``.pth`` entry, and
+    says nothing, only when ``package-dir`` is exactly ``{"": folder}`` with the modules in that folder."""
+    setuptools = tomllib.loads((project / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert setuptools.get("package-dir") == {"": "."}, f'{project}/pyproject.toml lacks package-dir = {{"" = "."}}'
+    for module in setuptools.get("py-modules", []):
+        assert (project / f"{module}.py").is_file()
+
+
+@pytest.mark.parametrize("plugin", PLUGINS, ids=lambda p: p.name)
+def test_plugin_packaging_is_contributings_example(plugin):
+    example = _contributing_pyproject()
+    meta = tomllib.loads((plugin / "pyproject.toml").read_text())
+    module = "trl_plus_" + plugin.name.replace("-", "_")
+    assert meta["build-system"] == example["build-system"]
+    assert meta["tool"]["setuptools"] == {**example["tool"]["setuptools"], "py-modules": [module]}
+
+
 def test_every_installed_method_is_in_the_readme_table():
     readme = (ROOT / "README.md").read_text()
     for name in get_registry().methods:

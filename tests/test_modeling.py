@@ -22,7 +22,7 @@ QLORA = {
     },
     "data": {"train": {"path": "recipes/data/quickstart_prefs.jsonl", "limit": 32}},
     "training": {"max_steps": 3, "learning_rate": 5e-3, "per_device_train_batch_size": 4, "logging_steps": 1,
-                 "gradient_checkpointing": True, "save_strategy": "no", "disable_tqdm": True},  # fmt: skip
+                 "activation_checkpointing": True, "save_strategy": "no", "disable_tqdm": True},  # fmt: skip
 }
 
 
@@ -66,7 +66,7 @@ def test_a_separate_reference_model_from_the_recipe(tmp_path):
         "model": {"name_or_path": "tiny-llama"},
         "reference": {"mode": "model", "name_or_path": other},
         "data": {"train": {"path": "recipes/data/quickstart_prefs.jsonl", "limit": 8}},
-        "training": {"output_dir": str(tmp_path / "out"), "gradient_checkpointing": False},
+        "training": {"output_dir": str(tmp_path / "out"), "activation_checkpointing": False},
     }
     trainer = trl_plus.run.train.build_trainer(trl_plus.load_recipe(recipe))
     assert trainer.reference_mode == "model"

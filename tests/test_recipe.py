@@ -110,6 +110,21 @@ def test_set_overrides_win_over_yaml_and_keep_types(tmp_path):
         load_recipe(path, ["training.max_steps"])
 
 
+def test_the_deprecated_gradient_checkpointing_key_is_read_as_activation_checkpointing(tmp_path):
+    import warnings
+
+    from trl import DPOConfig
+
+    _, training = check_recipe(load_recipe(write(tmp_path, deep(BASE, training__gradient_checkpointing=False))))
+    assert training == {"max_steps": 3, "activation_checkpointing": False}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        assert DPOConfig(output_dir=str(tmp_path), use_cpu=True, **training).gradient_checkpointing is False
+    both = deep(BASE, training__gradient_checkpointing=True, training__activation_checkpointing=True)
+    assert error_of(tmp_path, both).endswith("training.gradient_checkpointing: the deprecated name of "
+                                             "activation_checkpointing; set only activation_checkpointing")
+
+
 def test_yaml_is_read_safely(tmp_path):
     path = tmp_path / "evil.yaml"
     path.write_text("method: !!python/object/apply:os.system ['echo hi']\n")

@@ -277,7 +277,7 @@ def test_optional_fields_reach_the_loss_only_when_the_data_has_them(tmp_path):
         weighted = [{**row, "weight": 0.5 + i} for i, row in enumerate(rows)]
         train_tiny("test-optional", tmp_path / "with", rows=weighted, max_steps=1)
         assert len(OptionalWeight.seen[1]) > 0 and set(OptionalWeight.seen[1]) <= {0.5 + i for i in range(8)}
-    assert "field:weight (optional)" in OptionalWeight.needs.describe()
+    assert OptionalWeight.needs.describe() == "reference-free, optional fields weight"
 
 
 def test_optional_field_missing_in_some_rows_is_an_error():

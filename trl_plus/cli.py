@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -18,35 +19,63 @@ from typing import Any
 from ._version import __version__
 from .errors import TrlPlusError
 
+LIST_WIDTH = 100  # `trl-plus list` fits this many columns unless --wide
 
-def _table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    lines = [fmt.format(*header).rstrip(), fmt.format(*("-" * w for w in widths))]
-    lines += [fmt.format(*map(str, r)).rstrip() for r in rows]
-    return "\n".join(lines)
+
+def _table(rows: list[list[str]], header: list[str], notes: list[str] | None = None) -> str:
+    """``rows`` under ``header``, each column as wide as its widest cell; a cell with line breaks continues on the
+    next lines; ``notes`` (one for the header, then one per row) are printed indented under their row."""
+    cells = [[str(cell).split("\n") for cell in row] for row in [header, *rows]]
+    widths = [max(len(line) for row in cells for line in row[i]) for i in range(len(header))]
+
+    def render(row: list[list[str]]) -> list[str]:
+        return ["  ".join(f"{cell[k] if k < len(cell) else '':<{w}}" for cell, w in zip(row, widths)).rstrip()
+                for k in range(max(map(len, row)))]  # fmt: skip
+
+    blocks = [render(row) + ([f"  {notes[i]}"] if notes else []) for i, row in enumerate(cells)]
+    blocks.insert(1, ["  ".join("-" * w for w in widths)])
+    return "\n".join(line for block in blocks for line in block)
+
+
+def _paper_line(paper, width: int | None = None) -> str:
+    """``arXiv ID  title``, the title cut with an ellipsis to ``width`` characters (``None``: whole)."""
+    line = f"arXiv {paper.arxiv}  {paper.title}"
+    return line if width is None or len(line) <= width else line[: width - 1].rstrip() + "…"
+
+
+def _distribution(source: str) -> str:
+    """``trl-plus-asft (asft)`` -> ``trl-plus-asft``; ``trl-plus (built-in)`` stays."""
+    return source if source.endswith("(built-in)") else source.split(" (")[0]
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    """``trl-plus list``: a table of methods, the model aliases and any broken plugin."""
+    """``trl-plus list``: the methods (family, needs, source, paper), the model aliases and any broken plugin, in
+    100 columns (``--wide``: one line per method, nothing cut)."""
     from .registry import get_registry
 
     registry = get_registry()
-    def paper(p):
-        title = p.title if len(p.title) <= 44 else p.title[:43].rstrip() + "…"
-        return f"{title} ({p.arxiv})"
+    methods = sorted(registry.methods.items())
+    header = ["method", "family", "needs", "from"]
+    if args.wide:
+        rows = [[name, cls.family, cls.needs.describe(), registry.sources[name], _paper_line(cls.paper)]
+                for name, cls in methods]  # fmt: skip
+        print(_table(rows, [*header, "paper"]))
+    else:  # the paper on a line of its own under each method; needs wrapped; the distribution without its plugin
+        rows = [[name, cls.family, textwrap.fill(cls.needs.describe(), 30, break_on_hyphens=False),
+                 _distribution(registry.sources[name])] for name, cls in methods]  # fmt: skip
+        notes = ["paper", *(_paper_line(cls.paper, LIST_WIDTH - 2) for _, cls in methods)]
+        print(_table(rows, header, notes))
 
-    rows = [
-        [name, cls.family, cls.needs.describe(), paper(cls.paper), registry.sources[name]]
-        for name, cls in sorted(registry.methods.items())
-    ]
-    print(_table(rows, ["method", "family", "needs", "paper (arXiv)", "from"]))
+    def say(text: str, indent: str) -> None:
+        print(text if args.wide else textwrap.fill(text, LIST_WIDTH, subsequent_indent=indent))
+
     if registry.aliases:
-        print("\nmodel aliases: " + ", ".join(f"{a.name} ({a.description})" for a in registry.aliases.values()))
+        print()
+        say("model aliases: " + ", ".join(f"{a.name} ({a.description})" for a in registry.aliases.values()), "  ")
     if registry.broken:
         print("\nbroken plugins (not usable until fixed):")
         for b in registry.broken.values():
-            print(f"  {b.name}: {b.source}: {b.error}")
+            say(f"  {b.name}: {b.source}: {b.error}", "    ")
             if args.debug:
                 print(textwrap.indent(b.traceback, "    "))
     return 0
@@ -180,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("list", parents=[common],
                        help="installed methods: family, needs, paper, source; broken plugins")  # fmt: skip
+    p.add_argument("--wide", action="store_true",
+                   help=f"one line per method, nothing cut (default: {LIST_WIDTH} columns)")  # fmt: skip
     p.set_defaults(func=cmd_list)
     p = sub.add_parser("show", parents=[common],
                        help="a method's hyperparameters, data fields and an example recipe")  # fmt: skip
@@ -213,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: run a command; user errors print one line (``--debug`` for the traceback) and exit 2."""
+    """Entry point: run a command; user errors print one line (``--debug`` for the traceback) and exit 2; a closed
+    output pipe ends it quietly (141)."""
     args = build_parser().parse_args(argv)
     # bitsandbytes warns on import, on some CPUs, that it cannot download an optional kernel from the hub
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
@@ -228,6 +260,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of a pipe left early (`trl-plus list | head -3`): stop without a word
+        with contextlib.suppress(AttributeError, OSError):  # nor fail again when Python flushes stdout at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a shell reports a command whose pipe closed
 
 
 if __name__ == "__main__":

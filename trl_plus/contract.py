@@ -131,8 +131,10 @@ class Needs:
         """A short human-readable summary, as shown by ``trl-plus list``."""
         parts = {"yes": ["reference"], "optional": ["reference (optional)"], "no": ["reference-free"]}[self.reference]
         parts += [name for name in ("teacher", "generation", "judge") if getattr(self, name)]
-        parts += [f"field:{f}" for f in self.fields]
-        parts += [f"field:{f} (optional)" for f in self.optional_fields]
+        if self.fields:
+            parts.append("fields " + ", ".join(self.fields))
+        if self.optional_fields:
+            parts.append("optional fields " + ", ".join(self.optional_fields))
         return ", ".join(parts) or "-"
 
 

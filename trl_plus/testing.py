@@ -149,7 +149,7 @@ def tiny_trainer(
     tokenizer = build_tokenizer()
     args = DPOConfig(
         output_dir=str(output_dir), max_steps=max_steps, learning_rate=learning_rate, per_device_train_batch_size=8,
-        logging_steps=1, report_to="none", save_strategy="no", bf16=False, gradient_checkpointing=False,
+        logging_steps=1, report_to="none", save_strategy="no", bf16=False, activation_checkpointing=False,
         disable_tqdm=True, seed=0, dataloader_pin_memory=False, **(training or {}),
     )  # fmt: skip
     dataset = Dataset.from_list(list(rows or preference_rows(32)))
@@ -174,7 +174,7 @@ def train_tiny(method: str | Method | type[Method], output_dir: str | Path, **kw
 CPU_OVERRIDES = (
     "model.name_or_path=tiny-llama", "model.dtype=float32", "model.quantization=null",
     "data.train.path=recipes/data/quickstart_prefs.jsonl", "data.train.limit=16", "data.eval=null",
-    "training.max_steps=2", "training.gradient_checkpointing=false", "training.disable_tqdm=true",
+    "training.max_steps=2", "training.activation_checkpointing=false", "training.disable_tqdm=true",
     "training.per_device_train_batch_size=4", "training.gradient_accumulation_steps=1",
 )  # fmt: skip
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import TrlPlusError
 
@@ -14,6 +14,35 @@ if TYPE_CHECKING:
     from ..contract import Method
 
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+#: Data this small is read and mapped without datasets' progress bars: on a few thousand rows each bar ("Generating
+#: train split", TRL's "Tokenizing train dataset", ...) is over in about a second, and a run drew a dozen of them.
+SMALL_DATA_ROWS = 10_000
+SMALL_DATA_BYTES = 16 * 2**20
+
+
+def few_rows(dataset: Any) -> bool:
+    """Whether ``dataset`` is a ``datasets.Dataset`` of fewer than :data:`SMALL_DATA_ROWS` rows."""
+    from datasets import Dataset
+
+    return isinstance(dataset, Dataset) and len(dataset) < SMALL_DATA_ROWS
+
+
+@contextlib.contextmanager
+def quiet_progress(quiet: bool = True) -> Iterator[None]:
+    """datasets' progress bars off inside the block when ``quiet`` (unless ``HF_DATASETS_DISABLE_PROGRESS_BARS`` is
+    set: the user's choice wins), as they were after it."""
+    import datasets
+    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    switch = quiet and datasets.config.HF_DATASETS_DISABLE_PROGRESS_BARS is None and not are_progress_bars_disabled()
+    if switch:
+        disable_progress_bars()
+    try:
+        yield
+    finally:
+        if switch:
+            enable_progress_bars()
 
 
 def check_columns(columns: Iterable[str], method: Method | type[Method], where: str) -> None:
@@ -39,7 +68,7 @@ def looks_local(path: str) -> bool:
     return path.startswith((".", "/", "~")) or Path(path).suffix in LOCAL_FORMATS or Path(path).exists()
 
 
-@contextmanager
+@contextlib.contextmanager
 def _quiet_datasets() -> Iterator[None]:
     """No progress bars and no log lines from ``datasets`` (its own report of a bad row counts rows from 0)."""
     from datasets.utils import logging as ds_logging

@@ -77,7 +77,9 @@ def build_trainer(recipe: Recipe, callbacks: list | None = None):
     training.setdefault("output_dir", default_output_dir(method))
     training.setdefault("report_to", "none")
     if recipe.model.gradient_checkpointing is not None:
-        training["gradient_checkpointing"] = recipe.model.gradient_checkpointing
+        training["activation_checkpointing"] = recipe.model.gradient_checkpointing
+    # TRL's default (on), passed under transformers' current name: DPOConfig's own default sets the deprecated one
+    training.setdefault("activation_checkpointing", DPOConfig.gradient_checkpointing)
     if "bf16" not in training and "fp16" not in training:
         training["bf16"] = bf16_available()
     training.setdefault("dataloader_pin_memory", torch.cuda.is_available())
@@ -92,7 +94,7 @@ def build_trainer(recipe: Recipe, callbacks: list | None = None):
         check_lora_targets(recipe.model, resolve_model_path(recipe.model.name_or_path, recipe.model.gguf_file))
     except TrlPlusError as exc:
         raise TrlPlusError(f"{recipe_source(recipe)}: {exc}") from None
-    model = load_model(recipe.model, gradient_checkpointing=args.gradient_checkpointing)
+    model = load_model(recipe.model, gradient_checkpointing=args.activation_checkpointing)
     peft_config = lora_config(recipe.model.lora) if recipe.model.lora else None
     mode = resolve_reference_mode(method, recipe.reference.mode, peft_config is not None, False)
     ref_model = None

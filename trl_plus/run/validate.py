@@ -13,7 +13,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from ..config import Recipe, explain, locate, recipe_source
 from ..data.lengths import dropped_message, fully_truncated, truncation_report
-from ..data.load import check_columns, load_preferences, looks_local
+from ..data.load import check_columns, few_rows, load_preferences, looks_local, quiet_progress
 from ..data.tokenize import tokenize_pair
 from ..errors import TrlPlusError, did_you_mean
 from ..models.load import load_tokenizer
@@ -37,6 +37,11 @@ OWNED_TRAINING_KEYS = {
     "model_init_kwargs": "the model: block",
 }
 
+# Deprecated DPOConfig names a recipe may still use: read as the current transformers names (no FutureWarning).
+RENAMED_TRAINING_KEYS = {
+    "gradient_checkpointing": "activation_checkpointing",
+    "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs",
+}
 
 
 #: Counts and rates that must be positive (TRL would accept them and train something else, or nothing).
@@ -95,8 +100,9 @@ def _check_range(key: str, value: Any, where: Callable[[str], str]) -> None:
 
 def validate_training(training: dict[str, Any], where: str | Callable[[str], str]) -> dict[str, Any]:
     """Check the ``training`` block against ``trl.DPOConfig``: names first (without importing TRL), then types and
-    the ranges of counts and rates; return it with coerced values. ``where(key)`` says where an error points (a
-    file name ``f`` stands for ``f: key``)."""
+    the ranges of counts and rates; return it with coerced values, the deprecated names of
+    :data:`RENAMED_TRAINING_KEYS` under their current ones. ``where(key)`` says where an error points (a file name
+    ``f`` stands for ``f: key``)."""
     if isinstance(where, str):
         source = where
 
@@ -116,12 +122,16 @@ def validate_training(training: dict[str, Any], where: str | Callable[[str], str
             raise TrlPlusError(f"{where('training.' + key)}: set by trl-plus; use {OWNED_TRAINING_KEYS[key]} instead")
         if key not in fields:
             raise TrlPlusError(f"{where('training.' + key)}: unknown key{did_you_mean(key, fields)}")
+        name = RENAMED_TRAINING_KEYS.get(key, key)
+        if name != key and name in training:
+            raise TrlPlusError(f"{where('training.' + key)}: the deprecated name of {name}; set only {name}")
     types = _training_field_types() if training else {}
     out = {}
     for key, value in training.items():
+        name = RENAMED_TRAINING_KEYS.get(key, key)
         annotation = types.get(key, Any)
         try:
-            out[key] = TypeAdapter(annotation).validate_python(value)
+            out[name] = TypeAdapter(annotation).validate_python(value)
         except ValidationError as exc:
             expected = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
             hint = " (YAML reads no/yes/off/on as booleans: quote the word, e.g. 'no')" if isinstance(value, bool) else ""
@@ -129,8 +139,8 @@ def validate_training(training: dict[str, Any], where: str | Callable[[str], str
                 f"{where('training.' + key)}: expected {expected}, got {value!r} ({exc.errors()[0]['msg']}){hint}"
             ) from None
         except Exception:  # annotation pydantic cannot check (an enum union, a class): TRL will check it
-            out[key] = value
-        _check_range(key, out[key], where)
+            out[name] = value
+        _check_range(key, out[name], where)
     return out
 
 
@@ -265,16 +275,17 @@ def check_lengths(recipe: Recipe, method, training: dict[str, Any], datasets: di
         if dataset is None:
             continue
         where = f"{source}: data.{split} ({getattr(recipe.data, split).path})"
-        rows = dataset.map(tokenize, desc=f"Measuring token lengths of data.{split}",
-                           remove_columns=dataset.column_names)  # fmt: skip
-        rows = rows.select_columns([c for c in method.tokenized_columns if c in rows.column_names])
-        if method.tokenize is None:
-            dropped = fully_truncated(map(len, rows["prompt_ids"]), max_length, mode)
-            if dropped == len(rows):
-                raise TrlPlusError(dropped_message(dropped, len(rows), max_length, where))
-            if dropped:
-                lines.append(dropped_message(dropped, len(rows), max_length, where))
-                rows = rows.filter(lambda row: len(row["prompt_ids"]) < max_length)
+        with quiet_progress(few_rows(dataset)):
+            rows = dataset.map(tokenize, desc=f"Measuring token lengths of data.{split}",
+                               remove_columns=dataset.column_names)  # fmt: skip
+            rows = rows.select_columns([c for c in method.tokenized_columns if c in rows.column_names])
+            if method.tokenize is None:
+                dropped = fully_truncated(map(len, rows["prompt_ids"]), max_length, mode)
+                if dropped == len(rows):
+                    raise TrlPlusError(dropped_message(dropped, len(rows), max_length, where))
+                if dropped:
+                    lines.append(dropped_message(dropped, len(rows), max_length, where))
+                    rows = rows.filter(lambda row: len(row["prompt_ids"]) < max_length)
         report = truncation_report(collator, iter(rows), max_length, mode)
         if report is not None and report.any:
             lines.append(report.summary(where))

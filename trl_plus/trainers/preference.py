@@ -23,13 +23,12 @@ from datasets.fingerprint import Hasher
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer
 from trl import DPOConfig, DPOTrainer
-from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import add_fused_lm_head, get_config_model_id, selective_log_softmax, use_adapter
 
 from ..contract import LossContext, Method
 from ..data.collate import TRUNCATED, method_collator
 from ..data.lengths import dropped_message, rows_of, truncation_report
-from ..data.load import check_columns
+from ..data.load import check_columns, few_rows, quiet_progress
 from ..errors import TrlPlusError
 from ..models.load import bf16_available, resolve_model_path
 from ..registry import get_method
@@ -51,6 +50,22 @@ def resolve_method(method: str | Method | type[Method], method_args: Mapping[str
         return method
     cls = get_method(method) if isinstance(method, str) else method
     return cls(dict(method_args or {}))
+
+
+@contextlib.contextmanager
+def _checkpointing_off(model, kwargs: Mapping[str, Any] | None):
+    """Activation checkpointing off for a no-grad forward and back on after: TRL's ``disable_gradient_checkpointing``
+    under transformers' current names (the deprecated ones warn at every step)."""
+    enabled = model.is_activation_checkpointing
+    if enabled:
+        model.activation_checkpointing_disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            options = dict(kwargs or {})  # split as transformers' Trainer does when it first enables it
+            every_n_layers, offload = options.pop("every_n_layers", 1), options.pop("offload", False)
+            model.activation_checkpointing_enable(options or None, every_n_layers=every_n_layers, offload=offload)
 
 
 class PlusTrainer(DPOTrainer):
@@ -88,9 +103,11 @@ class PlusTrainer(DPOTrainer):
             raise TrlPlusError(
                 f"method {self.method.name!r} runs on a {self.method.trainer!r} trainer, not on PlusTrainer"
             )
-        if args is None:  # TRL's defaults, less those that fail or warn on a CPU
+        if args is None:  # TRL's defaults, less those that fail or warn on a CPU; checkpointing (TRL: on) under
+            # transformers' current name (DPOConfig's own default is the deprecated alias)
             args = DPOConfig(f"runs/{self.method.name}", bf16=bf16_available(),
-                             dataloader_pin_memory=torch.cuda.is_available())  # fmt: skip
+                             dataloader_pin_memory=torch.cuda.is_available(),
+                             activation_checkpointing=DPOConfig.gradient_checkpointing)  # fmt: skip
         self.base_model_name = base_model or (model if isinstance(model, str) else get_config_model_id(model.config))
         if isinstance(model, str):
             model = resolve_model_path(model)  # an alias becomes its directory
@@ -166,17 +183,19 @@ class PlusTrainer(DPOTrainer):
         if set(self.method.tokenized_columns) <= set(dataset.column_names):
             return dataset  # already tokenized
         check_columns(dataset.column_names, self.method, f"{dataset_name} dataset")
-        if self.method.tokenize is None:  # TRL's tokenization, which drops examples whose prompt fills max_length
-            prepared = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-            if isinstance(dataset, Dataset) and len(prepared) < len(dataset):
-                message = dropped_message(len(dataset) - len(prepared), len(dataset), args.max_length,
-                                          f"{dataset_name} dataset")  # fmt: skip
-                if len(prepared) == 0:
-                    raise TrlPlusError(message)
-                logger.warning(message)
-            return prepared
-        map_kwargs = {"desc": f"Tokenizing {dataset_name} dataset"} if isinstance(dataset, Dataset) else {}
-        return dataset.map(self.method.tokenize, fn_kwargs={"tokenizer": self._tokenizer}, **map_kwargs)
+        # datasets draws a bar per map (TRL: three per split): only for data large enough to wait for
+        with quiet_progress(args.disable_tqdm or few_rows(dataset)):
+            if self.method.tokenize is None:  # TRL's tokenization: drops examples whose prompt fills max_length
+                prepared = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+                if isinstance(dataset, Dataset) and len(prepared) < len(dataset):
+                    message = dropped_message(len(dataset) - len(prepared), len(dataset), args.max_length,
+                                              f"{dataset_name} dataset")  # fmt: skip
+                    if len(prepared) == 0:
+                        raise TrlPlusError(message)
+                    logger.warning(message)
+                return prepared
+            map_kwargs = {"desc": f"Tokenizing {dataset_name} dataset"} if isinstance(dataset, Dataset) else {}
+            return dataset.map(self.method.tokenize, fn_kwargs={"tokenizer": self._tokenizer}, **map_kwargs)
 
     def _report_truncation(self) -> None:
         """Say once, per dataset, what ``max_length`` cuts from its sequences (counts per side, prompt and completion
@@ -213,7 +232,7 @@ class PlusTrainer(DPOTrainer):
             adapter_context = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
         with (
             torch.no_grad(),
-            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+            _checkpointing_off(self.model, self.args.activation_checkpointing_kwargs),
             adapter_context,
             self.accelerator.autocast(),
         ):
@@ -267,12 +286,13 @@ class PlusTrainer(DPOTrainer):
                 rows += [[per_seq[k * size + b] for k in range(num_sequences)] for b in range(size)]
             rows = self.accelerator.gather_for_metrics(rows, use_gather_object=True)
             if self.accelerator.is_main_process:
-                dataset.map(
-                    lambda _, indices: {REF_COLUMN: [rows[i] for i in indices]},
-                    with_indices=True, batched=True, remove_columns=dataset.column_names,
-                    new_fingerprint=fingerprint, cache_file_name=cache_file,
-                    desc=f"Caching reference log probs for {name} dataset",
-                )  # fmt: skip
+                with quiet_progress(few_rows(dataset)):
+                    dataset.map(
+                        lambda _, indices: {REF_COLUMN: [rows[i] for i in indices]},
+                        with_indices=True, batched=True, remove_columns=dataset.column_names,
+                        new_fingerprint=fingerprint, cache_file_name=cache_file,
+                        desc=f"Caching reference log probs for {name} dataset",
+                    )  # fmt: skip
             self.accelerator.wait_for_everyone()
         return concatenate_datasets([dataset, Dataset.from_file(cache_file)], axis=1)
 
@@ -367,3 +387,16 @@ class PlusTrainer(DPOTrainer):
             metrics["rewards/margins"].append(self._gathered_mean(rewards[0] - rewards[1]))
         for name, value in result.metrics.items():
             metrics[name].append(self._gathered_mean(value))
+
+    # -- saving ---------------------------------------------------------------------------------------------
+    def _save(self, output_dir=None, state_dict=None):
+        # transformers draws a "Writing model shards" bar at every save (1/1 for most models), inside the training bar
+        from transformers.utils import logging as transformers_logging
+
+        shown = transformers_logging.is_progress_bar_enabled()
+        transformers_logging.disable_progress_bar()
+        try:
+            super()._save(output_dir, state_dict)
+        finally:
+            if shown:
+                transformers_logging.enable_progress_bar()
