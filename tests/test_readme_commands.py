@@ -5,6 +5,7 @@ there, not in the checkout).
 - A ``trl-plus train`` line on the tiny model (the README's own ``--set`` lines make it tiny) trains, one step.
 - A ``trl-plus train`` line of a GPU recipe (a 7B model) is validated, not trained: everything ``train`` checks
   before a model loads, with the quickstart pairs standing in for the user's data file when that is absent.
+- A ``trl-plus new`` line scaffolds into a scratch folder of its own (``--root``).
 - Setup lines (``pip``, ``make``, ``python -m venv``, ``.venv/bin/activate``), benchmarks, the test suite and
   ``accelerate launch`` (tested in tests/test_cli.py) are not run here; any other command fails the test until it
   is classified below.
@@ -80,7 +81,10 @@ def test_every_readme_command_works_as_written(readme, workspace, capsys):
         args = trl_plus_args(command)
         if args is None:
             continue
-        if args[0] == "train" and is_tiny(args):
+        if args[0] == "new":  # the scaffold: into a folder of its own (the workspace's recipes/ is the checkout's)
+            args = [*args, "--root", str(workspace / "new")]
+            (workspace / "new").mkdir(exist_ok=True)
+        elif args[0] == "train" and is_tiny(args):
             args = [*args, "--set", *ONE_STEP]
         elif args[0] == "train":  # a GPU recipe: everything train checks before a model loads, on stand-in data
             args = ["validate", *args[1:], "--set", *stand_in_data(args, readme)]

@@ -192,6 +192,17 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_new(args: argparse.Namespace) -> int:
+    """``trl-plus new NAME``: scaffold a method plugin (``plugins/NAME/``, ``recipes/NAME.yaml``) to fill in."""
+    from .run.scaffold import next_steps, scaffold
+
+    options = {"family": args.family, "reference_free": args.reference_free}
+    for path in scaffold(args.name, args.root, **options):
+        print(f"wrote {path}")
+    print(next_steps(args.name, args.root, **options))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``trl-plus`` command."""
     parser = argparse.ArgumentParser(
@@ -240,6 +251,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--output", help="output directory (default: RUN_DIR-merged)")
     p.set_defaults(func=cmd_merge)
+    p = sub.add_parser("new", parents=[common],
+                       help="scaffold a method plugin: plugins/NAME/ (module, tests, README) and recipes/NAME.yaml")
+    p.add_argument("name", metavar="NAME", help="the method's name: lowercase letters, digits and dashes")
+    p.add_argument("--family", default="offline-pairwise", help="the method's family (default: offline-pairwise)")
+    p.add_argument("--reference-free", action="store_true", help="the method needs no reference model")
+    p.add_argument("--root", default=".", metavar="DIR", help="the repository root to write into (default: .)")
+    p.set_defaults(func=cmd_new)
     return parser
 
 
