@@ -43,6 +43,7 @@ ${name} = "${module}"
 
 [tool.setuptools]
 py-modules = ["${module}"]
+package-dir = {"" = "."}
 ''')
 
 MODULE = Template('''\
