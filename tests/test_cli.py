@@ -208,3 +208,28 @@ def test_an_unknown_method_suggests_installed_names_and_only_real_install_lines(
     proc = run("show", "simpo", env={"TRL_PLUS_PLUGINS": ""}, check=False)  # a repository plugin, not loaded
     assert proc.returncode == 2
     assert "It is a plugin of the trl-plus repository: `pip install -e plugins/simpo` in a checkout." in proc.stderr
+
+
+def test_list_json_show_json_and_plugins_give_tooling_the_same_facts(capsys):
+    from trl_plus.registry import get_registry
+
+    assert main(["list", "--json"]) == 0
+    records = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert set(records) == set(get_registry().methods)
+    simpo = records["simpo"]
+    assert simpo["paper"]["arxiv"] == "2405.14734" and simpo["needs"]["reference"] == "no"
+    assert simpo["source"] == "trl-plus-simpo (simpo)" and simpo["trainer"] == "preference"
+    beta = next(h for h in simpo["hyperparameters"] if h["name"] == "beta")
+    assert beta["type"] == "float" and beta["default"] == get_registry().methods["simpo"].Config().beta
+    assert main(["show", "simpo", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert {k: v for k, v in shown.items() if k != "example_recipe"} == simpo
+    assert yaml.safe_load(shown["example_recipe"])["method"] == "simpo"
+    assert main(["plugins", "--json"]) == 0
+    plugins = json.loads(capsys.readouterr().out)
+    assert plugins[0]["distribution"] == "trl-plus" and plugins[0]["methods"] == ["dpo", "sft"]
+    assert "tiny-llama" in plugins[0]["model_aliases"]
+    by_name = {p["distribution"]: p for p in plugins}
+    assert by_name["trl-plus-simpo"]["methods"] == ["simpo"] and by_name["trl-plus-simpo"]["version"] == "0.1.0"
+    assert main(["plugins"]) == 0
+    assert "trl-plus-simpo" in capsys.readouterr().out

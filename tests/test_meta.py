@@ -177,3 +177,16 @@ def test_the_registry_knows_the_repository_plugins_for_its_install_hint():
     from trl_plus.registry import REPOSITORY_PLUGINS
 
     assert REPOSITORY_PLUGINS == {p.name for p in PLUGINS}
+
+
+def test_the_readme_methods_table_is_the_registrys(monkeypatch):
+    """The README's table is `trl-plus list --markdown` over the core and this repository's plugins: it cannot drift
+    (regenerate it with that command when a method or its metadata changes)."""
+    from trl_plus.registry import REPOSITORY_PLUGINS, load_registry
+    from trl_plus.run.catalogue import methods_markdown
+
+    monkeypatch.setenv("TRL_PLUS_PLUGINS", ",".join(sorted(REPOSITORY_PLUGINS)))
+    table = methods_markdown(load_registry())
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("| method | family | needs | paper | plugin |")
+    assert readme[start : readme.index("\n\n", start)] == table, "README's methods table: run trl-plus list --markdown"

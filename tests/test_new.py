@@ -74,7 +74,7 @@ def test_writes_a_plugin_in_the_repository_pattern(repo, name, capsys):
     out = capsys.readouterr().out
     assert all(f"wrote {repo / path}" in out for path in written)
     for step in (f"pip install -e {plugin}", f"trl-plus show {name}", f"python -m pytest {plugin}",
-                 f"| `{name}` | {'offline-listwise' if name == 'odd-po2' else 'offline-pairwise'} |"):  # fmt: skip
+                 f"add {name!r} to REPOSITORY_PLUGINS", "trl-plus list --markdown"):  # fmt: skip
         assert step in out
 
     # what tests/test_meta.py asks of every plugin distribution

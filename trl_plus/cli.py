@@ -54,6 +54,14 @@ def cmd_list(args: argparse.Namespace) -> int:
     from .registry import get_registry
 
     registry = get_registry()
+    if args.json or args.markdown:
+        from .run.catalogue import method_record, methods_markdown, ordered
+
+        if args.markdown:
+            print(methods_markdown(registry))
+        else:
+            print(json.dumps([method_record(cls, registry.sources[name]) for name, cls in ordered(registry)], indent=2))
+        return 0
     methods = sorted(registry.methods.items())
     header = ["method", "family", "needs", "from"]
     if args.wide:
@@ -98,18 +106,18 @@ def example_recipe(method_cls) -> str:
     return yaml.safe_dump(recipe, sort_keys=False)
 
 
-def _type_name(annotation: Any) -> str:
-    if typing.get_origin(annotation) is typing.Literal:
-        return "|".join(map(str, typing.get_args(annotation)))
-    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
-
-
 def cmd_show(args: argparse.Namespace) -> int:
     """``trl-plus show NAME``: paper, needs, data columns, hyperparameters and an example recipe."""
     from .registry import get_registry
 
+    from .run.catalogue import method_record, type_name
+
     registry = get_registry()
     cls = registry.get(args.name)
+    if args.json:
+        print(json.dumps({**method_record(cls, registry.sources[cls.name]), "example_recipe": example_recipe(cls)},
+                         indent=2))  # fmt: skip
+        return 0
     print(f"{cls.name} — {cls.summary}" if cls.summary else cls.name)
     print(f"paper:   {cls.paper}" + (f"\ncode:    {cls.paper.code}" if cls.paper.code else ""))
     print(f"family:  {cls.family}\nneeds:   {cls.needs.describe()}\nfrom:    {registry.sources[cls.name]}")
@@ -117,11 +125,26 @@ def cmd_show(args: argparse.Namespace) -> int:
           f"sequence{'s' if cls.sequences_per_example > 1 else ''} per example\n")
     rows = []
     for name, f in cls.Config.model_fields.items():
-        annotation = _type_name(f.annotation)
+        annotation = type_name(f.annotation)
         default = "(required)" if f.is_required() else repr(f.default)
         rows.append([name, annotation, default, f.description or ""])
     print(_table(rows, ["hyperparameter", "type", "default", "meaning"]) if rows else "no hyperparameters")
     print("\nexample recipe:\n" + textwrap.indent(example_recipe(cls), "  "))
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    """``trl-plus plugins``: the installed plugin distributions, their versions and what each registers."""
+    from .registry import get_registry
+    from .run.catalogue import plugin_records
+
+    records = plugin_records(get_registry())
+    if args.json:
+        print(json.dumps(records, indent=2))
+        return 0
+    rows = [[r["distribution"], r["version"] or "?", ", ".join(r["methods"] + r["model_aliases"])
+             or f"broken: {r['error']}"] for r in records]  # fmt: skip
+    print(_table(rows, ["distribution", "version", "registers"]))
     return 0
 
 
@@ -222,10 +245,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="installed methods: family, needs, paper, source; broken plugins")  # fmt: skip
     p.add_argument("--wide", action="store_true",
                    help=f"one line per method, nothing cut (default: {LIST_WIDTH} columns)")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="every method's record (paper, needs, hyperparameters) as JSON")
+    p.add_argument("--markdown", action="store_true", help="the methods table of the README, in Markdown")
     p.set_defaults(func=cmd_list)
+    p = sub.add_parser("plugins", parents=[common],
+                       help="installed plugin distributions, versions, what each registers")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="as JSON")
+    p.set_defaults(func=cmd_plugins)
     p = sub.add_parser("show", parents=[common],
                        help="a method's hyperparameters, data fields and an example recipe")  # fmt: skip
     p.add_argument("name")
+    p.add_argument("--json", action="store_true", help="the method's record and example recipe as JSON")
     p.set_defaults(func=cmd_show)
     for name, func, text in (
         ("validate", cmd_validate, "check a recipe (keys, types, method args, files, data columns)"),

@@ -5,8 +5,8 @@ What it writes is what ``tests/test_meta.py`` asks of every plugin of the reposi
 entry point ``NAME`` in group ``trl_plus``), the module (a config with one example hyperparameter, the method with
 TODO paper fields, a ``loss`` that raises ``NotImplementedError``, the registration hook), a README skeleton, tests
 on ``trl_plus.testing`` whose loss tests are strict xfails until the loss exists, and ``recipes/NAME.yaml`` on the
-tiny offline model. The one thing left to add by hand is the README's methods-table row (and the name in
-``trl_plus.registry.REPOSITORY_PLUGINS``); :func:`next_steps` says so.
+tiny offline model. Left to do by hand: the name in ``trl_plus.registry.REPOSITORY_PLUGINS`` and the README's
+methods table regenerated (``trl-plus list --markdown``); :func:`next_steps` says so.
 """
 
 from __future__ import annotations
@@ -304,15 +304,12 @@ def next_steps(name: str, root: str | Path = ".", family: str = "offline-pairwis
                reference_free: bool = False) -> str:  # fmt: skip
     """What to do after :func:`scaffold`, as printed by ``trl-plus new``."""
     plugin = Path(root) / "plugins" / name
-    needs = "— (reference-free)" if reference_free else "reference"
-    row = f"| `{name}` | {family} | {needs} | TODO: title (arXiv TODO: arXiv id) | [plugins/{name}](plugins/{name}) |"
     return "\n".join([
         "next steps:",
         f"  implement loss() in {plugin}/trl_plus_{name.replace('-', '_')}.py; fill in its TODOs and the README's",
         f"  pip install -e {plugin}",
         f"  trl-plus show {name}",
         f"  python -m pytest {plugin}      # the loss tests xfail until loss() exists; then remove their markers",
-        f"  by hand: add this row to {Path(root) / 'README.md'}'s methods table (tests/test_meta.py checks it),",
-        f"    {row}",
-        f"  and {name!r} to REPOSITORY_PLUGINS in trl_plus/registry.py (tests/test_meta.py checks that too)",
+        f"  by hand: add {name!r} to REPOSITORY_PLUGINS in trl_plus/registry.py, then regenerate the README's methods",
+        f"  table with `trl-plus list --markdown` (tests/test_meta.py checks both)",
     ])  # fmt: skip
