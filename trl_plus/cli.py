@@ -1,4 +1,4 @@
-"""The ``trl-plus`` command: list, show, validate, train.
+"""The ``trl-plus`` command: list, plugins, show, new, validate, train, eval, report, merge.
 
 ``--help`` and ``list`` import neither torch nor transformers; ``train`` does, once the recipe is valid.
 """
