@@ -22,7 +22,7 @@ quickstart: setup
 	$(BIN)/trl-plus train recipes/quickstart.yaml
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto
 
 bench: setup
 	$(BIN)/python bench/bench_step_time.py
