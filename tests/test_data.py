@@ -62,3 +62,22 @@ def test_good_files_still_load(tmp_path):
     (tmp_path / "ok.csv").write_text("prompt,chosen,rejected\ncafé,a,b\n")
     assert len(load_preferences(str(tmp_path / "ok.jsonl"))) == 5
     assert load_preferences(str(tmp_path / "ok.csv"))[0]["prompt"] == "café"
+
+
+def test_text_columns_of_another_type_are_named_before_tokenizing(tmp_path, capsys):
+    data = tmp_path / "numbers.jsonl"
+    data.write_text("".join(json.dumps({"prompt": i, "chosen": "a", "rejected": "b"}) + "\n" for i in range(3)))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"method: dpo\nmodel: {{name_or_path: tiny-llama}}\ndata: {{train: {{path: {data}}}}}\n")
+    assert main(["validate", str(recipe)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: {recipe}: data.train ({data}): column 'prompt' holds int64 values; method 'dpo' reads text there (a "
+        "string, or a list of chat messages with role and content)"
+    )
+    from trl_plus.testing import tiny_trainer
+
+    with pytest.raises(TrlPlusError, match="train dataset: column 'prompt' holds int64 values"):
+        tiny_trainer("dpo", tmp_path / "out", rows=[{"prompt": 1, "chosen": "a", "rejected": "b"}] * 4)
+    messages = [{"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": "yes"}],
+                 "rejected": [{"role": "assistant", "content": "no"}]}] * 8  # fmt: skip
+    tiny_trainer("dpo", tmp_path / "chat", rows=messages)  # chat messages are text too

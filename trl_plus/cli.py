@@ -109,7 +109,6 @@ def example_recipe(method_cls) -> str:
 def cmd_show(args: argparse.Namespace) -> int:
     """``trl-plus show NAME``: paper, needs, data columns, hyperparameters and an example recipe."""
     from .registry import get_registry
-
     from .run.catalogue import method_record, type_name
 
     registry = get_registry()

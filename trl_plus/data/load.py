@@ -63,6 +63,24 @@ def check_columns(columns: Iterable[str], method: Method | type[Method], where: 
         )
 
 
+def check_text_columns(features: Any, method: Method | type[Method], where: str) -> None:
+    """The method's text columns (``data_fields``: prompt, chosen, ...) must hold strings or chat messages (lists of
+    ``{role, content}``): a clear error naming the column and its type, instead of a tokenizer traceback later."""
+    from datasets import Value
+
+    for name in method.data_fields:
+        feature = features.get(name) if features is not None else None
+        if feature is None:
+            continue
+        inner = getattr(feature, "feature", None)  # a List(...) of messages
+        text = isinstance(feature, Value) and feature.dtype in ("string", "large_string")
+        messages = isinstance(inner, dict) and "content" in inner
+        if not (text or messages):
+            kind = feature.dtype if isinstance(feature, Value) else type(feature).__name__
+            raise TrlPlusError(f"{where}: column {name!r} holds {kind} values; method {method.name!r} reads text there "
+                               "(a string, or a list of chat messages with role and content)")  # fmt: skip
+
+
 def looks_local(path: str) -> bool:
     """Whether ``path`` names a local file or directory rather than a hub id (``org/name``)."""
     return path.startswith((".", "/", "~")) or Path(path).suffix in LOCAL_FORMATS or Path(path).exists()

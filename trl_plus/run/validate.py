@@ -13,7 +13,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from ..config import Recipe, explain, locate, recipe_source
 from ..data.lengths import dropped_message, fully_truncated, truncation_report
-from ..data.load import check_columns, few_rows, load_preferences, looks_local, quiet_progress
+from ..data.load import check_columns, check_text_columns, few_rows, load_preferences, looks_local, quiet_progress
 from ..data.tokenize import tokenize_pair
 from ..errors import TrlPlusError, did_you_mean
 from ..models.load import load_tokenizer
@@ -235,6 +235,7 @@ def load_split(recipe: Recipe, method, which: str):
     where = f"{recipe_source(recipe)}: data.{which}"
     dataset = load_preferences(spec.path, spec.split, spec.limit, where=where, columns=spec.columns)
     check_columns(dataset.column_names, method, f"{recipe_source(recipe)}: data.{which} ({spec.path})")
+    check_text_columns(dataset.features, method, f"{recipe_source(recipe)}: data.{which} ({spec.path})")
     return dataset
 
 

@@ -28,7 +28,7 @@ from trl.trainer.utils import add_fused_lm_head, get_config_model_id, selective_
 from ..contract import LossContext, Method
 from ..data.collate import TRUNCATED, method_collator
 from ..data.lengths import dropped_message, rows_of, truncation_report
-from ..data.load import check_columns, few_rows, quiet_progress
+from ..data.load import check_columns, check_text_columns, few_rows, quiet_progress
 from ..errors import TrlPlusError
 from ..models.load import bf16_available, resolve_model_path
 from ..registry import get_method
@@ -183,6 +183,7 @@ class PlusTrainer(DPOTrainer):
         if set(self.method.tokenized_columns) <= set(dataset.column_names):
             return dataset  # already tokenized
         check_columns(dataset.column_names, self.method, f"{dataset_name} dataset")
+        check_text_columns(dataset.features, self.method, f"{dataset_name} dataset")
         # datasets draws a bar per map (TRL: three per split): only for data large enough to wait for
         with quiet_progress(args.disable_tqdm or few_rows(dataset)):
             if self.method.tokenize is None:  # TRL's tokenization: drops examples whose prompt fills max_length
