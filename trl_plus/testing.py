@@ -140,18 +140,20 @@ def tiny_trainer(
 ):
     """A :class:`~trl_plus.PlusTrainer` for ``method`` on the tiny offline model (seeded: every call builds
     the same weights) and ``rows`` (default: 32 synthetic pairs), not yet trained: for "the same batch through two
-    methods" tests. ``training`` overrides ``trl.DPOConfig`` fields (e.g. ``{"max_length": 64}``)."""
+    methods" tests. ``training`` overrides ``trl.DPOConfig`` fields (e.g. ``{"max_length": 64}``, or
+    ``{"report_to": ["tensorboard"]}``)."""
     from datasets import Dataset
     from trl import DPOConfig
 
     from .trainers.preference import PlusTrainer
 
     tokenizer = build_tokenizer()
-    args = DPOConfig(
+    defaults = dict(
         output_dir=str(output_dir), max_steps=max_steps, learning_rate=learning_rate, per_device_train_batch_size=8,
         logging_steps=1, report_to="none", save_strategy="no", bf16=False, activation_checkpointing=False,
-        disable_tqdm=True, seed=0, dataloader_pin_memory=False, **(training or {}),
+        disable_tqdm=True, seed=0, dataloader_pin_memory=False,
     )  # fmt: skip
+    args = DPOConfig(**{**defaults, **(training or {})})  # training may override any of these (report_to too)
     dataset = Dataset.from_list(list(rows or preference_rows(32)))
     return PlusTrainer(
         build_model(tokenizer), args=args, method=method, method_args=method_args, reference_mode=reference_mode,

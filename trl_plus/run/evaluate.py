@@ -167,6 +167,27 @@ class EvalReport:
         columns = {"before": self.before} | ({"after": self.after} if self.after is not None else {})
         return format_report(columns, self.lengths, self.beta, self.source)
 
+    def markdown(self) -> str:
+        """The report as a Markdown table (the run's model card): the rows and figures of :meth:`table`."""
+        columns = {"before": self.before} | ({"after": self.after} if self.after is not None else {})
+        lines = [
+            f"{int(self.lengths['pairs'])} held-out pairs from `{self.source}` (β = {self.beta:g}; reference = the "
+            "model before training).",
+            "",
+            "| metric | " + " | ".join(columns) + " |",
+            "|---|" + "---:|" * len(columns),
+        ]
+        for key, label, fmt in ROWS:
+            if any(key in c for c in columns.values()):
+                cells = [fmt.format(c[key]) if key in c else "-" for c in columns.values()]
+                name = "↳ " + label.strip() if label.startswith(" ") else label  # a sub-row of the one above
+                lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lengths = self.lengths
+        lines += ["", f"Completion lengths: chosen {lengths['chosen_tokens']:.1f} tokens, rejected "
+                  f"{lengths['rejected_tokens']:.1f} tokens on average; chosen is longer in "
+                  f"{100 * lengths['chosen_longer']:.0f}% of pairs."]  # fmt: skip
+        return "\n".join(lines)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form (written as ``eval_report.json`` in a run directory)."""
         return {"before": self.before, "after": self.after, "lengths": self.lengths, "beta": self.beta,

@@ -14,6 +14,8 @@ RESOLVED_RECIPE = "trl_plus_recipe.yaml"
 STATE_FILE = "trainer_state.json"
 #: The held-out before/after metrics (with ``data.eval``).
 EVAL_REPORT = "eval_report.json"
+#: The model card in the Hub's format: method, paper, recipe, held-out figures.
+MODEL_CARD = "README.md"
 
 
 def read_state(output_dir: str | Path) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from ..models.load import (
 )  # fmt: skip
 from ..trainers import trainer_class
 from ..trainers.frozen import resolve_reference_mode
+from .card import complete_model_card
 from .evaluate import recipe_beta, report_from_scores, score_pairs
 from .report import plot_run
 from .rundir import EVAL_REPORT, RESOLVED_RECIPE, STATE_FILE, last_metrics
@@ -137,8 +138,9 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None
     """Train as a recipe says. ``recipe`` is a YAML path, a dict or a :class:`Recipe`; ``overrides`` are
     ``key.path=value`` strings (the CLI's ``--set``).
 
-    The output directory receives the final model (or LoRA adapter) and tokenizer, the resolved recipe
-    (``trl_plus_recipe.yaml``) and ``trainer_state.json``. Ctrl-C saves a checkpoint first; resume with
+    The output directory receives the final model (or LoRA adapter) and tokenizer, its model card (``README.md``:
+    method, paper, recipe, held-out figures), the resolved recipe (``trl_plus_recipe.yaml``) and
+    ``trainer_state.json``. Ctrl-C saves a checkpoint first; resume with
     ``training.resume_from_checkpoint`` (a folder, or ``true`` for the latest one in ``output_dir``).
     """
     if not isinstance(recipe, Recipe):
@@ -159,7 +161,8 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         resolved = recipe.model_dump(mode="json")
         resolved["method_args"] = trainer.method.config.model_dump(mode="json")
-        (Path(output_dir) / RESOLVED_RECIPE).write_text(yaml.safe_dump(resolved, sort_keys=False))
+        resolved_text = yaml.safe_dump(resolved, sort_keys=False)
+        (Path(output_dir) / RESOLVED_RECIPE).write_text(resolved_text)
 
     held_out = _held_out_scorer(recipe_for_trainer, trainer)
     before = held_out() if held_out else None
@@ -182,6 +185,8 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None
         trainer.state.save_to_json(str(Path(output_dir) / STATE_FILE))
         if evaluation is not None:
             (Path(output_dir) / EVAL_REPORT).write_text(json.dumps(evaluation.to_dict(), indent=2))
+        if not interrupted:  # the card the save wrote, completed with the recipe and the held-out figures
+            complete_model_card(output_dir, recipe, resolved_text, evaluation)
         plot = str(plot_run(output_dir))
     return TrainResult(
         output_dir=output_dir,

@@ -53,6 +53,34 @@ POSITIVE_TRAINING_KEYS = (
 NON_NEGATIVE_TRAINING_KEYS = ("warmup_steps", "weight_decay", "max_grad_norm", "save_total_limit")
 
 
+#: ``training.report_to`` integrations -> (the modules any one of which makes transformers' callback work, the
+#: package to install, how).
+REPORT_TO_PACKAGES = {
+    "tensorboard": (("tensorboard", "tensorboardX"), "tensorboardX", 'pip install "trl-plus[tensorboard]"'),
+    "wandb": (("wandb",), "wandb", "pip install wandb"),
+    "trackio": (("trackio",), "trackio", "pip install trackio"),
+    "mlflow": (("mlflow",), "mlflow", "pip install mlflow"),
+    "comet_ml": (("comet_ml",), "comet-ml", "pip install comet-ml"),
+}
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def check_report_to(report_to: Any, where: Callable[[str], str]) -> None:
+    """Each integration ``training.report_to`` names has its package installed (transformers would fail only
+    after the models load); ``"all"`` and ``"none"`` name nothing to check."""
+    for name in [report_to] if isinstance(report_to, str) else list(report_to or ()):
+        if name not in REPORT_TO_PACKAGES:
+            continue  # "all", "none", or an integration transformers checks itself
+        modules, package, install = REPORT_TO_PACKAGES[name]
+        if not any(_installed(m) for m in modules):
+            raise TrlPlusError(f"{where('training.report_to')}: {name} needs the package {package}: {install}")
+
+
 def training_field_names() -> set[str]:
     """The ``__init__`` fields of ``trl.DPOConfig`` (with those of its ``TrainingArguments`` bases), read from their
     source files without importing TRL (which imports torch: seconds), so a mistyped key is reported at once."""
@@ -166,6 +194,7 @@ def check_recipe(recipe: Recipe):
         raise TrlPlusError(f"{source}: method: {exc}") from None
     training = {k: v for k, v in recipe.training.items() if k != "resume_from_checkpoint"}
     training = validate_training(training, lambda key: locate(recipe, key))
+    check_report_to(training.get("report_to"), lambda key: locate(recipe, key))
     resume = recipe.training.get("resume_from_checkpoint")  # true (the latest checkpoint) or a folder
     if not isinstance(resume, (bool, str, type(None))):
         raise TrlPlusError(f"{source}: training.resume_from_checkpoint: expected true or a checkpoint folder, "

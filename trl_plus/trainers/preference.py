@@ -68,6 +68,33 @@ def _checkpointing_off(model, kwargs: Mapping[str, Any] | None):
             model.activation_checkpointing_enable(options or None, every_n_layers=every_n_layers, offload=offload)
 
 
+def paper_for_card(method: Method) -> dict[str, str | None]:
+    """The method's paper as TRL's model card takes it (``DPOTrainer._paper``'s keys): title, arXiv id and a BibTeX
+    entry (TRL's own when the paper is DPO's, else an arXiv ``@misc``)."""
+    paper = getattr(method, "paper", None)
+    if paper is None:
+        return {}
+    if paper.arxiv == DPOTrainer._paper["id"]:
+        return {**DPOTrainer._paper, "title": paper.title}
+    citation = (f"@misc{{arxiv{paper.arxiv},\n    title         = {{{{{paper.title}}}}},\n"
+                f"    eprint        = {{{paper.arxiv}}},\n    archivePrefix = {{arXiv}},\n"
+                f"    url           = {{https://arxiv.org/abs/{paper.arxiv}}},\n}}")  # fmt: skip
+    return {"title": paper.title, "id": paper.arxiv, "citation": citation}
+
+
+def method_section(method: Method) -> str:
+    """The model card's "Method" section: the method's name and summary, its paper (arXiv link) and official code."""
+    lines = ["## Method", "", f"Trained with the trl-plus method **`{method.name}`**"
+             + (f": {method.summary.rstrip('.')}." if method.summary else ".")]  # fmt: skip
+    paper = getattr(method, "paper", None)
+    if paper is not None:
+        lines += ["", f"- Paper: [{paper.title}](https://arxiv.org/abs/{paper.arxiv}) (arXiv {paper.arxiv})"]
+        if paper.code:
+            url = paper.code if "://" in paper.code else f"https://github.com/{paper.code}"
+            lines.append(f"- Official code: [{paper.code}]({url})")
+    return "\n".join(lines) + "\n"
+
+
 class PlusTrainer(DPOTrainer):
     """TRL's ``DPOTrainer`` driven by a method plugin.
 
@@ -108,6 +135,10 @@ class PlusTrainer(DPOTrainer):
             args = DPOConfig(f"runs/{self.method.name}", bf16=bf16_available(),
                              dataloader_pin_memory=torch.cuda.is_available(),
                              activation_checkpointing=DPOConfig.gradient_checkpointing)  # fmt: skip
+        # the model card's and the model's tags, trainer name and paper are the method's (TRL's are DPO's)
+        self._tag_names = [*PlusTrainer._tag_names, self.method.name]
+        self._name = self.method.name
+        self._paper = paper_for_card(self.method)
         self.base_model_name = base_model or (model if isinstance(model, str) else get_config_model_id(model.config))
         if isinstance(model, str):
             model = resolve_model_path(model)  # an alias becomes its directory
@@ -159,16 +190,18 @@ class PlusTrainer(DPOTrainer):
         self._report_truncation()
 
     def create_model_card(self, model_name=None, dataset_name=None, tags=None):
-        """TRL's model card, with what TRL leaves as ``None`` filled in: the base model (TRL names only a hub id,
-        not a local folder such as an alias, a converted GGUF file or a checkpoint) and the quick start's
-        ``model=`` (the output directory, for a run not pushed to the hub)."""
+        """TRL's model card for the method: its name in the tags, its own paper credited (TRL credits DPO's), a
+        "Method" section (name, summary, paper, official code), and what TRL leaves as ``None`` filled in: the base
+        model (TRL names only a hub id, not a local folder such as an alias, a converted GGUF file or a checkpoint)
+        and the quick start's ``model=`` (the output directory, for a run not pushed to the hub)."""
         super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
         card = Path(self.args.output_dir) / "README.md"
         if not self.is_world_process_zero() or not card.is_file():
             return
         base = f"`{self.base_model_name}`" if self.base_model_name else "a model without a name"
         text = card.read_text().replace("[None](https://huggingface.co/None)", base)
-        card.write_text(text.replace('model="None"', f'model="{self.args.output_dir}"'))
+        text = text.replace('model="None"', f'model="{self.args.output_dir}"')
+        card.write_text(text.replace("\n## Quick start", f"\n{method_section(self.method)}\n## Quick start", 1))
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """TRL's save; the final model saved in ``args.output_dir`` gets the model card too (written first, so that
