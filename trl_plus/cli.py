@@ -179,9 +179,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """``trl-plus train RECIPE``: train, then print the closing summary (exit 130 when interrupted)."""
+    from .config import load_recipe
+    from .run.validate import check_recipe
+
+    recipe = load_recipe(args.recipe, args.set)
+    check_recipe(recipe)  # a typo is reported before torch loads (run.train imports it)
     from .run.train import train
 
-    result = train(args.recipe, args.set)
+    result = train(recipe)
     if result.is_main_process:
         print(result.summary())
     return 130 if result.interrupted else 0
