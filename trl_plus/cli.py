@@ -12,7 +12,6 @@ import logging
 import os
 import sys
 import textwrap
-import typing
 from pathlib import Path
 from typing import Any
 

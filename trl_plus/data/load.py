@@ -88,18 +88,17 @@ def looks_local(path: str) -> bool:
 
 @contextlib.contextmanager
 def _quiet_datasets() -> Iterator[None]:
-    """No progress bars and no log lines from ``datasets`` (its own report of a bad row counts rows from 0)."""
+    """No progress bars (:func:`quiet_progress`) and no log lines from ``datasets`` (its own report of a bad row
+    counts rows from 0)."""
     from datasets.utils import logging as ds_logging
 
-    bars, verbosity = ds_logging.is_progress_bar_enabled(), ds_logging.get_verbosity()
-    ds_logging.disable_progress_bar()
+    verbosity = ds_logging.get_verbosity()
     ds_logging.set_verbosity(ds_logging.CRITICAL)
     try:
-        yield
+        with quiet_progress():
+            yield
     finally:
         ds_logging.set_verbosity(verbosity)
-        if bars:
-            ds_logging.enable_progress_bar()
 
 
 def _not_utf8(number: int, line: bytes, exc: UnicodeDecodeError) -> str:

@@ -147,14 +147,9 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None
         recipe = load_recipe(recipe, overrides)
     elif overrides:
         raise ValueError("overrides apply to a recipe file or dict, not to a Recipe object")
-    check_recipe(recipe)  # the resume target and the output folder's owner too, before any model loads
-    resume = recipe.training.get("resume_from_checkpoint")
-    recipe_for_trainer = recipe.model_copy(deep=True)
-    recipe_for_trainer.training.pop("resume_from_checkpoint", None)
-    recipe_for_trainer._source = recipe_source(recipe)
-    trainer = build_trainer(recipe_for_trainer)
+    trainer = build_trainer(recipe)  # validates first: the resume target and the output folder's owner too
     output_dir = trainer.args.output_dir
-    resume = resume_target(resume, output_dir)
+    resume = resume_target(recipe.training.get("resume_from_checkpoint"), output_dir)
 
     main_process = trainer.accelerator.is_main_process
     if main_process:
@@ -164,7 +159,7 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None
         resolved_text = yaml.safe_dump(resolved, sort_keys=False)
         (Path(output_dir) / RESOLVED_RECIPE).write_text(resolved_text)
 
-    held_out = _held_out_scorer(recipe_for_trainer, trainer)
+    held_out = _held_out_scorer(recipe, trainer)
     before = held_out() if held_out else None
     interrupted, checkpoint = False, None
     try:
