@@ -188,7 +188,6 @@ def test_a_typo_is_reported_without_importing_torch(tmp_path):
     import subprocess
     import sys
     import textwrap
-    import time
 
     path = write(tmp_path, deep(BASE, training={"learnin_rate": 0.1}))
     code = textwrap.dedent(f"""
@@ -197,14 +196,13 @@ def test_a_typo_is_reported_without_importing_torch(tmp_path):
         from trl_plus.cli import main
         assert main(["validate", {path!r}]) == 2
         print(time.perf_counter() - start)
-        assert "torch" not in sys.modules, "a heavy import before the typo"
+        heavy = [name for name in ("torch", "datasets", "peft") if name in sys.modules]
+        assert not heavy, f"imported before the typo was reported: {{heavy}}"
     """)
-    started = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    wall = time.perf_counter() - started
     assert proc.returncode == 0, proc.stderr
     assert "training.learnin_rate: unknown key (did you mean learning_rate?)" in proc.stderr
-    assert wall < 3.0, f"validate took {wall:.2f} s to report a typo"  # 0.7 s measured on 2 cores; 4.8 s before
+    # what made it slow (4.8 s before, 0.7 s after on 2 cores) is the imports; a wall-clock bound is flaky in -n auto
 
 
 def test_lora_target_modules_and_layers_are_checked_against_the_model_before_it_loads(tmp_path, monkeypatch, capsys):

@@ -11,7 +11,7 @@ from datasets import Dataset
 
 from trl_plus import LossContext, LossOutput, Method, Needs, Paper, TrlPlusError
 from trl_plus.builtin.dpo import DPO
-from trl_plus.data.collate import PairwiseCollator
+from trl_plus.data.collate import FieldCollation, PairwiseCollator
 from trl_plus.models.tiny import build_model, build_tokenizer
 from trl_plus.testing import preference_rows, registered, train_tiny
 from trl_plus.trainers.preference import PlusTrainer
@@ -281,7 +281,7 @@ def test_optional_fields_reach_the_loss_only_when_the_data_has_them(tmp_path):
 
 
 def test_optional_field_missing_in_some_rows_is_an_error():
-    collate = PairwiseCollator(pad_token_id=0, max_length=None, optional_fields=("weight",))
+    collate = FieldCollation(PairwiseCollator(pad_token_id=0, max_length=None), Needs(optional_fields=("weight",)))
     rows = [{"prompt_ids": [1], "chosen_ids": [2], "rejected_ids": [3], "weight": w} for w in (1.0, None)]
     with pytest.raises(ValueError, match="'weight' is missing"):
         collate(rows)

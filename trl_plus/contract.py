@@ -98,6 +98,42 @@ class Paper:
 
 
 @dataclass(frozen=True)
+class ListField:
+    """A ragged per-example list column (see ``Needs.list_fields``).
+
+    - ``dtype``: ``"float"`` or ``"int"``, the values' type (and the collated tensor's).
+    - ``same_length_as``: another list column of the same row whose length this one must have (``"completions"``:
+      one reward per completion); ``None``: any length.
+    - ``required``: ``False`` for a column used only when the data has it (collated when every row of a batch has
+      it, absent from ``ctx.batch`` otherwise).
+    - ``pad``: the value of padded entries (their mask is ``False`` whatever it is).
+    """
+
+    name: str
+    dtype: Literal["float", "int"] = "float"
+    same_length_as: str | None = None
+    required: bool = True
+    pad: float = 0
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One training stage (see :meth:`Method.stages`): stages run in order, each with a fresh optimiser and
+    scheduler, under ``output_dir/stage-<name>/``.
+
+    - ``rows``: which rows of the (prepared, tokenized) training data the stage trains on, a predicate over a row
+      (e.g. ``lambda row: row["stage"] == 2``); ``None``: all of them.
+    - ``refresh_reference``: before the stage starts, the reference becomes a frozen copy of the current policy
+      (π_ref ← π_θ): a full copy, a frozen ``ref`` adapter, or recomputed precomputed columns, as the run's
+      reference mode says. A hard copy at the boundary, not TRL's ``sync_ref_model`` (soft mixing every N steps).
+    """
+
+    name: str
+    rows: Callable[[dict[str, Any]], bool] | None = None
+    refresh_reference: bool = False
+
+
+@dataclass(frozen=True)
 class Needs:
     """What a method needs from the trainer. The trainer builds exactly this and nothing more.
 
@@ -115,6 +151,13 @@ class Needs:
     - ``precomputable_reference``: ``False`` when the collated sequences change from step to step (random
       perturbations): reference log-probs computed once before training could not match them, so
       ``reference.mode: precomputed`` is refused.
+    - ``list_fields``: ragged per-example list columns (scores, ranks, relevance), each a name or a
+      :class:`ListField`; collated into ``ctx.batch[name]`` ``[B, L]`` (padded, ``L`` = the batch's longest list)
+      and ``ctx.batch[name + "_mask"]`` ``[B, L]`` (``True`` on real entries). A required list column is also a
+      column the data must have; every row is checked (type, length) before any model loads.
+    - ``token_fields``: token-aligned columns that the method's own collator emits (``Sequence.tokens``, e.g.
+      IRPO's per-token item ids); the trainer applies the label shift and hands them to the loss as
+      ``ctx.tokens[name]``, ``[K, B, T]`` aligned with ``ctx.token_logps``.
     """
 
     reference: Literal["yes", "no", "optional"] = "yes"
@@ -126,6 +169,13 @@ class Needs:
     logits: bool = False
     hidden_states: bool = False
     precomputable_reference: bool = True
+    list_fields: tuple[str | ListField, ...] = ()
+    token_fields: tuple[str, ...] = ()
+
+    @property
+    def lists(self) -> tuple[ListField, ...]:
+        """``list_fields`` as :class:`ListField` objects."""
+        return tuple(f if isinstance(f, ListField) else ListField(f) for f in self.list_fields)
 
     def describe(self) -> str:
         """A short human-readable summary, as shown by ``trl-plus list``."""
@@ -135,6 +185,8 @@ class Needs:
             parts.append("fields " + ", ".join(self.fields))
         if self.optional_fields:
             parts.append("optional fields " + ", ".join(self.optional_fields))
+        if self.list_fields:
+            parts.append("lists " + ", ".join(f.name + ("" if f.required else "?") for f in self.lists))
         return ", ".join(parts) or "-"
 
 
@@ -157,6 +209,42 @@ class LossContext:
     outputs: Any = None  # the policy forward's outputs (logits / hidden_states when the method asks)
     step: int = 0  # global optimisation step
     training: bool = True
+    seq_mask: torch.Tensor | None = None  # [K, B] 1.0 where example b has a k-th sequence (variable K); None: all
+    tokens: Mapping[str, torch.Tensor] = field(default_factory=dict)  # Needs.token_fields, [K, B, T] each
+
+    @property
+    def sequence_mask(self) -> torch.Tensor:
+        """``[K, B]``: 1.0 where sequence ``k`` of example ``b`` exists (all ones unless the batch has variable K);
+        the log-probs and masks of a missing sequence are all zero."""
+        if self.seq_mask is not None:
+            return self.seq_mask
+        return self.token_logps.new_ones(self.token_logps.shape[:2])
+
+    def pool(self, values: torch.Tensor, segment_ids: torch.Tensor, num_segments: int,
+             reduce: Literal["mean", "sum"] = "mean") -> torch.Tensor:
+        """``[K, B, T] -> [K, B, S]``: ``values`` pooled over the scored tokens of each segment.
+
+        ``segment_ids`` ``[K, B, T]`` gives each token's segment ``0 .. num_segments-1`` (``-1``: none); only tokens
+        with ``mask`` 1 count. A segment without tokens (cut by ``max_length``, or absent) gets 0: see
+        :meth:`segment_mask`. ``reduce="mean"`` divides by the segment's token count.
+        """
+        import torch
+
+        ids = segment_ids.long()
+        member = (ids.unsqueeze(-1) == torch.arange(num_segments, device=ids.device)).to(values.dtype)
+        member = member * self.mask.unsqueeze(-1).to(values.dtype)  # [K, B, T, S]
+        pooled = torch.einsum("kbt,kbts->kbs", values, member)
+        if reduce == "sum":
+            return pooled
+        return pooled / member.sum(2).clamp(min=1)
+
+    def segment_mask(self, segment_ids: torch.Tensor, num_segments: int) -> torch.Tensor:
+        """``[K, B, S]`` bool: segments with at least one scored token."""
+        import torch
+
+        ids = segment_ids.long()
+        member = ids.unsqueeze(-1) == torch.arange(num_segments, device=ids.device)
+        return (member & self.mask.bool().unsqueeze(-1)).any(2)
 
     @property
     def num_sequences(self) -> int:
@@ -216,11 +304,14 @@ class Method:
         needs: a :class:`Needs`.
         Config: a :class:`MethodConfig` subclass with the paper's defaults.
         data_fields: the dataset columns a user must provide (``needs.fields`` are added to them).
-        sequences_per_example: ``K``, the number of sequences the collator builds per example.
+        sequences_per_example: ``K``, the number of sequences the collator builds per example; ``None`` when it
+            varies (a collator that builds fewer for some examples emits ``seq_mask``; see
+            :class:`trl_plus.SequencesCollator`). An instance may set it from its config (K as a hyperparameter).
         example_data: the ``data.train`` block of the example recipe shown by ``trl-plus show``.
 
     Hooks a method may override (all have working defaults for pairwise text):
-        :meth:`tokenize`, :meth:`collator`, :meth:`reference`, :meth:`teacher`.
+        :meth:`prepare_data`, :meth:`stages`, :meth:`tokenize`, :meth:`collator`, :meth:`reference`,
+        :meth:`teacher`.
     """
 
     name: ClassVar[str]
@@ -231,7 +322,7 @@ class Method:
     needs: ClassVar[Needs] = Needs()
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     data_fields: ClassVar[tuple[str, ...]] = ("prompt", "chosen", "rejected")
-    sequences_per_example: ClassVar[int] = 2
+    sequences_per_example: int | None = 2
     #: The ``data.train`` block of the example recipe ``trl-plus show`` prints (must run from the repository root).
     example_data: ClassVar[dict[str, Any]] = {"path": "recipes/data/quickstart_prefs.jsonl"}
     #: The run's tokenizer, set by the trainer before it calls :meth:`collator` (vocabulary size, special ids).
@@ -248,12 +339,29 @@ class Method:
     @classmethod
     def required_columns(cls) -> tuple[str, ...]:
         """Every column a training file must have for this method."""
-        return tuple(dict.fromkeys(cls.data_fields + cls.needs.fields))
+        lists = tuple(f.name for f in cls.needs.lists if f.required)
+        return tuple(dict.fromkeys(cls.data_fields + cls.needs.fields + lists))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config!r})"
 
     # -- data -----------------------------------------------------------------------------------------------
+    def prepare_data(self, dataset: Any, split: str) -> Any:
+        """Raw rows in, training rows out, before tokenizing (``split`` is ``"train"`` or ``"eval"``); may change the
+        row count (a ranked list -> pairs). The default returns ``dataset`` unchanged.
+
+        ``dataset`` is a ``datasets.Dataset`` that has every column of :meth:`required_columns` (checked before).
+        The result must have what the method's tokenization reads. The trainer applies it to a dataset that still
+        has the raw columns, so it must either remove one of them or be idempotent. Raise
+        :class:`trl_plus.TrlPlusError` for bad rows, naming the column and the fix.
+        """
+        return dataset
+
+    def stages(self, dataset: Any) -> list[Stage] | None:
+        """The training stages, in order, for the prepared and tokenized training ``dataset``; ``None`` (the
+        default): one stage over all rows. See :class:`Stage`."""
+        return None
+
     #: When ``None`` (the default) the trainer tokenizes pairs exactly as TRL's DPOTrainer does: prompt
     #: extraction, EOS appended, columns ``prompt_ids``, ``chosen_ids``, ``rejected_ids``. A method with another
     #: data shape sets ``tokenize`` to a function ``(example: dict, tokenizer) -> dict`` of new columns.

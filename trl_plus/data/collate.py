@@ -1,12 +1,13 @@
-"""Data collators. The core's default is TRL's pairwise collator plus the method's extra per-example fields
-(:class:`PairwiseCollator`); :class:`SequencesCollator` serves methods with other shapes (one sequence, six, a
-prompt per side)."""
+"""Data collators. The core's default is TRL's pairwise collator (:class:`PairwiseCollator`);
+:class:`SequencesCollator` serves methods with other shapes (one sequence, six, a prompt per side, a different
+number per example, token-aligned columns); :class:`FieldCollation` adds a method's per-example fields to any of
+them."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import torch
 from trl.trainer.dpo_trainer import DataCollatorForPreference
@@ -18,15 +19,20 @@ if TYPE_CHECKING:
 TRUNCATED = "num_truncated"
 
 
+#: Batch keys of variable-K batches: ``seq_mask`` ``[K, B]`` (``True`` where example ``b`` has a ``k``-th sequence;
+#: :class:`SequencesCollator` always emits it) and ``sequence_slots`` ``[N]`` (each row's place ``k * B + b`` in the
+#: ``K x B`` grid; only when some example has fewer than ``K`` sequences: the rows are then the real ones only).
+SEQ_MASK, SEQUENCE_SLOTS = "seq_mask", "sequence_slots"
+#: The pad value of token-aligned columns (``Sequence.tokens``): ``-1`` = no segment.
+TOKEN_PAD = -1
+
+
 @dataclass
 class PairwiseCollator(DataCollatorForPreference):
-    """TRL's ``DataCollatorForPreference`` (``[chosen_1..B, rejected_1..B]``, right-padded, completion mask),
-    which also stacks the numeric per-example fields named in ``extra_fields`` into ``[B]`` (or ``[B, ...]``)
-    tensors, as well as the ``optional_fields`` present in the examples (all of them or none), and passes
-    precomputed reference columns through."""
+    """TRL's ``DataCollatorForPreference`` (``[chosen_1..B, rejected_1..B]``, right-padded, completion mask) that
+    also counts the sequences ``max_length`` cuts and can list an example's sequences (for the truncation report).
+    The method's extra fields are added by :class:`FieldCollation`, which wraps every collator."""
 
-    extra_fields: tuple[str, ...] = ()
-    optional_fields: tuple[str, ...] = ()
     side_names: ClassVar[tuple[str, ...]] = ("chosen", "rejected")
 
     def sequences(self, example: dict[str, Any]) -> list[tuple[list[int], list[int]]]:
@@ -39,15 +45,6 @@ class PairwiseCollator(DataCollatorForPreference):
         if self.max_length is not None:
             lengths = [len(e["prompt_ids"]) + len(e[f"{side}_ids"]) for side in self.side_names for e in examples]
             batch[TRUNCATED] = torch.tensor(sum(n > self.max_length for n in lengths))
-        for name in self.extra_fields:
-            batch[name] = torch.tensor([example[name] for example in examples])
-        for name in self.optional_fields:
-            present = [example.get(name) is not None for example in examples]
-            if all(present):
-                batch[name] = torch.tensor([example[name] for example in examples])
-            elif any(present):
-                raise ValueError(f"column {name!r} is missing (None) in some examples of a batch: fill it in every row "
-                                 "or drop the column")
         return batch
 
 
@@ -56,16 +53,31 @@ def prompt_completion(prompt_ids: list[int], completion_ids: list[int]) -> tuple
     return prompt_ids + completion_ids, [0] * len(prompt_ids) + [1] * len(completion_ids)
 
 
+class Sequence(NamedTuple):
+    """One sequence for :class:`SequencesCollator`: token ``ids``, the ``scored`` mask (1 on tokens the loss scores)
+    and token-aligned columns ``tokens`` (name -> one value per id, e.g. IRPO's item ids; see
+    ``Needs.token_fields``). A plain ``(ids, scored)`` tuple is a sequence without token columns."""
+
+    ids: list[int]
+    scored: list[int]
+    tokens: dict[str, list] = {}
+
+
 class SequencesCollator:
-    """Any number of sequences per example: ``sequences(example)`` returns the example's ``K`` sequences as
-    ``(token ids, score mask)`` pairs (see :func:`prompt_completion`); the batch is ``[K*B, L]``, sequence-major
-    (``[seq0_ex1..seq0_exB, seq1_ex1..]``), right-padded, each sequence cut to ``max_length`` from the end
-    (``keep_start``) or the start (``keep_end``) like TRL's preference collator, with ``completion_mask`` = the
-    score mask. ``side_names`` names the ``K`` sequences in the truncation report (default ``sequence k``)."""
+    """Any number of sequences per example: ``sequences(example)`` returns the example's sequences as
+    :class:`Sequence` s (or ``(token ids, score mask)`` pairs, see :func:`prompt_completion`); the batch is
+    ``[N, L]``, sequence-major (``[seq0_ex1..seq0_exB, seq1_ex1..]``), right-padded, each sequence cut to
+    ``max_length`` from the end (``keep_start``) or the start (``keep_end``) like TRL's preference collator, with
+    ``completion_mask`` = the score mask and each token column cut and padded (with ``-1``) alike.
+    ``side_names`` names the sequences in the truncation report (default ``sequence k``).
+
+    Examples may have different counts (``K`` = the batch's largest): then only the real sequences are rows
+    (``N = sum_b K_b``: padded slots are never forwarded) and ``sequence_slots`` places them in the ``K x B`` grid;
+    ``seq_mask`` ``[K, B]`` is always in the batch."""
 
     def __init__(
         self,
-        sequences: Callable[[dict[str, Any]], list[tuple[list[int], list[int]]]],
+        sequences: Callable[[dict[str, Any]], list[Sequence | tuple[list[int], list[int]]]],
         pad_token_id: int,
         max_length: int | None,
         truncation_mode: str = "keep_start",
@@ -83,31 +95,103 @@ class SequencesCollator:
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         from trl.trainer.utils import pad
 
-        per_example = [self.sequences(example) for example in examples]
-        ids, scored = [], []
-        for k in range(len(per_example[0])):
-            for sequences in per_example:
-                tokens, mask = sequences[k]
-                ids.append(torch.tensor(tokens[self.window]))
-                scored.append(torch.tensor(mask[self.window]))
+        per_example = [[Sequence(*s) for s in self.sequences(example)] for example in examples]
+        counts = [len(sequences) for sequences in per_example]
+        num_sequences, size = max(counts), len(examples)
+        rows = [(k, b) for k in range(num_sequences) for b in range(size) if k < counts[b]]
+        chosen = [per_example[b][k] for k, b in rows]
+        ids = [torch.tensor(s.ids[self.window]) for s in chosen]
         batch = {
             "input_ids": pad(ids, padding_value=self.pad_token_id, padding_side="right"),
             "attention_mask": pad([torch.ones_like(i) for i in ids], padding_value=0, padding_side="right"),
-            "completion_mask": pad(scored, padding_value=0, padding_side="right"),
-        }
+            "completion_mask": pad([torch.tensor(s.scored[self.window]) for s in chosen], padding_value=0,
+                                   padding_side="right"),
+        }  # fmt: skip
+        for name in chosen[0].tokens:
+            values = [torch.tensor(s.tokens[name][self.window]) for s in chosen]
+            batch[name] = pad(values, padding_value=TOKEN_PAD, padding_side="right")
+        batch[SEQ_MASK] = torch.arange(num_sequences).unsqueeze(1) < torch.tensor(counts).unsqueeze(0)
+        if len(rows) < num_sequences * size:
+            batch[SEQUENCE_SLOTS] = torch.tensor([k * size + b for k, b in rows])
         if self.max_length is not None:
-            full = [len(sequences[k][0]) for k in range(len(per_example[0])) for sequences in per_example]
-            batch[TRUNCATED] = torch.tensor(sum(n > self.max_length for n in full))
+            batch[TRUNCATED] = torch.tensor(sum(len(s.ids) > self.max_length for s in chosen))
         return batch
+
+
+def _pad_lists(values: list[list], pad_value: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ragged lists -> ``[B, L]`` values and ``[B, L]`` bool mask."""
+    width = max((len(v) for v in values), default=0)
+    out = torch.full((len(values), width), pad_value, dtype=dtype)
+    mask = torch.zeros((len(values), width), dtype=torch.bool)
+    for i, row in enumerate(values):
+        out[i, : len(row)] = torch.tensor(row, dtype=dtype)
+        mask[i, : len(row)] = True
+    return out, mask
+
+
+class FieldCollation:
+    """The one field-collation path, wrapped around every collator (the core's, a method's, a user's): it stacks
+    ``needs.fields`` (and the ``needs.optional_fields`` the batch has) into ``[B]`` / ``[B, ...]`` tensors, pads
+    ``needs.list_fields`` to ``[B, L]`` with ``name + "_mask"``, and turns precomputed per-token columns
+    (``ref_token_logps``: one list per real sequence of the example, one value per scored token) into ``[N, T]``
+    tensors on the collated rows' shifted completion mask. Other attributes (``sequences``, ``side_names``) are the
+    wrapped collator's."""
+
+    #: Compact per-token columns scattered onto the shifted completion mask (the precomputed reference).
+    token_columns: tuple[str, ...] = ("ref_token_logps",)
+
+    def __init__(self, collator: Callable, needs: Any):
+        self.collator, self.needs = collator, needs
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("collator", "needs"):
+            raise AttributeError(name)
+        return getattr(self.collator, name)
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        compact = {name: [e.pop(name) for e in examples] for name in self.token_columns if name in examples[0]}
+        batch = self.collator(examples)
+        for name in self.needs.fields:
+            batch[name] = torch.tensor([example[name] for example in examples])
+        for name in self.needs.optional_fields:
+            if _present(examples, name):
+                batch[name] = torch.tensor([example[name] for example in examples])
+        for spec in self.needs.lists:
+            if spec.required or _present(examples, spec.name):
+                dtype = torch.long if spec.dtype == "int" else torch.float32
+                batch[spec.name], batch[f"{spec.name}_mask"] = _pad_lists(
+                    [example[spec.name] for example in examples], spec.pad, dtype)
+        for name, values in compact.items():
+            batch[name] = self._scatter(batch, values)
+        return batch
+
+    @staticmethod
+    def _scatter(batch: dict[str, Any], per_example: list[list[list[float]]]) -> torch.Tensor:
+        """Per example, per real sequence, per scored token -> ``[N, T]`` on the rows' shifted completion mask."""
+        shift_mask = batch["completion_mask"][:, 1:].bool()
+        size = len(per_example)
+        slots = batch.get(SEQUENCE_SLOTS)
+        places = slots.tolist() if slots is not None else range(shift_mask.size(0))
+        flat = [value for slot in places for value in per_example[slot % size][slot // size]]
+        values = torch.tensor(flat, dtype=torch.float32)
+        if values.numel() != int(shift_mask.sum()):
+            raise RuntimeError("precomputed per-token values do not match the collated completion tokens")
+        return torch.zeros(shift_mask.shape).masked_scatter(shift_mask, values)
+
+
+def _present(examples: list[dict[str, Any]], name: str) -> bool:
+    """Whether every example has column ``name`` (not ``None``); an error when only some have it."""
+    present = [example.get(name) is not None for example in examples]
+    if any(present) and not all(present):
+        raise ValueError(f"column {name!r} is missing (None) in some examples of a batch: fill it in every row or "
+                         "drop the column")  # fmt: skip
+    return all(present)
 
 
 def method_collator(method: Method, pad_token_id: int, max_length: int | None, truncation_mode: str) -> Callable:
     """The collator a method trains with: its own (:meth:`Method.collator`), or the core's default when that returns
-    ``None``: :class:`PairwiseCollator` with the method's ``needs.fields`` and ``needs.optional_fields``."""
+    ``None`` (:class:`PairwiseCollator`), wrapped in :class:`FieldCollation` for the method's fields."""
     collator = method.collator(pad_token_id, max_length, truncation_mode)
     if collator is None:
-        collator = PairwiseCollator(
-            pad_token_id=pad_token_id, max_length=max_length, truncation_mode=truncation_mode,
-            extra_fields=method.needs.fields, optional_fields=method.needs.optional_fields,
-        )  # fmt: skip
-    return collator
+        collator = PairwiseCollator(pad_token_id=pad_token_id, max_length=max_length, truncation_mode=truncation_mode)
+    return FieldCollation(collator, method.needs)

@@ -41,13 +41,14 @@ class TruncationReport:
         return any(self.cut_sequences)
 
     def add(self, sequences: list[tuple[list[int], list[int]]]) -> None:
-        """Count one example's sequences."""
-        if not self.cut_sequences:
-            zeros = [0] * len(sequences)
-            self.cut_sequences, self.prompt_tokens_lost, self.completion_tokens_lost = zeros, list(zeros), list(zeros)
+        """Count one example's sequences (``(ids, score mask, ...)`` each; examples may have different counts)."""
+        for counts in (self.cut_sequences, self.prompt_tokens_lost, self.completion_tokens_lost):
+            counts.extend([0] * (len(sequences) - len(counts)))
+        if len(self.sides) < len(sequences):
+            self.sides = (*self.sides, *(f"sequence {k}" for k in range(len(self.sides), len(sequences))))
         self.examples += 1
         empty = False
-        for k, (ids, mask) in enumerate(sequences):
+        for k, (ids, mask, *_) in enumerate(sequences):
             removed = cut(len(ids), self.max_length, self.truncation_mode)
             scored_lost = sum(mask[removed])
             lost = len(mask[removed])
@@ -61,7 +62,7 @@ class TruncationReport:
     def summary(self, where: str) -> str:
         """One line: what truncation removes from ``where``'s sequences, side by side, and the fix."""
         parts = []
-        for k, name in enumerate(self.sides):
+        for k, name in enumerate(self.sides[: len(self.cut_sequences)]):
             if self.cut_sequences[k]:
                 parts.append(f"{name}: {self.cut_sequences[k]} of {self.examples} sequences lose "
                              f"{self.prompt_tokens_lost[k]} prompt and {self.completion_tokens_lost[k]} completion "
@@ -75,7 +76,7 @@ class TruncationReport:
 def side_names(collator: Any, count: int) -> tuple[str, ...]:
     """The names of a collator's ``count`` sequences per example (``chosen``/``rejected`` for pairs)."""
     names = tuple(getattr(collator, "side_names", ()) or ())
-    return names if len(names) == count else tuple(f"sequence {k}" for k in range(count))
+    return names if len(names) >= count else tuple(f"sequence {k}" for k in range(count))
 
 
 def truncation_report(collator: Any, rows: Iterable[dict[str, Any]], max_length: int | None,

@@ -1,5 +1,6 @@
 """Frozen-model sources shared by every trainer: the reference-mode rules (the one copy: ``trl-plus validate``
-and the trainers both call :func:`resolve_reference_mode`) and precomputed reference columns.
+and the trainers both call :func:`resolve_reference_mode`) and the name of precomputed reference columns
+(:class:`trl_plus.data.collate.FieldCollation` collates them).
 
 Light at import (no torch): validation imports it.
 """
@@ -10,7 +11,8 @@ from ..contract import Method
 from ..errors import TrlPlusError
 
 REFERENCE_MODES = ("auto", "model", "adapter", "precomputed", "none")
-#: The dataset column (and batch key) holding precomputed reference per-token log-probs.
+#: The dataset column (and batch key) holding precomputed reference per-token log-probs (one of
+#: ``FieldCollation.token_columns``).
 REF_COLUMN = "ref_token_logps"
 
 
@@ -39,25 +41,3 @@ def resolve_reference_mode(method: Method, mode: str, is_peft: bool, has_ref_mod
     if mode == "adapter" and not is_peft:
         raise TrlPlusError("reference.mode: 'adapter' needs model.lora (LoRA on the policy); use 'model' or 'auto'")
     return mode
-
-
-class ReferenceColumnCollator:
-    """Wraps a method's collator: turns precomputed ``ref_token_logps`` lists back into a ``[K*B, T]`` tensor."""
-
-    def __init__(self, collator, num_sequences: int):
-        self.collator, self.num_sequences = collator, num_sequences
-
-    def __call__(self, examples):
-        import torch
-
-        if REF_COLUMN not in examples[0]:
-            return self.collator(examples)
-        ref = [example.pop(REF_COLUMN) for example in examples]
-        batch = self.collator(examples)
-        shift_mask = batch["completion_mask"][:, 1:].bool()
-        flat = [value for k in range(self.num_sequences) for seqs in ref for value in seqs[k]]
-        values = torch.tensor(flat, dtype=torch.float32)
-        if values.numel() != int(shift_mask.sum()):
-            raise RuntimeError("precomputed reference log-probs do not match the collated completion tokens")
-        batch[REF_COLUMN] = torch.zeros(shift_mask.shape).masked_scatter(shift_mask, values)
-        return batch

@@ -26,13 +26,13 @@ from trl import DPOConfig, DPOTrainer
 from trl.trainer.utils import add_fused_lm_head, get_config_model_id, selective_log_softmax, use_adapter
 
 from ..contract import LossContext, Method
-from ..data.collate import TRUNCATED, method_collator
+from ..data.collate import SEQ_MASK, SEQUENCE_SLOTS, TOKEN_PAD, TRUNCATED, FieldCollation, method_collator
 from ..data.lengths import dropped_message, rows_of, truncation_report
 from ..data.load import check_columns, check_text_columns, few_rows, quiet_progress
 from ..errors import TrlPlusError
 from ..models.load import bf16_available, resolve_model_path
 from ..registry import get_method
-from .frozen import REF_COLUMN, ReferenceColumnCollator, resolve_reference_mode
+from .frozen import REF_COLUMN, resolve_reference_mode
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +93,18 @@ def method_section(method: Method) -> str:
             url = paper.code if "://" in paper.code else f"https://github.com/{paper.code}"
             lines.append(f"- Official code: [{paper.code}]({url})")
     return "\n".join(lines) + "\n"
+
+
+def per_example_lists(batch: Mapping[str, Any], per_row: list, num_sequences: int) -> list[list]:
+    """Per-row values of a collated batch -> per example, its real sequences' values in ``k`` order (the layout of
+    precomputed columns, which :class:`~trl_plus.data.collate.FieldCollation` scatters back)."""
+    slots = batch.get(SEQUENCE_SLOTS)
+    size = len(per_row) // num_sequences if slots is None else batch[SEQ_MASK].size(1)
+    places = range(len(per_row)) if slots is None else slots.tolist()
+    examples: list[list] = [[] for _ in range(size)]
+    for slot, values in sorted(zip(places, per_row), key=lambda item: item[0]):
+        examples[slot % size].append(values)
+    return examples
 
 
 class PlusTrainer(DPOTrainer):
@@ -164,8 +176,9 @@ class PlusTrainer(DPOTrainer):
         self.method.tokenizer = tokenizer  # for collators that need vocabulary facts (special ids, vocab size)
         if data_collator is None:
             data_collator = method_collator(self.method, tokenizer.pad_token_id, args.max_length, args.truncation_mode)
+        elif not isinstance(data_collator, FieldCollation):
+            data_collator = FieldCollation(data_collator, self.method.needs)
         self.method_collator = data_collator
-        data_collator = ReferenceColumnCollator(data_collator, self.method.sequences_per_example)
 
         # DPOTrainer loads a second full model as reference unless the policy is a PEFT model or the reference is
         # precomputed. A reference-free run must never cost one: it takes the "precomputed" path during
@@ -293,16 +306,35 @@ class PlusTrainer(DPOTrainer):
         custom = self.method.teacher(self, inputs)
         if custom is not None:
             return custom
-        logps = self.frozen_token_logps(self.teacher_model, inputs)
-        return logps.view(self.method.sequences_per_example, -1, logps.size(-1))
+        return self.to_grid(inputs, self.frozen_token_logps(self.teacher_model, inputs))
+
+    def num_sequences(self, inputs: Mapping[str, Any]) -> int:
+        """``K`` of this batch: the collator's ``seq_mask`` rows (variable K), else the method's constant."""
+        if SEQ_MASK in inputs:
+            return inputs[SEQ_MASK].size(0)
+        if self.method.sequences_per_example is None:
+            raise TrlPlusError(f"method {self.method.name!r} has a variable number of sequences per example, but its "
+                               "collator emits no seq_mask: use trl_plus.SequencesCollator")  # fmt: skip
+        return self.method.sequences_per_example
+
+    def to_grid(self, inputs: Mapping[str, Any], rows: torch.Tensor, fill: float = 0) -> torch.Tensor:
+        """``[N, T]`` per-row values -> ``[K, B, T]``: rows of a variable-K batch are placed at their
+        ``sequence_slots`` (missing sequences get ``fill``; differentiable), others are viewed sequence-major."""
+        num_sequences = self.num_sequences(inputs)
+        slots = inputs.get(SEQUENCE_SLOTS)
+        if slots is not None:
+            size = inputs[SEQ_MASK].size(1)
+            grid = rows.new_full((num_sequences * size, *rows.shape[1:]), fill)
+            rows = grid.index_copy(0, slots, rows)
+        return rows.view(num_sequences, -1, *rows.shape[1:])
 
     def _precompute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
         if self.reference_mode != "precomputed":
             return dataset  # reference-free construction path (see __init__)
         if isinstance(dataset, IterableDataset):
             raise TrlPlusError("reference.mode: precomputed needs a map-style dataset, not a streaming one")
-        num_sequences = self.method.sequences_per_example
-        fingerprint = Hasher.hash((dataset._fingerprint, self._precompute_model_hash, "trl-plus", num_sequences))
+        fingerprint = Hasher.hash((dataset._fingerprint, self._precompute_model_hash, "trl-plus",
+                                   self.method.sequences_per_example))
         cache_file = dataset._get_cache_file_path(fingerprint)
         if not os.path.exists(cache_file):
             loader = self.accelerator.prepare(
@@ -315,9 +347,8 @@ class PlusTrainer(DPOTrainer):
             for batch in tqdm(loader, desc=f"Computing reference log probs for {name} dataset", disable=quiet):
                 logps = self.frozen_token_logps(model, batch, adapter_off=adapter_off).float().cpu()
                 mask = batch["completion_mask"][:, 1:].bool().cpu()
-                per_seq = [logps[i][mask[i]].tolist() for i in range(logps.size(0))]
-                size = len(per_seq) // num_sequences
-                rows += [[per_seq[k * size + b] for k in range(num_sequences)] for b in range(size)]
+                rows += per_example_lists(batch, [logps[i][mask[i]].tolist() for i in range(logps.size(0))],
+                                          self.num_sequences(batch))
             rows = self.accelerator.gather_for_metrics(rows, use_gather_object=True)
             if self.accelerator.is_main_process:
                 with quiet_progress(few_rows(dataset)):
@@ -334,7 +365,6 @@ class PlusTrainer(DPOTrainer):
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
         needs = self.method.needs
-        num_sequences = self.method.sequences_per_example
         model_kwargs = self._model_kwargs(inputs)
         if self.aux_loss_enabled:
             model_kwargs["output_router_logits"] = True
@@ -351,19 +381,19 @@ class PlusTrainer(DPOTrainer):
             outputs = model(**model_kwargs, labels=labels, use_cache=False, fused_lm_head=True)
             token_logps = outputs.log_probs[:, -seq_len:]
 
-        def per_example(t):  # [K*B, T] -> [K, B, T]
-            return t.view(num_sequences, -1, t.size(-1))
-
         ref = self.reference_token_logps(inputs) if self.reference_mode != "none" else None
+        seq_mask = inputs.get(SEQ_MASK)
         ctx = LossContext(
-            token_logps=per_example(token_logps),
-            mask=per_example(shift_mask.to(token_logps.dtype)),
-            ref_token_logps=None if ref is None else per_example(ref.to(token_logps.dtype)),
+            token_logps=self.to_grid(inputs, token_logps),
+            mask=self.to_grid(inputs, shift_mask.to(token_logps.dtype)),
+            ref_token_logps=None if ref is None else self.to_grid(inputs, ref.to(token_logps.dtype)),
             teacher=self.teacher_outputs(inputs) if needs.teacher else None,
             batch=inputs,
             outputs=outputs,
             step=self.state.global_step,
             training=mode == "train",
+            seq_mask=None if seq_mask is None else seq_mask.to(token_logps.dtype),
+            tokens={name: self.to_grid(inputs, inputs[name][:, 1:], fill=TOKEN_PAD) for name in needs.token_fields},
         )
         result = self.method.loss(ctx)
         loss = result.loss
@@ -390,18 +420,20 @@ class PlusTrainer(DPOTrainer):
     def _log_step_metrics(self, mode, ctx: LossContext, result, outputs, inputs) -> None:
         metrics = self._metrics[mode]
         mask = ctx.mask
+        def per_token(name):  # a per-token output of the fused head, [K, B, T]
+            return self.to_grid(inputs, getattr(outputs, name)[:, -mask.size(-1) :])
+
         if getattr(outputs, "entropy", None) is not None:
-            entropy = outputs.entropy[:, -mask.size(-1) :].view_as(mask)
-            metrics["entropy"].append(self._gathered_ratio(entropy * mask, mask))
+            metrics["entropy"].append(self._gathered_ratio(per_token("entropy") * mask, mask))
         if getattr(outputs, "mean_logits", None) is not None and ctx.num_sequences > 1:
-            mean_logits = outputs.mean_logits[:, -mask.size(-1) :].view_as(mask)
+            mean_logits = per_token("mean_logits")
             metrics["logits/chosen"].append(self._gathered_ratio(mean_logits[0] * mask[0], mask[0]))
             metrics["logits/rejected"].append(self._gathered_ratio(mean_logits[1] * mask[1], mask[1]))
         if getattr(outputs, "is_top1", None) is not None:
-            top1 = outputs.is_top1[:, -mask.size(-1) :].view_as(mask)[0]
+            top1 = per_token("is_top1")[0]
             metrics["mean_token_accuracy"].append(self._gathered_ratio(top1 & mask[0].bool(), mask[0]))
         if TRUNCATED in inputs:  # the fraction of this step's sequences that max_length cut
-            truncated = inputs[TRUNCATED].reshape(1).float()
+            truncated = inputs[TRUNCATED].reshape(1).float()  # of the batch's real sequences (its rows)
             sequences = truncated.new_tensor([inputs["input_ids"].size(0)])
             metrics["truncated"].append(self._gathered_ratio(truncated, sequences))
         if mode == "train":
