@@ -14,22 +14,41 @@ from ._version import __version__  # noqa: F401 (re-exported)
 from .builtin.dpo import DPO, DPOConfig, dpo_losses
 from .builtin.sft import SFT
 from .config import Recipe, load_recipe
-from .contract import LossContext, LossOutput, Method, MethodConfig, ModelAlias, Needs, Paper, hookimpl
+from .contract import (
+    ListField,
+    LossContext,
+    LossOutput,
+    Method,
+    MethodConfig,
+    ModelAlias,
+    Needs,
+    Paper,
+    Stage,
+    hookimpl,
+)
 from .data.tokenize import tokenize_completions
 from .errors import TrlPlusError
 from .registry import get_method, get_registry
 from .trainers.frozen import REFERENCE_MODES, resolve_reference_mode
 
 __all__ = [
-    "DPO", "DPOConfig", "LossContext", "LossOutput", "Method", "MethodConfig", "ModelAlias", "Needs",
-    "PairwiseCollator", "Paper", "PlusTrainer", "REFERENCE_MODES", "Recipe", "SFT", "SequencesCollator",
+    "DPO", "DPOConfig", "FieldCollation", "ListField", "LossContext", "LossOutput", "Method", "MethodConfig",
+    "ModelAlias", "Needs", "PairwiseCollator", "Paper", "PlusTrainer", "REFERENCE_MODES", "Recipe", "SFT", "Sequence",
+    "SequencesCollator", "Stage",
     "TrainResult", "TrlPlusError", "check_recipe", "dpo_losses", "evaluate", "get_method", "get_registry", "hookimpl",
     "load_recipe", "merge_adapter", "method_collator", "prompt_completion", "resolve_reference_mode",
     "tokenize_completions", "train",
 ]  # fmt: skip
 
 if TYPE_CHECKING:
-    from .data.collate import PairwiseCollator, SequencesCollator, method_collator, prompt_completion
+    from .data.collate import (
+        FieldCollation,
+        PairwiseCollator,
+        Sequence,
+        SequencesCollator,
+        method_collator,
+        prompt_completion,
+    )
     from .run.evaluate import evaluate
     from .run.merge import merge_adapter
     from .run.train import TrainResult, train
@@ -41,6 +60,8 @@ _LAZY = {
     "PlusTrainer": "trainers.preference",
     "PairwiseCollator": "data.collate",
     "SequencesCollator": "data.collate",
+    "Sequence": "data.collate",
+    "FieldCollation": "data.collate",
     "prompt_completion": "data.collate",
     "method_collator": "data.collate",
     "train": "run.train",

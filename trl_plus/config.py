@@ -82,12 +82,24 @@ class TeacherSpec(_Block):
 
 class DataSource(_Block):
     """One data file or hub dataset. ``columns`` maps the method's column names to the file's, e.g.
-    ``{completion: chosen}`` trains ``sft`` on the chosen answers of a preference file."""
+    ``{completion: chosen}`` trains ``sft`` on the chosen answers of a preference file. ``name`` is a hub dataset's
+    configuration (``load_dataset(path, name)``; e.g. one of Egida's seven)."""
 
     path: str
+    name: str | None = None
     split: str = "train"
     limit: PositiveInt | None = None
     columns: dict[str, str] = Field(default_factory=dict)
+
+
+class StagesSpec(_Block):
+    """Which training stages run (see ``trl_plus.Stage``): the method's own, or one per value of a data column
+    (``by: stage``); ``only`` runs a subset by name; ``refresh_reference`` overrides whether each stage after the
+    first starts with π_ref ← π_θ."""
+
+    by: str | None = None
+    only: list[str] | None = None
+    refresh_reference: bool | None = None
 
 
 class DataSpec(_Block):
@@ -108,6 +120,7 @@ class Recipe(_Block):
     reference: ReferenceSpec = Field(default_factory=ReferenceSpec)
     teacher: TeacherSpec | None = None
     data: DataSpec
+    stages: StagesSpec | None = None
     training: dict[str, Any] = Field(default_factory=dict)
 
     _source: str = PrivateAttr("<recipe>")  # the file it came from

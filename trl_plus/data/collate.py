@@ -132,7 +132,7 @@ def _pad_lists(values: list[list], pad_value: float, dtype: torch.dtype) -> tupl
 class FieldCollation:
     """The one field-collation path, wrapped around every collator (the core's, a method's, a user's): it stacks
     ``needs.fields`` (and the ``needs.optional_fields`` the batch has) into ``[B]`` / ``[B, ...]`` tensors, pads
-    ``needs.list_fields`` to ``[B, L]`` with ``name + "_mask"``, and turns precomputed per-token columns
+    the numeric ``needs.list_fields`` the examples have to ``[B, L]`` with ``name + "_mask"``, and turns precomputed per-token columns
     (``ref_token_logps``: one list per real sequence of the example, one value per scored token) into ``[N, T]``
     tensors on the collated rows' shifted completion mask. Other attributes (``sequences``, ``side_names``) are the
     wrapped collator's."""
@@ -156,8 +156,8 @@ class FieldCollation:
         for name in self.needs.optional_fields:
             if _present(examples, name):
                 batch[name] = torch.tensor([example[name] for example in examples])
-        for spec in self.needs.lists:
-            if spec.required or _present(examples, spec.name):
+        for spec in self.needs.lists:  # text lists are for tokenization; a list prepare_data consumed is absent
+            if spec.dtype != "text" and _present(examples, spec.name):
                 dtype = torch.long if spec.dtype == "int" else torch.float32
                 batch[spec.name], batch[f"{spec.name}_mask"] = _pad_lists(
                     [example[spec.name] for example in examples], spec.pad, dtype)

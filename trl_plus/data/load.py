@@ -177,8 +177,10 @@ def load_preferences(
     limit: int | None = None,
     where: str = "data.train",
     columns: dict[str, str] | None = None,
+    name: str | None = None,
 ):
-    """A ``datasets.Dataset`` from a local jsonl/json/parquet/csv file (or a directory of them) or a hub dataset.
+    """A ``datasets.Dataset`` from a local jsonl/json/parquet/csv file (or a directory of them) or a hub dataset
+    (``name``: its configuration).
 
     ``columns`` maps the names a method reads to the data's own (``{"completion": "chosen"}``): each such column
     is copied under the method's name, so the original stays available too.
@@ -186,6 +188,9 @@ def load_preferences(
     import datasets
 
     if looks_local(path):
+        if name is not None:
+            raise TrlPlusError(f"{where}.name: {name!r} is a hub dataset's configuration, but {path} is local; drop "
+                               "name, or point path at the hub dataset")  # fmt: skip
         p = Path(path).expanduser()
         if not p.exists():
             raise TrlPlusError(f"{where}.path: no such file or directory: {path}")
@@ -195,9 +200,11 @@ def load_preferences(
         dataset = read_local(files, path if p.is_file() else None, where)
     else:
         try:
-            dataset = datasets.load_dataset(path, split=split)
+            dataset = datasets.load_dataset(path, name, split=split)
         except Exception as exc:
-            raise TrlPlusError(f"{where}.path: cannot load hub dataset {path!r} (split {split!r}): {exc}") from exc
+            config = f", configuration {name!r}" if name else ""
+            raise TrlPlusError(f"{where}.path: cannot load hub dataset {path!r} (split {split!r}{config}): "
+                               f"{_root_cause(exc)}") from exc  # fmt: skip
     if limit is not None:
         dataset = dataset.select(range(min(limit, len(dataset))))
     for name, source in (columns or {}).items():
@@ -209,3 +216,62 @@ def load_preferences(
             dataset = dataset.remove_columns(name)
         dataset = dataset.add_column(name, dataset[source])
     return dataset
+
+
+_LIST_TYPES = {"float": (int, float), "int": (int,), "text": (str,)}
+
+
+def check_lists(dataset: Any, method: Method | type[Method], where: str) -> None:
+    """Every row's list columns (``Needs.list_fields``) hold lists of the declared type, as long as their
+    ``same_length_as`` column: else a one-line error naming the row, the column and the fix. Rows are counted from 1
+    (a JSON-lines file's line numbers, when it has no blank lines). A streaming dataset is not checked."""
+    from datasets import Dataset
+
+    specs = [spec for spec in method.needs.lists if spec.name in getattr(dataset, "column_names", ())]
+    if not specs or not isinstance(dataset, Dataset):
+        return
+    columns = {spec.name: dataset[spec.name] for spec in specs}
+    for spec in specs:
+        if spec.same_length_as and spec.same_length_as not in columns:
+            columns[spec.same_length_as] = dataset[spec.same_length_as]
+    for spec in specs:
+        kinds = _LIST_TYPES[spec.dtype]
+        for row, values in enumerate(columns[spec.name], 1):
+            if values is None and not spec.required:
+                continue
+            if not isinstance(values, list) or not all(isinstance(v, kinds) and not isinstance(v, bool) for v in values):
+                kind = {"float": "numbers", "int": "integers", "text": "strings"}[spec.dtype]
+                raise TrlPlusError(f"{where}: row {row}: column {spec.name!r} must be a list of {kind}, not "
+                                   f"{_short(values)}")  # fmt: skip
+            if spec.same_length_as:
+                other = columns[spec.same_length_as][row - 1]
+                if isinstance(other, list) and len(other) != len(values):
+                    raise TrlPlusError(
+                        f"{where}: row {row}: column {spec.name!r} has {len(values)} values but {spec.same_length_as!r} "
+                        f"has {len(other)}: give one per entry of {spec.same_length_as!r}"
+                    )
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def prepare_rows(dataset: Any, method: Method, split: str, where: str) -> Any:
+    """The method's :meth:`~trl_plus.Method.prepare_data` on checked raw rows; a one-line error when it leaves no
+    row (or raises one, prefixed with ``where``)."""
+    try:
+        prepared = method.prepare_data(dataset, split)
+    except TrlPlusError as exc:
+        raise TrlPlusError(f"{where}: {exc}" if not str(exc).startswith(where) else str(exc)) from None
+    if hasattr(prepared, "__len__") and len(prepared) == 0 and len(dataset) > 0:
+        raise TrlPlusError(f"{where}: method {method.name!r} built no training rows from the {len(dataset)} rows of "
+                           "the data: check the columns its README describes")  # fmt: skip
+    return prepared
+
+
+def prepares_data(method: Method | type[Method]) -> bool:
+    """Whether ``method`` overrides :meth:`~trl_plus.Method.prepare_data`."""
+    from ..contract import Method
+
+    return getattr(type(method) if isinstance(method, Method) else method, "prepare_data") is not Method.prepare_data

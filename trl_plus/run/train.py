@@ -23,11 +23,12 @@ from ..models.load import (
 )  # fmt: skip
 from ..trainers import trainer_class
 from ..trainers.frozen import resolve_reference_mode
+from ..trainers.stages import run_stages
 from .card import complete_model_card
 from .evaluate import recipe_beta, report_from_scores, score_pairs
 from .report import plot_run
 from .rundir import EVAL_REPORT, RESOLVED_RECIPE, STATE_FILE, last_metrics
-from .validate import check_recipe, default_output_dir, load_split, resume_target
+from .validate import check_recipe, default_output_dir, load_split, plan_stages, resume_target
 
 
 @dataclass
@@ -74,6 +75,7 @@ def build_trainer(recipe: Recipe, callbacks: list | None = None):
     trainer_cls = trainer_class(method)
     train_dataset = load_split(recipe, method, "train")  # data problems surface before any model loads
     eval_dataset = load_split(recipe, method, "eval")
+    stages = plan_stages(recipe, method, train_dataset)
 
     training.setdefault("output_dir", default_output_dir(method))
     training.setdefault("report_to", "none")
@@ -112,7 +114,7 @@ def build_trainer(recipe: Recipe, callbacks: list | None = None):
     teacher_model = None
     if recipe.teacher is not None:
         teacher_model = load_model(recipe.teacher, trainable=False, key="teacher")
-    return trainer_cls(
+    trainer = trainer_cls(
         model,
         ref_model=ref_model,
         args=args,
@@ -126,6 +128,8 @@ def build_trainer(recipe: Recipe, callbacks: list | None = None):
         callbacks=callbacks,
         base_model=base_model_name(recipe.model),
     )
+    trainer.stages = stages  # None: one plain train()
+    return trainer
 
 
 def base_model_name(spec: ModelSpec) -> str:
@@ -163,12 +167,15 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None
     before = held_out() if held_out else None
     interrupted, checkpoint = False, None
     try:
-        trainer.train(resume_from_checkpoint=resume)
+        if trainer.stages:
+            run_stages(trainer, trainer.stages, resume=resume is not None)
+        else:
+            trainer.train(resume_from_checkpoint=resume)
     except KeyboardInterrupt:
         interrupted = True
-        if trainer.state.global_step > 0:
+        if trainer.state.global_step > 0:  # (a run in stages: into the stage's folder)
             trainer._save_checkpoint(trainer.model, trial=None)
-            checkpoint = str(Path(output_dir) / f"checkpoint-{trainer.state.global_step}")
+            checkpoint = str(Path(trainer.args.output_dir) / f"checkpoint-{trainer.state.global_step}")
         print("\ninterrupted: checkpoint saved" if checkpoint else "\ninterrupted before the first step",
               file=sys.stderr)  # fmt: skip
     if not interrupted:

@@ -13,7 +13,16 @@ from pydantic import TypeAdapter, ValidationError
 
 from ..config import Recipe, explain, locate, recipe_source
 from ..data.lengths import dropped_message, fully_truncated, truncation_report
-from ..data.load import check_columns, check_text_columns, few_rows, load_preferences, looks_local, quiet_progress
+from ..data.load import (
+    check_columns,
+    check_lists,
+    check_text_columns,
+    few_rows,
+    load_preferences,
+    looks_local,
+    prepare_rows,
+    quiet_progress,
+)
 from ..data.tokenize import tokenize_pair
 from ..errors import TrlPlusError, did_you_mean
 from ..models.load import load_tokenizer
@@ -239,14 +248,16 @@ def default_output_dir(method) -> str:
 
 
 def resume_target(value: Any, output_dir: str) -> str | None:
-    """The checkpoint folder ``training.resume_from_checkpoint`` names (``true``: the latest in ``output_dir``), or
-    ``None``; an error when there is none."""
+    """The checkpoint folder ``training.resume_from_checkpoint`` names (``true``: the latest in ``output_dir``; for a
+    run in stages, ``output_dir`` itself), or ``None``; an error when there is none."""
     if value in (None, False):
         return None
     if value is True:
         from transformers.trainer_utils import get_last_checkpoint
 
         last = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+        if last is None and any(Path(output_dir).glob("stage-*/")):
+            return output_dir  # a run in stages: each stage resumes from its own folder (trainers/stages.py)
         if last is None:
             raise TrlPlusError(f"training.resume_from_checkpoint: no checkpoint-* folder in {output_dir}")
         return last
@@ -262,10 +273,12 @@ def load_split(recipe: Recipe, method, which: str):
     if spec is None:
         return None
     where = f"{recipe_source(recipe)}: data.{which}"
-    dataset = load_preferences(spec.path, spec.split, spec.limit, where=where, columns=spec.columns)
-    check_columns(dataset.column_names, method, f"{recipe_source(recipe)}: data.{which} ({spec.path})")
-    check_text_columns(dataset.features, method, f"{recipe_source(recipe)}: data.{which} ({spec.path})")
-    return dataset
+    dataset = load_preferences(spec.path, spec.split, spec.limit, where=where, columns=spec.columns, name=spec.name)
+    where = f"{recipe_source(recipe)}: data.{which} ({spec.path})"
+    check_columns(dataset.column_names, method, where)
+    check_text_columns(dataset.features, method, where)
+    check_lists(dataset, method, where)
+    return prepare_rows(dataset, method, which, where)
 
 
 def training_value(training: dict[str, Any], key: str) -> Any:
@@ -320,3 +333,30 @@ def check_lengths(recipe: Recipe, method, training: dict[str, Any], datasets: di
         if report is not None and report.any:
             lines.append(report.summary(where))
     return lines
+
+
+def plan_stages(recipe: Recipe, method, train_dataset) -> list | None:
+    """The training stages the recipe runs (``None``: one plain ``train()``), checked before any model loads: the
+    method's :meth:`~trl_plus.Method.stages` (or one per value of ``stages.by``), narrowed by ``stages.only``, with
+    ``stages.refresh_reference`` applied; a refresh asked of a run without a reference is an error."""
+    from ..trainers.stages import select_stages, stages_by
+
+    spec = recipe.stages
+    where = locate(recipe, "stages")
+    if spec is not None and spec.by:
+        stages = stages_by(spec.by, train_dataset, bool(spec.refresh_reference), where)
+    else:
+        stages = method.stages(train_dataset)
+    if not stages:
+        if spec is not None and (spec.only or spec.refresh_reference):
+            raise TrlPlusError(f"{where}: method {method.name!r} has no stages; use stages.by: <column> to run one "
+                               "stage per value of a data column")  # fmt: skip
+        return None
+    stages = select_stages(stages, spec.only if spec else None, spec.refresh_reference if spec else None, where)
+    if any(stage.refresh_reference for stage in stages):
+        mode = resolve_reference_mode(method, recipe.reference.mode, recipe.model.lora is not None,
+                                      recipe.reference.name_or_path is not None)  # fmt: skip
+        if mode == "none":
+            raise TrlPlusError(f"{where}.refresh_reference: method {method.name!r} runs without a reference, so "
+                               "there is none to refresh; set stages.refresh_reference: false")  # fmt: skip
+    return stages

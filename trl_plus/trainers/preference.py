@@ -28,10 +28,11 @@ from trl.trainer.utils import add_fused_lm_head, get_config_model_id, selective_
 from ..contract import LossContext, Method
 from ..data.collate import SEQ_MASK, SEQUENCE_SLOTS, TOKEN_PAD, TRUNCATED, FieldCollation, method_collator
 from ..data.lengths import dropped_message, rows_of, truncation_report
-from ..data.load import check_columns, check_text_columns, few_rows, quiet_progress
+from ..data.load import check_columns, check_lists, check_text_columns, few_rows, prepare_rows, prepares_data, quiet_progress
 from ..errors import TrlPlusError
 from ..models.load import bf16_available, resolve_model_path
 from ..registry import get_method
+from .adapters import REFERENCE_ADAPTER, active_adapter, copy_adapter
 from .frozen import REF_COLUMN, resolve_reference_mode
 
 logger = logging.getLogger(__name__)
@@ -228,8 +229,14 @@ class PlusTrainer(DPOTrainer):
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         if set(self.method.tokenized_columns) <= set(dataset.column_names):
             return dataset  # already tokenized
-        check_columns(dataset.column_names, self.method, f"{dataset_name} dataset")
-        check_text_columns(dataset.features, self.method, f"{dataset_name} dataset")
+        where = f"{dataset_name} dataset"
+        raw = set(self.method.required_columns()) <= set(dataset.column_names)
+        if raw or not prepares_data(self.method):  # else: prepared already (trl-plus train prepares as it loads)
+            check_columns(dataset.column_names, self.method, where)
+            check_text_columns(dataset.features, self.method, where)
+            check_lists(dataset, self.method, where)
+            with quiet_progress(args.disable_tqdm or few_rows(dataset)):
+                dataset = prepare_rows(dataset, self.method, dataset_name, where)
         # datasets draws a bar per map (TRL: three per split): only for data large enough to wait for
         with quiet_progress(args.disable_tqdm or few_rows(dataset)):
             if self.method.tokenize is None:  # TRL's tokenization: drops examples whose prompt fills max_length
@@ -261,7 +268,8 @@ class PlusTrainer(DPOTrainer):
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
             needs = self.method.needs
-            columns = (*self.method.tokenized_columns, *needs.fields, *needs.optional_fields, REF_COLUMN)
+            lists = (spec.name for spec in needs.lists)
+            columns = (*self.method.tokenized_columns, *needs.fields, *needs.optional_fields, *lists, REF_COLUMN)
             self._signature_columns = list(dict.fromkeys(columns))
 
     # -- frozen models --------------------------------------------------------------------------------------
@@ -274,9 +282,12 @@ class PlusTrainer(DPOTrainer):
         PEFT adapter (the reference of a LoRA/QLoRA run: no second copy of the base weights)."""
         labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
         adapter_context = contextlib.nullcontext()
-        if adapter_off:
+        if adapter_off:  # a refreshed reference is the frozen "ref" adapter; else the base, adapter disabled
             unwrapped = self.accelerator.unwrap_model(self.model)
-            adapter_context = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
+            if REFERENCE_ADAPTER in unwrapped.peft_config:
+                adapter_context = active_adapter(unwrapped, REFERENCE_ADAPTER)
+            else:
+                adapter_context = use_adapter(unwrapped, adapter_name=None)
         with (
             torch.no_grad(),
             _checkpointing_off(self.model, self.args.activation_checkpointing_kwargs),
@@ -334,22 +345,12 @@ class PlusTrainer(DPOTrainer):
         if isinstance(dataset, IterableDataset):
             raise TrlPlusError("reference.mode: precomputed needs a map-style dataset, not a streaming one")
         fingerprint = Hasher.hash((dataset._fingerprint, self._precompute_model_hash, "trl-plus",
-                                   self.method.sequences_per_example))
+                                   self.method.sequences_per_example))  # fmt: skip
         cache_file = dataset._get_cache_file_path(fingerprint)
         if not os.path.exists(cache_file):
-            loader = self.accelerator.prepare(
-                DataLoader(dataset, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False)
-            )
             model = self.ref_model or self.model
             adapter_off = self.ref_model is None and is_peft_model(self.model)
-            rows = []
-            quiet = self.args.disable_tqdm or bool(os.environ.get("TQDM_DISABLE"))
-            for batch in tqdm(loader, desc=f"Computing reference log probs for {name} dataset", disable=quiet):
-                logps = self.frozen_token_logps(model, batch, adapter_off=adapter_off).float().cpu()
-                mask = batch["completion_mask"][:, 1:].bool().cpu()
-                rows += per_example_lists(batch, [logps[i][mask[i]].tolist() for i in range(logps.size(0))],
-                                          self.num_sequences(batch))
-            rows = self.accelerator.gather_for_metrics(rows, use_gather_object=True)
+            rows = self._reference_rows(dataset, name, batch_size, model, adapter_off)
             if self.accelerator.is_main_process:
                 with quiet_progress(few_rows(dataset)):
                     dataset.map(
@@ -360,6 +361,55 @@ class PlusTrainer(DPOTrainer):
                     )  # fmt: skip
             self.accelerator.wait_for_everyone()
         return concatenate_datasets([dataset, Dataset.from_file(cache_file)], axis=1)
+
+    def _reference_rows(self, dataset: Dataset, name: str, batch_size: int, model, adapter_off: bool) -> list:
+        """Per example, per real sequence, the scored tokens' log-probs of ``model`` (the precomputed column)."""
+        loader = self.accelerator.prepare(
+            DataLoader(dataset, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False)
+        )
+        rows = []
+        quiet = self.args.disable_tqdm or bool(os.environ.get("TQDM_DISABLE"))
+        for batch in tqdm(loader, desc=f"Computing reference log probs for {name} dataset", disable=quiet):
+            logps = self.frozen_token_logps(model, batch, adapter_off=adapter_off).float().cpu()
+            mask = batch["completion_mask"][:, 1:].bool().cpu()
+            rows += per_example_lists(batch, [logps[i][mask[i]].tolist() for i in range(logps.size(0))],
+                                      self.num_sequences(batch))  # fmt: skip
+        return self.accelerator.gather_for_metrics(rows, use_gather_object=True)
+
+    def refresh_reference(self) -> None:
+        """π_ref ← π_θ: the reference becomes a frozen copy of the current policy (a training stage's start).
+
+        - ``model``: the frozen reference model loads the policy's weights;
+        - ``adapter``: the trained adapter is copied into a frozen ``ref`` adapter, which the reference forward uses
+          from then on (no second copy of the base weights);
+        - ``precomputed``: the reference columns of ``train_dataset`` (and ``eval_dataset``) are recomputed with
+          the current policy, adapter on.
+
+        A hard copy, not TRL's ``sync_ref_model`` (soft mixing every N steps, refused with PEFT).
+        """
+        policy = self.accelerator.unwrap_model(self.model)
+        if self.reference_mode == "none":
+            raise TrlPlusError(f"method {self.method.name!r} is reference-free: there is no reference to refresh")
+        if self.reference_mode == "model":
+            if is_peft_model(policy):
+                raise TrlPlusError("a reference refresh with LoRA uses reference.mode: adapter (or precomputed), not "
+                                   "model")  # fmt: skip
+            reference = self.accelerator.unwrap_model(self.ref_model)
+            try:
+                reference.load_state_dict(policy.state_dict())
+            except RuntimeError as exc:
+                raise TrlPlusError(f"the reference cannot take the policy's weights (another architecture: "
+                                   f"reference.name_or_path?): {str(exc).splitlines()[0]}") from None  # fmt: skip
+        elif self.reference_mode == "adapter":
+            copy_adapter(policy, policy.active_adapter, REFERENCE_ADAPTER)
+        else:
+            for attribute, name in (("train_dataset", "train"), ("eval_dataset", "eval")):
+                dataset = getattr(self, attribute)
+                if isinstance(dataset, Dataset) and REF_COLUMN in dataset.column_names:
+                    dataset = dataset.remove_columns(REF_COLUMN)
+                    batch_size = self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size
+                    rows = self._reference_rows(dataset, name, batch_size, self.model, False)
+                    setattr(self, attribute, dataset.add_column(REF_COLUMN, rows))
 
     # -- the step -------------------------------------------------------------------------------------------
     def _compute_loss(self, model, inputs, return_outputs):
