@@ -152,10 +152,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from .config import load_recipe
 
     recipe = load_recipe(args.recipe, args.set)  # the schema first: a typo is reported before anything heavy loads
-    from .run.validate import check_lengths, check_recipe, load_split
+    from .run.validate import check_lengths, check_recipe, load_split, plan_stages
 
     method, training = check_recipe(recipe)
     datasets = {split: load_split(recipe, method, split) for split in ("train", "eval")}
+    stages = plan_stages(recipe, method, datasets["train"])
     try:
         warnings = check_lengths(recipe, method, training, datasets)
     except TrlPlusError as exc:
@@ -173,7 +174,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
             raise TrlPlusError(f"{args.recipe}: {exc}") from None
     for line in warnings:
         print(f"warning: {line}")
-    print(f"{args.recipe}: ok (method {method.name}, {len(training)} training keys)")
+    staged = f", stages {', '.join(s.name for s in stages)}" if stages else ""
+    print(f"{args.recipe}: ok (method {method.name}, {len(training)} training keys{staged})")
     return 0
 
 
