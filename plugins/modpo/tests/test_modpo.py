@@ -50,7 +50,7 @@ def neg_log_sigmoid(x):
 def test_card_worked_example():
     method = MODPO(beta=0.1, w=(0.5, 0.5))
     ctx = card_context()
-    z, rewards, beta_delta, offset = method.logits(ctx)
+    z, _, beta_delta, offset = method.logits(ctx)
     assert z.tolist() == pytest.approx([-0.1, 0.0], abs=1e-12)  # [(0.2 − 0.25)/0.5, (−0.15 + 0.15)/0.5]
     assert beta_delta.tolist() == pytest.approx([0.2, -0.15], abs=1e-12)
     assert offset.tolist() == pytest.approx([0.25, -0.15], abs=1e-12)
