@@ -40,9 +40,7 @@ def test_help_and_list_do_not_import_torch():
 
 
 def test_list_fits_100_columns_and_wide_shows_everything(capsys):
-    from trl_plus.registry import get_registry
-
-    from trl_plus.registry import REPOSITORY_PLUGINS
+    from trl_plus.registry import REPOSITORY_PLUGINS, get_registry
 
     registry = get_registry()
     assert {"dpo", "sft", *REPOSITORY_PLUGINS} <= set(registry.methods)  # the built-ins and this repository's plugins
