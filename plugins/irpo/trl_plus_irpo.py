@@ -24,7 +24,17 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from trl_plus import ListField, LossContext, LossOutput, Method, MethodConfig, Needs, Paper, TrlPlusError, hookimpl
+from trl_plus import (
+    ListField,
+    LossContext,
+    LossOutput,
+    Method,
+    MethodConfig,
+    Needs,
+    Paper,
+    TrlPlusError,
+    hookimpl,
+)
 
 #: The token-aligned column of item ids: ``k`` on item k's tokens, ``NO_ITEM`` on prompt, separators and EOS.
 ITEM_IDS = "item_ids"
