@@ -98,7 +98,7 @@ class StagesSpec(_Block):
     first starts with π_ref ← π_θ."""
 
     by: str | None = None
-    only: list[str] | None = None
+    only: list[str | int] | None = None  # stage names (a number names the stage of that value of ``by``)
     refresh_reference: bool | None = None
 
 

@@ -101,7 +101,9 @@ class Paper:
 class ListField:
     """A ragged per-example list column (see ``Needs.list_fields``).
 
-    - ``dtype``: ``"float"`` or ``"int"``, the values' type (and the collated tensor's).
+    - ``dtype``: ``"float"`` or ``"int"``, the values' type (and the collated tensor's); ``"text"`` for a list of
+      strings the method's tokenization reads (K completions, K items): checked, never collated. (Text columns
+      holding one string or chat messages are ``Method.data_fields``.)
     - ``same_length_as``: another list column of the same row whose length this one must have (``"completions"``:
       one reward per completion); ``None``: any length.
     - ``required``: ``False`` for a column used only when the data has it (collated when every row of a batch has
@@ -110,7 +112,7 @@ class ListField:
     """
 
     name: str
-    dtype: Literal["float", "int"] = "float"
+    dtype: Literal["float", "int", "text"] = "float"
     same_length_as: str | None = None
     required: bool = True
     pad: float = 0

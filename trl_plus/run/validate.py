@@ -342,21 +342,25 @@ def plan_stages(recipe: Recipe, method, train_dataset) -> list | None:
     from ..trainers.stages import select_stages, stages_by
 
     spec = recipe.stages
-    where = locate(recipe, "stages")
+
+    def where(key: str) -> str:
+        return locate(recipe, f"stages.{key}")
+
     if spec is not None and spec.by:
-        stages = stages_by(spec.by, train_dataset, bool(spec.refresh_reference), where)
+        stages = stages_by(spec.by, train_dataset, bool(spec.refresh_reference), where("by"))
     else:
         stages = method.stages(train_dataset)
     if not stages:
         if spec is not None and (spec.only or spec.refresh_reference):
-            raise TrlPlusError(f"{where}: method {method.name!r} has no stages; use stages.by: <column> to run one "
-                               "stage per value of a data column")  # fmt: skip
+            key = "only" if spec.only else "refresh_reference"
+            raise TrlPlusError(f"{where(key)}: method {method.name!r} has no stages; use stages.by: <column> to run "
+                               "one stage per value of a data column")  # fmt: skip
         return None
-    stages = select_stages(stages, spec.only if spec else None, spec.refresh_reference if spec else None, where)
+    stages = select_stages(stages, spec.only if spec else None, spec.refresh_reference if spec else None, where("only"))
     if any(stage.refresh_reference for stage in stages):
         mode = resolve_reference_mode(method, recipe.reference.mode, recipe.model.lora is not None,
                                       recipe.reference.name_or_path is not None)  # fmt: skip
         if mode == "none":
-            raise TrlPlusError(f"{where}.refresh_reference: method {method.name!r} runs without a reference, so "
+            raise TrlPlusError(f"{where('refresh_reference')}: method {method.name!r} runs without a reference, so "
                                "there is none to refresh; set stages.refresh_reference: false")  # fmt: skip
     return stages

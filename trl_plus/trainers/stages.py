@@ -30,9 +30,10 @@ def select_stages(stages: list[Stage], only: list[str] | None, refresh: bool | N
     """The stages a recipe runs: ``only`` (names, in the method's order) and ``refresh`` (overrides every stage's
     ``refresh_reference``; the first stage never refreshes: its reference is the starting policy)."""
     names = [stage.name for stage in stages]
+    only = None if only is None else [str(name) for name in only]
     unknown = [name for name in only or () if name not in names]
     if unknown:
-        raise TrlPlusError(f"{where}.only: no stage {unknown[0]!r}; the stages are {', '.join(names)}")
+        raise TrlPlusError(f"{where}: no stage {unknown[0]!r}; the stages are {', '.join(names)}")
     chosen = [stage for stage in stages if only is None or stage.name in only]
     if refresh is not None:
         chosen = [Stage(s.name, s.rows, refresh and i > 0) for i, s in enumerate(chosen)]
@@ -42,7 +43,7 @@ def select_stages(stages: list[Stage], only: list[str] | None, refresh: bool | N
 def stages_by(column: str, dataset: Any, refresh: bool, where: str) -> list[Stage]:
     """One stage per value of ``column`` (sorted), named by the value: a recipe's ``stages.by``."""
     if column not in dataset.column_names:
-        raise TrlPlusError(f"{where}.by: the data has no column {column!r}; it has {', '.join(dataset.column_names)}")
+        raise TrlPlusError(f"{where}: the data has no column {column!r}; it has {', '.join(dataset.column_names)}")
     values = sorted(set(dataset[column]))
     return [Stage(str(v), rows=lambda row, v=v: row[column] == v, refresh_reference=refresh and i > 0)
             for i, v in enumerate(values)]  # fmt: skip
