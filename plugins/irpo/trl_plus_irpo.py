@@ -64,41 +64,37 @@ class IRPOConfig(MethodConfig):
     )
     separator: str = Field(",", description="the token written between items (official: the tokenizer's ',')")
     max_prompt_length: int | None = Field(
-        None, gt=0, description="cut longer prompts to this many tokens, keeping the start (official: 256); None: no cut"
+        None, gt=0, description="cut longer prompts to this many tokens, keeping the start (official: 256); None: none"
     )
 
 
 # -- data ---------------------------------------------------------------------------------------------------------
 
 
-def _where(row: int) -> str:
-    return f"row {row}"
-
-
 def check_lists(items: list, relevance: list, rank: list | None, row: int) -> None:
     """The values of one row that the core's type and length checks cannot see: at least two items, no empty or
     duplicate item, relevance ≥ 0, rank ≥ 1 (a one-line :class:`TrlPlusError` naming the row and the fix)."""
     if len(items) < 2:
-        raise TrlPlusError(f"{_where(row)}: column 'items' has {len(items)} item(s); IRPO contrasts each item with the "
+        raise TrlPlusError(f"row {row}: column 'items' has {len(items)} item(s); IRPO contrasts each item with the "
                            "others of its list: give at least 2")  # fmt: skip
     seen: dict[str, int] = {}
     for k, item in enumerate(items):
         if not isinstance(item, str) or not item.strip():
-            raise TrlPlusError(f"{_where(row)}: column 'items' entry {k} is empty: every item must be non-empty text")
+            raise TrlPlusError(f"row {row}: column 'items' entry {k} is empty: every item must be non-empty text")
         key = item.strip()
         if key in seen:
-            raise TrlPlusError(f"{_where(row)}: column 'items' lists {key!r} twice (entries {seen[key]} and {k}): "
+            raise TrlPlusError(f"row {row}: column 'items' lists {key!r} twice (entries {seen[key]} and {k}): "
                                "remove the duplicate (each item must appear once per list)")  # fmt: skip
         seen[key] = k
     if relevance is not None:
         bad = [y for y in relevance if not (isinstance(y, (int, float)) and math.isfinite(y) and y >= 0)]
         if bad:
-            raise TrlPlusError(f"{_where(row)}: column 'relevance' has {bad[0]!r}: relevance labels are numbers ≥ 0 "
+            raise TrlPlusError(f"row {row}: column 'relevance' has {bad[0]!r}: relevance labels are numbers ≥ 0 "
                                "(e.g. 2 = ground truth, 1 = partially relevant, 0 = irrelevant)")  # fmt: skip
     if rank is not None:
         bad = [v for v in rank if not (isinstance(v, int) and v >= 1)]
         if bad:
-            raise TrlPlusError(f"{_where(row)}: column 'rank' has {bad[0]!r}: ranks are positions 1, 2, … in the "
+            raise TrlPlusError(f"row {row}: column 'rank' has {bad[0]!r}: ranks are positions 1, 2, … in the "
                                "ideal list (or drop the column to derive them from relevance)")  # fmt: skip
 
 
@@ -269,7 +265,7 @@ class IRPO(Method):
         given = [r is not None for r in ranks]
         if any(given) and not all(given):
             row = given.index(False) + 1
-            raise TrlPlusError(f"{_where(row)}: column 'rank' is missing while other rows have it: give a rank list in "
+            raise TrlPlusError(f"row {row}: column 'rank' is missing while other rows have it: give a rank list in "
                                "every row, or drop the column to derive ranks from relevance")  # fmt: skip
         for row, (its, rel, rk) in enumerate(zip(items, relevance, ranks), 1):
             check_lists(its, rel, rk, row)

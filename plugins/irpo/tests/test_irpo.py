@@ -28,6 +28,7 @@ from trl_plus_irpo import (
 
 from trl_plus import DPO, FieldCollation, TrlPlusError, train
 from trl_plus.testing import (
+    build_model,
     build_tokenizer,
     make_context,
     perturb,
@@ -169,7 +170,8 @@ def test_official_rdpo_loss_agrees_at_beta_1_and_leaks_through_its_diagonal_at_s
     assert IRPO(batch_reduction="sum").loss(both).loss.item() == pytest.approx(official, abs=1e-12)
     for scheme in (1, 2):
         ours = IRPO(weight_scheme=scheme, batch_reduction="sum").loss(both).loss.item()
-        assert ours == pytest.approx(official_rdpo_loss(policy, reference, relevance_rank, 1.0, scheme).item(), abs=1e-12)
+        official = official_rdpo_loss(policy, reference, relevance_rank, 1.0, scheme).item()
+        assert ours == pytest.approx(official, abs=1e-12)
     # the code's −100 on the diagonal is multiplied by β: exp(−100β) leaks into the "others" sum for small β
     one = official_inputs(EXAMPLE_1)
     for beta, exact, code in ((0.1, 0.616904, 0.616911), (0.01, 0.627950, 0.682038)):
@@ -216,7 +218,8 @@ def test_shift_permutation_and_irrelevant_lists():
     base = reward_losses(R_1, [0, 2, 1, 0], [3, 1, 2, 4])[0].item()
     assert reward_losses([v + 0.7 for v in R_1], [0, 2, 1, 0], [3, 1, 2, 4])[0].item() == pytest.approx(base, abs=1e-12)
     order = [2, 0, 3, 1]
-    permuted = reward_losses([R_1[i] for i in order], [[0, 2, 1, 0][i] for i in order], [[3, 1, 2, 4][i] for i in order])
+    relevance, rank = [0, 2, 1, 0], [3, 1, 2, 4]
+    permuted = reward_losses([R_1[i] for i in order], [relevance[i] for i in order], [rank[i] for i in order])
     assert permuted[0].item() == pytest.approx(base, abs=1e-12)
     # ... and through the token layout: the items written in another order, with their labels
     shuffled = {key: [EXAMPLE_1[key][i] for i in order] for key in ("policy", "reference", "relevance", "rank")}
@@ -274,7 +277,8 @@ def test_tokenize_writes_items_separators_and_item_ids():
     assert tokenizer.decode(out["completion_ids"]) == "Up,Big Fish,Jaws</s>"
     assert out["item_ids"] == [0, 0, -1] + [1] * 8 + [-1] + [2] * 4 + [-1]
     chat = tokenize_list({**row, "prompt": [{"role": "user", "content": "Rank: "}]}, tokenizer)
-    assert tokenizer.decode(chat["prompt_ids"]) == "<|user|>Rank: </s><|assistant|>" and chat["item_ids"] == out["item_ids"]
+    assert tokenizer.decode(chat["prompt_ids"]) == "<|user|>Rank: </s><|assistant|>"
+    assert chat["item_ids"] == out["item_ids"]
     two = tokenize_list(row, tokenizer, separator=" ;", max_prompt_length=3)  # not one token: tokenized
     assert tokenizer.decode(two["completion_ids"]) == "Up ;Big Fish ;Jaws</s>" and len(two["prompt_ids"]) == 3
     assert two["item_ids"][:4] == [0, 0, -1, -1]
@@ -282,9 +286,10 @@ def test_tokenize_writes_items_separators_and_item_ids():
 
 @pytest.fixture(scope="module")
 def perturbed(tmp_path_factory):
-    """A trainer on the sample whose policy left the reference, and one of its batches with the LossContext the
-    method saw."""
-    trainer = tiny_trainer("irpo", tmp_path_factory.mktemp("irpo"), rows=sample_rows())
+    """A trainer on the sample whose policy left the reference (precomputed once from the initial tiny model), and
+    one of its batches with the LossContext the method saw."""
+    trainer = tiny_trainer("irpo", tmp_path_factory.mktemp("irpo"), rows=sample_rows(), reference_mode="precomputed")
+    assert "ref_token_logps" in trainer.train_dataset.column_names and trainer.ref_model is None
     perturb(trainer.model)
     trainer.model.eval()
     seen = []
@@ -317,7 +322,8 @@ def test_pooled_item_scores_equal_a_direct_forward(perturbed):
     policy = trainer.method.item_scores(ctx, ctx.token_logps).double()
     reference = trainer.method.item_scores(ctx, ctx.ref_token_logps).double()
     assert torch.allclose(policy, direct_item_means(trainer.model, batch), atol=1e-6, rtol=0)
-    assert torch.allclose(reference, direct_item_means(trainer.ref_model, batch), atol=1e-6, rtol=0)
+    initial = build_model(trainer.processing_class)  # seeded: the weights the reference was computed with
+    assert torch.allclose(reference, direct_item_means(initial, batch), atol=1e-6, rtol=0)
     assert (policy - reference).abs().min() > 1e-3  # the perturbed policy's item rewards are not 0
 
 
@@ -326,23 +332,14 @@ def test_off_item_log_probs_leave_item_scores_and_the_loss_unchanged(perturbed):
     off = (ctx.tokens["item_ids"] == -1) & ctx.mask.bool()
     assert off.sum() == 4 * 5  # 4 separators and the EOS of each of the 4 lists (the prompt is not scored)
     noisy = copy.copy(ctx)
-    noisy.token_logps = ctx.token_logps + off * torch.randn(ctx.token_logps.shape, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(trainer.method.item_scores(noisy, noisy.token_logps), trainer.method.item_scores(ctx, ctx.token_logps))
+    noise = torch.randn(ctx.token_logps.shape, generator=torch.Generator().manual_seed(0))
+    noisy.token_logps = ctx.token_logps + off * noise
+    scores = trainer.method.item_scores
+    assert torch.equal(scores(noisy, noisy.token_logps), scores(ctx, ctx.token_logps))
     assert trainer.method.loss(noisy).loss.item() == pytest.approx(value, abs=1e-6)
     on = copy.copy(ctx)
     on.token_logps = ctx.token_logps - 0.5 * (ctx.tokens["item_ids"] == 1)  # item 1's tokens: its score moves
     assert trainer.method.loss(on).loss.item() != pytest.approx(value, abs=1e-4)
-
-
-def test_a_precomputed_reference_gives_the_same_loss(perturbed, tmp_path):
-    _, _, _, value = perturbed
-    trainer = tiny_trainer("irpo", tmp_path, rows=sample_rows(), reference_mode="precomputed")
-    assert "ref_token_logps" in trainer.train_dataset.column_names and trainer.ref_model is None
-    perturb(trainer.model)
-    trainer.model.eval()
-    batch = trainer.data_collator([dict(trainer.train_dataset[i]) for i in range(4)])
-    with torch.no_grad():
-        assert trainer.compute_loss(trainer.model, batch).item() == pytest.approx(value, abs=1e-6)
 
 
 def test_items_cut_by_max_length_are_masked(perturbed):
@@ -358,7 +355,8 @@ def test_items_cut_by_max_length_are_masked(perturbed):
     loss = method.loss
     method.loss = lambda ctx: seen.append(loss(ctx)) or seen[-1]
     with torch.no_grad():
-        cut_loss, short_loss = trainer.compute_loss(trainer.model, cut).item(), trainer.compute_loss(trainer.model, short).item()
+        cut_loss = trainer.compute_loss(trainer.model, cut).item()
+        short_loss = trainer.compute_loss(trainer.model, short).item()
     method.loss = loss
     assert cut["num_truncated"].item() == 1 and cut["input_ids"].size(1) == length
     assert seen[0].metrics["irpo/items"].item() == 2 and seen[0].metrics["irpo/items_cut"].item() == pytest.approx(0.6)
@@ -368,20 +366,20 @@ def test_items_cut_by_max_length_are_masked(perturbed):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    trainer = tiny_trainer("irpo", tmp_path_factory.mktemp("irpo-train"), rows=sample_rows(), max_steps=6,
-                           training={"per_device_train_batch_size": 12})  # fmt: skip
+    trainer = tiny_trainer("irpo", tmp_path_factory.mktemp("irpo-train"), rows=sample_rows()[:8], max_steps=5,
+                           training={"per_device_train_batch_size": 8})  # fmt: skip
     trainer.train()
     return training_logs(trainer)
 
 
 def test_a_few_steps_raise_the_margin_of_relevant_over_irrelevant_items(trained):
     first, last = trained[0], trained[-1]
-    # policy == reference at the first step: r = 0, L = 0, ℓ = log 2 · mean_k w_k over the whole sample
+    # policy == reference at the first step: r = 0, L = 0, ℓ = log 2 · mean_k w_k over the batch (the 8 rows)
     per_row = [sum((2**y - 1) / math.log2(1 + k) for y, k in zip(r["relevance"], r["rank"])) / len(r["items"])
-               for r in sample_rows()]  # fmt: skip
+               for r in sample_rows()[:8]]  # fmt: skip
     assert first["loss"] == pytest.approx(math.log(2) * sum(per_row) / len(per_row), abs=1e-6)
     assert first["irpo/margin"] == 0.0 and first["irpo/items"] == 5 and first["irpo/items_cut"] == 0
-    assert last["irpo/margin"] > first["irpo/margin"] + 0.5  # 0 -> 0.77
+    assert last["irpo/margin"] > first["irpo/margin"] + 0.4  # 0 -> 0.62
     assert last["irpo/reward_relevant"] > last["irpo/reward_irrelevant"]
     assert last["loss"] < first["loss"] and last["irpo/ndcg"] > first["irpo/ndcg"]
 
@@ -420,7 +418,7 @@ BAD = [
      r"row 4: column 'items' lists 'Heat' twice \(entries 0 and 2\): remove the duplicate"),
     ("one item", lambda rows: _edit(rows, 0, items=["Up"], relevance=[1], rank=[1]),
      r"row 1: column 'items' has 1 item\(s\).*at least 2"),
-    ("rank in some rows only", lambda rows: [{k: v for k, v in r.items() if k != "rank" or i != 4} for i, r in enumerate(rows)],
+    ("rank in some rows only", lambda rows: rows[:4] + [{k: v for k, v in rows[4].items() if k != "rank"}] + rows[5:],
      r"row 5: column 'rank' is missing while other rows have it"),
     ("rank 0", lambda rows: _edit(rows, 0, rank=[0, 1, 2, 3, 4]), r"row 1: column 'rank' has 0: ranks are positions"),
 ]  # fmt: skip
