@@ -268,7 +268,20 @@ def prepare_rows(dataset: Any, method: Method, split: str, where: str) -> Any:
     if hasattr(prepared, "__len__") and len(prepared) == 0 and len(dataset) > 0:
         raise TrlPlusError(f"{where}: method {method.name!r} built no training rows from the {len(dataset)} rows of "
                            "the data: check the columns its README describes")  # fmt: skip
+    try:  # the trainer then does not prepare the rows a second time
+        prepared._trl_plus_prepared_by = method.name
+    except AttributeError:
+        pass
     return prepared
+
+
+def is_prepared(dataset: Any, method: Method) -> bool:
+    """Whether :func:`prepare_rows` already made ``dataset`` for ``method`` (``trl-plus train`` prepares as it
+    loads), or its raw columns are gone because the method's ``prepare_data`` consumed them."""
+    if getattr(dataset, "_trl_plus_prepared_by", None) == method.name:
+        return True
+    raw = set(method.required_columns()) <= set(getattr(dataset, "column_names", None) or ())
+    return prepares_data(method) and not raw
 
 
 def prepares_data(method: Method | type[Method]) -> bool:

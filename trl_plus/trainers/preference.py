@@ -28,7 +28,15 @@ from trl.trainer.utils import add_fused_lm_head, get_config_model_id, selective_
 from ..contract import LossContext, Method
 from ..data.collate import SEQ_MASK, SEQUENCE_SLOTS, TOKEN_PAD, TRUNCATED, FieldCollation, method_collator
 from ..data.lengths import dropped_message, rows_of, truncation_report
-from ..data.load import check_columns, check_lists, check_text_columns, few_rows, prepare_rows, prepares_data, quiet_progress
+from ..data.load import (
+    check_columns,
+    check_lists,
+    check_text_columns,
+    few_rows,
+    is_prepared,
+    prepare_rows,
+    quiet_progress,
+)
 from ..errors import TrlPlusError
 from ..models.load import bf16_available, resolve_model_path
 from ..registry import get_method
@@ -230,8 +238,7 @@ class PlusTrainer(DPOTrainer):
         if set(self.method.tokenized_columns) <= set(dataset.column_names):
             return dataset  # already tokenized
         where = f"{dataset_name} dataset"
-        raw = set(self.method.required_columns()) <= set(dataset.column_names)
-        if raw or not prepares_data(self.method):  # else: prepared already (trl-plus train prepares as it loads)
+        if not is_prepared(dataset, self.method):
             check_columns(dataset.column_names, self.method, where)
             check_text_columns(dataset.features, self.method, where)
             check_lists(dataset, self.method, where)

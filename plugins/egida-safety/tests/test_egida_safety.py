@@ -168,11 +168,9 @@ def test_recipe_uses_the_hub_configuration_and_runs_on_the_sample(tmp_path, monk
         monkeypatch.setattr(EgidaSafety, name, spy)
     result = run_recipe_on_cpu("recipes/egida-safety.yaml", tmp_path, "data.train.path=recipes/data/egida_sample.jsonl",
                                "data.train.name=null", "training.logging_steps=1")  # fmt: skip
-    # the rule ran once, on the raw rows, as the data loaded; the trainer got pairs (no raw column left) and only
-    # re-checked the idempotent filters
+    # the rows were prepared once, on the raw rows, as the data loaded; the trainer took them as they were
     assert len(calls["build_pairs"]) == 1 and "target_response" in calls["build_pairs"][0]
-    assert len(calls["prepare_data"]) == 2 and "target_response" not in calls["prepare_data"][1]
-    assert {"prompt", "chosen", "rejected"} <= set(calls["prepare_data"][1])
+    assert len(calls["prepare_data"]) == 1 and "target_response" in calls["prepare_data"][0]
     logs = [e for e in json.loads((tmp_path / "trainer_state.json").read_text())["log_history"] if "loss" in e]
     assert logs[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference at the first step
     assert logs[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
