@@ -119,8 +119,9 @@ def cmd_show(args: argparse.Namespace) -> int:
     print(f"{cls.name} — {cls.summary}" if cls.summary else cls.name)
     print(f"paper:   {cls.paper}" + (f"\ncode:    {cls.paper.code}" if cls.paper.code else ""))
     print(f"family:  {cls.family}\nneeds:   {cls.needs.describe()}\nfrom:    {registry.sources[cls.name]}")
-    print(f"data:    columns {', '.join(cls.required_columns())}; {cls.sequences_per_example} "
-          f"sequence{'s' if cls.sequences_per_example > 1 else ''} per example\n")
+    k = cls.sequences_per_example
+    count = "a varying number of sequences" if k is None else f"{k} sequence{'s' if k > 1 else ''}"
+    print(f"data:    columns {', '.join(cls.required_columns())}; {count} per example\n")
     rows = []
     for name, f in cls.Config.model_fields.items():
         annotation = type_name(f.annotation)
