@@ -275,11 +275,10 @@ def test_recipe_validates_and_runs_on_cpu(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     recipe = yaml.safe_load((ROOT / "recipes/brain.yaml").read_text())
     assert recipe["method"] == "brain" and recipe["model"]["quantization"]["load_in_4bit"]
-    result = run_recipe_on_cpu("recipes/brain.yaml", tmp_path, f"data.train.path={SAMPLE}",
-                               "method_args.num_samples=2")  # the sample has 2-4 completions per prompt
+    result = run_recipe_on_cpu("recipes/brain.yaml", tmp_path, f"data.train.path={SAMPLE}")  # 2-4 per prompt
     assert result.global_step == 2 and (tmp_path / "adapter_model.safetensors").exists()
     resolved = yaml.safe_load((tmp_path / "trl_plus_recipe.yaml").read_text())["method_args"]
-    assert resolved == {"tau": 1.0, "num_samples": 2}
+    assert resolved == recipe["method_args"] == {"tau": 1.0, "num_samples": None}
 
 
 def bad_rows(tmp_path, rows, name="bad.jsonl"):
