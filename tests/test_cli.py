@@ -43,7 +43,7 @@ def test_list_fits_100_columns_and_wide_shows_everything(capsys):
     from trl_plus.registry import get_registry
 
     registry = get_registry()
-    assert len(registry.methods) == 14  # dpo and sft (built in) and the 12 plugins of this repository
+    assert len(registry.methods) == 15  # dpo and sft (built in) and the 13 plugins of this repository
     assert main(["list"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert max(map(len, lines)) <= 100, max(lines, key=len)

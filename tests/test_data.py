@@ -81,3 +81,24 @@ def test_text_columns_of_another_type_are_named_before_tokenizing(tmp_path, caps
     messages = [{"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": "yes"}],
                  "rejected": [{"role": "assistant", "content": "no"}]}] * 8  # fmt: skip
     tiny_trainer("dpo", tmp_path / "chat", rows=messages)  # chat messages are text too
+
+
+def test_a_hub_datasets_configuration_reaches_load_dataset(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(path, name=None, split=None, **kwargs):
+        calls.append((path, name, split))
+        return datasets.Dataset.from_list(preference_rows(3))
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    dataset = load_preferences("HPAI-BSC/Egida", "train", name="Egida-DPO-Qwen2.5-7B-Instruct")
+    assert calls == [("HPAI-BSC/Egida", "Egida-DPO-Qwen2.5-7B-Instruct", "train")] and len(dataset) == 3
+
+
+def test_a_configuration_name_on_a_local_file_is_an_error(tmp_path):
+    path = tmp_path / "prefs.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in preference_rows(2)))
+    with pytest.raises(TrlPlusError, match=r"data.train.name: 'Egida' is a hub dataset's configuration, but .* is local"):
+        load_preferences(str(path), name="Egida")

@@ -120,8 +120,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     print(f"paper:   {cls.paper}" + (f"\ncode:    {cls.paper.code}" if cls.paper.code else ""))
     print(f"family:  {cls.family}\nneeds:   {cls.needs.describe()}\nfrom:    {registry.sources[cls.name]}")
     k = cls.sequences_per_example
-    count = "a varying number of sequences" if k is None else f"{k} sequence{'s' if k > 1 else ''}"
-    print(f"data:    columns {', '.join(cls.required_columns())}; {count} per example\n")
+    per_example = "a varying number of sequences" if k is None else f"{k} sequence{'s' if k > 1 else ''}"
+    print(f"data:    columns {', '.join(cls.required_columns())}; {per_example} per example\n")
     rows = []
     for name, f in cls.Config.model_fields.items():
         annotation = type_name(f.annotation)
@@ -152,10 +152,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from .config import load_recipe
 
     recipe = load_recipe(args.recipe, args.set)  # the schema first: a typo is reported before anything heavy loads
-    from .run.validate import check_lengths, check_recipe, load_split
+    from .run.validate import check_lengths, check_recipe, load_split, plan_stages
 
     method, training = check_recipe(recipe)
     datasets = {split: load_split(recipe, method, split) for split in ("train", "eval")}
+    stages = plan_stages(recipe, method, datasets["train"])
     try:
         warnings = check_lengths(recipe, method, training, datasets)
     except TrlPlusError as exc:
@@ -173,7 +174,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
             raise TrlPlusError(f"{args.recipe}: {exc}") from None
     for line in warnings:
         print(f"warning: {line}")
-    print(f"{args.recipe}: ok (method {method.name}, {len(training)} training keys)")
+    staged = f", stages {', '.join(s.name for s in stages)}" if stages else ""
+    print(f"{args.recipe}: ok (method {method.name}, {len(training)} training keys{staged})")
     return 0
 
 

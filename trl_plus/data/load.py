@@ -261,7 +261,8 @@ def prepare_rows(dataset: Any, method: Method, split: str, where: str) -> Any:
     """The method's :meth:`~trl_plus.Method.prepare_data` on checked raw rows; a one-line error when it leaves no
     row (or raises one, prefixed with ``where``)."""
     try:
-        prepared = method.prepare_data(dataset, split)
+        with quiet_progress(few_rows(dataset)):  # datasets' bars only for data large enough to wait for
+            prepared = method.prepare_data(dataset, split)
     except TrlPlusError as exc:
         raise TrlPlusError(f"{where}: {exc}" if not str(exc).startswith(where) else str(exc)) from None
     if hasattr(prepared, "__len__") and len(prepared) == 0 and len(dataset) > 0:

@@ -235,8 +235,7 @@ class PlusTrainer(DPOTrainer):
             check_columns(dataset.column_names, self.method, where)
             check_text_columns(dataset.features, self.method, where)
             check_lists(dataset, self.method, where)
-            with quiet_progress(args.disable_tqdm or few_rows(dataset)):
-                dataset = prepare_rows(dataset, self.method, dataset_name, where)
+            dataset = prepare_rows(dataset, self.method, dataset_name, where)
         # datasets draws a bar per map (TRL: three per split): only for data large enough to wait for
         with quiet_progress(args.disable_tqdm or few_rows(dataset)):
             if self.method.tokenize is None:  # TRL's tokenization: drops examples whose prompt fills max_length

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..contract import Stage
+from ..data.load import quiet_progress
 from ..errors import TrlPlusError
 from .adapters import REFERENCE_ADAPTER
 
@@ -70,7 +71,8 @@ def run_stages(trainer: Any, stages: list[Stage], resume: bool = False) -> None:
             if finished is not None:  # resuming after finished stages: their policy, before any refresh
                 trainer._load_from_checkpoint(str(finished))
                 finished = None
-            trainer.train_dataset = full.filter(stage.rows) if stage.rows else full
+            with quiet_progress():
+                trainer.train_dataset = full.filter(stage.rows) if stage.rows else full
             if len(trainer.train_dataset) == 0:
                 raise TrlPlusError(f"stage {stage.name!r} has no training rows")
             if stage.refresh_reference:
