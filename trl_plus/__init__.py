@@ -35,7 +35,7 @@ __all__ = [
     "DPO", "DPOConfig", "FieldCollation", "ListField", "LossContext", "LossOutput", "Method", "MethodConfig",
     "ModelAlias", "Needs", "PairwiseCollator", "Paper", "PlusTrainer", "REFERENCE_MODES", "Recipe", "SFT", "Sequence",
     "SequencesCollator", "Stage",
-    "TrainResult", "TrlPlusError", "check_recipe", "dpo_losses", "evaluate", "get_method", "get_registry", "hookimpl",
+    "TrainResult", "TrlPlusError", "check_recipe", "run_stages", "dpo_losses", "evaluate", "get_method", "get_registry", "hookimpl",
     "load_recipe", "merge_adapter", "method_collator", "prompt_completion", "resolve_reference_mode",
     "tokenize_completions", "train",
 ]  # fmt: skip
@@ -54,6 +54,7 @@ if TYPE_CHECKING:
     from .run.train import TrainResult, train
     from .run.validate import check_recipe
     from .trainers.preference import PlusTrainer
+    from .trainers.stages import run_stages
 
 #: Names that need torch/TRL, imported on first access: name -> module.
 _LAZY = {
@@ -69,6 +70,7 @@ _LAZY = {
     "evaluate": "run.evaluate",
     "merge_adapter": "run.merge",
     "check_recipe": "run.validate",
+    "run_stages": "trainers.stages",
 }
 
 

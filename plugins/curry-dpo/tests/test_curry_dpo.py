@@ -11,8 +11,8 @@ import pytest
 from datasets import Dataset
 from trl_plus_curry_dpo import CurryDPO, curriculum_pairs
 
-from trl_plus import DPO, TrlPlusError
-from trl_plus.testing import make_context, run_recipe_on_cpu, tiny_trainer, write_jsonl
+from trl_plus import DPO, TrlPlusError, run_stages
+from trl_plus.testing import cli, make_context, run_recipe_on_cpu, tiny_trainer, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[3]
 SAMPLE = ROOT / "recipes/data/curry_sample.jsonl"
@@ -57,8 +57,6 @@ def test_within_a_stage_the_loss_is_dpos_card_example():
 
 
 def test_three_stages_on_the_tiny_model_each_start_at_log_2_and_raise_their_margin(tmp_path):
-    from trl_plus.trainers.stages import run_stages
-
     rows = [json.loads(line) for line in SAMPLE.read_text().splitlines()]
     trainer = tiny_trainer(CurryDPO, tmp_path, rows=rows, max_steps=4, learning_rate=1e-3,
                            training={"per_device_train_batch_size": 12})  # each step: the stage's 12 pairs  # fmt: skip
@@ -84,15 +82,14 @@ def test_the_recipe_runs_three_stages_on_the_cpu(tmp_path):
     assert not (Path(result.output_dir) / "ref").exists()  # the frozen reference copy is not part of the model
 
 
-def test_rows_with_a_score_per_response_missing_are_one_line_errors(tmp_path):
+def test_rows_with_a_score_per_response_missing_are_one_line_errors(tmp_path, capsys):
     rows = [{"prompt": "p", "responses": ["a", "b", "c"], "scores": [1.0, 2.0]}]
     with pytest.raises(TrlPlusError, match=r"row 1: column 'scores' has 2 values but 'responses' has 3"):
         tiny_trainer(CurryDPO, tmp_path, rows=rows)
-    path = write_jsonl([{"prompt": "p", "responses": ["a", "b"], "scores": [1.0, 1.0]}], tmp_path / "ties.jsonl")
-    from trl_plus.config import load_recipe
-    from trl_plus.run.validate import load_split
-
-    recipe = load_recipe({"method": "curry-dpo", "model": {"name_or_path": "tiny-llama"},
-                          "data": {"train": {"path": path}}})  # fmt: skip
-    with pytest.raises(TrlPlusError, match=r"method 'curry-dpo' built no training rows from the 1 rows"):
-        load_split(recipe, CurryDPO(), "train")
+    write_jsonl([{"prompt": "p", "responses": ["a", "b"], "scores": [1.0, 1.0]}], tmp_path / "ties.jsonl")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("method: curry-dpo\nmodel: {name_or_path: tiny-llama}\ndata: {train: {path: ties.jsonl}}\n")
+    assert cli("validate", str(recipe)) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "ties.jsonl): method 'curry-dpo' built no training rows from the 1 rows of the data: check the "
+        "columns its README describes")
