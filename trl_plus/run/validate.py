@@ -20,6 +20,7 @@ from ..models.load import load_tokenizer
 from ..registry import get_registry
 from ..trainers import check_trainer_kind
 from ..trainers.frozen import resolve_reference_mode
+from ..trainers.guard import NAN_POLICIES
 from .rundir import check_run_owner
 
 # DPOConfig fields that the method, the reference block or the model block own.
@@ -36,6 +37,10 @@ OWNED_TRAINING_KEYS = {
     "precompute_ref_log_probs": "reference.mode: precomputed",
     "model_init_kwargs": "the model: block",
 }
+
+#: ``training`` keys of trl-plus's own, not ``trl.DPOConfig`` fields: checked by :func:`check_recipe`, never passed
+#: to ``DPOConfig``.
+RUN_TRAINING_KEYS = ("resume_from_checkpoint", "nan", "overwrite_output_dir")
 
 # Deprecated DPOConfig names a recipe may still use: read as the current transformers names (no FutureWarning).
 RENAMED_TRAINING_KEYS = {
@@ -192,13 +197,22 @@ def check_recipe(recipe: Recipe):
         check_trainer_kind(method)
     except TrlPlusError as exc:
         raise TrlPlusError(f"{source}: method: {exc}") from None
-    training = {k: v for k, v in recipe.training.items() if k != "resume_from_checkpoint"}
+    training = {k: v for k, v in recipe.training.items() if k not in RUN_TRAINING_KEYS}
     training = validate_training(training, lambda key: locate(recipe, key))
     check_report_to(training.get("report_to"), lambda key: locate(recipe, key))
     resume = recipe.training.get("resume_from_checkpoint")  # true (the latest checkpoint) or a folder
     if not isinstance(resume, (bool, str, type(None))):
         raise TrlPlusError(f"{source}: training.resume_from_checkpoint: expected true or a checkpoint folder, "
                            f"got {resume!r}")  # fmt: skip
+    if recipe.training.get("nan", "stop") not in NAN_POLICIES:
+        raise TrlPlusError(f"{locate(recipe, 'training.nan')}: expected stop (end the run at a non-finite loss or "
+                           f"gradient norm) or skip (drop that batch), got {recipe.training['nan']!r}")  # fmt: skip
+    overwrite = recipe.training.get("overwrite_output_dir", False)
+    if not isinstance(overwrite, bool):
+        raise TrlPlusError(f"{locate(recipe, 'training.overwrite_output_dir')}: expected true or false, got {overwrite!r}")
+    if overwrite and resume not in (None, False):
+        raise TrlPlusError(f"{source}: training.overwrite_output_dir: true deletes the checkpoints that "
+                           "training.resume_from_checkpoint would resume from; set only one of them")  # fmt: skip
 
     model_paths = [("model.name_or_path", recipe.model.name_or_path)]
     if recipe.reference.name_or_path:
@@ -219,7 +233,8 @@ def check_recipe(recipe: Recipe):
         raise TrlPlusError(f"{source}: teacher: method {method.name!r} needs a teacher model (teacher.name_or_path)")
     output_dir = training.get("output_dir", default_output_dir(method))
     try:
-        check_run_owner(output_dir, method.name, recipe.model)
+        if not overwrite:  # train clears the folder first (trl_plus.run.rundir.clear_run_dir)
+            check_run_owner(output_dir, method.name, recipe.model)
         resume = resume_target(resume, output_dir)
         if resume is not None:  # a checkpoint folder inside another run's directory
             check_run_owner(Path(resume).parent, method.name, recipe.model, key="training.resume_from_checkpoint")
