@@ -28,7 +28,7 @@ from .card import complete_model_card
 from .evaluate import recipe_beta, report_from_scores, score_pairs
 from .report import plot_run
 from .rundir import EVAL_REPORT, RESOLVED_RECIPE, STATE_FILE, clear_run_dir, last_metrics
-from .validate import check_recipe, default_output_dir, load_split, resume_target
+from .validate import check_chat_template, check_recipe, default_output_dir, load_split, resume_target
 
 
 @dataclass
@@ -94,6 +94,7 @@ def build_trainer(recipe: Recipe, callbacks: list | None = None):
     tokenizer = load_tokenizer(
         recipe.model.name_or_path, recipe.model.revision, recipe.model.trust_remote_code, recipe.model.gguf_file
     )
+    check_chat_template(tokenizer, {"train": train_dataset, "eval": eval_dataset}, recipe, method)
     try:
         check_lora_targets(recipe.model, resolve_model_path(recipe.model.name_or_path, recipe.model.gguf_file))
     except TrlPlusError as exc:
