@@ -165,7 +165,13 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise TrlPlusError(f"--set {item}: expected key.path=value, e.g. --set training.max_steps=10")
     key, raw = item.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise TrlPlusError(f"--set {item}: the value is not valid YAML ({problem}); quote it as text, e.g. "
+                           f"--set \"{key.strip()}='...'\"") from None
+    return key.strip().split("."), value
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
