@@ -37,7 +37,8 @@ def write(folder: Path, name: str, content: bytes | str | list) -> None:
         (folder / name).write_bytes(content if isinstance(content, bytes) else content.encode())
 
 
-MESSAGES = [{"prompt": [{"role": "user", "content": r["prompt"]}], "chosen": [{"role": "assistant", "content": r["chosen"]}],
+MESSAGES = [{"prompt": [{"role": "user", "content": r["prompt"]}],
+             "chosen": [{"role": "assistant", "content": r["chosen"]}],
              "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in GOOD]  # fmt: skip
 
 
@@ -107,8 +108,8 @@ def case_set(*overrides):
 BAD_LATIN1 = "\n".join(json.dumps(r) for r in GOOD[:2]) + "\n" + '{"prompt": "café", "chosen": "a", "rejected": "b"}\n'
 ROWS = [
     ("malformed YAML", case_yaml,
-     r"{recipe}: line 3, column 5: not valid YAML: expected ',' or '}}', but got ':' \(while parsing a flow mapping that "
-     r"starts at line 2, column 8\); check the indentation, brackets and quotes there .*"),
+     r"{recipe}: line 3, column 5: not valid YAML: expected ',' or '}}', but got ':' \(while parsing a flow mapping "
+     r"that starts at line 2, column 8\); check the indentation, brackets and quotes there .*"),
     ("empty data file", case_data(b""), r"{recipe}: data.train.path: {folder}/pairs.jsonl: empty file"),
     ("malformed JSON line", case_data("\n".join(json.dumps(r) for r in GOOD[:3]) + '\n{"prompt": "p" "chosen": 1}\n'),
      r"{recipe}: data.train.path: {folder}/pairs.jsonl: line 4: invalid JSON \(Expecting ',' delimiter: column 16\)"),
@@ -132,7 +133,8 @@ ROWS = [
      r"it again"),
     ("negative max_steps", case_set("training.max_steps=-5"),
      r"--set training.max_steps: -5 is not a step count; give a positive number, or -1 to train for num_train_epochs"),
-    ("learning_rate 0", case_set("training.learning_rate=0"), r"--set training.learning_rate: must be positive, got 0.0"),
+    ("learning_rate 0", case_set("training.learning_rate=0"),
+     r"--set training.learning_rate: must be positive, got 0.0"),
     ("beta 0", case_set("method_args.beta=0"),
      r"--set method_args.beta: Input should be greater than 0 \(got 0\)"),
     ("beta < 0", case_set("method_args.beta=-0.1"),
@@ -175,8 +177,8 @@ def test_pairs_whose_chosen_equals_rejected_are_left_out_with_a_warning(tmp_path
     with caplog.at_level("WARNING", logger="trl_plus"):
         assert cli("validate", recipe) == 0
     assert [r.getMessage() for r in caplog.records if r.name == "trl_plus"] == [
-        f"warning: {recipe}: data.train.path: 2 of 8 rows have chosen == rejected (row 2 (line 2 of {folder}/pairs.jsonl)"
-        " and 1 more row): left out, they carry no preference"
+        f"warning: {recipe}: data.train.path: 2 of 8 rows have chosen == rejected (row 2 (line 2 of "
+        f"{folder}/pairs.jsonl) and 1 more row): left out, they carry no preference"
     ]
     dataset = load_split(load_recipe(recipe), get_method("dpo")(), "train")
     assert len(dataset) == 6 and all(r["chosen"] != r["rejected"] for r in dataset)
@@ -254,8 +256,9 @@ def test_two_plugins_registering_the_same_name_are_both_named(plugins, tmp_path,
         "(second): uninstall one of them (`trl-plus plugins` lists what each registers)"
     )
     assert cli("list") == 0
+    listed = " ".join(capsys.readouterr().out.split())  # the list wraps long lines
     assert ("second: trl-plus-second (second): DuplicateRegistration: method 'twin' is registered twice: by "
-            "trl-plus-first (first) and by trl-plus-second (second)") in " ".join(capsys.readouterr().out.split())  # fmt: skip
+            "trl-plus-first (first) and by trl-plus-second (second)") in listed
     assert cli("validate", recipe_file(tmp_path)) == 0  # dpo still works
 
 

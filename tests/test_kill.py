@@ -76,7 +76,8 @@ def assert_same_run(resumed: Path, reference: Path, moment: str) -> None:
     for mine, expected in zip(ours, theirs):
         assert mine.keys() == expected.keys(), (moment, mine.get("step"), mine.keys() ^ expected.keys())
         for key, value in expected.items():
-            assert math.isclose(mine[key], value, rel_tol=0, abs_tol=1e-6), (moment, mine["step"], key, mine[key], value)
+            close = math.isclose(mine[key], value, rel_tol=0, abs_tol=1e-6)
+            assert close, (moment, mine["step"], key, mine[key], value)
     a, b = weights(resumed), weights(reference)
     assert a.keys() == b.keys()
     for name in b:

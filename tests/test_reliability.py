@@ -63,8 +63,9 @@ def test_a_non_finite_step_stops_the_run_with_the_last_good_checkpoint_kept(tmp_
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and "Traceback" not in "\n".join(err)
     assert err[-1] == (
-        f"error: training.nan: {metric} at step 3: training stopped before the optimizer step; the last good checkpoint "
-        f"is {tmp_path}/checkpoint-2 (lower training.learning_rate, or set training.nan: skip to drop such batches)"
+        f"error: training.nan: {metric} at step 3: training stopped before the optimizer step; the last good "
+        f"checkpoint is {tmp_path}/checkpoint-2 (lower training.learning_rate, or set training.nan: skip to drop such "
+        "batches)"
     )
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
     from safetensors.torch import load_file

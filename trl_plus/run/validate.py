@@ -23,9 +23,9 @@ from ..data.load import (
     message_columns,
     quiet_progress,
 )
-from ..models.cache import gguf_problem
 from ..data.tokenize import tokenize_pair
 from ..errors import TrlPlusError, did_you_mean
+from ..models.cache import gguf_problem
 from ..models.load import load_tokenizer
 from ..registry import get_registry
 from ..trainers import check_trainer_kind
@@ -219,7 +219,8 @@ def check_recipe(recipe: Recipe):
                            f"gradient norm) or skip (drop that batch), got {recipe.training['nan']!r}")  # fmt: skip
     overwrite = recipe.training.get("overwrite_output_dir", False)
     if not isinstance(overwrite, bool):
-        raise TrlPlusError(f"{locate(recipe, 'training.overwrite_output_dir')}: expected true or false, got {overwrite!r}")
+        raise TrlPlusError(f"{locate(recipe, 'training.overwrite_output_dir')}: expected true or false, got "
+                           f"{overwrite!r}")  # fmt: skip
     if overwrite and resume not in (None, False):
         raise TrlPlusError(f"{source}: training.overwrite_output_dir: true deletes the checkpoints that "
                            "training.resume_from_checkpoint would resume from; set only one of them")  # fmt: skip
