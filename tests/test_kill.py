@@ -141,3 +141,12 @@ def test_a_half_written_checkpoint_is_never_picked_for_resume(tmp_path, leftover
     (tmp_path / "checkpoint-2").mkdir()
     (tmp_path / leftover).mkdir()
     assert resume_target(True, str(tmp_path)) == str(tmp_path / "checkpoint-2")
+
+
+def test_resuming_from_the_last_steps_checkpoint_trains_no_step_more(tmp_path):
+    """A run killed after its last checkpoint, before it ended: transformers alone would train step max_steps + 1."""
+    overrides = [*OVERRIDES, "training.max_steps=2", f"training.output_dir={tmp_path}"]
+    trl_plus.train(RECIPE, overrides)
+    first = curve(tmp_path)
+    result = trl_plus.train(RECIPE, [*overrides, "training.resume_from_checkpoint=true"])
+    assert result.global_step == 2 and curve(tmp_path) == first

@@ -100,6 +100,14 @@ class GuardMixin:
         super().log(logs, *args, **kwargs)
 
     # -- atomic checkpoints, exact resume ---------------------------------------------------------------------
+    def _run_epoch(self, *args, **kwargs):
+        """The parent's epoch, unless every step is done: transformers, resumed from the checkpoint of the last step
+        (a run killed after its last save), trains one step more than ``max_steps`` before it checks."""
+        if 0 < self.state.max_steps <= self.state.global_step:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
+
     def _init_training_state(self, *args, **kwargs):
         """The parent's (the state loaded from the checkpoint when resuming), then the counters it lacks."""
         result = super()._init_training_state(*args, **kwargs)
