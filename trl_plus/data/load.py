@@ -122,6 +122,8 @@ def check_rows(dataset: Any, method: Method | type[Method], where: str, path: st
     an error names the field, the first such row (and its line in a jsonl file) and the fix. Pairs whose chosen
     equals their rejected teach nothing: they are left out, with a warning that counts them. Returns the dataset
     (without those pairs) and the warnings."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
     from datasets import Dataset
 
     if not isinstance(dataset, Dataset):
@@ -136,7 +138,11 @@ def check_rows(dataset: Any, method: Method | type[Method], where: str, path: st
                                f"{name} (fill it in or remove the row)")  # fmt: skip
     if not {"chosen", "rejected"} <= set(method.data_fields) or not {"chosen", "rejected"} <= set(dataset.column_names):
         return dataset, []
-    same = [i for i, (a, b) in enumerate(zip(table["chosen"].to_pylist(), table["rejected"].to_pylist())) if a == b]
+    chosen, rejected = table["chosen"], table["rejected"]
+    if chosen.type == rejected.type and not (pa.types.is_list(chosen.type) or pa.types.is_large_list(chosen.type)):
+        same = pc.indices_nonzero(pc.fill_null(pc.equal(chosen, rejected), False)).to_pylist()
+    else:  # chat messages: compared as Python lists
+        same = [i for i, (a, b) in enumerate(zip(chosen.to_pylist(), rejected.to_pylist())) if a == b]
     if not same:
         return dataset, []
     if len(same) == len(dataset):
