@@ -197,8 +197,9 @@ def test_data_paths_in_a_recipe_are_read_from_the_recipe_folder(tmp_path, capsys
     recipe.write_text("method: dpo\nmodel: {name_or_path: tiny-llama}\ndata: {train: {path: absent.jsonl}}\n")
     assert main(["validate", str(recipe)]) == 2
     assert capsys.readouterr().err.strip() == (
-        f"error: {recipe}: data.train.path: no such file: absent.jsonl (a relative path in a recipe is read from the "
-        "recipe's folder, then from the working directory)"
+        f"error: {recipe}: data.train.path: no such file: absent.jsonl (looked for {folder}/absent.jsonl and "
+        f"{tmp_path}/absent.jsonl; a relative path in a recipe is read from the recipe's folder, then from the working "
+        "directory)"
     )
 
 

@@ -28,6 +28,7 @@ LAYERS = {
     "trl_plus.data": 2,
     "trl_plus.models.load": 2,
     "trl_plus.trainers": 3,
+    "trl_plus.trainers.guard": 3,  # atomic checkpoints, the NaN guard (a mixin of every trainer)
     "trl_plus.run": 4,
     "trl_plus.cli": 5,
     "trl_plus.testing": 5,

@@ -178,7 +178,13 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise TrlPlusError(f"--set {item}: expected key.path=value, e.g. --set training.max_steps=10")
     key, raw = item.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise TrlPlusError(f"--set {item}: the value is not valid YAML ({problem}); quote it as text, e.g. "
+                           f"--set \"{key.strip()}='...'\"") from None
+    return key.strip().split("."), value
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -204,17 +210,31 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as exc:
-        raise TrlPlusError(f"{path}: not valid YAML: {exc}".replace("\n", " ")) from None
+        raise TrlPlusError(yaml_error(path, exc)) from None
     if not isinstance(data, dict):
         raise TrlPlusError(f"{path}: a recipe must be a mapping with keys method, model, data, ...")
     return data
 
 
+def yaml_error(path: str | Path, exc: yaml.YAMLError) -> str:
+    """``recipe.yaml: line 3, column 5: not valid YAML: expected ',' or '}', but got ':' (...)``: where the parser
+    stopped, what it expected, and the fix."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    context = getattr(exc, "context", None)
+    context_mark = getattr(exc, "context_mark", None)
+    if context and context_mark is not None:
+        problem += f" ({context} that starts at line {context_mark.line + 1}, column {context_mark.column + 1})"
+    return (f"{path}: {where}not valid YAML: {problem}; check the indentation, brackets and quotes there "
+            "(a value with ': ' or '#' in it needs quotes)")
+
+
 def load_recipe(source: str | Path | dict[str, Any], overrides: list[str] | None = None) -> Recipe:
     """Read (a file or a dict), apply ``--set`` overrides and validate the recipe's structure and types.
 
-    A relative local data path in a recipe file is read from the recipe's folder (then, for recipes written
-    before 0.2, from the working directory); a path given with ``--set`` from the working directory. The method
+    A relative local data or model path in a recipe file is read from the recipe's folder (then, for recipes
+    written before 0.2, from the working directory); a path given with ``--set`` from the working directory. The method
     name, its ``method_args`` and the ``training`` block are checked by :func:`trl_plus.run.validate.check_recipe`
     (they depend on installed code).
     """
@@ -229,10 +249,16 @@ def load_recipe(source: str | Path | dict[str, Any], overrides: list[str] | None
         raise TrlPlusError(explain(exc, name, overridden=overridden)) from None
     recipe._source, recipe._overridden = name, overridden
     if not isinstance(source, dict):
+        folder = Path(source).parent
         for split in ("train", "eval"):
             spec = getattr(recipe.data, split)
             if spec is not None and not is_overridden(f"data.{split}.path", overridden):
-                spec.path = relative_to_recipe(spec.path, Path(source).parent)
+                spec.path = relative_to_recipe(spec.path, folder)
+        for key, spec in (("model", recipe.model), ("reference", recipe.reference), ("teacher", recipe.teacher)):
+            for name in ("name_or_path", "gguf_file"):
+                value = getattr(spec, name, None) if spec is not None else None
+                if value and not is_overridden(f"{key}.{name}", overridden):
+                    setattr(spec, name, relative_to_recipe(value, folder))
     return recipe
 
 

@@ -31,6 +31,15 @@ class BrokenPlugin:
     source: str
     error: str  # "ExceptionType: message"
     traceback: str
+    stage: str = "import"  # what failed: "import" (loading its module) or "register its methods" (its hooks)
+
+
+class DuplicateRegistration(TrlPlusError):
+    """Two plugins register the same method or alias name (both are named)."""
+
+    def __init__(self, kind: str, name: str, sources: list[str]):
+        super().__init__(f"{kind} {name!r} is registered twice: by {sources[0]} and by {sources[1]}")
+        self.name, self.sources = name, sources
 
 
 @dataclass
@@ -41,6 +50,7 @@ class Registry:
     sources: dict[str, str] = field(default_factory=dict)  # method name -> "trl-plus (built-in)" / distribution
     aliases: dict[str, ModelAlias] = field(default_factory=dict)
     broken: dict[str, BrokenPlugin] = field(default_factory=dict)
+    conflicts: dict[str, list[str]] = field(default_factory=dict)  # method name -> the two plugins that register it
     plugin_manager: pluggy.PluginManager | None = None
 
     # -- registration ---------------------------------------------------------------------------------------
@@ -51,9 +61,7 @@ class Registry:
             if not hasattr(method, attr):
                 raise TypeError(f"{source}: method class {method.__name__} does not set `{attr}`")
         if method.name in self.methods:
-            raise TrlPlusError(
-                f"method {method.name!r} is registered twice: by {self.sources[method.name]} and by {source}"
-            )
+            raise DuplicateRegistration("method", method.name, [self.sources[method.name], source])
         self.methods[method.name] = method
         self.sources[method.name] = source
 
@@ -80,18 +88,22 @@ class Registry:
         for method_name in [m for m, s in self.sources.items() if s == name or s.endswith(f"({name})")]:
             self.methods.pop(method_name, None)
             self.sources.pop(method_name, None)
-        for alias in [a for a, v in self.aliases.items() if v.source == name]:
+        for alias in [a for a, v in self.aliases.items() if v.source == name or v.source.endswith(f"({name})")]:
             self.aliases.pop(alias)
 
     # -- lookup ---------------------------------------------------------------------------------------------
     def get(self, name: str) -> type[Method]:
         """The method class registered under ``name``; a clear error if it is unknown or its plugin is broken."""
+        if name in self.conflicts:
+            first, second = self.conflicts[name]
+            raise TrlPlusError(f"method {name!r} is registered by two plugins, {first} and {second}: uninstall one "
+                               "of them (`trl-plus plugins` lists what each registers)")  # fmt: skip
         if name in self.methods:
             return self.methods[name]
         if name in self.broken:
             b = self.broken[name]
             raise TrlPlusError(
-                f"method {name!r} is installed ({b.source}) but its plugin failed to import: {b.error}. "
+                f"method {name!r} is installed ({b.source}) but its plugin failed to {b.stage}: {b.error}. "
                 f"Fix or reinstall that plugin (`trl-plus list --debug` shows the traceback)."
             )
         known = sorted(self.methods) + sorted(self.broken)
@@ -122,14 +134,22 @@ def load_registry() -> Registry:
     for ep in _selected_entry_points():
         dist = getattr(ep.dist, "name", None) or "?"
         source = f"{dist} ({ep.name})"
+        stage = "import"
         try:
-            registry.add_plugin(ep.load(), name=ep.name, source=source)
+            plugin = ep.load()
+            stage = "register its methods"
+            registry.add_plugin(plugin, name=ep.name, source=source)
         except Exception as exc:  # a broken plugin must never hide the others
+            if stage != "import":  # forget what it registered before it failed
+                registry.remove_plugin(ep.name)
+            if isinstance(exc, DuplicateRegistration) and exc.name in registry.methods:
+                registry.conflicts[exc.name] = exc.sources
             registry.broken[ep.name] = BrokenPlugin(
                 name=ep.name,
                 source=source,
                 error=f"{type(exc).__name__}: {exc}",
                 traceback=traceback.format_exc(),
+                stage=stage,
             )
     return registry
 

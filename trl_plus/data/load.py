@@ -81,6 +81,78 @@ def check_text_columns(features: Any, method: Method | type[Method], where: str)
                                "(a string, or a list of chat messages with role and content)")  # fmt: skip
 
 
+def is_messages(feature: Any) -> bool:
+    """Whether a ``datasets`` feature holds chat messages (a list of ``{role, content}``)."""
+    inner = getattr(feature, "feature", None)
+    return isinstance(inner, dict) and "content" in inner
+
+
+def message_columns(features: Any, method: Method | type[Method]) -> list[str]:
+    """The method's text columns that hold chat messages (they need the tokenizer's chat template)."""
+    return [name for name in method.data_fields if features is not None and is_messages(features.get(name))]
+
+
+def _blank_rows(column: Any, allow_empty: bool) -> list[int]:
+    """Indices of the null values of a pyarrow column (and of the empty or blank ones unless ``allow_empty``)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    bad = pc.is_null(column)
+    if not allow_empty and (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        bad = pc.or_kleene(bad, pc.equal(pc.utf8_trim_whitespace(column), ""))
+    elif not allow_empty and (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)):
+        bad = pc.or_kleene(bad, pc.equal(pc.list_value_length(column), 0))
+    return pc.indices_nonzero(pc.fill_null(bad, True)).to_pylist()
+
+
+def _rows(indices: list[int], path: str | None) -> str:
+    """``row 3 (line 3 of f.jsonl)`` for the first of ``indices`` (rows counted from 1), and how many more."""
+    first = indices[0] + 1
+    where = f"row {first}"
+    if path and Path(path).suffix == ".jsonl" and Path(path).is_file():  # row n is the n-th non-blank line
+        with open(path, "rb") as f:
+            lines = (number for number, line in enumerate(f, 1) if line.strip())
+            line = next((n for i, n in enumerate(lines, 1) if i == first), None)
+        where += f" (line {line} of {Path(path).resolve()})" if line else ""
+    return where + (f" and {len(indices) - 1} more row{'s' if len(indices) > 2 else ''}" if len(indices) > 1 else "")
+
+
+def check_rows(dataset: Any, method: Method | type[Method], where: str, path: str | None = None):
+    """Every row has the method's text fields (``data_fields``): none null, no completion empty (a prompt may be);
+    an error names the field, the first such row (and its line in a jsonl file) and the fix. Pairs whose chosen
+    equals their rejected teach nothing: they are left out, with a warning that counts them. Returns the dataset
+    (without those pairs) and the warnings."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    from datasets import Dataset
+
+    if not isinstance(dataset, Dataset):
+        return dataset, []
+    table = dataset.with_format("arrow")
+    for name in method.data_fields:
+        if name not in dataset.column_names:
+            continue
+        bad = _blank_rows(table[name], allow_empty=name == "prompt")
+        if bad:
+            raise TrlPlusError(f"{where}: {_rows(bad, path)}: {name!r} is empty or null; every row needs a "
+                               f"{name} (fill it in or remove the row)")  # fmt: skip
+    if not {"chosen", "rejected"} <= set(method.data_fields) or not {"chosen", "rejected"} <= set(dataset.column_names):
+        return dataset, []
+    chosen, rejected = table["chosen"], table["rejected"]
+    if chosen.type == rejected.type and not (pa.types.is_list(chosen.type) or pa.types.is_large_list(chosen.type)):
+        same = pc.indices_nonzero(pc.fill_null(pc.equal(chosen, rejected), False)).to_pylist()
+    else:  # chat messages: compared as Python lists
+        same = [i for i, (a, b) in enumerate(zip(chosen.to_pylist(), rejected.to_pylist())) if a == b]
+    if not same:
+        return dataset, []
+    if len(same) == len(dataset):
+        raise TrlPlusError(f"{where}: every row has chosen == rejected: there is no preference to learn")
+    warning = (f"{where}: {len(same)} of {len(dataset)} rows have chosen == rejected ({_rows(same, path)}): left "
+               "out, they carry no preference")  # fmt: skip
+    kept = sorted(set(range(len(dataset))) - set(same))
+    return dataset.select(kept), [warning]
+
+
 def looks_local(path: str) -> bool:
     """Whether ``path`` names a local file or directory rather than a hub id (``org/name``)."""
     return path.startswith((".", "/", "~")) or Path(path).suffix in LOCAL_FORMATS or Path(path).exists()

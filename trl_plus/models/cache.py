@@ -50,6 +50,22 @@ def build_once(target: Path, build: Callable[[Path], None]) -> str:
     return str(target)
 
 
+def gguf_problem(gguf_path: str | Path) -> str | None:
+    """What is wrong with a GGUF file, read from its header and tensor table without loading it (a truncated
+    download, another format), or ``None`` when it reads."""
+    try:
+        from gguf import GGUFReader
+
+        GGUFReader(str(gguf_path))
+    except ImportError:
+        return None  # the conversion names the missing package
+    except Exception as exc:
+        size = Path(gguf_path).stat().st_size
+        return (f"{Path(gguf_path).resolve()} is not a complete GGUF file ({size} bytes; {type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}): download it again")
+    return None
+
+
 def gguf_checkpoint(gguf_path: str | Path) -> str:
     """A plain, trainable ``save_pretrained`` checkpoint (float32 weights + tokenizer) of a GGUF file.
 
@@ -59,6 +75,9 @@ def gguf_checkpoint(gguf_path: str | Path) -> str:
     so a changed file is converted again). Returns the checkpoint directory.
     """
     gguf_path = Path(gguf_path)
+    problem = gguf_problem(gguf_path)
+    if problem:
+        raise TrlPlusError(f"model.gguf_file: {problem}")
     target = cache_dir() / "gguf" / f"{gguf_path.stem}-{file_digest(gguf_path)[:16]}"
     return build_once(target, lambda tmp: _convert_gguf(gguf_path, tmp, target))
 

@@ -67,5 +67,32 @@ def check_run_owner(run_dir: str | Path, method: str, model: Any, key: str = "tr
     if theirs != ours:
         raise TrlPlusError(
             f"{key}: {run_dir} holds a run of {theirs} (see {recorded}), not of this recipe's {ours}; "
-            "choose another training.output_dir, or delete that folder if you no longer need it"
+            f"resume that run with its own recipe (`trl-plus train {recorded} --set "
+            "training.resume_from_checkpoint=true`), replace it with training.overwrite_output_dir: true, or choose "
+            "another training.output_dir"
         )
+
+
+def clear_run_dir(run_dir: str | Path, protect: list[str | Path] = ()) -> None:
+    """Empty ``run_dir`` for ``training.overwrite_output_dir: true``: only a folder that holds a trl-plus run (its
+    ``trl_plus_recipe.yaml``) or nothing, and never one that holds (or is) the working directory or a path in
+    ``protect`` (the recipe, its data files); otherwise a one-line error and nothing is deleted."""
+    import shutil
+
+    folder = Path(run_dir).expanduser().resolve()
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return
+    key = "training.overwrite_output_dir"
+    if not (folder / RESOLVED_RECIPE).is_file():
+        raise TrlPlusError(f"{key}: {folder} holds files but no trl-plus run ({RESOLVED_RECIPE}); trl-plus replaces "
+                           "only its own runs: empty that folder yourself or choose another training.output_dir")
+    for path in [Path.cwd(), *protect]:
+        path = Path(path).expanduser().resolve()
+        if path == folder or folder in path.parents:
+            raise TrlPlusError(f"{key}: {folder} holds {path}, which overwriting would delete; choose another "
+                               "training.output_dir")
+    for entry in folder.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()

@@ -23,12 +23,13 @@ from ..models.load import (
 )  # fmt: skip
 from ..trainers import trainer_class
 from ..trainers.frozen import resolve_reference_mode
+from ..trainers.guard import last_checkpoint
 from ..trainers.stages import run_stages
 from .card import complete_model_card
 from .evaluate import recipe_beta, report_from_scores, score_pairs
 from .report import plot_run
-from .rundir import EVAL_REPORT, RESOLVED_RECIPE, STATE_FILE, last_metrics
-from .validate import check_recipe, default_output_dir, load_split, plan_stages, resume_target
+from .rundir import EVAL_REPORT, RESOLVED_RECIPE, STATE_FILE, clear_run_dir, last_metrics
+from .validate import check_chat_template, check_recipe, default_output_dir, load_split, plan_stages, resume_target
 
 
 @dataclass
@@ -60,6 +61,8 @@ class TrainResult:
         if self.checkpoint:
             lines.append(f"  checkpoint          {self.checkpoint}")
             lines.append(f"  resume with         --set training.resume_from_checkpoint={self.checkpoint}")
+        elif self.interrupted:
+            lines.append("  nothing to resume   no step was trained: run the same command to start again")
         if self.evaluation is not None:
             lines += ["", self.evaluation.table()]
         return "\n".join(lines)
@@ -93,6 +96,7 @@ def build_trainer(recipe: Recipe, callbacks: list | None = None):
     tokenizer = load_tokenizer(
         recipe.model.name_or_path, recipe.model.revision, recipe.model.trust_remote_code, recipe.model.gguf_file
     )
+    check_chat_template(tokenizer, {"train": train_dataset, "eval": eval_dataset}, recipe, method)
     try:
         check_lora_targets(recipe.model, resolve_model_path(recipe.model.name_or_path, recipe.model.gguf_file))
     except TrlPlusError as exc:
@@ -127,6 +131,7 @@ def build_trainer(recipe: Recipe, callbacks: list | None = None):
         peft_config=peft_config,
         callbacks=callbacks,
         base_model=base_model_name(recipe.model),
+        nan=recipe.training.get("nan", "stop"),
     )
     trainer.stages = stages  # None: one plain train()
     return trainer
@@ -151,12 +156,17 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None
         recipe = load_recipe(recipe, overrides)
     elif overrides:
         raise ValueError("overrides apply to a recipe file or dict, not to a Recipe object")
-    trainer = build_trainer(recipe)  # validates first: the resume target and the output folder's owner too
+    try:
+        trainer = build_trainer(recipe)  # validates first: the resume target and the output folder's owner too
+    except KeyboardInterrupt:  # while loading, or computing reference log-probs (reference.mode: precomputed)
+        return interrupted_before_training(recipe)
     output_dir = trainer.args.output_dir
     resume = resume_target(recipe.training.get("resume_from_checkpoint"), output_dir)
 
     main_process = trainer.accelerator.is_main_process
     if main_process:
+        if recipe.training.get("overwrite_output_dir"):
+            clear_run_dir(output_dir, protect=_recipe_files(recipe))
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         resolved = recipe.model_dump(mode="json")
         resolved["method_args"] = trainer.method.config.model_dump(mode="json")
@@ -164,9 +174,9 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None
         (Path(output_dir) / RESOLVED_RECIPE).write_text(resolved_text)
 
     held_out = _held_out_scorer(recipe, trainer)
-    before = held_out() if held_out else None
     interrupted, checkpoint = False, None
     try:
+        before = held_out() if held_out else None
         if trainer.stages:
             run_stages(trainer, trainer.stages, resume=resume is not None)
         else:
@@ -176,8 +186,10 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None
         if trainer.state.global_step > 0:  # (a run in stages: into the stage's folder)
             trainer._save_checkpoint(trainer.model, trial=None)
             checkpoint = str(Path(trainer.args.output_dir) / f"checkpoint-{trainer.state.global_step}")
-        print("\ninterrupted: checkpoint saved" if checkpoint else "\ninterrupted before the first step",
-              file=sys.stderr)  # fmt: skip
+        else:  # interrupted before its first step: the resumed one, if any
+            checkpoint = last_checkpoint(trainer.args.output_dir)
+        print("\ninterrupted: checkpoint saved" if trainer.state.global_step > 0 else
+              "\ninterrupted before the first step", file=sys.stderr)  # fmt: skip
     if not interrupted:
         trainer.save_model(output_dir)
     evaluation, plot = None, None
@@ -200,6 +212,22 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None
         evaluation=evaluation,
         plot=plot,
     )
+
+
+def interrupted_before_training(recipe: Recipe) -> TrainResult:
+    """What a run interrupted before ``trainer.train()`` leaves: no new step, the latest checkpoint already in its
+    ``output_dir`` (a resumed run's) to resume from, if any."""
+    output_dir = recipe.training.get("output_dir") or f"runs/{recipe.method}"
+    checkpoint = last_checkpoint(output_dir)
+    step = int(Path(checkpoint).name.rsplit("-", 1)[1]) if checkpoint else 0
+    print("\ninterrupted before the first step", file=sys.stderr)
+    return TrainResult(output_dir=str(output_dir), global_step=step, interrupted=True, checkpoint=checkpoint)
+
+
+def _recipe_files(recipe: Recipe) -> list[str]:
+    """The recipe file and its local data files (what ``training.overwrite_output_dir`` must never delete)."""
+    files = [spec.path for spec in (recipe.data.train, recipe.data.eval) if spec is not None]
+    return [f for f in [recipe_source(recipe), *files] if Path(f).exists()]
 
 
 def _held_out_scorer(recipe: Recipe, trainer):

@@ -11,24 +11,28 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
-from ..config import Recipe, explain, locate, recipe_source
+from ..config import Recipe, explain, is_overridden, locate, recipe_source
 from ..data.lengths import dropped_message, fully_truncated, truncation_report
 from ..data.load import (
     check_columns,
     check_lists,
+    check_rows,
     check_text_columns,
     few_rows,
     load_preferences,
     looks_local,
+    message_columns,
     prepare_rows,
     quiet_progress,
 )
 from ..data.tokenize import tokenize_pair
 from ..errors import TrlPlusError, did_you_mean
+from ..models.cache import gguf_problem
 from ..models.load import load_tokenizer
 from ..registry import get_registry
 from ..trainers import check_trainer_kind
 from ..trainers.frozen import resolve_reference_mode
+from ..trainers.guard import NAN_POLICIES
 from .rundir import check_run_owner
 
 # DPOConfig fields that the method, the reference block or the model block own.
@@ -45,6 +49,10 @@ OWNED_TRAINING_KEYS = {
     "precompute_ref_log_probs": "reference.mode: precomputed",
     "model_init_kwargs": "the model: block",
 }
+
+#: ``training`` keys of trl-plus's own, not ``trl.DPOConfig`` fields: checked by :func:`check_recipe`, never passed
+#: to ``DPOConfig``.
+RUN_TRAINING_KEYS = ("resume_from_checkpoint", "nan", "overwrite_output_dir")
 
 # Deprecated DPOConfig names a recipe may still use: read as the current transformers names (no FutureWarning).
 RENAMED_TRAINING_KEYS = {
@@ -201,13 +209,23 @@ def check_recipe(recipe: Recipe):
         check_trainer_kind(method)
     except TrlPlusError as exc:
         raise TrlPlusError(f"{source}: method: {exc}") from None
-    training = {k: v for k, v in recipe.training.items() if k != "resume_from_checkpoint"}
+    training = {k: v for k, v in recipe.training.items() if k not in RUN_TRAINING_KEYS}
     training = validate_training(training, lambda key: locate(recipe, key))
     check_report_to(training.get("report_to"), lambda key: locate(recipe, key))
     resume = recipe.training.get("resume_from_checkpoint")  # true (the latest checkpoint) or a folder
     if not isinstance(resume, (bool, str, type(None))):
         raise TrlPlusError(f"{source}: training.resume_from_checkpoint: expected true or a checkpoint folder, "
                            f"got {resume!r}")  # fmt: skip
+    if recipe.training.get("nan", "stop") not in NAN_POLICIES:
+        raise TrlPlusError(f"{locate(recipe, 'training.nan')}: expected stop (end the run at a non-finite loss or "
+                           f"gradient norm) or skip (drop that batch), got {recipe.training['nan']!r}")  # fmt: skip
+    overwrite = recipe.training.get("overwrite_output_dir", False)
+    if not isinstance(overwrite, bool):
+        raise TrlPlusError(f"{locate(recipe, 'training.overwrite_output_dir')}: expected true or false, got "
+                           f"{overwrite!r}")  # fmt: skip
+    if overwrite and resume not in (None, False):
+        raise TrlPlusError(f"{source}: training.overwrite_output_dir: true deletes the checkpoints that "
+                           "training.resume_from_checkpoint would resume from; set only one of them")  # fmt: skip
 
     model_paths = [("model.name_or_path", recipe.model.name_or_path)]
     if recipe.reference.name_or_path:
@@ -215,20 +233,39 @@ def check_recipe(recipe: Recipe):
     if recipe.teacher:
         model_paths.append(("teacher.name_or_path", recipe.teacher.name_or_path))
     for key, path in model_paths:
-        if path not in registry.aliases and looks_local(path) and not Path(path).expanduser().is_dir():
+        if path in registry.aliases or not looks_local(path):
+            continue
+        spec = recipe.model if key == "model.name_or_path" else getattr(recipe, key.split(".")[0])
+        folder = Path(path).expanduser()
+        if not folder.is_dir():
             raise TrlPlusError(
-                f"{locate(recipe, key)}: no such model directory: {path} "
-                f"(use a local directory, a hub name, or an alias: {', '.join(registry.aliases)})"
+                f"{locate(recipe, key)}: no such model directory: {path} (looked for {looked_for(recipe, key, path)}; "
+                f"use a local directory, a hub name, or an alias: {', '.join(registry.aliases)})"
             )
+        gguf = getattr(spec, "gguf_file", None)
+        if gguf is None and not any((folder / f).is_file() for f in ("config.json", "adapter_config.json")):
+            raise TrlPlusError(f"{locate(recipe, key)}: {folder.resolve()} has no config.json, so it is not a "
+                               "transformers model folder: give the folder save_pretrained wrote (or set "
+                               f"{key.split('.')[0]}.gguf_file for a GGUF file in it)")  # fmt: skip
+    for key, spec in (("model", recipe.model), ("reference", recipe.reference), ("teacher", recipe.teacher)):
+        gguf = getattr(spec, "gguf_file", None) if spec is not None else None
+        candidates = [Path(gguf).expanduser()] if gguf else []
+        if gguf and getattr(spec, "name_or_path", None):
+            candidates.append(Path(spec.name_or_path).expanduser() / gguf)
+        found = next((c for c in candidates if c.is_file()), None)
+        if found is not None and (problem := gguf_problem(found)):
+            raise TrlPlusError(f"{locate(recipe, key + '.gguf_file')}: {problem}")
     for key, spec in (("data.train", recipe.data.train), ("data.eval", recipe.data.eval)):
         if spec is not None and looks_local(spec.path) and not Path(spec.path).expanduser().exists():
-            raise TrlPlusError(f"{locate(recipe, key + '.path')}: no such file: {spec.path} (a relative path in a recipe "
-                               "is read from the recipe's folder, then from the working directory)")  # fmt: skip
+            raise TrlPlusError(f"{locate(recipe, key + '.path')}: no such file: {spec.path} (looked for "
+                               f"{looked_for(recipe, key + '.path', spec.path)}; a relative path in a recipe is read "
+                               "from the recipe's folder, then from the working directory)")  # fmt: skip
     if method.needs.teacher and recipe.teacher is None:
         raise TrlPlusError(f"{source}: teacher: method {method.name!r} needs a teacher model (teacher.name_or_path)")
     output_dir = training.get("output_dir", default_output_dir(method))
     try:
-        check_run_owner(output_dir, method.name, recipe.model)
+        if not overwrite:  # train clears the folder first (trl_plus.run.rundir.clear_run_dir)
+            check_run_owner(output_dir, method.name, recipe.model)
         resume = resume_target(resume, output_dir)
         if resume is not None:  # a checkpoint folder inside another run's directory
             check_run_owner(Path(resume).parent, method.name, recipe.model, key="training.resume_from_checkpoint")
@@ -240,6 +277,33 @@ def check_recipe(recipe: Recipe):
     except TrlPlusError as exc:
         raise TrlPlusError(f"{source}: {exc}") from None
     return method, training
+
+
+def looked_for(recipe: Recipe, key: str, path: str) -> str:
+    """The absolute paths a recipe's relative ``path`` was looked for at: the recipe's folder (unless it came from
+    ``--set``), then the working directory."""
+    given = Path(path).expanduser()
+    if given.is_absolute():
+        return str(given)
+    places = [Path.cwd()]
+    if not is_overridden(key, recipe._overridden) and recipe_source(recipe) != "<recipe>":
+        places.insert(0, Path(recipe_source(recipe)).resolve().parent)
+    return " and ".join(dict.fromkeys(str((place / given).resolve()) for place in places))
+
+
+def check_chat_template(tokenizer, datasets: dict[str, Any], recipe: Recipe, method) -> None:
+    """Data in chat messages needs a tokenizer with a chat template: one line naming the split, the column and the
+    model, instead of transformers' error in the middle of tokenizing."""
+    if getattr(tokenizer, "chat_template", None):
+        return
+    for split, dataset in datasets.items():
+        columns = message_columns(getattr(dataset, "features", None), method) if dataset is not None else []
+        if columns:
+            raise TrlPlusError(
+                f"{locate(recipe, f'data.{split}.path')}: column {columns[0]!r} holds chat messages, but the tokenizer "
+                f"of {recipe.model.name_or_path} has no chat template; use plain-text columns, or a model whose "
+                "tokenizer has one (its tokenizer_config.json chat_template, or chat_template.jinja)"
+            )
 
 
 def default_output_dir(method) -> str:
@@ -274,11 +338,26 @@ def load_split(recipe: Recipe, method, which: str):
         return None
     where = f"{recipe_source(recipe)}: data.{which}"
     dataset = load_preferences(spec.path, spec.split, spec.limit, where=where, columns=spec.columns, name=spec.name)
-    where = f"{recipe_source(recipe)}: data.{which} ({spec.path})"
-    check_columns(dataset.column_names, method, where)
-    check_text_columns(dataset.features, method, where)
-    check_lists(dataset, method, where)
-    return prepare_rows(dataset, method, which, where)
+    located = f"{recipe_source(recipe)}: data.{which} ({spec.path})"
+    check_columns(dataset.column_names, method, located)
+    check_text_columns(dataset.features, method, located)
+    check_lists(dataset, method, located)
+    dataset, warnings = check_rows(dataset, method, f"{where}.path", spec.path if looks_local(spec.path) else None)
+    for line in warnings:
+        _warn_once(line)
+    return prepare_rows(dataset, method, which, located)
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(line: str) -> None:
+    """A data warning on stderr, once per process (train reads the eval split twice: the trainer, the report)."""
+    import logging
+
+    if line not in _WARNED:
+        _WARNED.add(line)
+        logging.getLogger("trl_plus").warning(f"warning: {line}")
 
 
 def training_value(training: dict[str, Any], key: str) -> Any:
@@ -305,6 +384,7 @@ def check_lengths(recipe: Recipe, method, training: dict[str, Any], datasets: di
                                local_files_only=True)  # validation never waits on the network  # fmt: skip
     from ..data.collate import method_collator  # torch: only once the recipe is known to be valid
 
+    check_chat_template(tokenizer, datasets, recipe, method)
     method.tokenizer = tokenizer
     collator = method_collator(method, tokenizer.pad_token_id, max_length, mode)
     if method.tokenize is None:

@@ -42,6 +42,7 @@ from ..models.load import bf16_available, resolve_model_path
 from ..registry import get_method
 from .adapters import REFERENCE_ADAPTER, active_adapter, copy_adapter
 from .frozen import REF_COLUMN, resolve_reference_mode
+from .guard import GuardMixin
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ def per_example_lists(batch: Mapping[str, Any], per_row: list, num_sequences: in
     return examples
 
 
-class PlusTrainer(DPOTrainer):
+class PlusTrainer(GuardMixin, DPOTrainer):
     """TRL's ``DPOTrainer`` driven by a method plugin.
 
     Build it exactly like ``DPOTrainer`` plus ``method`` (a registered name, a :class:`~trl_plus.Method` class or
@@ -125,6 +126,8 @@ class PlusTrainer(DPOTrainer):
     ``trl.DPOConfig`` (``None``: its defaults in ``runs/<method>``, bf16 and pinned memory only on a GPU); its loss
     fields (``loss_type``, ``beta``, ``ld_alpha``, ...) are ignored: the method owns the loss. ``base_model`` is how
     the model card names the base model (default: ``model`` itself when it is a name, else its ``name_or_path``).
+    ``nan`` (``"stop"``, default, or ``"skip"``): what a non-finite loss or gradient norm does, and checkpoints are
+    written atomically (:class:`~trl_plus.trainers.guard.GuardMixin`).
     """
 
     _tag_names = ["trl", "trl-plus"]
