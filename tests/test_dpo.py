@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
-from conftest import first_batch, perturb
 from pydantic import ValidationError
 from trl import DPOTrainer
 
+from conftest import first_batch, perturb
 from trl_plus.builtin.dpo import DPO
 from trl_plus.models.tiny import build_tokenizer
 from trl_plus.testing import make_context, run_recipe_on_cpu

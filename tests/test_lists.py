@@ -7,11 +7,27 @@ import math
 
 import pytest
 import torch
-from conftest import first_batch, perturb
 from datasets import Dataset
 
-from trl_plus import DPO, ListField, LossContext, LossOutput, Method, Needs, Paper, Sequence, TrlPlusError
-from trl_plus.data.collate import SEQ_MASK, SEQUENCE_SLOTS, FieldCollation, SequencesCollator, prompt_completion
+from conftest import first_batch, perturb
+from trl_plus import (
+    DPO,
+    ListField,
+    LossContext,
+    LossOutput,
+    Method,
+    Needs,
+    Paper,
+    Sequence,
+    TrlPlusError,
+)
+from trl_plus.data.collate import (
+    SEQ_MASK,
+    SEQUENCE_SLOTS,
+    FieldCollation,
+    SequencesCollator,
+    prompt_completion,
+)
 from trl_plus.data.load import check_lists
 from trl_plus.testing import preference_rows, tiny_trainer
 

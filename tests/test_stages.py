@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import first_batch
 
+from conftest import first_batch
 from trl_plus import DPO, Stage, TrlPlusError
 from trl_plus.config import load_recipe
 from trl_plus.run.validate import plan_stages
@@ -206,10 +206,9 @@ def test_the_recipe_names_stages_and_bad_stage_names_are_one_line_errors(tmp_pat
 
 def test_refresh_asked_of_a_reference_free_method_is_an_error_before_any_model_loads(tmp_path, monkeypatch, capsys):
     import transformers
+    from test_trainer import MeanLogpFree  # reference-free
 
     from trl_plus.testing import cli
-
-    from test_trainer import MeanLogpFree  # reference-free
 
     def no_model(*args, **kwargs):
         raise AssertionError("a model loaded before the recipe was checked")

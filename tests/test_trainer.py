@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
-from conftest import first_batch, perturb
 from datasets import Dataset
 
+from conftest import first_batch, perturb
 from trl_plus import LossContext, LossOutput, Method, Needs, Paper, TrlPlusError
 from trl_plus.builtin.dpo import DPO
 from trl_plus.data.collate import FieldCollation, PairwiseCollator

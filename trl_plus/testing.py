@@ -198,6 +198,18 @@ def forbid_reference(monkeypatch) -> None:
     monkeypatch.setattr(PlusTrainer, "frozen_token_logps", no_reference)
 
 
+def forbid_model_loading(monkeypatch) -> None:
+    """Make loading any model or tokenizer fail the test: for the "bad input is reported before any model loads"
+    check (``monkeypatch`` is pytest's fixture)."""
+    import transformers
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model or tokenizer was loaded before the recipe and data were checked")
+
+    for cls in (transformers.AutoModelForCausalLM, transformers.AutoTokenizer):
+        monkeypatch.setattr(cls, "from_pretrained", no_model)
+
+
 def run_recipe_on_cpu(recipe: str | Path, output_dir: str | Path, *overrides: str):
     """Validate a (7B, QLoRA) recipe as written, then train it for 2 steps on the tiny CPU model.
 

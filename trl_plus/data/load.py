@@ -33,7 +33,11 @@ def quiet_progress(quiet: bool = True) -> Iterator[None]:
     """datasets' progress bars off inside the block when ``quiet`` (unless ``HF_DATASETS_DISABLE_PROGRESS_BARS`` is
     set: the user's choice wins), as they were after it."""
     import datasets
-    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from datasets.utils import (
+        are_progress_bars_disabled,
+        disable_progress_bars,
+        enable_progress_bars,
+    )
 
     switch = quiet and datasets.config.HF_DATASETS_DISABLE_PROGRESS_BARS is None and not are_progress_bars_disabled()
     if switch:

@@ -28,8 +28,21 @@ from ..trainers.stages import run_stages
 from .card import complete_model_card
 from .evaluate import recipe_beta, report_from_scores, score_pairs
 from .report import plot_run
-from .rundir import EVAL_REPORT, RESOLVED_RECIPE, STATE_FILE, clear_run_dir, last_metrics
-from .validate import check_chat_template, check_recipe, default_output_dir, load_split, plan_stages, resume_target
+from .rundir import (
+    EVAL_REPORT,
+    RESOLVED_RECIPE,
+    STATE_FILE,
+    clear_run_dir,
+    last_metrics,
+)
+from .validate import (
+    check_chat_template,
+    check_recipe,
+    default_output_dir,
+    load_split,
+    plan_stages,
+    resume_target,
+)
 
 
 @dataclass

@@ -382,7 +382,9 @@ def check_lengths(recipe: Recipe, method, training: dict[str, Any], datasets: di
     model = recipe.model
     tokenizer = load_tokenizer(model.name_or_path, model.revision, model.trust_remote_code, model.gguf_file,
                                local_files_only=True)  # validation never waits on the network  # fmt: skip
-    from ..data.collate import method_collator  # torch: only once the recipe is known to be valid
+    from ..data.collate import (
+        method_collator,  # torch: only once the recipe is known to be valid
+    )
 
     check_chat_template(tokenizer, datasets, recipe, method)
     method.tokenizer = tokenizer

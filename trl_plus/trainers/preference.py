@@ -23,10 +23,22 @@ from datasets.fingerprint import Hasher
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer
 from trl import DPOConfig, DPOTrainer
-from trl.trainer.utils import add_fused_lm_head, get_config_model_id, selective_log_softmax, use_adapter
+from trl.trainer.utils import (
+    add_fused_lm_head,
+    get_config_model_id,
+    selective_log_softmax,
+    use_adapter,
+)
 
 from ..contract import LossContext, Method
-from ..data.collate import SEQ_MASK, SEQUENCE_SLOTS, TOKEN_PAD, TRUNCATED, FieldCollation, method_collator
+from ..data.collate import (
+    SEQ_MASK,
+    SEQUENCE_SLOTS,
+    TOKEN_PAD,
+    TRUNCATED,
+    FieldCollation,
+    method_collator,
+)
 from ..data.lengths import dropped_message, rows_of, truncation_report
 from ..data.load import (
     check_columns,

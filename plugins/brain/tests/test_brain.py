@@ -16,6 +16,7 @@ from trl_plus_brain import BRAIn, log_weights
 
 from trl_plus import DPO, TrlPlusError
 from trl_plus.testing import (
+    forbid_model_loading,
     make_context,
     perturb,
     preference_rows,
@@ -299,14 +300,10 @@ def bad_rows(tmp_path, rows, name="bad.jsonl"):
     ids=["length", "type", "num-samples", "one-completion", "partial-column"],
 )
 def test_bad_input_is_one_line_before_any_model_loads(tmp_path, monkeypatch, change, method_args, message):
-    import transformers
 
     from trl_plus import train
 
-    def no_model(*args, **kwargs):
-        raise AssertionError("a model was loaded before the data was checked")
-
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_model)
+    forbid_model_loading(monkeypatch)
     good = {"prompt": "Say hi.", "completions": ["Hi!", "No."], "rewards": [1.0, -1.0]}
     rows = [good, {**good, **change}, good]
     if change.get("rewards") == ["good", "bad"]:

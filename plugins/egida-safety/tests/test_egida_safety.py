@@ -14,7 +14,12 @@ from datasets import Dataset
 from trl_plus_egida_safety import GENERATORS, EgidaSafety
 
 from trl_plus import DPO, TrlPlusError, load_recipe, train
-from trl_plus.testing import make_context, run_recipe_on_cpu, write_jsonl
+from trl_plus.testing import (
+    forbid_model_loading,
+    make_context,
+    run_recipe_on_cpu,
+    write_jsonl,
+)
 
 ROOT = Path(__file__).resolve().parents[3]
 SAMPLE = ROOT / "recipes/data/egida_sample.jsonl"
@@ -139,10 +144,7 @@ BASE = judged("p1", True, True, True)
          "heldout-file", "max-pairs"],  # fmt: skip
 )
 def test_bad_input_is_one_line_before_any_model_loads(tmp_path, monkeypatch, rows, method_args, message):
-    def no_model(*args, **kwargs):
-        raise AssertionError("a model was loaded before the data was checked")
-
-    monkeypatch.setattr("trl_plus.run.train.load_model", no_model)
+    forbid_model_loading(monkeypatch)
     path = recipe_with(tmp_path, rows, **method_args)
     with pytest.raises(TrlPlusError) as error:
         train(path)

@@ -30,6 +30,7 @@ from trl_plus import DPO, FieldCollation, TrlPlusError, train
 from trl_plus.testing import (
     build_model,
     build_tokenizer,
+    forbid_model_loading,
     make_context,
     perturb,
     run_recipe_on_cpu,
@@ -426,13 +427,8 @@ BAD = [
 
 @pytest.mark.parametrize("make, message", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
 def test_bad_lists_are_one_line_errors_before_any_model_loads(make, message, tmp_path, monkeypatch):
-    import transformers
 
-    def no_model(*args, **kwargs):
-        raise AssertionError("a model or tokenizer loaded before the data was checked")
-
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_model)
-    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", no_model)
+    forbid_model_loading(monkeypatch)
     data = tmp_path / "lists.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in make(sample_rows())))
     recipe = {"method": "irpo", "model": {"name_or_path": "tiny-llama"}, "data": {"train": {"path": str(data)}},

@@ -16,6 +16,7 @@ from trl_plus_modpo import MODPO
 
 from trl_plus import DPO, TrlPlusError, load_recipe, train
 from trl_plus.testing import (
+    forbid_model_loading,
     make_context,
     perturb,
     preference_rows,
@@ -169,10 +170,7 @@ def recipe_with(tmp_path, rows, **method_args):
     ids=["length-vs-w", "w-one-with-margins", "missing-columns", "chosen-vs-rejected", "not-numbers", "w0-zero"],
 )
 def test_bad_input_is_one_line_before_any_model_loads(tmp_path, monkeypatch, rows, method_args, message):
-    def no_model(*args, **kwargs):
-        raise AssertionError("a model was loaded before the data was checked")
-
-    monkeypatch.setattr("trl_plus.run.train.load_model", no_model)
+    forbid_model_loading(monkeypatch)
     path = recipe_with(tmp_path, rows, **method_args)
     with pytest.raises(TrlPlusError) as error:
         train(path)
