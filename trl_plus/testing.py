@@ -136,10 +136,11 @@ def tiny_trainer(
     learning_rate: float = 5e-3,
     reference_mode: str = "auto",
     training: dict[str, Any] | None = None,
+    model: Any = None,
     **trainer_kwargs: Any,
 ):
     """A :class:`~trl_plus.PlusTrainer` for ``method`` on the tiny offline model (seeded: every call builds
-    the same weights) and ``rows`` (default: 32 synthetic pairs), not yet trained: for "the same batch through two
+    the same weights; or ``model``, any causal LM over the tiny tokenizer's vocabulary) and ``rows`` (default: 32 synthetic pairs), not yet trained: for "the same batch through two
     methods" tests. ``training`` overrides ``trl.DPOConfig`` fields (e.g. ``{"max_length": 64}``, or
     ``{"report_to": ["tensorboard"]}``)."""
     from datasets import Dataset
@@ -156,7 +157,8 @@ def tiny_trainer(
     args = DPOConfig(**{**defaults, **(training or {})})  # training may override any of these (report_to too)
     dataset = Dataset.from_list(list(rows or preference_rows(32)))
     return PlusTrainer(
-        build_model(tokenizer), args=args, method=method, method_args=method_args, reference_mode=reference_mode,
+        build_model(tokenizer) if model is None else model, args=args, method=method, method_args=method_args,
+        reference_mode=reference_mode,
         train_dataset=dataset, processing_class=tokenizer, **trainer_kwargs,
     )  # fmt: skip
 

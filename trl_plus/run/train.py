@@ -145,6 +145,8 @@ def build_trainer(recipe: Recipe, callbacks: list | None = None):
         callbacks=callbacks,
         base_model=base_model_name(recipe.model),
         nan=recipe.training.get("nan", "stop"),
+        prefix_sharing=recipe.training.get("prefix_sharing", False),
+        packing=recipe.training.get("packing", False),
     )
     trainer.stages = stages  # None: one plain train()
     return trainer

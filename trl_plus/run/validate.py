@@ -52,7 +52,7 @@ OWNED_TRAINING_KEYS = {
 
 #: ``training`` keys of trl-plus's own, not ``trl.DPOConfig`` fields: checked by :func:`check_recipe`, never passed
 #: to ``DPOConfig``.
-RUN_TRAINING_KEYS = ("resume_from_checkpoint", "nan", "overwrite_output_dir")
+RUN_TRAINING_KEYS = ("resume_from_checkpoint", "nan", "overwrite_output_dir", "prefix_sharing", "packing")
 
 # Deprecated DPOConfig names a recipe may still use: read as the current transformers names (no FutureWarning).
 RENAMED_TRAINING_KEYS = {
@@ -219,10 +219,13 @@ def check_recipe(recipe: Recipe):
     if recipe.training.get("nan", "stop") not in NAN_POLICIES:
         raise TrlPlusError(f"{locate(recipe, 'training.nan')}: expected stop (end the run at a non-finite loss or "
                            f"gradient norm) or skip (drop that batch), got {recipe.training['nan']!r}")  # fmt: skip
-    overwrite = recipe.training.get("overwrite_output_dir", False)
-    if not isinstance(overwrite, bool):
-        raise TrlPlusError(f"{locate(recipe, 'training.overwrite_output_dir')}: expected true or false, got "
-                           f"{overwrite!r}")  # fmt: skip
+    for key in ("overwrite_output_dir", "prefix_sharing", "packing"):
+        value = recipe.training.get(key, False)
+        if not isinstance(value, bool):
+            raise TrlPlusError(f"{locate(recipe, 'training.' + key)}: expected true or false, got {value!r}")
+    if recipe.training.get("packing") and not recipe.training.get("prefix_sharing"):
+        raise TrlPlusError(f"{locate(recipe, 'training.packing')}: packing packs prefix-shared blocks; set "
+                           "training.prefix_sharing: true too")  # fmt: skip
     if overwrite and resume not in (None, False):
         raise TrlPlusError(f"{source}: training.overwrite_output_dir: true deletes the checkpoints that "
                            "training.resume_from_checkpoint would resume from; set only one of them")  # fmt: skip

@@ -55,6 +55,7 @@ from ..registry import get_method
 from .adapters import REFERENCE_ADAPTER, active_adapter, copy_adapter
 from .frozen import REF_COLUMN, resolve_reference_mode
 from .guard import GuardMixin
+from .sharing import share_prefixes
 
 logger = logging.getLogger(__name__)
 
@@ -159,9 +160,17 @@ class PlusTrainer(GuardMixin, DPOTrainer):
         processing_class=None,
         peft_config=None,
         base_model: str | None = None,
+        prefix_sharing: bool = False,
+        packing: bool = False,
         **kwargs,
     ):
         self.method = resolve_method(method, method_args)
+        if packing and not prefix_sharing:
+            raise TrlPlusError("training.packing packs prefix-shared blocks: set training.prefix_sharing: true too")
+        # full logits or hidden states are the plain rows' (a method that asks for them keeps the plain path)
+        needs_plain = self.method.needs.logits or self.method.needs.hidden_states
+        self.prefix_sharing, self.packing = prefix_sharing and not needs_plain, packing and not needs_plain
+        self._shared = (None, None)
         if self.method.trainer != "preference":
             raise TrlPlusError(
                 f"method {self.method.name!r} runs on a {self.method.trainer!r} trainer, not on PlusTrainer"
@@ -298,10 +307,40 @@ class PlusTrainer(GuardMixin, DPOTrainer):
     def _model_kwargs(inputs: Mapping[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in inputs.items() if k in MODEL_INPUT_KEYS}
 
+    def shared_layout(self, inputs: Mapping[str, Any]):
+        """The batch in the prefix-shared layout (:mod:`trl_plus.trainers.sharing`), built once per batch and reused by
+        the policy, the reference and the teacher; ``None`` on the plain path."""
+        if not self.prefix_sharing:
+            return None
+        ids, shared = self._shared
+        if ids is not inputs["input_ids"]:
+            shared = share_prefixes({k: v.cpu() if torch.is_tensor(v) else v for k, v in inputs.items()},
+                                    self._tokenizer.pad_token_id, self.num_sequences(inputs), pack=self.packing)
+            device = inputs["input_ids"].device
+            for name in ("input_ids", "position_ids", "attention_mask", "shift_labels", "index"):
+                setattr(shared, name, getattr(shared, name).to(device))
+            self._shared = (inputs["input_ids"], shared)
+        return shared
+
+    def fused_token_logps(self, model, inputs: Mapping[str, Any], **kwargs) -> tuple[torch.Tensor, Any]:
+        """``([N, T] per-token log-probs, outputs)`` of ``model`` on the batch through TRL's fused LM head (no
+        ``[N, L, V]`` logits), on the plain rows or, with ``prefix_sharing``, on the shared layout mapped back to the
+        plain one (``outputs``' per-token fields too)."""
+        seq_len = inputs["completion_mask"].size(1) - 1
+        shared = self.shared_layout(inputs)
+        if shared is None:
+            labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+            outputs = model(**self._model_kwargs(inputs), **kwargs, labels=labels, use_cache=False, fused_lm_head=True)
+            return outputs.log_probs[:, -seq_len:], outputs
+        outputs = model(**shared.model_inputs(), **kwargs, use_cache=False, fused_lm_head=True)
+        for name in ("log_probs", "entropy", "mean_logits", "is_top1"):
+            if getattr(outputs, name, None) is not None:
+                setattr(outputs, name, shared.gather(getattr(outputs, name)))
+        return outputs.log_probs, outputs
+
     def frozen_token_logps(self, model, inputs: Mapping[str, Any], adapter_off: bool = False) -> torch.Tensor:
         """``[K*B, T]`` per-token log-probs of a frozen ``model`` (no grad); ``adapter_off`` disables the policy's
         PEFT adapter (the reference of a LoRA/QLoRA run: no second copy of the base weights)."""
-        labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
         adapter_context = contextlib.nullcontext()
         if adapter_off:  # a refreshed reference is the frozen "ref" adapter; else the base, adapter disabled
             unwrapped = self.accelerator.unwrap_model(self.model)
@@ -315,8 +354,7 @@ class PlusTrainer(GuardMixin, DPOTrainer):
             adapter_context,
             self.accelerator.autocast(),
         ):
-            outputs = model(**self._model_kwargs(inputs), labels=labels, use_cache=False, fused_lm_head=True)
-        return outputs.log_probs[:, -(labels.size(1) - 1) :]
+            return self.fused_token_logps(model, inputs)[0]
 
     def forward_logits(self, model, inputs: Mapping[str, Any], **kwargs) -> Any:
         """Run ``model`` on the batch and return its full outputs (logits, and hidden states if asked)."""
@@ -437,20 +475,16 @@ class PlusTrainer(GuardMixin, DPOTrainer):
         mode = "train" if self.model.training else "eval"
         needs = self.method.needs
         model_kwargs = self._model_kwargs(inputs)
-        if self.aux_loss_enabled:
-            model_kwargs["output_router_logits"] = True
-        completion_mask = inputs["completion_mask"]
-        shift_mask = completion_mask[:, 1:]
+        router = {"output_router_logits": True} if self.aux_loss_enabled else {}
+        shift_mask = inputs["completion_mask"][:, 1:]
         seq_len = shift_mask.size(1)
 
         if needs.logits or needs.hidden_states:
-            outputs = model(**model_kwargs, use_cache=False, output_hidden_states=needs.hidden_states)
+            outputs = model(**model_kwargs, **router, use_cache=False, output_hidden_states=needs.hidden_states)
             token_logps = selective_log_softmax(outputs.logits[:, -seq_len - 1 : -1], inputs["input_ids"][:, 1:])
             token_logps = token_logps * shift_mask
         else:
-            labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
-            outputs = model(**model_kwargs, labels=labels, use_cache=False, fused_lm_head=True)
-            token_logps = outputs.log_probs[:, -seq_len:]
+            token_logps, outputs = self.fused_token_logps(model, inputs, **router)
 
         ref = self.reference_token_logps(inputs) if self.reference_mode != "none" else None
         seq_mask = inputs.get(SEQ_MASK)
