@@ -30,6 +30,7 @@ LAYERS = {
     "trl_plus.trainers": 3,
     "trl_plus.trainers.guard": 3,  # atomic checkpoints, the NaN guard (a mixin of every trainer)
     "trl_plus.run": 4,
+    "trl_plus.run.estimate": 4,  # `trl-plus estimate`: peak memory from the config alone (meta device)
     "trl_plus.cli": 5,
     "trl_plus.testing": 5,
     "trl_plus": 6,  # the public facade (__init__, __main__) and the deprecated import paths

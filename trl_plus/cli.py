@@ -1,4 +1,4 @@
-"""The ``trl-plus`` command: list, plugins, show, new, validate, train, eval, report, merge.
+"""The ``trl-plus`` command: list, plugins, show, new, validate, estimate, train, eval, report, merge.
 
 ``--help`` and ``list`` import neither torch nor transformers; ``train`` does, once the recipe is valid.
 """
@@ -179,6 +179,19 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_estimate(args: argparse.Namespace) -> int:
+    """``trl-plus estimate RECIPE``: the predicted peak accelerator memory, line by line, and which cards it fits
+    (from the model's config alone: no weights load)."""
+    from .config import load_recipe
+
+    recipe = load_recipe(args.recipe, args.set)
+    from .run.estimate import estimate
+
+    result = estimate(recipe, sequences=args.sequences, prompt_tokens=args.prompt_tokens)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.table())
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """``trl-plus train RECIPE``: train, then print the closing summary (exit 130 when interrupted)."""
     from .config import load_recipe
@@ -270,6 +283,15 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, parents=[common, sets], help=text)
         p.add_argument("recipe", help="path to a YAML recipe")
         p.set_defaults(func=func)
+    p = sub.add_parser("estimate", parents=[common, sets],
+                       help="predict peak GPU memory (weights, LoRA, optimiser, activations) and which cards fit")
+    p.add_argument("recipe", help="path to a YAML recipe")
+    p.add_argument("--sequences", type=int, metavar="K", help="sequences per example for a method whose K varies "
+                   "(default 8)")  # fmt: skip
+    p.add_argument("--prompt-tokens", type=int, default=0, metavar="P",
+                   help="with training.prefix_sharing: the shared prompt's tokens (default 0: the worst case)")
+    p.add_argument("--json", action="store_true", help="the breakdown as JSON")
+    p.set_defaults(func=cmd_estimate)
     p = sub.add_parser("eval", parents=[common, sets],
                        help="held-out pairs: reward and likelihood ranking accuracy, margin, lengths")  # fmt: skip
     p.add_argument("target", metavar="RECIPE_OR_RUN_DIR", help="a recipe, or the output_dir of a finished run")
