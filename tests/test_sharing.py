@@ -169,3 +169,25 @@ def test_packing_without_sharing_is_an_error(tmp_path):
 
     with pytest.raises(TrlPlusError, match="packing packs prefix-shared blocks"):
         tiny_trainer("dpo", tmp_path, packing=True)
+
+
+def test_a_4bit_qlora_policy_through_sharing(tmp_path):
+    """QLoRA: the tiny model's base in 4-bit NF4 (double quantisation), a LoRA adapter with non-zero B; the
+    policy and the reference (the adapter switched off) on the shared layout equal the plain path."""
+    from peft import LoraConfig
+
+    from trl_plus.config import ModelSpec, QuantizationSpec
+    from trl_plus.models.load import load_model
+
+    def trainer(path, **kwargs):
+        model = load_model(ModelSpec(name_or_path="tiny-llama", quantization=QuantizationSpec(compute_dtype="float32")),
+                           gradient_checkpointing=False)  # fmt: skip
+        lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        return tiny_trainer("dpo", tmp_path / path, model=model, peft_config=lora, **kwargs)
+
+    plain, shared = trainer("plain"), trainer("shared", prefix_sharing=True, packing=True)
+    assert plain.model.is_loaded_in_4bit
+    a, b = first_batch(plain, 8), first_batch(shared, 8)
+    torch.testing.assert_close(logps(shared, b), logps(plain, a), atol=1e-5, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(shared.reference_token_logps(b), plain.reference_token_logps(a), atol=1e-5, rtol=0)

@@ -226,6 +226,7 @@ def check_recipe(recipe: Recipe):
     if recipe.training.get("packing") and not recipe.training.get("prefix_sharing"):
         raise TrlPlusError(f"{locate(recipe, 'training.packing')}: packing packs prefix-shared blocks; set "
                            "training.prefix_sharing: true too")  # fmt: skip
+    overwrite = recipe.training.get("overwrite_output_dir", False)
     if overwrite and resume not in (None, False):
         raise TrlPlusError(f"{source}: training.overwrite_output_dir: true deletes the checkpoints that "
                            "training.resume_from_checkpoint would resume from; set only one of them")  # fmt: skip
