@@ -14,7 +14,12 @@ import pytest
 
 from trl_plus.config import LoraSpec, ModelSpec, QuantizationSpec, load_recipe
 from trl_plus.errors import TrlPlusError
-from trl_plus.run.estimate import estimate, lora_parameters, meta_model, quantized_weight_bytes
+from trl_plus.run.estimate import (
+    estimate,
+    lora_parameters,
+    meta_model,
+    quantized_weight_bytes,
+)
 from trl_plus.testing import cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,7 +75,6 @@ def tensor_bytes(t) -> int:
 @pytest.mark.parametrize("optim", ["adamw_torch", "adamw_torch_fused"])
 def test_full_model_weights_gradients_and_adamw_state_are_exact(tiny_model_dir, optim, offline):
     import torch
-
     from transformers import AutoConfig, AutoModelForCausalLM
 
     result = estimate(load_recipe(recipe({"name_or_path": tiny_model_dir, "dtype": "float32"}, {"optim": optim})))

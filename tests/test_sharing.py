@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import first_batch, perturb
+from test_lists import Listwise, list_rows
 
+from conftest import first_batch, perturb
 from trl_plus import DPO, Sequence, SequencesCollator
 from trl_plus.data.collate import prompt_completion
+from trl_plus.data.sharing import SHARED, share_prefixes
 from trl_plus.testing import preference_rows, tiny_trainer
-from trl_plus.trainers.sharing import share_prefixes
-
-from test_lists import Listwise, list_rows
 
 
 def pair(tmp_path, method="dpo", packing=False, **kwargs):
@@ -35,7 +34,8 @@ def test_shared_per_token_log_probs_loss_and_gradients_equal_the_plain_path(tmp_
     plain, shared = pair(tmp_path, packing=packing)
     a, b = first_batch(plain, 8), first_batch(shared, 8)
     torch.testing.assert_close(logps(shared, b), logps(plain, a), atol=1e-5, rtol=0)
-    layout = shared.shared_layout(b)
+    assert SHARED in b  # built by the collator, on the CPU
+    layout = share_prefixes(b, 0, num_sequences=2, pack=packing)
     assert layout.shared_tokens < layout.plain_tokens  # the prompts are forwarded once per pair
     for trainer in (plain, shared):
         trainer.model.zero_grad()
@@ -61,7 +61,7 @@ def test_no_attention_leaks_across_responses(tmp_path):
     plain, shared = pair(tmp_path)
     batch = first_batch(shared, 4)
     before = logps(shared, batch)
-    changed = {k: v.clone() for k, v in batch.items()}
+    changed = {k: v.clone() for k, v in batch.items() if k != SHARED}  # the trainer rebuilds the layout
     size = 4
     for b in range(size):  # every chosen token after the first one that differs from the rejected
         ids, rejected = changed["input_ids"][b], changed["input_ids"][size + b]
@@ -126,7 +126,7 @@ def test_rows_that_share_nothing_stay_exact(tmp_path):
     plain, shared = pair(tmp_path, PromptPerSide)
     a, b = first_batch(plain, 4), first_batch(shared, 4)
     torch.testing.assert_close(logps(shared, b), logps(plain, a), atol=1e-5, rtol=0)
-    layout = shared.shared_layout(b)
+    layout = share_prefixes(b, 0, num_sequences=2)
     assert layout.shared_tokens == layout.plain_tokens  # nothing in common: no saving, no error
 
 

@@ -12,6 +12,9 @@ from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 import torch
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
+from . import sharing
+from .sharing import SEQ_MASK, SEQUENCE_SLOTS
+
 if TYPE_CHECKING:
     from ..contract import Method
 
@@ -19,10 +22,11 @@ if TYPE_CHECKING:
 TRUNCATED = "num_truncated"
 
 
-#: Batch keys of variable-K batches: ``seq_mask`` ``[K, B]`` (``True`` where example ``b`` has a ``k``-th sequence;
-#: :class:`SequencesCollator` always emits it) and ``sequence_slots`` ``[N]`` (each row's place ``k * B + b`` in the
-#: ``K x B`` grid; only when some example has fewer than ``K`` sequences: the rows are then the real ones only).
-SEQ_MASK, SEQUENCE_SLOTS = "seq_mask", "sequence_slots"
+# Batch keys of variable-K batches (defined in .sharing, which reads them): ``seq_mask`` ``[K, B]`` (``True`` where
+# example ``b`` has a ``k``-th sequence; :class:`SequencesCollator` always emits it) and ``sequence_slots`` ``[N]``
+# (each row's place ``k * B + b`` in the ``K x B`` grid; only when some example has fewer than ``K`` sequences: the
+# rows are then the real ones only).
+
 #: The pad value of token-aligned columns (``Sequence.tokens``): ``-1`` = no segment.
 TOKEN_PAD = -1
 
@@ -142,9 +146,12 @@ class FieldCollation:
 
     def __init__(self, collator: Callable, needs: Any):
         self.collator, self.needs = collator, needs
+        #: ``(pad_token_id, sequences per example, pack)`` when the trainer runs prefix sharing: each batch then also
+        #: carries its shared layout (``trl_plus.data.sharing``), built here on the CPU, in the data loader.
+        self.share: tuple[int, int, bool] | None = None
 
     def __getattr__(self, name: str) -> Any:
-        if name in ("collator", "needs"):
+        if name in ("collator", "needs", "share"):
             raise AttributeError(name)
         return getattr(self.collator, name)
 
@@ -163,6 +170,9 @@ class FieldCollation:
                     [example[spec.name] for example in examples], spec.pad, dtype)
         for name, values in compact.items():
             batch[name] = self._scatter(batch, values)
+        if self.share is not None:
+            pad_token_id, num_sequences, pack = self.share
+            batch[sharing.SHARED] = sharing.share_prefixes(batch, pad_token_id, num_sequences, pack=pack).tensors()
         return batch
 
     @staticmethod

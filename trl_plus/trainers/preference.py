@@ -49,13 +49,13 @@ from ..data.load import (
     prepare_rows,
     quiet_progress,
 )
+from ..data.sharing import SHARED, SharedBatch, share_prefixes
 from ..errors import TrlPlusError
 from ..models.load import bf16_available, resolve_model_path
 from ..registry import get_method
 from .adapters import REFERENCE_ADAPTER, active_adapter, copy_adapter
 from .frozen import REF_COLUMN, resolve_reference_mode
 from .guard import GuardMixin
-from .sharing import share_prefixes
 
 logger = logging.getLogger(__name__)
 
@@ -212,6 +212,8 @@ class PlusTrainer(GuardMixin, DPOTrainer):
         elif not isinstance(data_collator, FieldCollation):
             data_collator = FieldCollation(data_collator, self.method.needs)
         self.method_collator = data_collator
+        if self.prefix_sharing:
+            data_collator.share = (tokenizer.pad_token_id, self.method.sequences_per_example or 1, self.packing)
 
         # DPOTrainer loads a second full model as reference unless the policy is a PEFT model or the reference is
         # precomputed. A reference-free run must never cost one: it takes the "precomputed" path during
@@ -314,11 +316,14 @@ class PlusTrainer(GuardMixin, DPOTrainer):
             return None
         ids, shared = self._shared
         if ids is not inputs["input_ids"]:
-            shared = share_prefixes({k: v.cpu() if torch.is_tensor(v) else v for k, v in inputs.items()},
-                                    self._tokenizer.pad_token_id, self.num_sequences(inputs), pack=self.packing)
-            device = inputs["input_ids"].device
-            for name in ("input_ids", "position_ids", "attention_mask", "shift_labels", "index"):
-                setattr(shared, name, getattr(shared, name).to(device))
+            if SHARED in inputs:  # built by the collator, in the data loader
+                shared = SharedBatch.from_tensors(inputs[SHARED])
+            else:  # a batch collated elsewhere: build it here (a device -> host copy)
+                plain = {k: v.cpu() if torch.is_tensor(v) else v for k, v in inputs.items()}
+                shared = share_prefixes(plain, self._tokenizer.pad_token_id, self.num_sequences(inputs),
+                                        pack=self.packing)  # fmt: skip
+                device = inputs["input_ids"].device
+                shared = SharedBatch.from_tensors({k: v.to(device) for k, v in shared.tensors().items()})
             self._shared = (inputs["input_ids"], shared)
         return shared
 

@@ -27,26 +27,55 @@ from dataclasses import dataclass
 
 import torch
 
-from ..data.collate import SEQ_MASK, SEQUENCE_SLOTS
-
+#: Batch keys of variable-K batches (re-exported by ``trl_plus.data.collate``, which emits them): ``seq_mask``
+#: ``[K, B]`` and ``sequence_slots`` ``[N]``.
+SEQ_MASK, SEQUENCE_SLOTS = "seq_mask", "sequence_slots"
 IGNORE = -100
+
+
+#: The batch key under which the collator puts the shared layout's tensors (:meth:`SharedBatch.tensors`).
+SHARED = "prefix_shared"
 
 
 @dataclass
 class SharedBatch:
     """A batch in the shared layout, and the map back to the plain one.
 
-    ``input_ids``, ``position_ids``, ``shift_labels``: ``[R, L]``; ``attention_mask``: ``[R, 1, L, L]`` bool; ``index``:
-    ``[N, T]`` positions into the flattened ``[R * L]`` shared values (``R * L``: a zero, for unscored places).
+    ``input_ids``, ``position_ids``, ``shift_labels``, ``example`` (each token's block, −1 on padding) and ``segment``
+    (0 on a block's shared part, k + 1 on its k-th rest): ``[R, L]``; ``index``: ``[N, T]`` positions into the
+    flattened ``[R * L]`` shared values (``R * L``: a zero, for unscored places). The ``[R, 1, L, L]`` attention mask
+    is built from ``example`` and ``segment`` where they are (on the accelerator: only ``[R, L]`` integers travel).
     """
 
     input_ids: torch.Tensor
     position_ids: torch.Tensor
-    attention_mask: torch.Tensor
+    example: torch.Tensor
+    segment: torch.Tensor
     shift_labels: torch.Tensor
     index: torch.Tensor
     plain_tokens: int  # non-padding tokens of the plain rows
     shared_tokens: int  # non-padding tokens of the shared rows
+
+    TENSORS = ("input_ids", "position_ids", "example", "segment", "shift_labels", "index")
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The layout as a dict of tensors (a batch entry the trainer's device move carries along)."""
+        return {name: getattr(self, name) for name in self.TENSORS}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> SharedBatch:
+        """The layout back from :meth:`tensors` (the token counts are not carried)."""
+        return cls(**{name: tensors[name] for name in cls.TENSORS}, plain_tokens=-1, shared_tokens=-1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """``[R, 1, L, L]`` bool: causal, within a block, and a rest sees the shared part and itself only (padding
+        sees only padding: never a row without a visible token)."""
+        width = self.example.size(1)
+        causal = torch.ones(width, width, dtype=torch.bool, device=self.example.device).tril()
+        same_example = self.example.unsqueeze(2) == self.example.unsqueeze(1)
+        visible = (self.segment.unsqueeze(1) == 0) | (self.segment.unsqueeze(2) == self.segment.unsqueeze(1))
+        return (causal & same_example & visible).unsqueeze(1)
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
         """The keyword arguments of the forward (fused LM head: ``fused_lm_head=True`` is the caller's)."""
@@ -143,11 +172,7 @@ def share_prefixes(batch: dict, pad_token_id: int, num_sequences: int, pack: boo
                 keep = torch.tensor(score[r][1 : len(offsets) + 1], dtype=torch.bool)
                 index[r, : len(offsets)] = torch.where(keep, targets, index[r, : len(offsets)])
             offset += n
-    causal = torch.ones(width, width, dtype=torch.bool).tril()
-    same_example = example.unsqueeze(2) == example.unsqueeze(1)
-    visible_segment = (segment.unsqueeze(1) == 0) | (segment.unsqueeze(2) == segment.unsqueeze(1))
-    mask = causal & same_example & visible_segment  # padding (example -1) sees only padding: never a NaN row
     return SharedBatch(
-        input_ids=out_ids, position_ids=out_pos, attention_mask=mask.unsqueeze(1), shift_labels=out_labels,
+        input_ids=out_ids, position_ids=out_pos, example=example, segment=segment, shift_labels=out_labels,
         index=index, plain_tokens=int(sum(lengths)), shared_tokens=int(sum(fill)),
     )  # fmt: skip
