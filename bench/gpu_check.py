@@ -140,7 +140,12 @@ def build(kind: str, recipe: dict, timer: StepTimer):
     from datasets import load_dataset
     from trl import DPOConfig, DPOTrainer
 
-    from trl_plus.models.load import bf16_available, load_model, load_tokenizer, lora_config
+    from trl_plus.models.load import (
+        bf16_available,
+        load_model,
+        load_tokenizer,
+        lora_config,
+    )
 
     training = dict(recipe["training"], bf16=bf16_available())
     args = DPOConfig(**training)
@@ -180,9 +185,6 @@ def report(results: dict[str, dict]) -> str:
     lines = [f"{'configuration':<34} {'peak GiB':>8} {'est. GiB':>8} {'card GiB':>8} {'step s':>8} "
              f"{'tokens/s':>9} {'/ TRL':>6}"]  # fmt: skip
     for name, r in results.items():
-        if "skipped" in r:  # (a results file of an older trl-plus)
-            lines.append(f"{name:<34} skipped: {r['skipped']}")
-            continue
         peak = f"{r['peak_bytes'] / gib:.2f}" if r["peak_bytes"] is not None else "n/a"
         ratio = f"{r['step_s'] / trl:.3f}" if trl else "-"
         lines.append(f"{name:<34} {peak:>8} {r['predicted_allocated_bytes'] / gib:>8.2f} "

@@ -230,23 +230,24 @@ class LossContext:
         with ``mask`` 1 count. A segment without tokens (cut by ``max_length``, or absent) gets 0: see
         :meth:`segment_mask`. ``reduce="mean"`` divides by the segment's token count.
         """
+        values, counts = self._segment_sums(values, segment_ids, num_segments)
+        return values if reduce == "sum" else values / counts.clamp(min=1)
+
+    def _segment_sums(self, values: torch.Tensor, segment_ids: torch.Tensor, num_segments: int):
+        """``[K, B, S]`` sums of ``values`` and counts of scored tokens per segment (one scatter over the tokens;
+        ids outside ``0 .. S-1`` and unscored tokens go to a spare slot that is dropped)."""
         import torch
 
-        ids = segment_ids.long()
-        member = (ids.unsqueeze(-1) == torch.arange(num_segments, device=ids.device)).to(values.dtype)
-        member = member * self.mask.unsqueeze(-1).to(values.dtype)  # [K, B, T, S]
-        pooled = torch.einsum("kbt,kbts->kbs", values, member)
-        if reduce == "sum":
-            return pooled
-        return pooled / member.sum(2).clamp(min=1)
+        scored = self.mask.bool() & (segment_ids >= 0) & (segment_ids < num_segments)
+        slots = torch.where(scored, segment_ids.long(), num_segments)
+        shape = (*slots.shape[:-1], num_segments + 1)
+        sums = values.new_zeros(shape).scatter_add(-1, slots, values * scored)
+        counts = values.new_zeros(shape).scatter_add(-1, slots, scored.to(values.dtype))
+        return sums[..., :num_segments], counts[..., :num_segments]
 
     def segment_mask(self, segment_ids: torch.Tensor, num_segments: int) -> torch.Tensor:
         """``[K, B, S]`` bool: segments with at least one scored token."""
-        import torch
-
-        ids = segment_ids.long()
-        member = ids.unsqueeze(-1) == torch.arange(num_segments, device=ids.device)
-        return (member & self.mask.bool().unsqueeze(-1)).any(2)
+        return self._segment_sums(self.mask, segment_ids, num_segments)[1] > 0
 
     @property
     def num_sequences(self) -> int:

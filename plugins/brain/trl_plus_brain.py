@@ -21,7 +21,6 @@ both softmaxes run over each prompt's real samples (padded slots at −inf).
 
 from __future__ import annotations
 
-import math
 from typing import Any, ClassVar
 
 from pydantic import Field
@@ -155,7 +154,7 @@ class BRAIn(Method):
         (one shared prompt prefix, EOS appended to plain-text completions)."""
         from trl_plus import tokenize_completions
 
-        completions = example[COMPLETIONS][: self.config.num_samples]
+        completions = example[COMPLETIONS]  # prepare_data kept the first num_samples
         ids = tokenize_completions(tokenizer, example["prompt"], {str(k): c for k, c in enumerate(completions)})
         return {"prompt_ids": ids["prompt_ids"], "completion_ids": [ids[str(k)] for k in range(len(completions))]}
 
@@ -164,10 +163,8 @@ class BRAIn(Method):
         fewer completions have fewer sequences, padded slots are never forwarded."""
         from trl_plus import SequencesCollator, prompt_completion
 
-        k = self.config.num_samples
-
         def sequences(example):
-            return [prompt_completion(example["prompt_ids"], c) for c in example["completion_ids"][:k]]
+            return [prompt_completion(example["prompt_ids"], c) for c in example["completion_ids"]]
 
         return SequencesCollator(sequences, pad_token_id, max_length, truncation_mode)
 
@@ -210,9 +207,9 @@ class BRAIn(Method):
 
 
 def check_rows(dataset: Any, num_samples: int | None) -> None:
-    """One-line errors, naming the row and the column, for what the loss cannot use (the core checks each list's type
-    and its length against ``completions``): fewer than 2 completions, a non-finite reward, fewer completions than
-    ``num_samples``, a log-prob column missing in some rows."""
+    """One-line errors, naming the row and the column, for what the loss cannot use (the core checks each list's type,
+    finiteness and length against ``completions``): fewer than 2 completions, fewer completions than ``num_samples``,
+    a log-prob column missing in some rows."""
     completions = dataset[COMPLETIONS]
     for row, items in enumerate(completions, 1):
         if not isinstance(items, list) or len(items) < 2:
@@ -223,26 +220,15 @@ def check_rows(dataset: Any, num_samples: int | None) -> None:
             raise TrlPlusError(f"row {row}: column {COMPLETIONS!r} has {len(items)} completions but method_args."
                                f"num_samples is {num_samples}: lower num_samples to at most the fewest completions of "
                                "a row, or unset it (null) to train on every row's own completions")  # fmt: skip
-    for name in (REWARDS, *LOGP_COLUMNS):
+    for name in LOGP_COLUMNS:
         if name not in dataset.column_names:
             continue
         values = dataset[name]
         present = [v is not None for v in values]
-        if name != REWARDS and any(present) and not all(present):
+        if any(present) and not all(present):
             row = present.index(False) + 1
             raise TrlPlusError(f"row {row}: column {name!r} is empty (null) but other rows have it: give it in every "
                                "row or in none (then the reference model stands in)")  # fmt: skip
-        for row, (items, given) in enumerate(zip(values, completions), 1):
-            if items is None:
-                continue
-            if not isinstance(items, list) or len(items) != len(given):
-                count = len(items) if isinstance(items, list) else "no"
-                raise TrlPlusError(f"row {row}: column {name!r} has {count} values but {COMPLETIONS!r} has "
-                                   f"{len(given)}: give one per completion, in the same order")  # fmt: skip
-            for value in items:
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                    raise TrlPlusError(f"row {row}: column {name!r} holds {value!r}; it must hold finite numbers, "
-                                       "one per completion")  # fmt: skip
 
 
 @hookimpl

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -319,6 +320,9 @@ def check_lists(dataset: Any, method: Method | type[Method], where: str) -> None
                 kind = {"float": "numbers", "int": "integers", "text": "strings"}[spec.dtype]
                 raise TrlPlusError(f"{where}: row {row}: column {spec.name!r} must be a list of {kind}, not "
                                    f"{_short(values)}")  # fmt: skip
+            if spec.dtype == "float" and not all(math.isfinite(v) for v in values):
+                bad = next(v for v in values if not math.isfinite(v))
+                raise TrlPlusError(f"{where}: row {row}: column {spec.name!r} holds {bad!r}; it must hold finite numbers")
             if spec.same_length_as:
                 other = columns[spec.same_length_as][row - 1]
                 if isinstance(other, list) and len(other) != len(values):
