@@ -15,6 +15,7 @@ from .builtin.dpo import DPO, DPOConfig, dpo_losses
 from .builtin.sft import SFT
 from .config import Recipe, load_recipe
 from .contract import (
+    FrozenOutputs,
     ListField,
     LossContext,
     LossOutput,
@@ -24,17 +25,18 @@ from .contract import (
     Needs,
     Paper,
     Stage,
+    TopK,
     hookimpl,
 )
 from .data.tokenize import tokenize_completions
 from .errors import TrlPlusError
 from .registry import get_method, get_registry
-from .trainers.frozen import REFERENCE_MODES, resolve_reference_mode
+from .trainers.frozen import REFERENCE_MODES, Teacher, resolve_reference_mode
 
 __all__ = [
-    "DPO", "DPOConfig", "FieldCollation", "ListField", "LossContext", "LossOutput", "Method", "MethodConfig",
+    "DPO", "DPOConfig", "FieldCollation", "FrozenOutputs", "ListField", "LossContext", "LossOutput", "Method", "MethodConfig",
     "ModelAlias", "Needs", "PairwiseCollator", "Paper", "PlusTrainer", "REFERENCE_MODES", "Recipe", "SFT", "Sequence",
-    "SequencesCollator", "Stage",
+    "SequencesCollator", "Stage", "Teacher", "TopK",
     "TrainResult", "TrlPlusError", "check_recipe", "run_stages", "dpo_losses", "evaluate", "get_method", "get_registry", "hookimpl",
     "load_recipe", "merge_adapter", "method_collator", "prompt_completion", "resolve_reference_mode",
     "tokenize_completions", "train",

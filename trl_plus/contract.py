@@ -71,6 +71,25 @@ def register_model_aliases(register: Callable[[ModelAlias], None]) -> None:
     """
 
 
+@hookspec
+def register_commands(register: Callable[..., None]) -> None:
+    """Add ``trl-plus`` subcommands (``trl-plus sail localize``, ``trl-plus tracealign index``).
+
+    Call ``register(name, help, add_arguments, run)`` once per command: ``name`` is one word or two
+    (``"sail localize"``: the first word groups a plugin's commands), ``help`` one line shown by
+    ``trl-plus --help``, ``add_arguments(parser)`` adds the command's ``argparse`` arguments and
+    ``run(args) -> int`` does the work (its return value is the exit status; raise :class:`trl_plus.TrlPlusError`
+    for a one-line error). Keep the plugin module's imports light: the hook runs for every ``trl-plus --help``.
+    A name the core or another plugin already uses is an error naming both. The return value is ignored.
+
+    Example::
+
+        @hookimpl
+        def register_commands(register):
+            register("sail localize", "find the focal layers", add_arguments, run)
+    """
+
+
 # -- what a hook registers ----------------------------------------------------------------------------------
 
 
@@ -136,13 +155,64 @@ class Stage:
 
 
 @dataclass(frozen=True)
+class TopK:
+    """A frozen source's output kind (see ``Needs.teachers``): per scored token, the ``k`` most likely next-token ids
+    and their full-softmax log-probs (``FrozenOutputs.topk_ids`` / ``topk_logps``, ``[K, B, T, k]``)."""
+
+    k: int = 50
+
+
+#: An output a frozen source gives (``Needs.teachers``): ``"logps"`` (label log-probs, ``[K, B, T]``), ``"logits"``
+#: (full logits at the scored positions only, ``[M, V]``), ``"hidden_states"`` (last layer, ``[K, B, T, H]``) or a
+#: :class:`TopK`.
+Output = Any
+
+
+@dataclass
+class FrozenOutputs:
+    """A frozen model's outputs on the policy's own sequences (no grad), aligned with ``ctx.token_logps``; only what
+    the method asked for (``Needs.teachers``) is filled.
+
+    - ``logps`` ``[K, B, T]``: log-probs of the labels (zero off the scored tokens).
+    - ``topk_ids`` / ``topk_logps`` ``[K, B, T, k]``: per scored token the ``k`` most likely next tokens and their
+      log-probs under the full softmax (ids ``-1`` and log-probs ``0`` off the scored tokens).
+    - ``logits`` ``[M, V]``: the full next-token logits at the ``M`` scored positions only, in the order of
+      :meth:`LossContext.scored` (``[K, B, T, V]`` for the whole sequence is never built).
+    - ``hidden_states`` ``[K, B, T, H]``: the last layer's hidden states at the label positions.
+    """
+
+    logps: torch.Tensor | None = None
+    topk_ids: torch.Tensor | None = None
+    topk_logps: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    hidden_states: torch.Tensor | None = None
+
+
+def output_kinds(spec: Output | tuple[Output, ...]) -> tuple[Output, ...]:
+    """A ``Needs.teachers`` value as a tuple of output kinds (checked: ``logps``, ``logits``, ``hidden_states`` or a
+    :class:`TopK`)."""
+    kinds = spec if isinstance(spec, tuple) else (spec,)
+    for kind in kinds:
+        if not (isinstance(kind, TopK) or kind in ("logps", "logits", "hidden_states")):
+            raise ValueError(f"unknown frozen output {kind!r}: use 'logps', 'logits', 'hidden_states' or TopK(k)")
+    return kinds
+
+
+@dataclass(frozen=True)
 class Needs:
     """What a method needs from the trainer. The trainer builds exactly this and nothing more.
 
     - ``reference``: ``"yes"`` (a frozen reference is required), ``"no"`` (never computed: no forward pass,
       no weights in memory) or ``"optional"`` (used when the recipe's ``reference.mode`` provides one).
-    - ``teacher``: a frozen teacher model (recipe block ``teacher:``); its outputs reach the loss as
-      ``ctx.teacher``.
+    - ``teacher``: a frozen teacher model (recipe block ``teacher:``); what the teacher hook returns reaches the loss
+      as ``ctx.teacher`` (default: its ``[K, B, T]`` label log-probs).
+    - ``teachers``: named frozen sources and what each gives, e.g. ``{"guide": "logps"}`` or
+      ``{"dpo": "logits", "rev": "logits"}`` or ``{"teacher": TopK(50)}`` (see :data:`Output`); each is a recipe
+      block ``teachers.<name>`` (a separate model, a frozen adapter on the policy's base, or precomputed columns)
+      and reaches the loss as ``ctx.frozen[name]``, a :class:`FrozenOutputs`.
+    - ``scored_logits``: the loss may call :meth:`LossContext.logps_at` and :meth:`LossContext.scored_logits` (the
+      policy's full-softmax log-probs at given ids, its logits at the scored positions), computed from the final
+      hidden states in chunks, with grad; the default fused head never builds ``[K*B, L, V]`` logits.
     - ``generation`` / ``judge``: online methods (sampling, reward models or judges); reserved for later families.
     - ``fields``: data columns required beyond ``prompt``/``chosen``/``rejected`` (e.g. ``("margin",)``);
       they are collated into ``ctx.batch[name]``.
@@ -164,6 +234,8 @@ class Needs:
 
     reference: Literal["yes", "no", "optional"] = "yes"
     teacher: bool = False
+    teachers: Mapping[str, Output | tuple[Output, ...]] = field(default_factory=dict)
+    scored_logits: bool = False
     generation: bool = False
     judge: bool = False
     fields: tuple[str, ...] = ()
@@ -179,10 +251,16 @@ class Needs:
         """``list_fields`` as :class:`ListField` objects."""
         return tuple(f if isinstance(f, ListField) else ListField(f) for f in self.list_fields)
 
+    def frozen_sources(self) -> dict[str, tuple[Output, ...]]:
+        """``teachers`` with each value a tuple of output kinds (checked)."""
+        return {name: output_kinds(spec) for name, spec in self.teachers.items()}
+
     def describe(self) -> str:
         """A short human-readable summary, as shown by ``trl-plus list``."""
         parts = {"yes": ["reference"], "optional": ["reference (optional)"], "no": ["reference-free"]}[self.reference]
         parts += [name for name in ("teacher", "generation", "judge") if getattr(self, name)]
+        if self.teachers:
+            parts.append("teachers " + ", ".join(self.teachers))
         if self.fields:
             parts.append("fields " + ", ".join(self.fields))
         if self.optional_fields:
@@ -213,6 +291,38 @@ class LossContext:
     training: bool = True
     seq_mask: torch.Tensor | None = None  # [K, B] 1.0 where example b has a k-th sequence (variable K); None: all
     tokens: Mapping[str, torch.Tensor] = field(default_factory=dict)  # Needs.token_fields, [K, B, T] each
+    frozen: Mapping[str, FrozenOutputs] = field(default_factory=dict)  # Needs.teachers by name (no grad)
+    head: Any = None  # Needs.scored_logits: the policy's LM head on its final hidden states (set by the trainer)
+
+    def scored(self, values: torch.Tensor) -> torch.Tensor:
+        """``[K, B, T, ...] -> [M, ...]``: the values at the ``M`` scored tokens (``mask`` 1), in one fixed order
+        (the order of ``FrozenOutputs.logits`` and :meth:`scored_logits`)."""
+        return values[self.mask.bool()]
+
+    def unscored(self, values: torch.Tensor) -> torch.Tensor:
+        """``[M, ...] -> [K, B, T, ...]``: per-scored-token values back on the grid (zeros elsewhere; differentiable),
+        the inverse of :meth:`scored`."""
+        where = self.mask.bool()
+        out = values.new_zeros((*where.shape, *values.shape[1:]))
+        out[where] = values
+        return out
+
+    def scored_logits(self) -> torch.Tensor:
+        """``[M, V]`` the policy's next-token logits at the scored positions (with grad; ``Needs.scored_logits``).
+        Costs ``M x V`` activations: for log-probs at a few ids use :meth:`logps_at`."""
+        return self._head().logits(self.mask.bool())
+
+    def logps_at(self, ids: torch.Tensor) -> torch.Tensor:
+        """``[K, B, T, k]`` the policy's full-softmax log-probs of the token ``ids`` ``[K, B, T, k]`` (with grad;
+        ``Needs.scored_logits``), zero off the scored tokens. Computed in chunks of scored positions whose logits are
+        recomputed in the backward pass, so memory holds one chunk of ``V`` logits, not ``[M, V]``."""
+        where = self.mask.bool()
+        return self.unscored(self._head().logps_at(where, ids[where].clamp(min=0)))
+
+    def _head(self) -> Any:
+        if self.head is None:
+            raise RuntimeError("this loss reads the policy's logits: set Needs(scored_logits=True) on the method")
+        return self.head
 
     @property
     def sequence_mask(self) -> torch.Tensor:

@@ -26,7 +26,8 @@ from .models.tiny import build_model, build_tokenizer, save_tiny_model
 from .registry import get_registry
 
 __all__ = [
-    "CPU_OVERRIDES", "build_model", "build_tokenizer", "cli", "forbid_reference", "make_context", "perturb",
+    "CPU_OVERRIDES", "build_model", "build_tokenizer", "cli", "forbid_reference", "logits_head", "make_context",
+    "perturb",
     "preference_rows", "registered", "run_recipe_on_cpu", "save_tiny_model", "tiny_trainer", "train_tiny",
     "training_logs", "write_jsonl",
 ]  # fmt: skip
@@ -68,6 +69,15 @@ def make_context(
         if ref.shape != values.shape or not bool((ref_mask == mask).all()):
             raise ValueError("reference must have the same shape (sequences and token counts) as policy")
     return LossContext(token_logps=values, mask=mask, ref_token_logps=ref, **kwargs)
+
+
+def logits_head(logits):
+    """A ``LossContext.head`` over given full policy logits ``[K, B, T, V]`` (keep ``requires_grad`` on them to test
+    gradients): ``ctx.logps_at(ids)`` and ``ctx.scored_logits()`` of a hand-made context read them, as the trainer's
+    head reads the policy's hidden states. Pass it as ``make_context(..., head=logits_head(logits))``."""
+    from .trainers.heads import LogitsHead
+
+    return LogitsHead(logits)
 
 
 # -- registering a method for one test -------------------------------------------------------------------------

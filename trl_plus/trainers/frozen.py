@@ -7,6 +7,9 @@ Light at import (no torch): validation imports it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, Literal
+
 from ..contract import Method
 from ..errors import TrlPlusError
 
@@ -41,3 +44,23 @@ def resolve_reference_mode(method: Method, mode: str, is_peft: bool, has_ref_mod
     if mode == "adapter" and not is_peft:
         raise TrlPlusError("reference.mode: 'adapter' needs model.lora (LoRA on the policy); use 'model' or 'auto'")
     return mode
+
+
+@dataclass
+class Teacher:
+    """A named frozen source for ``PlusTrainer(teachers={name: ...})`` (a plain model there means ``Teacher(model)``).
+
+    - ``model``: a separate frozen causal LM (or a zero-argument callable that loads it: with ``mode="precomputed"``
+      it is called only when the column cache misses, so a cached run never loads the teacher);
+    - ``adapter``: a LoRA adapter folder, loaded frozen onto the policy's own base (a PEFT policy): its bytes, not a
+      second base; refused when the adapter's base model or vocabulary differs from the policy's;
+    - ``mode``: ``"live"`` (a forward every step) or ``"precomputed"`` (one pass before training into cached columns:
+      label log-probs and top-k only);
+    - ``identity``: what names the weights in the column cache (the recipe path sets it from the files' digests);
+      ``None``: a hash of the weights in memory.
+    """
+
+    model: Any = None
+    adapter: str | None = None
+    mode: Literal["live", "precomputed"] = "live"
+    identity: str | None = None
