@@ -194,7 +194,7 @@ def explain(error: ValidationError, source: str, prefix: tuple = (), model: type
         elif err["type"] == "missing":
             lines.append(f"{where}: required key is missing")
         else:
-            lines.append(f"{where}: {err['msg']} (got {err.get('input')!r})")
+            lines.append(f"{where}: {err['msg'].removeprefix('Value error, ')} (got {err.get('input')!r})")
     return "\n".join(dict.fromkeys(lines))
 
 
