@@ -141,8 +141,9 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(records, indent=2))
         return 0
-    rows = [[r["distribution"], r["version"] or "?", ", ".join(r["methods"] + r["model_aliases"])
-             or f"broken: {r['error']}"] for r in records]  # fmt: skip
+    rows = [[r["distribution"], r["version"] or "?", ", ".join(
+        r["methods"] + r["model_aliases"] + [f"`trl-plus {c}`" for c in r["commands"]]) or f"broken: {r['error']}"]
+        for r in records]  # fmt: skip
     print(_table(rows, ["distribution", "version", "registers"]))
     return 0
 
