@@ -1,0 +1,140 @@
+"""TGDPO: the card's worked example, its reductions to DPO, the gradient by autograd, padding, errors; through the
+real trainer: guidance == reference ≡ DPO, live / precomputed / adapter guidance agree, real steps raise margins."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from pydantic import ValidationError
+from trl_plus_tgdpo import TGDPO, token_weights
+
+from trl_plus import DPO, FrozenOutputs, TrlPlusError
+from trl_plus.testing import make_context
+
+# The card's worked example (shared/methods/tgdpo.md), β = 0.1: per-token log-probs [K][B][tokens].
+POLICY = [[[-1.0, -2.0, -0.5], [-0.7, -1.1]], [[-1.5, -2.5], [-2.1, -0.3, -1.0]]]
+REFERENCE = [[[-1.2, -1.8, -0.9], [-0.6, -1.3]], [[-1.4, -2.0], [-1.8, -0.4, -1.2]]]
+GUIDE = [[[-0.8, -2.1, -0.4], [-0.5, -1.0]], [[-1.9, -2.2], [-2.4, -0.2, -1.5]]]
+
+
+def guided(policy=POLICY, reference=REFERENCE, guide=GUIDE, **kwargs):
+    """A hand-made context with the guidance model's log-probs as the frozen source ``guide``."""
+    logps = make_context(guide, requires_grad=False).token_logps
+    return make_context(policy, reference, frozen={"guide": FrozenOutputs(logps=logps)}, **kwargs)
+
+
+def pair(i):
+    return guided(*([[s[i]] for s in values] for values in (POLICY, REFERENCE, GUIDE)))
+
+
+@pytest.mark.parametrize("alpha, per_pair, mean", [
+    (0.5, [0.6432336, 0.6876872], 0.6654604),
+    (0.0, [0.6443967, 0.6881597], 0.6662782),
+    (1.0, None, 0.6646435),
+])  # fmt: skip
+def test_card_worked_example(alpha, per_pair, mean):
+    assert TGDPO(beta=0.1, alpha=alpha).loss(guided()).loss.item() == pytest.approx(mean, abs=5e-8)
+    for i, expected in enumerate(per_pair or []):
+        assert TGDPO(beta=0.1, alpha=alpha).loss(pair(i)).loss.item() == pytest.approx(expected, abs=5e-8)
+
+
+def test_card_weights_plus_on_chosen_minus_on_rejected():
+    factors, reward = TGDPO(beta=0.1, alpha=0.5).token_weights(guided())
+    weights = 0.1 * factors
+    assert weights[0, 0].tolist() == pytest.approx([0.102, 0.0985, 0.1025], abs=1e-12)  # chosen: β(1 + α r̂)
+    assert weights[1, 0, :2].tolist() == pytest.approx([0.1025, 0.101], abs=1e-12)  # rejected: β(1 − α r̂)
+    # r̂ = β(log π_g − log π_ref): the rejected pair-1 tokens the guide dislikes (r̂ < 0) get the larger weight
+    assert reward[1, 0, :2].tolist() == pytest.approx([-0.05, -0.02], abs=1e-12)
+    assert weights[1, 0, 2].item() == 0.0 and weights[0, 1, 2].item() == 0.0  # padding
+
+
+def test_alpha_zero_and_guide_equal_to_reference_are_dpo():
+    dpo = DPO(beta=0.1).loss(make_context(POLICY, REFERENCE)).loss.item()
+    assert TGDPO(alpha=0.0).loss(guided()).loss.item() == pytest.approx(dpo, abs=1e-15)
+    for alpha in (0.5, 2.0):
+        assert TGDPO(alpha=alpha).loss(guided(guide=REFERENCE)).loss.item() == pytest.approx(dpo, abs=1e-15)
+
+
+def test_log2_at_init_for_any_alpha_and_guide():
+    for alpha in (0.0, 0.5, 3.0):
+        assert TGDPO(alpha=alpha).loss(guided(policy=REFERENCE)).loss.item() == pytest.approx(math.log(2), abs=1e-15)
+
+
+def test_rewards_are_plain_dpo_rewards():
+    out = TGDPO(beta=0.1, alpha=0.5).loss(guided())
+    dpo = DPO(beta=0.1).loss(make_context(POLICY, REFERENCE))
+    assert torch.allclose(out.rewards, dpo.rewards, atol=1e-15) and not out.rewards.requires_grad
+
+
+def test_gradient_is_minus_sigma_times_weight_per_token():
+    ctx = guided()
+    out = TGDPO(beta=0.1, alpha=0.5).loss(ctx)
+    out.loss.backward()
+    factors, _ = TGDPO(beta=0.1, alpha=0.5).token_weights(guided())
+    weights = 0.1 * factors
+    rho = (ctx.token_logps - ctx.ref_token_logps).detach() * ctx.mask
+    z = (weights[0] * rho[0]).sum(-1) - (weights[1] * rho[1]).sum(-1)
+    batch = ctx.batch_size
+    # ∂L/∂log πθ(y^w_t) = −σ(−z)·ω^w_t / B,  ∂L/∂log πθ(y^l_t) = +σ(−z)·ω^l_t / B
+    expected = torch.stack([-torch.sigmoid(-z)[:, None] * weights[0], torch.sigmoid(-z)[:, None] * weights[1]]) / batch
+    assert torch.allclose(ctx.token_logps.grad, expected, atol=1e-15)
+    assert (ctx.token_logps.grad[0][ctx.mask[0].bool()] < 0).all() and (ctx.token_logps.grad[1][ctx.mask[1].bool()] > 0).all()
+
+
+def test_weights_carry_no_gradient():
+    guide = make_context(GUIDE).token_logps  # requires_grad: a guide that could be differentiated
+    ctx = make_context(POLICY, REFERENCE, frozen={"guide": FrozenOutputs(logps=guide)})
+    ctx.ref_token_logps.requires_grad_(True)
+    TGDPO(alpha=0.5).loss(ctx).loss.backward()
+    assert guide.grad is None
+    # the reference's gradient is −∂L/∂ρ only (through ρ), not through r̂: the negative of the policy's
+    assert torch.allclose(ctx.ref_token_logps.grad, -ctx.token_logps.grad, atol=1e-15)
+
+
+def test_padding_either_response_leaves_the_loss_unchanged():
+    base = TGDPO(alpha=0.5).loss(guided()).loss.item()
+    ctx = guided()
+    longer = {name: torch.nn.functional.pad(getattr(ctx, name), (0, 3), value=0.0)
+              for name in ("token_logps", "mask", "ref_token_logps")}  # fmt: skip
+    guide = torch.nn.functional.pad(ctx.frozen["guide"].logps, (0, 3), value=-7.0)  # garbage off the scored tokens
+    noisy_policy = longer["token_logps"].detach().clone()
+    noisy_policy[..., -3:] = -5.0  # garbage policy values off the mask too
+    padded = make_context([[[0.0]]], requires_grad=False)
+    padded.token_logps, padded.mask, padded.ref_token_logps = noisy_policy, longer["mask"], longer["ref_token_logps"]
+    padded.frozen = {"guide": FrozenOutputs(logps=guide)}
+    assert TGDPO(alpha=0.5).loss(padded).loss.item() == pytest.approx(base, abs=1e-15)
+
+
+def test_min_weight_clamps_the_factor():
+    ctx = guided(guide=[[[-0.8, -2.1, -0.4], [-0.5, -1.0]], [[40.0, -2.2], [-2.4, -0.2, -1.5]]])
+    unclamped, _ = token_weights(ctx, alpha=0.5, beta=0.1)
+    assert unclamped[1, 0, 0].item() == pytest.approx(1 - 0.5 * 0.1 * 41.4, abs=1e-12)  # −1.07: a negative weight
+    clamped, _ = token_weights(ctx, alpha=0.5, beta=0.1, min_weight=0.0)
+    assert clamped[1, 0, 0].item() == 0.0 and torch.equal(clamped[0], unclamped[0])
+    assert TGDPO(alpha=0.5, min_weight=0.0).loss(ctx).metrics["tgdpo/min_factor"].item() == 0.0
+
+
+def test_base_loss_variants_use_the_weighted_margin():
+    # label smoothing (cDPO) on the token-weighted margin: with α = 0 it is DPO's
+    ctx, ref = guided(), make_context(POLICY, REFERENCE)
+    dpo = DPO(beta=0.1, label_smoothing=0.1).loss(ref).loss.item()
+    assert TGDPO(alpha=0.0, label_smoothing=0.1).loss(ctx).loss.item() == pytest.approx(dpo, abs=1e-15)
+
+
+def test_clear_errors():
+    with pytest.raises(TrlPlusError, match="teachers.guide"):
+        TGDPO().loss(make_context(POLICY, REFERENCE))
+    with pytest.raises(TrlPlusError, match="reference"):
+        TGDPO().loss(guided(reference=None))
+    ctx = guided()
+    ctx.frozen = {"guide": FrozenOutputs(logps=ctx.frozen["guide"].logps[..., :2])}  # another tokenizer's length
+    with pytest.raises(TrlPlusError, match="tokenizer"):
+        TGDPO().loss(ctx)
+    for bad in ({"alpha": -0.1}, {"beta": 0}, {"tgdpo_alpha": 0.5}):
+        with pytest.raises(ValidationError):
+            TGDPO(**bad)
+    with pytest.raises(TrlPlusError) as error:
+        TGDPO().loss(make_context(POLICY, REFERENCE))
+    assert "\n" not in str(error.value)
