@@ -192,3 +192,22 @@ def test_localize_errors(tmp_path, tiny_model_dir, capsys):
     assert cli("sail", "localize", "--model", str(tmp_path / "nowhere")) == 2
     errors = capsys.readouterr().err.splitlines()
     assert errors[0] == "error: --top-k 0: keep at least one head" and errors[1].startswith("error: --model ")
+
+
+def test_recipe_trains_lora_on_the_focal_layers_only(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from trl_plus.testing import run_recipe_on_cpu
+
+    monkeypatch.chdir(ROOT)
+    recipe = yaml.safe_load((ROOT / "recipes/sail.yaml").read_text())
+    lora = recipe["model"]["lora"]
+    assert (lora["r"], lora["alpha"], lora["dropout"]) == (8, 16, 0.0)
+    assert lora["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj"] and recipe["method_args"]["alpha"] == 0.5
+    result = run_recipe_on_cpu("recipes/sail.yaml", tmp_path, "model.lora.layers=1",
+                               "teachers.guide={name_or_path: tiny-llama}")  # fmt: skip
+    assert result.global_step == 2
+    weights = load_file(tmp_path / "adapter_model.safetensors")
+    modules = {key.split(".lora_")[0] for key in weights}
+    assert len(modules) == 1 * 4 and all(".layers.1." in m for m in modules)  # |layers| x |targets|
+    assert {m.rsplit(".", 1)[-1] for m in modules} == {"q_proj", "k_proj", "v_proj", "o_proj"}

@@ -4,14 +4,28 @@ real trainer: guidance == reference ≡ DPO, live / precomputed / adapter guidan
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from pydantic import ValidationError
 from trl_plus_tgdpo import TGDPO, token_weights
 
-from trl_plus import DPO, FrozenOutputs, TrlPlusError
-from trl_plus.testing import make_context
+from trl_plus import DPO, FrozenOutputs, Teacher, TrlPlusError
+from trl_plus.testing import (
+    build_model,
+    build_tokenizer,
+    make_context,
+    perturb,
+    preference_rows,
+    run_recipe_on_cpu,
+    tiny_trainer,
+    train_tiny,
+    training_logs,
+)
+
+ROOT = Path(__file__).resolve().parents[3]
 
 # The card's worked example (shared/methods/tgdpo.md), β = 0.1: per-token log-probs [K][B][tokens].
 POLICY = [[[-1.0, -2.0, -0.5], [-0.7, -1.1]], [[-1.5, -2.5], [-2.1, -0.3, -1.0]]]
@@ -138,3 +152,101 @@ def test_clear_errors():
     with pytest.raises(TrlPlusError) as error:
         TGDPO().loss(make_context(POLICY, REFERENCE))
     assert "\n" not in str(error.value)
+
+
+# -- through the real trainer (PlusTrainer(teachers={"guide": ...})) --------------------------------------------
+
+
+def batch_of(trainer, n=8):
+    """The first ``n`` training rows collated by the trainer's own collator (precomputed columns included)."""
+    return trainer.data_collator([dict(trainer.train_dataset[i]) for i in range(n)])
+
+
+def loss_on(trainer, batch=None):
+    with torch.no_grad():
+        return trainer.compute_loss(trainer.model, batch if batch is not None else batch_of(trainer)).item()
+
+
+def perturbed(model, seed):
+    perturb(model, seed=seed)
+    return model.eval()
+
+
+@pytest.fixture(autouse=True)
+def _column_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRL_PLUS_CACHE", str(tmp_path / "cache"))  # precomputed columns: a cache of this test
+
+
+def test_trainer_guide_equal_to_reference_and_alpha_zero_are_dpo(tmp_path):
+    rows = preference_rows(8)
+    dpo = tiny_trainer("dpo", tmp_path / "dpo", {"beta": 0.1}, rows=rows)
+    same = tiny_trainer("tgdpo", tmp_path / "same", {"beta": 0.1, "alpha": 0.5}, rows=rows,
+                        teachers={"guide": Teacher(model=build_model(build_tokenizer()))})  # = the reference
+    other = tiny_trainer("tgdpo", tmp_path / "zero", {"beta": 0.1, "alpha": 0.0}, rows=rows,
+                         teachers={"guide": perturbed(build_model(build_tokenizer()), seed=3)})
+    guided_ = tiny_trainer("tgdpo", tmp_path / "guided", {"beta": 0.1, "alpha": 0.5}, rows=rows,
+                           teachers={"guide": perturbed(build_model(build_tokenizer()), seed=3)})
+    for t in (dpo, same, other, guided_):
+        perturbed(t.model, seed=0)  # the same policy everywhere, away from the reference
+    batch = batch_of(dpo)
+    base = loss_on(dpo, batch)
+    assert abs(base - math.log(2)) > 1e-3
+    assert loss_on(same, batch) == pytest.approx(base, abs=1e-6)
+    assert loss_on(other, batch) == pytest.approx(base, abs=1e-6)
+    assert abs(loss_on(guided_, batch) - base) > 1e-5  # a real guide changes the loss
+
+
+def test_live_precomputed_and_adapter_guidance_agree(tmp_path, tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    rows = preference_rows(8)
+    # a guidance model trained with LoRA on the policy's base: an adapter folder, and the same weights merged
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    torch.manual_seed(1)
+    guide = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), lora)
+    guide.save_pretrained(tmp_path / "guide-adapter")
+    merged = guide.merge_and_unload().eval()
+
+    def trainer(name, teacher):
+        torch.manual_seed(2)
+        policy = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+        t = tiny_trainer("tgdpo", tmp_path / name, {"beta": 0.5, "alpha": 2.0}, rows=rows, model=policy,
+                         teachers={"guide": teacher})
+        for p in (q for n, q in t.model.named_parameters() if "lora_B" in n and ".default." in n):
+            with torch.no_grad():
+                p.add_(0.05)  # the trained adapter leaves the reference (its base)
+        t.model.eval()
+        return t
+
+    live = trainer("live", Teacher(model=merged, mode="live"))
+    pre = trainer("pre", Teacher(model=merged, mode="precomputed"))
+    adapter = trainer("adapter", Teacher(adapter=str(tmp_path / "guide-adapter")))
+    plain = tiny_trainer("dpo", tmp_path / "dpo", {"beta": 0.5}, rows=rows, model=live.model)
+    batch = batch_of(live)
+    assert loss_on(pre) == pytest.approx(loss_on(live, batch), abs=1e-6)
+    assert loss_on(adapter, batch) == pytest.approx(loss_on(live, batch), abs=1e-5)
+    assert abs(loss_on(live, batch) - loss_on(plain, batch)) > 1e-5  # the guide matters
+
+
+def test_a_dpo_trained_guide_raises_margins(tmp_path):
+    rows = preference_rows(32)
+    dpo = train_tiny("dpo", tmp_path / "guide", rows=rows, max_steps=6)  # the guidance model: a few DPO steps
+    guide = dpo.model.eval().requires_grad_(False)
+    trainer = train_tiny("tgdpo", tmp_path / "tgdpo", method_args={"alpha": 0.5}, rows=rows, max_steps=8,
+                         teachers={"guide": guide})
+    logs = training_logs(trainer)
+    assert logs[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy == reference at step 0
+    assert logs[0]["tgdpo/token_reward_chosen"] > logs[0]["tgdpo/token_reward_rejected"]  # the guide prefers chosen
+    assert logs[-1]["rewards/margins"] > logs[0]["rewards/margins"] + 0.5
+    assert logs[-1]["rewards/accuracies"] > logs[0]["rewards/accuracies"]
+
+
+def test_recipe_validates_and_runs_on_cpu(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    recipe = yaml.safe_load((ROOT / "recipes/tgdpo.yaml").read_text())
+    assert recipe["method"] == "tgdpo" and recipe["model"]["quantization"]["load_in_4bit"]
+    result = run_recipe_on_cpu("recipes/tgdpo.yaml", tmp_path, "teachers.guide.name_or_path=tiny-llama",
+                               "teachers.guide.quantization=null", "teachers.guide.dtype=float32")
+    assert result.global_step == 2 and (tmp_path / "adapter_model.safetensors").exists()
