@@ -338,10 +338,98 @@ def _run_localize(args) -> int:
         print(f"{layer:5d}  {value:10.6f}  {top.get(layer, 0):9d}{'  *' if layer in result['layers'] else ''}")
     ranges = layer_ranges(result["layers"])
     print(f"focal layers: {ranges}")
+    print(f"focal heads: {','.join(f'{layer}.{head}' for layer, head, _ in result['heads'])}")
     print(f"--set model.lora.layers={ranges}")
     if args.output:
         _write_override(ranges, args.output, args.recipe)
         print(f"wrote {args.output}")
+    return 0
+
+
+# -- the inferred attention scores: `trl-plus sail score` -------------------------------------------------------
+
+
+def parse_heads(text: str) -> list[tuple[int, int]]:
+    """``"12.3,14.0"`` -> ``[(12, 3), (14, 0)]`` (layer.head pairs, as ``localize`` prints them)."""
+    heads = []
+    for part in (p for p in text.replace(" ", "").split(",") if p):
+        layer, dot, head = part.partition(".")
+        if not (dot and layer.isdigit() and head.isdigit()):
+            raise TrlPlusError(f"--heads: {part!r} is not LAYER.HEAD (write e.g. --heads 12.3,14.0)")
+        heads.append((int(layer), int(head)))
+    if not heads:
+        raise TrlPlusError("--heads: no heads given")
+    return heads
+
+
+def focal_token_scores(model, tokenizer, prompt: list[dict], completion, heads: list[tuple[int, int]]) -> list[float]:
+    """INFERRED (the paper's formula was never released): one score a_t in [−1, 1] per response token (the ids the
+    trainer scores: ``trl_plus.tokenize_completions``, EOS included): m_t = the attention mass the query predicting
+    token t puts on the system message, averaged over the focal ``heads``; a_t = tanh of m_t standardised over the
+    response. All zero without a system message."""
+    import math
+
+    import torch
+
+    from trl_plus import tokenize_completions
+
+    ids = tokenize_completions(tokenizer, prompt, {"completion": completion})
+    prompt_ids, completion_ids = ids["prompt_ids"], ids["completion"]
+    system = next((m["content"] for m in prompt if isinstance(m, dict) and m.get("role") == "system"), None) \
+        if isinstance(prompt, list) else None  # fmt: skip
+    if not system or not completion_ids:
+        return [0.0] * len(completion_ids)
+    text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    start = text.find(system)
+    keys = [i for i, (a, b) in enumerate(encoded["offset_mapping"]) if a < start + len(system) and b > start and b > a]
+    if encoded["input_ids"][: len(prompt_ids)] != prompt_ids[: len(encoded["input_ids"])] or not keys:
+        raise TrlPlusError("sail score: the prompt's tokens differ from the rendered template's; cannot locate the "
+                           "system message (use a fast tokenizer with a chat template)")  # fmt: skip
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([prompt_ids + completion_ids], device=device), output_attentions=True,
+                    use_cache=False)  # fmt: skip
+    queries = torch.arange(len(prompt_ids) - 1, len(prompt_ids) + len(completion_ids) - 1, device=device)
+    key_index = torch.tensor(keys, device=device)
+    mass = torch.stack([out.attentions[layer][0, head].float().index_select(0, queries).index_select(1, key_index)
+                        .sum(-1) for layer, head in heads]).mean(0)  # fmt: skip
+    if mass.numel() < 2:
+        return [0.0] * mass.numel()
+    z = (mass - mass.mean()) / (mass.std() + 1e-6)
+    return [math.tanh(v) for v in z.tolist()]
+
+
+def _add_score_arguments(parser) -> None:
+    parser.add_argument("--model", required=True, help="the frozen reference (the policy's base)")
+    parser.add_argument("--data", required=True, metavar="JSONL", help="pairs: prompt (chat messages with a system "
+                                                                       "message), chosen, rejected")  # fmt: skip
+    parser.add_argument("--output", required=True, metavar="JSONL", help="the rows with chosen_focal_scores and "
+                                                                         "rejected_focal_scores added")  # fmt: skip
+    parser.add_argument("--heads", required=True, help="focal heads LAYER.HEAD,... (from `trl-plus sail localize`)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="auto")
+
+
+def _run_score(args) -> int:
+    heads = parse_heads(args.heads)
+    try:
+        rows = [json.loads(line) for line in open(args.data, encoding="utf-8") if line.strip()]
+    except (OSError, json.JSONDecodeError) as exc:
+        raise TrlPlusError(f"--data {args.data}: {getattr(exc, 'strerror', None) or exc}") from None
+    model, tokenizer = load_for_attention(args.model, args.dtype, args.device)
+    config = model.config.get_text_config()
+    bad = [f"{layer}.{head}" for layer, head in heads
+           if not (layer < config.num_hidden_layers and head < config.num_attention_heads)]  # fmt: skip
+    if bad:
+        raise TrlPlusError(f"--heads: {bad[0]} is outside the model ({config.num_hidden_layers} layers x "
+                           f"{config.num_attention_heads} heads)")  # fmt: skip
+    with open(args.output, "w", encoding="utf-8") as f:
+        for row in rows:
+            for side, column in zip(("chosen", "rejected"), SCORE_COLUMNS):
+                row[column] = focal_token_scores(model, tokenizer, row["prompt"], row[side], heads)
+            f.write(json.dumps(row) + "\n")
+    print(f"wrote {len(rows)} rows with {', '.join(SCORE_COLUMNS)} to {args.output} (inferred scores)")
     return 0
 
 
@@ -353,6 +441,8 @@ def register_methods(register):
 
 @hookimpl
 def register_commands(register):
-    """``trl-plus sail localize``."""
+    """``trl-plus sail localize`` and ``trl-plus sail score``."""
     register("sail localize", "find the focal layers by attention drift under instruction conflicts (SAIL)",
              _add_localize_arguments, _run_localize)  # fmt: skip
+    register("sail score", "per-token focal-attention scores for token_scores=attention (SAIL, inferred)",
+             _add_score_arguments, _run_score)  # fmt: skip

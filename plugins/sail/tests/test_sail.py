@@ -136,16 +136,16 @@ def test_system_attention_is_a_mass_in_0_1_and_lift_is_relative_to_uniform(tiny)
 def test_localize_returns_layers_inside_the_model(tiny):
     model, tokenizer = tiny
     num_layers = model.config.num_hidden_layers
-    result = localize(model, tokenizer, load_probes(None), top_k=3)
+    result = localize(model, tokenizer, load_probes(None)[:3], top_k=3)
     assert result["layers"] and all(0 <= layer < num_layers for layer in result["layers"])
     assert result["layers"] == sorted({layer for layer, _, _ in result["heads"]}) and len(result["heads"]) == 3
     drift = result["drift"]
     assert drift.shape == (num_layers, model.config.num_attention_heads) and bool((drift >= 0).all())
     assert [v for _, _, v in result["heads"]] == sorted(drift.flatten().tolist(), reverse=True)[:3]
-    one = localize(model, tokenizer, load_probes(None)[:2], top_k=1)
+    one = localize(model, tokenizer, load_probes(None)[:1], top_k=1)
     assert len(one["layers"]) == 1 and one["heads"][0][2] == pytest.approx(float(one["drift"].max()))
     # no conflict (the same turn twice): no drift anywhere
-    same = [dict(p, conflict=p["user"]) for p in PROBES[:2]]
+    same = [dict(p, conflict=p["user"]) for p in PROBES[:1]]
     assert float(localize(model, tokenizer, same, top_k=2)["drift"].abs().max()) == 0.0
 
 
@@ -211,3 +211,40 @@ def test_recipe_trains_lora_on_the_focal_layers_only(tmp_path, monkeypatch):
     modules = {key.split(".lora_")[0] for key in weights}
     assert len(modules) == 1 * 4 and all(".layers.1." in m for m in modules)  # |layers| x |targets|
     assert {m.rsplit(".", 1)[-1] for m in modules} == {"q_proj", "k_proj", "v_proj", "o_proj"}
+
+
+def conflict_rows(n=8):
+    """Conversational pairs with a system rule (the chosen reply follows it)."""
+    rows = []
+    for i in range(n):
+        prompt = [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": f"Count to {i}."}]
+        rows.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": f"Un, deux ... {i}."}],
+                     "rejected": [{"role": "assistant", "content": f"One, two ... {i}!"}]})  # fmt: skip
+    return rows
+
+
+def test_score_writes_aligned_columns_that_train_in_attention_mode(tiny_model_dir, tmp_path, capsys):
+    from trl_plus.testing import perturb, tiny_trainer, write_jsonl
+
+    data, scored_file = write_jsonl(conflict_rows(4), tmp_path / "pairs.jsonl"), tmp_path / "scored.jsonl"
+    assert cli("sail", "score", "--model", tiny_model_dir, "--data", data, "--output", str(scored_file),
+               "--heads", "0.1,1.2", "--device", "cpu") == 0  # fmt: skip
+    rows = [json.loads(line) for line in scored_file.read_text().splitlines()]
+    for row in rows:
+        values = row["chosen_focal_scores"] + row["rejected_focal_scores"]
+        assert all(-1 <= v <= 1 for v in values) and any(abs(v) > 0.1 for v in values)
+    trainer = tiny_trainer("sail", tmp_path / "run", {"token_scores": "attention", "alpha": 1.0}, rows=rows)
+    perturb(trainer.model)
+    trainer.model.eval()
+    batch = trainer.data_collator([dict(trainer.train_dataset[i]) for i in range(4)])
+    counts = batch["chosen_focal_scores_mask"].sum(-1)
+    scored_tokens = batch["completion_mask"][:4].sum(-1)  # one score per scored chosen token (turn end included)
+    assert counts.tolist() == scored_tokens.tolist()
+    with torch.no_grad():
+        ours = trainer.compute_loss(trainer.model, batch).item()
+        trainer.method = SAIL(token_scores="attention", alpha=0.0)  # the same trainer and weights: DPO
+        base = trainer.compute_loss(trainer.model, batch).item()
+    assert math.isfinite(ours) and abs(ours - base) > 1e-6  # the scores reach the loss
+    assert cli("sail", "score", "--model", tiny_model_dir, "--data", data, "--output", str(scored_file),
+               "--heads", "5.0") == 2  # fmt: skip
+    assert "5.0 is outside the model (2 layers x 4 heads)" in capsys.readouterr().err
