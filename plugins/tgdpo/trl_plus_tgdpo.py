@@ -18,16 +18,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from trl_plus import (
-    DPO,
-    DPOConfig,
-    LossContext,
-    LossOutput,
-    Needs,
-    Paper,
-    TrlPlusError,
-    hookimpl,
-)
+from trl_plus import DPO, DPOConfig, LossContext, LossOutput, Needs, Paper, TrlPlusError, hookimpl
 
 #: The name of the guidance model's frozen source (recipe block ``teachers.guide``).
 GUIDE = "guide"

@@ -179,21 +179,21 @@ def _column_cache(tmp_path, monkeypatch):
 
 def test_trainer_guide_equal_to_reference_and_alpha_zero_are_dpo(tmp_path):
     rows = preference_rows(8)
-    dpo = tiny_trainer("dpo", tmp_path / "dpo", {"beta": 0.1}, rows=rows)
     same = tiny_trainer("tgdpo", tmp_path / "same", {"beta": 0.1, "alpha": 0.5}, rows=rows,
                         teachers={"guide": Teacher(model=build_model(build_tokenizer()))})  # = the reference
-    other = tiny_trainer("tgdpo", tmp_path / "zero", {"beta": 0.1, "alpha": 0.0}, rows=rows,
-                         teachers={"guide": perturbed(build_model(build_tokenizer()), seed=3)})
     guided_ = tiny_trainer("tgdpo", tmp_path / "guided", {"beta": 0.1, "alpha": 0.5}, rows=rows,
                            teachers={"guide": perturbed(build_model(build_tokenizer()), seed=3)})
-    for t in (dpo, same, other, guided_):
-        perturbed(t.model, seed=0)  # the same policy everywhere, away from the reference
-    batch = batch_of(dpo)
-    base = loss_on(dpo, batch)
+    for t in (same, guided_):
+        perturbed(t.model, seed=0)  # the same policy in both, away from the reference
+    batch = batch_of(same)
+    with_guide = loss_on(guided_, batch)
+    guided_.method = DPO(beta=0.1)  # the same trainer and weights, the core's DPO
+    base = loss_on(guided_, batch)
+    guided_.method = TGDPO(beta=0.1, alpha=0.0)
     assert abs(base - math.log(2)) > 1e-3
-    assert loss_on(same, batch) == pytest.approx(base, abs=1e-6)
-    assert loss_on(other, batch) == pytest.approx(base, abs=1e-6)
-    assert abs(loss_on(guided_, batch) - base) > 1e-5  # a real guide changes the loss
+    assert loss_on(same, batch) == pytest.approx(base, abs=1e-6)  # guide == reference
+    assert loss_on(guided_, batch) == pytest.approx(base, abs=1e-6)  # α = 0
+    assert abs(with_guide - base) > 1e-5  # a real guide changes the loss
 
 
 def test_live_precomputed_and_adapter_guidance_agree(tmp_path, tiny_model_dir):
@@ -223,20 +223,22 @@ def test_live_precomputed_and_adapter_guidance_agree(tmp_path, tiny_model_dir):
     live = trainer("live", Teacher(model=merged, mode="live"))
     pre = trainer("pre", Teacher(model=merged, mode="precomputed"))
     adapter = trainer("adapter", Teacher(adapter=str(tmp_path / "guide-adapter")))
-    plain = tiny_trainer("dpo", tmp_path / "dpo", {"beta": 0.5}, rows=rows, model=live.model)
     batch = batch_of(live)
-    assert loss_on(pre) == pytest.approx(loss_on(live, batch), abs=1e-6)
-    assert loss_on(adapter, batch) == pytest.approx(loss_on(live, batch), abs=1e-5)
-    assert abs(loss_on(live, batch) - loss_on(plain, batch)) > 1e-5  # the guide matters
+    reference = loss_on(live, batch)
+    assert loss_on(pre) == pytest.approx(reference, abs=1e-6)
+    assert loss_on(adapter, batch) == pytest.approx(reference, abs=1e-5)
+    live.method = TGDPO(beta=0.5, alpha=0.0)  # the same trainer and weights without guidance: DPO
+    assert abs(loss_on(live, batch) - reference) > 1e-4  # the guide matters
 
 
 def test_a_dpo_trained_guide_raises_margins(tmp_path):
-    rows = preference_rows(32)
-    dpo = train_tiny("dpo", tmp_path / "guide", rows=rows, max_steps=6)  # the guidance model: a few DPO steps
+    rows = preference_rows(16)
+    dpo = train_tiny("dpo", tmp_path / "guide", rows=rows, max_steps=3)  # the guidance model: a few DPO steps
     guide = dpo.model.eval().requires_grad_(False)
-    trainer = train_tiny("tgdpo", tmp_path / "tgdpo", method_args={"alpha": 0.5}, rows=rows, max_steps=8,
-                         teachers={"guide": guide})
+    trainer = train_tiny("tgdpo", tmp_path / "tgdpo", method_args={"alpha": 0.5}, rows=rows, max_steps=5,
+                         teachers={"guide": Teacher(model=guide, mode="precomputed")})
     logs = training_logs(trainer)
+
     assert logs[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy == reference at step 0
     assert logs[0]["tgdpo/token_reward_chosen"] > logs[0]["tgdpo/token_reward_rejected"]  # the guide prefers chosen
     assert logs[-1]["rewards/margins"] > logs[0]["rewards/margins"] + 0.5
