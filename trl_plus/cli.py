@@ -102,6 +102,8 @@ def example_recipe(method_cls) -> str:
     }
     if method_cls.needs.teacher:
         recipe["teacher"] = {"name_or_path": "tiny-llama"}
+    if method_cls.needs.teachers:  # named frozen sources: each the tiny model too
+        recipe["teachers"] = {name: {"name_or_path": "tiny-llama"} for name in method_cls.needs.teachers}
     return yaml.safe_dump(recipe, sort_keys=False)
 
 
