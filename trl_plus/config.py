@@ -20,6 +20,7 @@ from pydantic import (
     PositiveInt,
     PrivateAttr,
     ValidationError,
+    field_validator,
 )
 
 from .errors import TrlPlusError, did_you_mean
@@ -40,8 +41,34 @@ class QuantizationSpec(_Block):
     compute_dtype: Dtype = "bfloat16"
 
 
+def parse_layers(value: Any) -> Any:
+    """``"19-23,24,25"`` -> ``[19, 20, 21, 22, 23, 24, 25]`` (ranges inclusive, sorted, no repeats); a list of
+    numbers or ranges is read the same way; anything else is left for the schema to reject."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    if isinstance(value, str):
+        value = [part for part in value.replace(" ", "").split(",") if part]
+    if not isinstance(value, list):
+        return value
+    layers: set[int] = set()
+    for part in value:
+        if isinstance(part, int) and not isinstance(part, bool):
+            layers.add(part)
+            continue
+        text = str(part).strip()
+        first, dash, last = text.partition("-")
+        if not (first.isdigit() and (not dash or last.isdigit())):
+            raise ValueError(f"{text!r} is not a layer number or a range like 19-23 (write e.g. \"19-23,24,25\")")
+        low, high = int(first), int(last) if dash else int(first)
+        if high < low:
+            raise ValueError(f"the range {text!r} runs backwards: write {high}-{low}")
+        layers.update(range(low, high + 1))
+    return sorted(layers)
+
+
 class LoraSpec(_Block):
-    """LoRA adapters; ``layers`` restricts them to those decoder layers (SAIL-style layer-targeted LoRA)."""
+    """LoRA adapters; ``layers`` restricts them to those decoder layers (SAIL-style layer-targeted LoRA), as numbers
+    or ranges: ``[19, 20, 21]`` or ``"19-21"`` or ``"19-23,24,25"``."""
 
     r: PositiveInt = 16
     alpha: float = 32
@@ -49,6 +76,8 @@ class LoraSpec(_Block):
     target_modules: list[str] | str = "all-linear"
     layers: list[int] | None = None
     modules_to_save: list[str] | None = None
+
+    _parse_layers = field_validator("layers", mode="before")(classmethod(lambda cls, value: parse_layers(value)))
 
 
 class ModelSpec(_Block):
@@ -165,7 +194,7 @@ def explain(error: ValidationError, source: str, prefix: tuple = (), model: type
         elif err["type"] == "missing":
             lines.append(f"{where}: required key is missing")
         else:
-            lines.append(f"{where}: {err['msg']} (got {err.get('input')!r})")
+            lines.append(f"{where}: {err['msg'].removeprefix('Value error, ')} (got {err.get('input')!r})")
     return "\n".join(dict.fromkeys(lines))
 
 

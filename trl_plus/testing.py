@@ -84,14 +84,20 @@ def logits_head(logits):
 
 
 @contextlib.contextmanager
-def registered(*methods: type[Method], name: str = "test-plugin") -> Iterator[None]:
-    """Register ``methods`` as if a plugin called ``name`` had, and unregister them afterwards."""
+def registered(*methods: type[Method], name: str = "test-plugin", commands: Sequence[tuple] = ()) -> Iterator[None]:
+    """Register ``methods`` (and ``commands``: ``(name, help, add_arguments, run)`` tuples, as the
+    ``register_commands`` hook takes them) as if a plugin called ``name`` had, and unregister them afterwards."""
 
     class _Plugin:
         @hookimpl
         def register_methods(self, register):
             for method in methods:
                 register(method)
+
+        @hookimpl
+        def register_commands(self, register):
+            for command in commands:
+                register(*command)
 
     registry = get_registry()
     registry.add_plugin(_Plugin(), name=name, source=name)
