@@ -32,7 +32,15 @@ from trl_plus_tracealign import (
 )
 
 from trl_plus import DPO, TrlPlusError, tokenize_completions
-from trl_plus.testing import build_tokenizer, logits_head, make_context, run_recipe_on_cpu, tiny_trainer, training_logs
+from trl_plus.testing import (
+    build_tokenizer,
+    cli,
+    logits_head,
+    make_context,
+    run_recipe_on_cpu,
+    tiny_trainer,
+    training_logs,
+)
 
 ROOT = Path(__file__).resolve().parents[3]
 CORPUS = ROOT / "recipes/data/tracealign_corpus.jsonl"
@@ -115,9 +123,13 @@ def test_suffix_array_and_lookups_against_brute_force():
 
 
 def test_index_command_on_the_shipped_corpus(shipped_index, tmp_path, capsys):
-    probs = tmp_path / "p_train.json"
-    assert run_index(index_args(tmp_path / "again", token_probs=str(probs))) == 0
+    with pytest.raises(SystemExit):
+        cli("--help")
+    assert "tracealign plugin commands: index" in capsys.readouterr().out
+    probs, output = tmp_path / "p_train.json", tmp_path / "sub" / "corpus.tracealign"
+    assert cli("tracealign", "index", str(CORPUS), "--output", str(output), "--token-probs", str(probs)) == 0
     out = capsys.readouterr().out
+    assert output.read_bytes() == Path(shipped_index).read_bytes()  # the command is run(): the same file
     assert "indexed 16 documents, 521 soft tokens, 257 distinct" in out and "median 39.99" in out
     index = load_index(shipped_index)
     # P_train is the official utils.compute_token_frequencies + normalize_token_frequencies
@@ -138,7 +150,9 @@ def test_index_command_on_the_shipped_corpus(shipped_index, tmp_path, capsys):
     assert sorted(s.bci for s in spans) == pytest.approx(sorted(index.window_bci(8)[: len(spans)]), abs=1e-9)
 
 
-def test_index_command_errors(tmp_path):
+def test_index_command_errors(tmp_path, capsys):
+    assert cli("tracealign", "index", str(tmp_path / "missing.txt"), "--output", str(tmp_path / "x")) == 2
+    assert capsys.readouterr().err == f"error: tracealign index: no such corpus file or folder: {tmp_path}/missing.txt\n"
     with pytest.raises(TrlPlusError, match="no such corpus"):
         run_index(index_args(tmp_path / "x", corpus=tmp_path / "missing.txt"))
     bad = tmp_path / "bad.jsonl"
