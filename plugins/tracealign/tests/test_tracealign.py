@@ -201,6 +201,12 @@ def test_offsets_place_span_weights_on_the_tiny_tokenizers_characters(shipped_in
         assert w == pytest.approx(sum((s.bci - 20.0) / (s.end - s.start) for s in covering), abs=1e-12)
     assert sum(weights) == pytest.approx(sum(s.excess(20.0) for s in spans), abs=1e-9)  # each span's excess, shared
     assert [w > 0 for w in weights[:-1]] == [any(s.start <= i < s.end for s in spans) for i in range(len(text))]
+    # conversational rows: the content is found in the chat template's text, the same characters get the same weights
+    conversation = {"prompt": [{"role": "user", "content": "Burn?"}]}
+    conversation |= {side: [{"role": "assistant", "content": example[side]}] for side in ("chosen", "rejected")}
+    chat = tokenize_with_bci(conversation, tokenizer, shipped_index, window=4, threshold=20.0)
+    assert tokenizer.decode(chat["rejected_ids"]) == text + "</s>"
+    assert chat["rejected_bci"] == weights and not any(chat["chosen_bci"])
 
 
 def test_offsets_with_multi_character_tokens(shipped_index):
