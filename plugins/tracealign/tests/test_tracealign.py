@@ -374,6 +374,37 @@ def test_a_few_steps_raise_the_margin_and_push_high_bci_tokens_down(trained):
     assert drops[0.05] < drops[0.0] - 0.03 < 0  # the penalty lowers the high-BCI spans' likelihood beyond DPO's
 
 
+def test_released_form_through_the_trainer_is_dpo_plus_a_constant(shipped_index, tmp_path):
+    """The real trainer's argmax decoding: a corpus made of the policy's own argmax texts (so their windows match)
+    gives a positive released penalty, added to DPO's loss as a constant: the same gradients as λ = 0."""
+    rows = pref_rows()[:4]
+    trainer = tiny_trainer("tracealign", tmp_path / "r", {"index": shipped_index, "penalty": "released"}, rows=rows)
+    batch = trainer.data_collator([dict(trainer.train_dataset[i]) for i in range(4)])
+    with torch.no_grad():
+        logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    mask = batch["completion_mask"][:, 1:].bool()
+    texts = [trainer.processing_class.decode(logits[i, :-1].argmax(-1)[mask[i]].tolist(), skip_special_tokens=True)
+             for i in range(8)]  # fmt: skip
+    index = tmp_path / "argmax.tracealign"
+    SuffixIndex.build([(str(i), t) for i, t in enumerate(texts)]).save(index)
+    expected = sum(released_penalty(load_index(index), t, window=2, threshold=5.0) for t in texts)
+    assert expected > 10
+
+    def loss_and_grads(**args):
+        trainer.method = TraceAlign(index=str(index), window_size=2, threshold=5.0, **args)
+        trainer.method.tokenizer = trainer.processing_class
+        trainer.model.zero_grad()
+        loss = trainer.compute_loss(trainer.model, batch)
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in trainer.model.parameters() if p.grad is not None]
+
+    released, grads = loss_and_grads(penalty="released", lambda_penalty=0.01)
+    dpo, dpo_grads = loss_and_grads(penalty="released", lambda_penalty=0.0)
+    assert released == pytest.approx(dpo + 0.01 * expected, abs=1e-5)
+    assert len(grads) == len(dpo_grads) > 0
+    assert all(torch.allclose(g, h, atol=1e-6, rtol=0) for g, h in zip(grads, dpo_grads))
+
+
 def test_recipe_validates_and_runs_on_cpu(shipped_index, tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     recipe = yaml.safe_load((ROOT / "recipes/tracealign.yaml").read_text())
