@@ -46,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[3]
 CORPUS = ROOT / "recipes/data/tracealign_corpus.jsonl"
 PREFS = ROOT / "recipes/data/tracealign_prefs.jsonl"
 CARD = {"a": 0.1, "b": 0.01, "c": 0.001}
+N = 4  # pairs per batch in the trainer tests
 
 
 def index_args(output, corpus=CORPUS, **kwargs):
@@ -327,14 +328,14 @@ def pref_rows():
 
 @pytest.fixture(scope="module")
 def trained(shipped_index, tmp_path_factory):
-    """The same 8 pairs through two real trainers from the same initial weights, λ = 0.05 and λ = 0 (= DPO): one
+    """The same N = 4 pairs through two real trainers from the same initial weights, λ = 0.05 and λ = 0 (= DPO): one
     batch's loss before training, then 3 optimiser steps each, and each run's rejected-token log-probs before/after."""
     args = {"index": shipped_index, "window_size": 4, "threshold": 20.0}
     runs = {}
     for lam in (0.05, 0.0):
         trainer = tiny_trainer("tracealign", tmp_path_factory.mktemp(f"run{lam}"), {**args, "lambda_penalty": lam},
-                               rows=pref_rows()[:8], max_steps=3)  # fmt: skip
-        examples = [trainer.train_dataset[i] for i in range(8)]
+                               rows=pref_rows()[:N], max_steps=3, training={"per_device_train_batch_size": N})  # fmt: skip
+        examples = [trainer.train_dataset[i] for i in range(N)]
         batch = trainer.data_collator([dict(e) for e in examples])
         with torch.no_grad():
             loss = trainer.compute_loss(trainer.model, batch).item()
@@ -352,13 +353,13 @@ def test_trainer_hands_the_weights_to_the_loss_label_shifted(trained):
     batch = run.batch
     for b, e in enumerate(run.examples):  # the collated column: the prompt's zeros, the weights, −1 padding
         n, m = len(e["prompt_ids"]), len(e["rejected_ids"])
-        row = batch["bci_weight"][8 + b].tolist()
+        row = batch["bci_weight"][N + b].tolist()
         assert row[:n] == [0.0] * n and row[n : n + m] == pytest.approx(e["rejected_bci"], abs=1e-6)
         assert all(v == -1 for v in row[n + m :])
-    assert sum(sum(e["rejected_bci"]) > 0 for e in run.examples) >= 6
+    assert sum(sum(e["rejected_bci"]) > 0 for e in run.examples) >= 3
     # L = L_DPO + λ · mean_b Σ_t w_t log π(y_t): weights of token t+1 meet its log-prob (the label shift)
-    weights = batch["bci_weight"][8:, 1:].clamp(min=0) * batch["completion_mask"][8:, 1:]
-    expected = dpo.loss + 0.05 * (weights * run.before[8:]).sum(-1).mean().item()
+    weights = batch["bci_weight"][N:, 1:].clamp(min=0) * batch["completion_mask"][N:, 1:]
+    expected = dpo.loss + 0.05 * (weights * run.before[N:]).sum(-1).mean().item()
     assert run.loss == pytest.approx(expected, abs=1e-5) and dpo.loss == pytest.approx(math.log(2), abs=1e-6)
 
 
@@ -369,8 +370,8 @@ def test_a_few_steps_raise_the_margin_and_push_high_bci_tokens_down(trained):
     drops = {}
     for lam, run in trained.items():
         batch = run.batch
-        flagged = (batch["bci_weight"][8:, 1:] > 0) & batch["completion_mask"][8:, 1:].bool()
-        drops[lam] = (run.after[8:] - run.before[8:])[flagged].mean().item()
+        flagged = (batch["bci_weight"][N:, 1:] > 0) & batch["completion_mask"][N:, 1:].bool()
+        drops[lam] = (run.after[N:] - run.before[N:])[flagged].mean().item()
     assert drops[0.05] < drops[0.0] - 0.03 < 0  # the penalty lowers the high-BCI spans' likelihood beyond DPO's
 
 
