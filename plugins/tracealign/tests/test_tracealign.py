@@ -372,7 +372,7 @@ def test_a_few_steps_raise_the_margin_and_push_high_bci_tokens_down(trained):
         batch = run.batch
         flagged = (batch["bci_weight"][N:, 1:] > 0) & batch["completion_mask"][N:, 1:].bool()
         drops[lam] = (run.after[N:] - run.before[N:])[flagged].mean().item()
-    assert drops[0.05] < drops[0.0] - 0.03 < 0  # the penalty lowers the high-BCI spans' likelihood beyond DPO's
+    assert drops[0.05] < drops[0.0] - 0.1 < 0  # the penalty lowers the high-BCI spans' likelihood beyond DPO's
 
 
 def test_released_form_through_the_trainer_is_dpo_plus_a_constant(shipped_index, tmp_path):
