@@ -20,7 +20,7 @@ ENTRY_POINT_GROUP = "trl_plus"
 #: ``tests/test_meta.py`` keeps it equal to the folder.
 REPOSITORY_PLUGINS = frozenset({
     "asft", "brain", "curry-dpo", "dove", "egida-safety", "irpo", "is-daa", "ld-dpo", "ln-dpo", "modpo", "redi",
-    "rpo", "sail", "simpo", "srpo", "tars", "tgdpo", "three-d-properties",
+    "rpo", "sail", "simpo", "srpo", "tars", "tgdpo", "three-d-properties", "tracealign",
 })  # fmt: skip
 
 
