@@ -18,8 +18,8 @@ ENTRY_POINT_GROUP = "trl_plus"
 #: The plugins in the trl-plus repository (``plugins/<name>``), for the install hint of an unknown method;
 #: ``tests/test_meta.py`` keeps it equal to the folder.
 REPOSITORY_PLUGINS = frozenset({
-    "asft", "brain", "curry-dpo", "dove", "egida-safety", "irpo", "is-daa", "ld-dpo", "ln-dpo", "modpo", "redi",
-    "rpo", "simpo", "srpo", "tars", "three-d-properties",
+    "aligndistil", "asft", "brain", "curry-dpo", "dove", "egida-safety", "irpo", "is-daa", "ld-dpo", "ln-dpo", "modpo",
+    "redi", "rpo", "simpo", "srpo", "tars", "three-d-properties", "tvkd",
 })  # fmt: skip
 
 

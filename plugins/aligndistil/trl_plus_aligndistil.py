@@ -42,6 +42,8 @@ from trl_plus import (
 #: The frozen sources: recipe blocks ``teachers.dpo`` and ``teachers.rev``.
 DPO_TEACHER, REVERSE_TEACHER = "dpo", "rev"
 BOOST_TYPES = ("aligndistil", "theorem1", "theorem1_contrast", "theorem1_adaptive")
+#: Scored rows per chunk of the no-grad teacher side (a few ``[CHUNK, V]`` float32 tensors alive at once).
+CHUNK = 256
 
 
 class AlignDistilConfig(MethodConfig):
@@ -93,13 +95,29 @@ def teacher_logits(ctx: LossContext):
 def token_losses(policy, dpo, rev, config: AlignDistilConfig):
     """Per scored token ``(ℓ_t, w_t, TVD_t, KL(p_θ ‖ p_d))`` from ``[M, V]`` policy / DPO / reverse-DPO logits.
     Vocabularies of different widths (Qwen's padded heads) are cut to the smallest, as the code cuts the policy's and
-    the DPO model's."""
+    the DPO model's. The teacher side runs without grad in chunks of :data:`CHUNK` rows."""
     import torch
 
     width = min(policy.size(-1), dpo.size(-1), rev.size(-1))
     policy = policy[..., :width]
-    dpo, rev = (x[..., :width].to(policy.dtype) for x in (dpo, rev))
+    if policy.size(0) == 0:
+        empty = policy.new_zeros(0)
+        return empty + policy.sum(-1), empty, empty, empty
+    rows = [_teacher_side(policy[i : i + CHUNK].detach(), dpo[i : i + CHUNK, :width], rev[i : i + CHUNK, :width], config)
+            for i in range(0, policy.size(0), CHUNK)]  # fmt: skip
+    kl, kl_dpo, weight, tvd, coef, grad = (torch.cat(parts) for parts in zip(*rows))
+    # the value KL, the gradient p ⊙ (log p − log q − KL) exactly: autograd through log_softmax adds p·(1 − Σp),
+    # float noise that β / w_t (up to 100) amplifies; this is 0 where p = q, and the graph keeps one [M, V] tensor
+    surrogate = (policy * grad).sum(-1)
+    return coef * (kl + surrogate - surrogate.detach()), weight, tvd, kl_dpo
+
+
+def _teacher_side(policy, dpo, rev, config: AlignDistilConfig):
+    """No grad, on a chunk of rows: KL(p_θ ‖ q), KL(p_θ ‖ p_d), w, TVD, the coefficient and ∂KL/∂z_θ."""
+    import torch
+
     with torch.no_grad():
+        dpo, rev = dpo.to(policy.dtype), rev.to(policy.dtype)
         log_p = torch.log_softmax(policy, -1)
         p = log_p.exp()
         log_pd, log_pr = torch.log_softmax(dpo, -1), torch.log_softmax(rev, -1)
@@ -119,10 +137,7 @@ def token_losses(policy, dpo, rev, config: AlignDistilConfig):
         kl = (p * (log_p - log_q)).sum(-1)
         kl_dpo = (p * (log_p - log_pd)).sum(-1)
         grad = p * (log_p - log_q - kl.unsqueeze(-1))  # ∂ KL(p_θ ‖ q) / ∂ z_θ
-    # the value KL, the gradient p ⊙ (log p − log q − KL) exactly: autograd through log_softmax adds p·(1 − Σp),
-    # float noise that β / w_t (up to 100) amplifies; this is 0 where p = q, and the graph keeps one [M, V] tensor
-    surrogate = (policy * grad).sum(-1)
-    return coef * (kl + surrogate - surrogate.detach()), weight, tvd, kl_dpo
+    return kl, kl_dpo, weight, tvd, coef, grad
 
 
 def tokenize_chosen(example, tokenizer):

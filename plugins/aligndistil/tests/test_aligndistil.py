@@ -205,3 +205,19 @@ def test_clear_errors():
         AlignDistil().loss(ctx)
     with pytest.raises(TrlPlusError, match="rejected"):
         AlignDistil(use_rejected=True).tokenize({"prompt": "a", "chosen": "b"}, None)
+
+
+def test_chunks_of_rows_change_nothing(monkeypatch):
+    import trl_plus_aligndistil
+
+    torch.manual_seed(5)
+    logits = [torch.randn(1, 3, 5, 7) for _ in range(3)]
+    mask = [[[0, 1, 1, 1, 1], [1, 1, 1, 0, 0], [0, 0, 1, 1, 0]]]
+    whole = context(*(x.tolist() for x in logits), mask)
+    AlignDistil().loss(whole).loss.backward()
+    monkeypatch.setattr(trl_plus_aligndistil, "CHUNK", 2)  # 10 scored rows in 5 chunks
+    chunked = context(*(x.tolist() for x in logits), mask)
+    out = AlignDistil().loss(chunked)
+    out.loss.backward()
+    assert out.loss.item() == pytest.approx(AlignDistil().loss(whole).loss.item(), rel=1e-6)
+    assert torch.allclose(chunked.test_logits.grad, whole.test_logits.grad, atol=1e-8)
