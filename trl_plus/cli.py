@@ -316,7 +316,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference-free", action="store_true", help="the method needs no reference model")
     p.add_argument("--root", default=".", metavar="DIR", help="the repository root to write into (default: .)")
     p.set_defaults(func=cmd_new)
+    _add_plugin_commands(sub, common)
     return parser
+
+
+def _add_plugin_commands(sub, common: argparse.ArgumentParser) -> None:
+    """The installed plugins' commands (the ``register_commands`` hook): ``trl-plus sail localize ...``; two-word
+    commands share a group parser per first word. A plugin that fails to import adds none (``trl-plus list`` names
+    it)."""
+    from .registry import get_registry
+
+    groups: dict[str, Any] = {}
+    for name, command in sorted(get_registry().commands.items()):
+        words = name.split()
+        if len(words) == 1:
+            parser = sub.add_parser(name, parents=[common], help=f"{command.help} [{_distribution(command.source)}]")
+        else:
+            if words[0] not in groups:
+                group = sub.add_parser(words[0], parents=[common], help=f"{words[0]} plugin commands: "
+                                       + ", ".join(w.split()[1] for w in get_registry().commands
+                                                   if w.split()[0] == words[0]))  # fmt: skip
+                groups[words[0]] = group.add_subparsers(dest="plugin_command", required=True, metavar="COMMAND")
+            parser = groups[words[0]].add_parser(words[1], parents=[common], help=command.help)
+        command.add_arguments(parser)
+        parser.set_defaults(func=command.run)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,6 +20,8 @@ from pydantic import (
     PositiveInt,
     PrivateAttr,
     ValidationError,
+    field_validator,
+    model_validator,
 )
 
 from .errors import TrlPlusError, did_you_mean
@@ -40,8 +42,34 @@ class QuantizationSpec(_Block):
     compute_dtype: Dtype = "bfloat16"
 
 
+def parse_layers(value: Any) -> Any:
+    """``"19-23,24,25"`` -> ``[19, 20, 21, 22, 23, 24, 25]`` (ranges inclusive, sorted, no repeats); a list of
+    numbers or ranges is read the same way; anything else is left for the schema to reject."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    if isinstance(value, str):
+        value = [part for part in value.replace(" ", "").split(",") if part]
+    if not isinstance(value, list):
+        return value
+    layers: set[int] = set()
+    for part in value:
+        if isinstance(part, int) and not isinstance(part, bool):
+            layers.add(part)
+            continue
+        text = str(part).strip()
+        first, dash, last = text.partition("-")
+        if not (first.isdigit() and (not dash or last.isdigit())):
+            raise ValueError(f"{text!r} is not a layer number or a range like 19-23 (write e.g. \"19-23,24,25\")")
+        low, high = int(first), int(last) if dash else int(first)
+        if high < low:
+            raise ValueError(f"the range {text!r} runs backwards: write {high}-{low}")
+        layers.update(range(low, high + 1))
+    return sorted(layers)
+
+
 class LoraSpec(_Block):
-    """LoRA adapters; ``layers`` restricts them to those decoder layers (SAIL-style layer-targeted LoRA)."""
+    """LoRA adapters; ``layers`` restricts them to those decoder layers (SAIL-style layer-targeted LoRA), as numbers
+    or ranges: ``[19, 20, 21]`` or ``"19-21"`` or ``"19-23,24,25"``."""
 
     r: PositiveInt = 16
     alpha: float = 32
@@ -49,6 +77,8 @@ class LoraSpec(_Block):
     target_modules: list[str] | str = "all-linear"
     layers: list[int] | None = None
     modules_to_save: list[str] | None = None
+
+    _parse_layers = field_validator("layers", mode="before")(classmethod(lambda cls, value: parse_layers(value)))
 
 
 class ModelSpec(_Block):
@@ -79,12 +109,28 @@ class ReferenceSpec(_Block):
 
 
 class TeacherSpec(_Block):
-    """A frozen teacher model for methods that need one."""
+    """A frozen teacher (``teachers.<name>``, or the one ``teacher:`` block): a model (``name_or_path``, loaded
+    frozen: its own ``dtype`` and ``quantization``) or a LoRA ``adapter`` folder loaded frozen onto the policy's own
+    base (its bytes, not a second base: the policy needs ``model.lora``). ``mode: precomputed`` computes its label
+    log-probs / top-k once before training into cached columns (``$TRL_PLUS_CACHE/columns``, reused by later runs
+    on the same data and weights); ``live`` runs it at every step."""
 
-    name_or_path: str
+    name_or_path: str | None = None
+    adapter: str | None = None
     gguf_file: str | None = None
     dtype: Dtype = "auto"
     quantization: QuantizationSpec | None = None
+    mode: Literal["live", "precomputed"] = "live"
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TeacherSpec:
+        if (self.name_or_path is None) == (self.adapter is None):
+            raise ValueError("give one of name_or_path (a model) or adapter (a LoRA adapter folder on the policy's "
+                             "base)")  # fmt: skip
+        if self.adapter is not None and (self.quantization is not None or self.gguf_file is not None):
+            raise ValueError("an adapter teacher rides the policy's base (its quantization): drop quantization and "
+                             "gguf_file here")  # fmt: skip
+        return self
 
 
 class DataSource(_Block):
@@ -125,13 +171,26 @@ class Recipe(_Block):
     method_args: dict[str, Any] = Field(default_factory=dict)
     model: ModelSpec
     reference: ReferenceSpec = Field(default_factory=ReferenceSpec)
-    teacher: TeacherSpec | None = None
+    teacher: TeacherSpec | None = None  # the teacher of a method with one (``teachers: {teacher: ...}``)
+    teachers: dict[str, TeacherSpec] = Field(default_factory=dict)
     data: DataSpec
     stages: StagesSpec | None = None
     training: dict[str, Any] = Field(default_factory=dict)
 
     _source: str = PrivateAttr("<recipe>")  # the file it came from
     _overridden: tuple[str, ...] = PrivateAttr(())  # key paths set by --set
+
+    @model_validator(mode="after")
+    def _one_teacher_block(self) -> Recipe:
+        if self.teacher is not None and "teacher" in self.teachers:
+            raise ValueError("the teacher is given twice, as teacher: and as teachers.teacher: keep one")
+        return self
+
+    def teacher_blocks(self) -> list[tuple[str, str, TeacherSpec]]:
+        """``(key path, teacher name, spec)`` of every teacher: ``("teacher", "teacher", ...)`` for the one-teacher
+        block, ``("teachers.guide", "guide", ...)`` for named ones."""
+        blocks = [("teacher", "teacher", self.teacher)] if self.teacher is not None else []
+        return blocks + [(f"teachers.{name}", name, spec) for name, spec in self.teachers.items()]
 
 
 def _format_loc(loc: tuple) -> str:
@@ -165,7 +224,7 @@ def explain(error: ValidationError, source: str, prefix: tuple = (), model: type
         elif err["type"] == "missing":
             lines.append(f"{where}: required key is missing")
         else:
-            lines.append(f"{where}: {err['msg']} (got {err.get('input')!r})")
+            lines.append(f"{where}: {err['msg'].removeprefix('Value error, ')} (got {err.get('input')!r})")
     return "\n".join(dict.fromkeys(lines))
 
 
@@ -261,8 +320,11 @@ def load_recipe(source: str | Path | dict[str, Any], overrides: list[str] | None
             spec = getattr(recipe.data, split)
             if spec is not None and not is_overridden(f"data.{split}.path", overridden):
                 spec.path = relative_to_recipe(spec.path, folder)
-        for key, spec in (("model", recipe.model), ("reference", recipe.reference), ("teacher", recipe.teacher)):
-            for name in ("name_or_path", "gguf_file"):
+        blocks = [("model", recipe.model), ("reference", recipe.reference)]
+        for key, _, spec in recipe.teacher_blocks():
+            blocks.append((key, spec))
+        for key, spec in blocks:
+            for name in ("name_or_path", "gguf_file", "adapter"):
                 value = getattr(spec, name, None) if spec is not None else None
                 if value and not is_overridden(f"{key}.{name}", overridden):
                     setattr(spec, name, relative_to_recipe(value, folder))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 
@@ -34,6 +35,21 @@ class BrokenPlugin:
     stage: str = "import"  # what failed: "import" (loading its module) or "register its methods" (its hooks)
 
 
+@dataclass(frozen=True)
+class PluginCommand:
+    """A ``trl-plus`` subcommand a plugin added (the ``register_commands`` hook)."""
+
+    name: str  # "sail localize": the first word groups a plugin's commands
+    help: str
+    add_arguments: Callable
+    run: Callable
+    source: str
+
+
+#: The core's own commands: a plugin command may not take their names.
+CORE_COMMANDS = frozenset({"list", "plugins", "show", "validate", "train", "estimate", "eval", "report", "merge", "new"})
+
+
 class DuplicateRegistration(TrlPlusError):
     """Two plugins register the same method or alias name (both are named)."""
 
@@ -51,6 +67,7 @@ class Registry:
     aliases: dict[str, ModelAlias] = field(default_factory=dict)
     broken: dict[str, BrokenPlugin] = field(default_factory=dict)
     conflicts: dict[str, list[str]] = field(default_factory=dict)  # method name -> the two plugins that register it
+    commands: dict[str, PluginCommand] = field(default_factory=dict)  # "sail localize" -> its command
     plugin_manager: pluggy.PluginManager | None = None
 
     # -- registration ---------------------------------------------------------------------------------------
@@ -71,6 +88,20 @@ class Registry:
                                f" and by {source}")
         self.aliases[alias.name] = ModelAlias(alias.name, alias.description, alias.build, source)
 
+    def _register_command(self, name: str, help: str, add_arguments: Callable, run: Callable, source: str) -> None:
+        words = name.split()
+        if not 1 <= len(words) <= 2 or not all(w.replace("-", "").isalnum() for w in words):
+            raise TypeError(f"{source}: a command name is one or two words of letters, digits and dashes, not {name!r}")
+        if words[0] in CORE_COMMANDS:
+            raise TrlPlusError(f"command {name!r} of {source} takes the name of the core's `trl-plus {words[0]}`")
+        name = " ".join(words)
+        clash = self.commands.get(name) or next((c for c in self.commands.values()
+                                                if (len(c.name.split()) == 1) != (len(words) == 1)
+                                                and c.name.split()[0] == words[0]), None)  # fmt: skip
+        if clash is not None:
+            raise DuplicateRegistration("command", name, [clash.source, source])
+        self.commands[name] = PluginCommand(name, help, add_arguments, run, source)
+
     def add_plugin(self, plugin: object, name: str, source: str) -> None:
         """Register one plugin object (a module or an object with hook implementations) and run its hooks."""
         pm = self.plugin_manager
@@ -79,6 +110,8 @@ class Registry:
         others = [p for p in pm.get_plugins() if p is not plugin]
         caller("register_methods", others)(register=lambda m: self._register_method(m, source))
         caller("register_model_aliases", others)(register=lambda a: self._register_alias(a, source))
+        caller("register_commands", others)(
+            register=lambda n, h, add, run: self._register_command(n, h, add, run, source))
 
     def remove_plugin(self, name: str) -> None:
         """Unregister a plugin and forget the methods and aliases it registered (used by tests)."""
@@ -90,6 +123,8 @@ class Registry:
             self.sources.pop(method_name, None)
         for alias in [a for a, v in self.aliases.items() if v.source == name or v.source.endswith(f"({name})")]:
             self.aliases.pop(alias)
+        for command in [c for c, v in self.commands.items() if v.source == name or v.source.endswith(f"({name})")]:
+            self.commands.pop(command)
 
     # -- lookup ---------------------------------------------------------------------------------------------
     def get(self, name: str) -> type[Method]:

@@ -28,7 +28,8 @@ from .registry import get_registry
 __all__ = [
     "CPU_OVERRIDES", "build_model", "build_tokenizer", "cli", "forbid_reference", "logits_head", "make_context",
     "perturb",
-    "preference_rows", "registered", "run_recipe_on_cpu", "save_tiny_model", "tiny_trainer", "train_tiny",
+    "preference_rows", "registered", "run_recipe_on_cpu", "save_tiny_adapter", "save_tiny_model", "tiny_trainer",
+    "train_tiny",
     "training_logs", "write_jsonl",
 ]  # fmt: skip
 
@@ -84,14 +85,20 @@ def logits_head(logits):
 
 
 @contextlib.contextmanager
-def registered(*methods: type[Method], name: str = "test-plugin") -> Iterator[None]:
-    """Register ``methods`` as if a plugin called ``name`` had, and unregister them afterwards."""
+def registered(*methods: type[Method], name: str = "test-plugin", commands: Sequence[tuple] = ()) -> Iterator[None]:
+    """Register ``methods`` (and ``commands``: ``(name, help, add_arguments, run)`` tuples, as the
+    ``register_commands`` hook takes them) as if a plugin called ``name`` had, and unregister them afterwards."""
 
     class _Plugin:
         @hookimpl
         def register_methods(self, register):
             for method in methods:
                 register(method)
+
+        @hookimpl
+        def register_commands(self, register):
+            for command in commands:
+                register(*command)
 
     registry = get_registry()
     registry.add_plugin(_Plugin(), name=name, source=name)
@@ -235,6 +242,21 @@ def run_recipe_on_cpu(recipe: str | Path, output_dir: str | Path, *overrides: st
     check_recipe(load_recipe(recipe, ["data.train.path=recipes/data/quickstart_prefs.jsonl", "data.eval=null"]))
     extra = ["model.lora.layers=null"] if (load_recipe(recipe).model.lora or None) is not None else []
     return train(recipe, [*CPU_OVERRIDES, *extra, f"training.output_dir={output_dir}", *overrides])
+
+
+def save_tiny_adapter(base_dir: str | Path, directory: str | Path, seed: int = 1, r: int = 4) -> str:
+    """A LoRA adapter (random, non-zero: it changes the outputs) on the saved model ``base_dir``, written to
+    ``directory`` as a LoRA run saves it: a teacher adapter for ``Teacher(adapter=...)`` / ``teachers.<name>.adapter``
+    tests. Returns the path."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", init_lora_weights=False)
+    get_peft_model(base, config).save_pretrained(directory)
+    return str(directory)
 
 
 def cli(*argv: str) -> int:

@@ -141,7 +141,8 @@ class FieldCollation:
     tensors on the collated rows' shifted completion mask. Other attributes (``sequences``, ``side_names``) are the
     wrapped collator's."""
 
-    #: Compact per-token columns scattered onto the shifted completion mask (the precomputed reference).
+    #: Compact per-token columns scattered onto the shifted completion mask: the precomputed reference (the trainer
+    #: adds precomputed teachers' columns, ``trl_plus.trainers.sources.teacher_columns``).
     token_columns: tuple[str, ...] = ("ref_token_logps",)
 
     def __init__(self, collator: Callable, needs: Any):
@@ -176,17 +177,24 @@ class FieldCollation:
         return batch
 
     @staticmethod
-    def _scatter(batch: dict[str, Any], per_example: list[list[list[float]]]) -> torch.Tensor:
-        """Per example, per real sequence, per scored token -> ``[N, T]`` on the rows' shifted completion mask."""
+    def _scatter(batch: dict[str, Any], per_example: list[list[list]]) -> torch.Tensor:
+        """Per example, per real sequence, per scored token a value (or a list of ``k``: top-k columns) ->
+        ``[N, T]`` (``[N, T, k]``) on the rows' shifted completion mask; integer columns (token ids) are ``-1``
+        elsewhere, float columns ``0``."""
         shift_mask = batch["completion_mask"][:, 1:].bool()
         size = len(per_example)
         slots = batch.get(SEQUENCE_SLOTS)
         places = slots.tolist() if slots is not None else range(shift_mask.size(0))
         flat = [value for slot in places for value in per_example[slot % size][slot // size]]
-        values = torch.tensor(flat, dtype=torch.float32)
-        if values.numel() != int(shift_mask.sum()):
+        values = torch.tensor(flat)
+        if values.is_floating_point():
+            values = values.float()
+        if values.size(0) != int(shift_mask.sum()):
             raise RuntimeError("precomputed per-token values do not match the collated completion tokens")
-        return torch.zeros(shift_mask.shape).masked_scatter(shift_mask, values)
+        fill = 0 if values.is_floating_point() else -1
+        out = values.new_full((*shift_mask.shape, *values.shape[1:]), fill)
+        out[shift_mask] = values
+        return out
 
 
 def _present(examples: list[dict[str, Any]], name: str) -> bool:

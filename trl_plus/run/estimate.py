@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..config import ModelSpec, QuantizationSpec, Recipe, locate
@@ -411,6 +412,20 @@ def frozen_model_line(name: str, spec: ModelSpec | Any, key: str) -> Line:
     return Line(name, quantized + rest, f"frozen copy: {note}")
 
 
+def teacher_line(name: str, spec: Any, key: str) -> Line:
+    """A teacher's weights on the accelerator during training: a frozen model's, an adapter's file (on the policy's
+    base: no second base), or nothing when its outputs are precomputed columns."""
+    label = f"teacher {name} ({'adapter' if spec.adapter else spec.mode})"
+    if spec.mode == "precomputed":
+        return Line(label, 0, "precomputed into cached columns before training (loaded then, freed after)")
+    if spec.adapter is not None:
+        files = list(Path(spec.adapter).expanduser().glob("adapter_model.*"))
+        size = sum(f.stat().st_size for f in files)
+        return Line(label, size, "a frozen LoRA adapter on the policy's base: its file's bytes"
+                    + ("" if files else " (no adapter file yet: 0)"))  # fmt: skip
+    return frozen_model_line(label, spec, key)
+
+
 def estimate(recipe: Recipe, sequences: int | None = None, prompt_tokens: int = 0) -> Estimate:
     """Predict the peak accelerator memory of training ``recipe`` (see the module doc for every rule).
 
@@ -489,8 +504,8 @@ def estimate(recipe: Recipe, sequences: int | None = None, prompt_tokens: int = 
         lines.append(Line(f"reference ({mode})", 0, {"adapter": "the policy with its adapter switched off",
                                                      "precomputed": "log-probs computed before training",
                                                      "none": "no reference"}[mode]))  # fmt: skip
-    if recipe.teacher is not None:
-        lines.append(frozen_model_line("teacher", recipe.teacher, "teacher"))
+    for key, name, teacher in recipe.teacher_blocks():
+        lines.append(teacher_line(name, teacher, key))
 
     setup = {
         "model": f"{shapes.layers} layers, hidden {shapes.hidden}, vocab {shapes.vocab}",

@@ -3,6 +3,7 @@ files are those of ``trl_plus.run.rundir``)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from dataclasses import dataclass, field
@@ -22,7 +23,8 @@ from ..models.load import (
     resolve_model_path,
 )  # fmt: skip
 from ..trainers import trainer_class
-from ..trainers.frozen import resolve_reference_mode
+from ..trainers.columns import folder_identity
+from ..trainers.frozen import Teacher, resolve_reference_mode
 from ..trainers.guard import last_checkpoint
 from ..trainers.stages import run_stages
 from .card import complete_model_card
@@ -128,16 +130,18 @@ def build_trainer(recipe: Recipe, callbacks: list | None = None):
                 quantization=recipe.model.quantization,
             )
         ref_model = load_model(ref_spec, trainable=False, key="reference")
-    teacher_model = None
-    if recipe.teacher is not None:
-        teacher_model = load_model(recipe.teacher, trainable=False, key="teacher")
+    reference_identity = None
+    if mode == "precomputed":  # the column cache names the reference by its files, not by a hash of its weights
+        spec = ref_spec if ref_model is not None else recipe.model
+        reference_identity = model_identity(spec, "reference" if ref_model is not None else "model")
     trainer = trainer_cls(
         model,
         ref_model=ref_model,
         args=args,
         method=method,
         reference_mode=mode,
-        teacher_model=teacher_model,
+        teachers=build_teachers(recipe, tokenizer),
+        reference_identity=reference_identity,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
@@ -150,6 +154,46 @@ def build_trainer(recipe: Recipe, callbacks: list | None = None):
     )
     trainer.stages = stages  # None: one plain train()
     return trainer
+
+
+def model_identity(spec, key: str) -> str:
+    """A model's identity in the column cache: its folder (path + weight-file digests), dtype and quantization."""
+    quantization = getattr(spec, "quantization", None)
+    return folder_identity(resolve_model_path(spec.name_or_path, spec.gguf_file, key), dtype=spec.dtype,
+                           quantization=quantization.model_dump() if quantization else None,
+                           revision=getattr(spec, "revision", None), gguf_file=spec.gguf_file)  # fmt: skip
+
+
+def build_teachers(recipe: Recipe, tokenizer) -> dict[str, Teacher]:
+    """The recipe's teachers as :class:`~trl_plus.Teacher` s: a live model loaded now, a precomputed one loaded
+    only if its columns are not cached, an adapter by its folder; each model's tokenizer checked against the
+    policy's first."""
+    teachers = {}
+    for key, name, spec in recipe.teacher_blocks():
+        where = f"{recipe_source(recipe)}: {key}"
+        if spec.adapter is not None:
+            teachers[name] = Teacher(adapter=spec.adapter, mode=spec.mode, identity=folder_identity(spec.adapter))
+            continue
+        path = resolve_model_path(spec.name_or_path, spec.gguf_file, key)
+        check_same_tokenizer(load_tokenizer(spec.name_or_path, gguf_file=spec.gguf_file), tokenizer, where)
+        load = functools.partial(load_model, spec, trainable=False, key=key)
+        teachers[name] = Teacher(model=load if spec.mode == "precomputed" else load(), mode=spec.mode,
+                                 identity=model_identity(spec, key) if Path(path).exists() else None)  # fmt: skip
+    return teachers
+
+
+def check_same_tokenizer(theirs, ours, where: str) -> None:
+    """A teacher scores the policy's tokens, so its vocabulary must be the policy's: one line naming the first
+    token that differs."""
+    a, b = theirs.get_vocab(), ours.get_vocab()
+    if a == b:
+        return
+    differing = sorted(set(a.items()) ^ set(b.items()), key=lambda item: item[1])
+    token, _ = differing[0]
+    detail = (f"{token!r} is {a[token] if token in a else 'absent'} in the teacher's and "
+              f"{b[token] if token in b else 'absent'} in the policy's")  # fmt: skip
+    raise TrlPlusError(f"{where}: the teacher's tokenizer differs from the policy's ({len(a)} vs {len(b)} tokens; "
+                       f"{detail}): a teacher must share the policy's tokenizer")  # fmt: skip
 
 
 def base_model_name(spec: ModelSpec) -> str:

@@ -31,7 +31,7 @@ from ..models.cache import gguf_problem
 from ..models.load import load_tokenizer
 from ..registry import get_registry
 from ..trainers import check_trainer_kind
-from ..trainers.frozen import resolve_reference_mode
+from ..trainers.frozen import HIDDEN_KINDS, resolve_reference_mode
 from ..trainers.guard import NAN_POLICIES
 from .rundir import check_run_owner
 
@@ -234,12 +234,13 @@ def check_recipe(recipe: Recipe):
     model_paths = [("model.name_or_path", recipe.model.name_or_path)]
     if recipe.reference.name_or_path:
         model_paths.append(("reference.name_or_path", recipe.reference.name_or_path))
-    if recipe.teacher:
-        model_paths.append(("teacher.name_or_path", recipe.teacher.name_or_path))
+    teachers = {key: spec for key, _, spec in recipe.teacher_blocks()}
+    model_paths += [(f"{key}.name_or_path", spec.name_or_path) for key, spec in teachers.items() if spec.name_or_path]
     for key, path in model_paths:
         if path in registry.aliases or not looks_local(path):
             continue
-        spec = recipe.model if key == "model.name_or_path" else getattr(recipe, key.split(".")[0])
+        block = key.rsplit(".", 1)[0]
+        spec = teachers[block] if block in teachers else getattr(recipe, block)
         folder = Path(path).expanduser()
         if not folder.is_dir():
             raise TrlPlusError(
@@ -250,8 +251,9 @@ def check_recipe(recipe: Recipe):
         if gguf is None and not any((folder / f).is_file() for f in ("config.json", "adapter_config.json")):
             raise TrlPlusError(f"{locate(recipe, key)}: {folder.resolve()} has no config.json, so it is not a "
                                "transformers model folder: give the folder save_pretrained wrote (or set "
-                               f"{key.split('.')[0]}.gguf_file for a GGUF file in it)")  # fmt: skip
-    for key, spec in (("model", recipe.model), ("reference", recipe.reference), ("teacher", recipe.teacher)):
+                               f"{block}.gguf_file for a GGUF file in it)")  # fmt: skip
+    check_teacher_blocks(recipe, method, teachers)
+    for key, spec in (("model", recipe.model), ("reference", recipe.reference), *teachers.items()):
         gguf = getattr(spec, "gguf_file", None) if spec is not None else None
         candidates = [Path(gguf).expanduser()] if gguf else []
         if gguf and getattr(spec, "name_or_path", None):
@@ -264,8 +266,6 @@ def check_recipe(recipe: Recipe):
             raise TrlPlusError(f"{locate(recipe, key + '.path')}: no such file: {spec.path} (looked for "
                                f"{looked_for(recipe, key + '.path', spec.path)}; a relative path in a recipe is read "
                                "from the recipe's folder, then from the working directory)")  # fmt: skip
-    if method.needs.teacher and recipe.teacher is None:
-        raise TrlPlusError(f"{source}: teacher: method {method.name!r} needs a teacher model (teacher.name_or_path)")
     output_dir = training.get("output_dir", default_output_dir(method))
     try:
         if not overwrite:  # train clears the folder first (trl_plus.run.rundir.clear_run_dir)
@@ -281,6 +281,37 @@ def check_recipe(recipe: Recipe):
     except TrlPlusError as exc:
         raise TrlPlusError(f"{source}: {exc}") from None
     return method, training
+
+
+def check_teacher_blocks(recipe: Recipe, method, teachers: dict[str, Any]) -> None:
+    """The teachers a method needs are there (by name), no others; adapters are adapter folders on a LoRA policy;
+    ``mode: precomputed`` only for what columns can hold (label log-probs, top-k)."""
+    wanted = method.needs.frozen_sources()
+    if method.needs.teacher:
+        wanted.setdefault("teacher", ("logps",))
+    given = {name: (key, spec) for key, name, spec in recipe.teacher_blocks()}
+    for name in wanted:
+        if name not in given:
+            block = "teacher" if name == "teacher" and not recipe.teachers else f"teachers.{name}"
+            raise TrlPlusError(f"{recipe_source(recipe)}: {block}: method {method.name!r} needs a teacher named "
+                               f"{name!r} ({block}.name_or_path: a model, or {block}.adapter: a LoRA adapter on the "
+                               "policy's base)")  # fmt: skip
+    for name, (key, spec) in given.items():
+        if name not in wanted:
+            hint = did_you_mean(name, list(wanted)) or f" (it uses: {', '.join(wanted) or 'none'})"
+            raise TrlPlusError(f"{locate(recipe, key)}: method {method.name!r} uses no teacher named {name!r}{hint}")
+        if spec.adapter is not None:
+            if recipe.model.lora is None:
+                raise TrlPlusError(f"{locate(recipe, key + '.adapter')}: a frozen adapter rides the policy's own LoRA "
+                                   "base: set model.lora, or load the teacher as a model (name_or_path)")
+            folder = Path(spec.adapter).expanduser()
+            if not (folder / "adapter_config.json").is_file():
+                raise TrlPlusError(f"{locate(recipe, key + '.adapter')}: {spec.adapter} is not a LoRA adapter folder "
+                                   f"(no adapter_config.json; looked for {looked_for(recipe, key + '.adapter', spec.adapter)})")
+        if spec.mode == "precomputed" and any(kind in HIDDEN_KINDS for kind in wanted[name]):
+            raise TrlPlusError(f"{locate(recipe, key + '.mode')}: precomputed columns hold label log-probs and top-k "
+                               f"only; method {method.name!r} reads {name!r}'s logits or hidden states at every step: "
+                               "use mode: live")  # fmt: skip
 
 
 def looked_for(recipe: Recipe, key: str, path: str) -> str:

@@ -17,6 +17,8 @@ REFERENCE_MODES = ("auto", "model", "adapter", "precomputed", "none")
 #: The dataset column (and batch key) holding precomputed reference per-token log-probs (one of
 #: ``FieldCollation.token_columns``).
 REF_COLUMN = "ref_token_logps"
+#: Output kinds read from a source's final hidden states at every step (never precomputed: ``[M, V]`` per step).
+HIDDEN_KINDS = ("logits", "hidden_states")
 
 
 def resolve_reference_mode(method: Method, mode: str, is_peft: bool, has_ref_model: bool) -> str:

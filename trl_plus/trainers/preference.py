@@ -10,27 +10,24 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.utils import is_peft_model, tqdm
-from datasets import Dataset, IterableDataset, concatenate_datasets
-from datasets.fingerprint import Hasher
-from torch.utils.data import DataLoader
+from accelerate.utils import is_peft_model
+from datasets import Dataset
 from transformers import AutoTokenizer
 from trl import DPOConfig, DPOTrainer
 from trl.trainer.utils import (
-    add_fused_lm_head,
     get_config_model_id,
     selective_log_softmax,
     use_adapter,
 )
 
-from ..contract import LossContext, Method
+from ..contract import FrozenOutputs, LossContext, Method
 from ..data.collate import (
     SEQ_MASK,
     SEQUENCE_SLOTS,
@@ -56,6 +53,7 @@ from ..registry import get_method
 from .adapters import REFERENCE_ADAPTER, active_adapter, copy_adapter
 from .frozen import REF_COLUMN, resolve_reference_mode
 from .guard import GuardMixin
+from .sources import FrozenSourcesMixin, needs_hidden
 
 logger = logging.getLogger(__name__)
 
@@ -118,19 +116,7 @@ def method_section(method: Method) -> str:
     return "\n".join(lines) + "\n"
 
 
-def per_example_lists(batch: Mapping[str, Any], per_row: list, num_sequences: int) -> list[list]:
-    """Per-row values of a collated batch -> per example, its real sequences' values in ``k`` order (the layout of
-    precomputed columns, which :class:`~trl_plus.data.collate.FieldCollation` scatters back)."""
-    slots = batch.get(SEQUENCE_SLOTS)
-    size = len(per_row) // num_sequences if slots is None else batch[SEQ_MASK].size(1)
-    places = range(len(per_row)) if slots is None else slots.tolist()
-    examples: list[list] = [[] for _ in range(size)]
-    for slot, values in sorted(zip(places, per_row), key=lambda item: item[0]):
-        examples[slot % size].append(values)
-    return examples
-
-
-class PlusTrainer(GuardMixin, DPOTrainer):
+class PlusTrainer(GuardMixin, FrozenSourcesMixin, DPOTrainer):
     """TRL's ``DPOTrainer`` driven by a method plugin.
 
     Build it exactly like ``DPOTrainer`` plus ``method`` (a registered name, a :class:`~trl_plus.Method` class or
@@ -156,6 +142,8 @@ class PlusTrainer(GuardMixin, DPOTrainer):
         method_args: Mapping[str, Any] | None = None,
         reference_mode: str = "auto",
         teacher_model=None,
+        teachers: Mapping[str, Any] | None = None,
+        reference_identity: str | None = None,
         data_collator=None,
         processing_class=None,
         peft_config=None,
@@ -167,10 +155,6 @@ class PlusTrainer(GuardMixin, DPOTrainer):
         self.method = resolve_method(method, method_args)
         if packing and not prefix_sharing:
             raise TrlPlusError("training.packing packs prefix-shared blocks: set training.prefix_sharing: true too")
-        # full logits or hidden states are the plain rows' (a method that asks for them keeps the plain path)
-        needs_plain = self.method.needs.logits or self.method.needs.hidden_states
-        self.prefix_sharing, self.packing = prefix_sharing and not needs_plain, packing and not needs_plain
-        self._shared = (None, None)
         if self.method.trainer != "preference":
             raise TrlPlusError(
                 f"method {self.method.name!r} runs on a {self.method.trainer!r} trainer, not on PlusTrainer"
@@ -203,8 +187,15 @@ class PlusTrainer(GuardMixin, DPOTrainer):
             raise TrlPlusError(f"method {self.method.name!r} runs without a reference; do not pass ref_model")
         if self.reference_mode == "model" and ref_model is None and not isinstance(model, str):
             ref_model = copy.deepcopy(model).eval().requires_grad_(False)  # the initial policy, frozen
-        if self.method.needs.teacher and teacher_model is None:
-            raise TrlPlusError(f"method {self.method.name!r} needs a teacher model (recipe block `teacher:`)")
+        self._check_teachers(teachers, teacher_model, will_be_peft)
+        self.reference_identity = reference_identity
+        # full logits or hidden states are the plain rows' (a method or a live teacher that reads them keeps the
+        # plain path)
+        needs = self.method.needs
+        needs_plain = needs.logits or needs.hidden_states or needs.scored_logits or any(
+            needs_hidden(self.teacher_kinds[name]) for name, t in self.teachers.items() if t.mode == "live")
+        self.prefix_sharing, self.packing = prefix_sharing and not needs_plain, packing and not needs_plain
+        self._shared = (None, None)
 
         self.method.tokenizer = tokenizer  # for collators that need vocabulary facts (special ids, vocab size)
         if data_collator is None:
@@ -231,10 +222,7 @@ class PlusTrainer(GuardMixin, DPOTrainer):
         self.ld_alpha = None  # TRL's loss options are unused: the method owns the loss
         self.beta = getattr(self.method.config, "beta", None)
 
-        self.teacher_model = teacher_model
-        if teacher_model is not None:
-            add_fused_lm_head(teacher_model)
-            self.teacher_model = self.accelerator.prepare_model(teacher_model, evaluation_mode=True)
+        self._attach_teachers()
         self._report_truncation()
 
     def create_model_card(self, model_name=None, dataset_name=None, tags=None):
@@ -301,7 +289,8 @@ class PlusTrainer(GuardMixin, DPOTrainer):
         if self._signature_columns is None:
             needs = self.method.needs
             lists = (spec.name for spec in needs.lists)
-            columns = (*self.method.tokenized_columns, *needs.fields, *needs.optional_fields, *lists, REF_COLUMN)
+            columns = (*self.method.tokenized_columns, *needs.fields, *needs.optional_fields, *lists, REF_COLUMN,
+                       *getattr(self, "_teacher_columns", ()))
             self._signature_columns = list(dict.fromkeys(columns))
 
     # -- frozen models --------------------------------------------------------------------------------------
@@ -376,12 +365,18 @@ class PlusTrainer(GuardMixin, DPOTrainer):
             return self.frozen_token_logps(self.model, inputs, adapter_off=is_peft_model(self.model))
         return self.frozen_token_logps(self.ref_model, inputs)
 
+    @property
+    def teacher_model(self) -> Any:
+        """The live model of the teacher named ``teacher`` (``Needs(teacher=True)``), if any."""
+        return self.teacher_models.get("teacher")
+
     def teacher_outputs(self, inputs: Mapping[str, Any]) -> Any:
-        """The teacher hook: the method's override, else the teacher's ``[K, B, T]`` per-token log-probs."""
+        """The teacher hook: the method's override, else the teacher's ``[K, B, T]`` per-token log-probs (a model, an
+        adapter or precomputed columns)."""
         custom = self.method.teacher(self, inputs)
         if custom is not None:
             return custom
-        return self.to_grid(inputs, self.frozen_token_logps(self.teacher_model, inputs))
+        return self.frozen_outputs("teacher", inputs).logps
 
     def num_sequences(self, inputs: Mapping[str, Any]) -> int:
         """``K`` of this batch: the collator's ``seq_mask`` rows (variable K), else the method's constant."""
@@ -404,41 +399,15 @@ class PlusTrainer(GuardMixin, DPOTrainer):
         return rows.view(num_sequences, -1, *rows.shape[1:])
 
     def _precompute_ref_logps(self, dataset: Dataset, name: str, batch_size: int) -> Dataset:
+        """TRL's hook for ``precompute_ref_log_probs``: the reference's columns from the column cache
+        (:mod:`trl_plus.trainers.columns`), keyed by the data and the reference's identity, not by the run's
+        arguments, so another ``output_dir``, learning rate or method reuses them."""
         if self.reference_mode != "precomputed":
             return dataset  # reference-free construction path (see __init__)
-        if isinstance(dataset, IterableDataset):
-            raise TrlPlusError("reference.mode: precomputed needs a map-style dataset, not a streaming one")
-        fingerprint = Hasher.hash((dataset._fingerprint, self._precompute_model_hash, "trl-plus",
-                                   self.method.sequences_per_example))  # fmt: skip
-        cache_file = dataset._get_cache_file_path(fingerprint)
-        if not os.path.exists(cache_file):
-            model = self.ref_model or self.model
-            adapter_off = self.ref_model is None and is_peft_model(self.model)
-            rows = self._reference_rows(dataset, name, batch_size, model, adapter_off)
-            if self.accelerator.is_main_process:
-                with quiet_progress(few_rows(dataset)):
-                    dataset.map(
-                        lambda _, indices: {REF_COLUMN: [rows[i] for i in indices]},
-                        with_indices=True, batched=True, remove_columns=dataset.column_names,
-                        new_fingerprint=fingerprint, cache_file_name=cache_file,
-                        desc=f"Caching reference log probs for {name} dataset",
-                    )  # fmt: skip
-            self.accelerator.wait_for_everyone()
-        return concatenate_datasets([dataset, Dataset.from_file(cache_file)], axis=1)
-
-    def _reference_rows(self, dataset: Dataset, name: str, batch_size: int, model, adapter_off: bool) -> list:
-        """Per example, per real sequence, the scored tokens' log-probs of ``model`` (the precomputed column)."""
-        loader = self.accelerator.prepare(
-            DataLoader(dataset, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False)
-        )
-        rows = []
-        quiet = self.args.disable_tqdm or bool(os.environ.get("TQDM_DISABLE"))
-        for batch in tqdm(loader, desc=f"Computing reference log probs for {name} dataset", disable=quiet):
-            logps = self.frozen_token_logps(model, batch, adapter_off=adapter_off).float().cpu()
-            mask = batch["completion_mask"][:, 1:].bool().cpu()
-            rows += per_example_lists(batch, [logps[i][mask[i]].tolist() for i in range(logps.size(0))],
-                                      self.num_sequences(batch))  # fmt: skip
-        return self.accelerator.gather_for_metrics(rows, use_gather_object=True)
+        model = self.ref_model or self.model
+        adapter_off = self.ref_model is None and is_peft_model(self.model)
+        identity = self.reference_identity or f"weights:{self._precompute_model_hash}"
+        return self._reference_columns(dataset, name, identity, model, adapter_off)
 
     def refresh_reference(self) -> None:
         """π_ref ← π_θ: the reference becomes a frozen copy of the current policy (a training stage's start).
@@ -471,9 +440,9 @@ class PlusTrainer(GuardMixin, DPOTrainer):
                 dataset = getattr(self, attribute)
                 if isinstance(dataset, Dataset) and REF_COLUMN in dataset.column_names:
                     dataset = dataset.remove_columns(REF_COLUMN)
-                    batch_size = self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size
-                    rows = self._reference_rows(dataset, name, batch_size, self.model, False)
-                    setattr(self, attribute, dataset.add_column(REF_COLUMN, rows))
+                    rows = self._frozen_columns(dataset, name, "reference", {REF_COLUMN: "logps"},
+                                                lambda batch: {"logps": self.frozen_token_logps(self.model, batch)})
+                    setattr(self, attribute, dataset.add_column(REF_COLUMN, rows[REF_COLUMN]))
 
     # -- the step -------------------------------------------------------------------------------------------
     def _compute_loss(self, model, inputs, return_outputs):
@@ -484,19 +453,26 @@ class PlusTrainer(GuardMixin, DPOTrainer):
         shift_mask = inputs["completion_mask"][:, 1:]
         seq_len = shift_mask.size(1)
 
+        head = None
         if needs.logits or needs.hidden_states:
             outputs = model(**model_kwargs, **router, use_cache=False, output_hidden_states=needs.hidden_states)
             token_logps = selective_log_softmax(outputs.logits[:, -seq_len - 1 : -1], inputs["input_ids"][:, 1:])
             token_logps = token_logps * shift_mask
+        elif needs.scored_logits:  # the fused head, and the hidden states it ran on for ctx.logps_at / scored_logits
+            (token_logps, outputs), head = self.policy_head(
+                model, inputs, lambda: self.fused_token_logps(model, inputs, **router))
         else:
             token_logps, outputs = self.fused_token_logps(model, inputs, **router)
 
         ref = self.reference_token_logps(inputs) if self.reference_mode != "none" else None
+        ref = None if ref is None else self.to_grid(inputs, ref.to(token_logps.dtype))
+        frozen = {} if ref is None else {"reference": FrozenOutputs(logps=ref)}
+        frozen.update({name: self.frozen_outputs(name, inputs) for name in needs.teachers})
         seq_mask = inputs.get(SEQ_MASK)
         ctx = LossContext(
             token_logps=self.to_grid(inputs, token_logps),
             mask=self.to_grid(inputs, shift_mask.to(token_logps.dtype)),
-            ref_token_logps=None if ref is None else self.to_grid(inputs, ref.to(token_logps.dtype)),
+            ref_token_logps=ref,
             teacher=self.teacher_outputs(inputs) if needs.teacher else None,
             batch=inputs,
             outputs=outputs,
@@ -504,6 +480,8 @@ class PlusTrainer(GuardMixin, DPOTrainer):
             training=mode == "train",
             seq_mask=None if seq_mask is None else seq_mask.to(token_logps.dtype),
             tokens={name: self.to_grid(inputs, inputs[name][:, 1:], fill=TOKEN_PAD) for name in needs.token_fields},
+            frozen=frozen,
+            head=head,
         )
         result = self.method.loss(ctx)
         loss = result.loss
@@ -571,8 +549,15 @@ class PlusTrainer(GuardMixin, DPOTrainer):
 
         shown = transformers_logging.is_progress_bar_enabled()
         transformers_logging.disable_progress_bar()
+        policy = self.accelerator.unwrap_model(self.model)
+        extra = is_peft_model(policy) and len(policy.peft_config) > 1  # frozen teacher / reference adapters
+        if extra:  # a checkpoint or the final model holds the trained adapter only (the others are read-only inputs)
+            policy.save_pretrained = functools.partial(type(policy).save_pretrained, policy,
+                                                       selected_adapters=[policy.active_adapter])  # fmt: skip
         try:
             super()._save(output_dir, state_dict)
         finally:
+            if extra:
+                del policy.save_pretrained
             if shown:
                 transformers_logging.enable_progress_bar()

@@ -165,7 +165,7 @@ def recipe_with(tmp_path, rows, **method_args):
          "'rejected_margin_rewards' has 2"),
         ([dict(r, chosen_margin_rewards=["high"], rejected_margin_rewards=[0.0]) for r in preference_rows(4)],
          {"w": [0.5, 0.5]}, "column 'chosen_margin_rewards' must be a list of numbers"),
-        (margin_rows(4, [0.1], [0.0]), {"w": [0.0, 1.0]}, "method_args.w: Value error, w[0]"),
+        (margin_rows(4, [0.1], [0.0]), {"w": [0.0, 1.0]}, "method_args.w: w[0]"),
     ],
     ids=["length-vs-w", "w-one-with-margins", "missing-columns", "chosen-vs-rejected", "not-numbers", "w0-zero"],
 )
