@@ -6,14 +6,28 @@ errors, the Needs an instance declares."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from pydantic import ValidationError
 from trl_plus_tvkd import TVKD, soft_values, support_probs
 
-from trl_plus import DPO, FrozenOutputs, LossContext, Needs, TopK, TrlPlusError
-from trl_plus.testing import logits_head
+from trl_plus import DPO, FrozenOutputs, LossContext, Needs, Teacher, TopK, TrlPlusError
+from trl_plus.testing import (
+    build_model,
+    build_tokenizer,
+    logits_head,
+    perturb,
+    preference_rows,
+    run_recipe_on_cpu,
+    tiny_trainer,
+    train_tiny,
+    training_logs,
+)
+
+ROOT = Path(__file__).resolve().parents[3]
 
 # The card's example, K = 3, one pair, two response tokens each. The student's full vocabulary is the three top-k ids
 # plus one more token (id 3) holding the rest of its mass (0.2 at every position).
@@ -249,3 +263,94 @@ def test_clear_errors():
     ctx.tokens = {}
     with pytest.raises(TrlPlusError, match="label ids"):
         TVKD(top_k=3).loss(ctx)
+
+
+# -- through the trainer ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRL_PLUS_CACHE", str(tmp_path / "cache"))
+
+
+def teacher_model():
+    """A tiny teacher that is not the student (other seeded weights), on the student's tokenizer."""
+    return build_model(build_tokenizer(), seed=1).eval()
+
+
+class Spy(TVKD):
+    """TVKD that keeps the contexts its loss saw."""
+
+    seen: list = []
+
+    def loss(self, ctx):
+        self.seen.append(ctx)
+        return super().loss(ctx)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """3 steps of TVKD as TVKD.yaml runs it ("entropy") on one batch, the teacher's top-8 precomputed; and the
+    teacher."""
+    import os
+
+    os.environ["TRL_PLUS_CACHE"] = str(tmp_path_factory.mktemp("cache"))  # the module's own column cache
+    teacher = teacher_model()
+    trainer = train_tiny(Spy(top_k=8, softvalue="entropy"), tmp_path_factory.mktemp("tvkd"), rows=preference_rows(8),
+                         teachers={"teacher": Teacher(teacher, mode="precomputed", identity="seed 1")}, max_steps=3)
+    return trainer, teacher
+
+
+def test_precomputed_top_k_equals_the_live_teacher(trained):
+    trainer, teacher = trained
+    assert "frozen_teacher_topk_ids" in trainer.train_dataset.column_names
+    batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(8)]))
+    with torch.no_grad():
+        trainer.model.eval()
+        trainer.compute_loss(trainer.model, batch)
+        logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    ctx = Spy.seen[-1]
+    top = trainer.to_grid(batch, logits.float().log_softmax(-1)).topk(8, -1)
+    where = ctx.mask.bool()
+    stored = ctx.frozen["teacher"]
+    assert torch.equal(stored.topk_ids[where], top.indices[where])
+    assert torch.allclose(stored.topk_logps[where], top.values[where], atol=1e-6)
+    assert (stored.topk_ids[~where] == -1).all()
+    assert torch.equal(ctx.tokens["input_ids"], trainer.to_grid(batch, batch["input_ids"][:, 1:]))  # the label ids
+
+
+def test_a_few_steps_raise_the_margin(trained):
+    logs = training_logs(trained[0])
+    assert logs[-1]["rewards/margins"] > logs[0]["rewards/margins"] + 1.0
+    assert logs[-1]["loss"] < logs[0]["loss"]
+    assert 0 < logs[0]["tvkd/label_in_topk"] < 1
+
+
+def test_shaped_dpo_gamma_one_is_dpo_through_the_trainer(tmp_path):
+    trainer = tiny_trainer("tvkd", tmp_path, {"mode": "shaped_dpo", "gamma": 1.0, "top_k": 5}, rows=preference_rows(8),
+                           teachers={"teacher": teacher_model()})  # a live teacher  # fmt: skip
+    perturb(trainer.model)  # the policy leaves the reference
+    trainer.model.eval()
+    batch = trainer.data_collator([dict(trainer.train_dataset[i]) for i in range(8)])
+    losses = {}
+    with torch.no_grad():
+        for name, method in [("telescoped", trainer.method), ("discounted", TVKD(mode="shaped_dpo", gamma=0.5, top_k=5)),
+                             ("dpo", DPO(beta=0.1))]:  # the same trainer, weights, reference and batch
+            trainer.method = method
+            losses[name] = trainer.compute_loss(trainer.model, batch).item()
+    assert abs(losses["dpo"] - math.log(2)) > 1e-3
+    assert losses["telescoped"] == pytest.approx(losses["dpo"], abs=1e-6)
+    assert abs(losses["discounted"] - losses["dpo"]) > 1e-3
+
+
+def test_recipe_validates_and_runs_on_cpu(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    recipe = yaml.safe_load((ROOT / "recipes/tvkd.yaml").read_text())
+    assert recipe["method"] == "tvkd" and recipe["model"]["quantization"]["load_in_4bit"]
+    assert recipe["teachers"]["teacher"]["mode"] == "precomputed"
+    result = run_recipe_on_cpu("recipes/tvkd.yaml", tmp_path, "teachers.teacher.name_or_path=tiny-llama",
+                               "teachers.teacher.quantization=null", "teachers.teacher.dtype=float32",
+                               "data.train.limit=8")  # fmt: skip
+    assert result.global_step == 2 and (tmp_path / "adapter_model.safetensors").exists()
+    resolved = yaml.safe_load((tmp_path / "trl_plus_recipe.yaml").read_text())["method_args"]
+    assert {k: resolved[k] for k in recipe["method_args"]} == recipe["method_args"]
