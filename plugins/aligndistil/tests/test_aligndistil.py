@@ -1,17 +1,33 @@
 """AlignDistil: the card's worked example, a transcription of the official off-policy trainer's four
 ``reward_boost_type`` branches, equal teachers (== the policy: loss 0, gradient 0), bounds and invariances, length
 normalisation, the position that predicts each response token (the official off-by-one not copied), gradients,
-``use_rejected``, errors."""
+``use_rejected``, errors; through the trainer with both teachers as frozen adapters on the policy's LoRA base (loss
+and gradient 0 when all three are equal, gradients only in the trained adapter, the positions, a few steps, the
+recipe)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
+from peft import LoraConfig
 from pydantic import ValidationError
 from trl_plus_aligndistil import AlignDistil, token_losses
 
-from trl_plus import FrozenOutputs, LossContext, TrlPlusError
-from trl_plus.testing import logits_head
+from trl_plus import FrozenOutputs, LossContext, Teacher, TrlPlusError
+from trl_plus.testing import (
+    CPU_OVERRIDES,
+    logits_head,
+    preference_rows,
+    save_tiny_adapter,
+    save_tiny_model,
+    tiny_trainer,
+    training_logs,
+)
+
+ROOT = Path(__file__).resolve().parents[3]
 
 # The card's example: β = 0.1, r = 10, T = 1, one sequence, two response positions, V = 4.
 POLICY = [[1.0, 0.5, -0.5, 0.0], [0.2, 0.1, 0.0, -0.3]]
@@ -221,3 +237,138 @@ def test_chunks_of_rows_change_nothing(monkeypatch):
     out.loss.backward()
     assert out.loss.item() == pytest.approx(AlignDistil().loss(whole).loss.item(), rel=1e-6)
     assert torch.allclose(chunked.test_logits.grad, whole.test_logits.grad, atol=1e-8)
+
+
+# -- through the trainer: the two teachers as frozen adapters on the policy's LoRA base ----------------------------
+
+LORA = dict(r=4, lora_alpha=8, target_modules="all-linear")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A saved tiny base; two random teacher adapters on it (π_dpo, π_rev) and one that changes nothing (B = 0)."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("aligndistil")
+    base = save_tiny_model(root / "base")
+    identity = root / "identity"
+    get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(**LORA)).save_pretrained(identity)
+    return {"base": base, "dpo": save_tiny_adapter(base, root / "dpo", seed=1),
+            "rev": save_tiny_adapter(base, root / "rev", seed=2), "identity": str(identity)}  # fmt: skip
+
+
+def adapter_trainer(tiny, output_dir, dpo, rev, method="aligndistil", **kwargs):
+    from transformers import AutoModelForCausalLM
+
+    return tiny_trainer(method, output_dir, model=AutoModelForCausalLM.from_pretrained(tiny["base"]),
+                        peft_config=LoraConfig(**LORA), rows=preference_rows(8),
+                        teachers={"dpo": Teacher(adapter=tiny[dpo]), "rev": Teacher(adapter=tiny[rev])}, **kwargs)
+
+
+def first_batch(trainer):
+    return trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(8)]))
+
+
+def test_equal_adapters_equal_to_the_policy_give_loss_and_gradient_zero(tiny, tmp_path):
+    # the policy's fresh LoRA and both teacher adapters have B = 0: π_dpo == π_rev == π_θ, exactly
+    trainer = adapter_trainer(tiny, tmp_path, "identity", "identity")
+    loss = trainer.compute_loss(trainer.model, first_batch(trainer))
+    loss.backward()
+    assert loss.item() == 0.0
+    grads = [p.grad for n, p in trainer.model.named_parameters() if p.requires_grad]
+    assert grads and all(g is not None and g.abs().max().item() == 0.0 for g in grads)
+
+
+def merged(tiny, name):
+    """Teacher ``name`` as a plain model: its adapter merged into the base (independent of the core's adapters)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny["base"]), tiny[name]).merge_and_unload()
+
+
+@pytest.fixture(scope="module")
+def run(tiny, tmp_path_factory):
+    """One trainer with the two random teacher adapters: the first batch's context, loss, gradients and the three
+    models' full logits before training, then 3 optimiser steps on that batch."""
+    seen = []
+
+    class Spy(AlignDistil):
+        def loss(self, ctx):
+            seen.append(ctx)
+            return super().loss(ctx)
+
+    trainer = adapter_trainer(tiny, tmp_path_factory.mktemp("run"), "dpo", "rev", max_steps=3, method=Spy())
+    batch = first_batch(trainer)
+    loss = trainer.compute_loss(trainer.model, batch)
+    ctx = seen[0]
+    loss.backward()
+    policy = trainer.accelerator.unwrap_model(trainer.model)
+    grads = {n: (p.requires_grad, p.grad) for n, p in policy.named_parameters()}
+    with torch.no_grad():
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        full = {"policy": trainer.forward_logits(trainer.model, batch).logits.float()}
+        full.update({name: merged(tiny, name)(**inputs).logits.float() for name in ("dpo", "rev")})
+    trainer.model.zero_grad()
+    trainer.train()
+    return {"trainer": trainer, "batch": batch, "loss": loss.item(), "grads": grads, "full": full, "ctx": ctx}
+
+
+def test_only_the_trainable_adapter_receives_gradients(run):
+    grads = run["grads"]
+    teachers = [n for n in grads if ".teacher_dpo." in n or ".teacher_rev." in n]
+    assert teachers and all(not trainable and grad is None for trainable, grad in (grads[n] for n in teachers))
+    trained = [n for n in grads if ".default." in n]
+    assert all(grads[n][0] for n in trained) and all(grads[n][1] is not None for n in trained if "lora_B" in n)
+    assert any(grads[n][1].abs().max() > 0 for n in trained if "lora_B" in n)
+    assert all(not trainable for n, (trainable, _) in grads.items() if "lora_" not in n)  # the base is frozen
+
+
+def test_the_trainer_scores_each_token_with_the_distribution_that_predicts_it(run):
+    batch, full, cfg, ctx = run["batch"], run["full"], run["trainer"].method.config, run["ctx"]
+    scored = batch["completion_mask"].bool()  # [N, L]: the response tokens
+    predicting = {k: v[:, :-1][scored[:, 1:]] for k, v in full.items()}  # token t + 1 <- the logits at t
+    at_token = {k: v[scored] for k, v in full.items()}  # the official trainer: the logits AT the response tokens
+    assert torch.allclose(ctx.scored_logits(), predicting["policy"], atol=1e-4)
+    assert torch.allclose(ctx.frozen["dpo"].logits, predicting["dpo"], atol=1e-4)
+    assert torch.allclose(ctx.frozen["rev"].logits, predicting["rev"], atol=1e-4)
+    assert (at_token["policy"] - predicting["policy"]).abs().max() > 0.1
+
+    def sequence_mean(rows):
+        losses = token_losses(rows["policy"], rows["dpo"], rows["rev"], cfg)[0].detach()
+        grid = torch.zeros(scored[:, 1:].shape).masked_scatter(scored[:, 1:], losses)
+        return (grid.sum(-1) / scored[:, 1:].sum(-1)).mean().item(), losses
+
+    standard, tokens = sequence_mean(predicting)
+    _, official_tokens = sequence_mean(at_token)
+    assert run["loss"] == pytest.approx(standard, rel=1e-4)
+    assert (official_tokens - tokens).abs().max() > 0.1 * tokens.abs().max()  # another number token by token
+
+
+def test_a_few_steps_bring_the_policy_to_the_teacher(run):
+    logs = training_logs(run["trainer"])
+    assert logs[0]["loss"] == pytest.approx(run["loss"], rel=1e-5)
+    assert logs[-1]["loss"] < 0.9 * logs[0]["loss"]  # 3 steps: 0.00836 -> 0.00718
+    assert logs[-1]["aligndistil/kl_dpo"] < logs[0]["aligndistil/kl_dpo"]
+    assert 1e-3 < logs[0]["aligndistil/weight"] < 2 * 10 + 1e-3
+
+
+def test_recipe_validates_and_runs_on_cpu(tiny, tmp_path, monkeypatch):
+    from trl_plus import check_recipe, load_recipe, train
+
+    monkeypatch.chdir(ROOT)
+    recipe = yaml.safe_load((ROOT / "recipes/aligndistil.yaml").read_text())
+    assert recipe["method"] == "aligndistil" and recipe["model"]["quantization"]["load_in_4bit"]
+    assert set(recipe["teachers"]) == {"dpo", "rev"} and all("adapter" in t for t in recipe["teachers"].values())
+    # the teacher adapters are trained first (a DPO run each), so the recipe validates with them pointed at real ones
+    adapters = [f"teachers.dpo.adapter={tiny['dpo']}", f"teachers.rev.adapter={tiny['rev']}"]
+    check_recipe(load_recipe("recipes/aligndistil.yaml", ["data.train.path=recipes/data/quickstart_prefs.jsonl",
+                                                          "data.eval=null", *adapters]))  # fmt: skip
+    # then trains 2 steps on the CPU as run_recipe_on_cpu does (which validates the recipe as written first)
+    result = train("recipes/aligndistil.yaml", [*CPU_OVERRIDES, f"model.name_or_path={tiny['base']}", *adapters,
+                                                "data.train.limit=8", f"training.output_dir={tmp_path}"])  # fmt: skip
+    assert result.global_step == 2 and (tmp_path / "adapter_model.safetensors").exists()
+    assert not (tmp_path / "teacher_dpo").exists()  # only the trained adapter is saved
+    resolved = yaml.safe_load((tmp_path / "trl_plus_recipe.yaml").read_text())["method_args"]
+    assert {k: resolved[k] for k in recipe["method_args"]} == recipe["method_args"]
