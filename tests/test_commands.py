@@ -43,6 +43,7 @@ def test_register_commands_adds_subcommands_listed_in_help(capsys):
         assert cli("solo", "x") == 0
         assert cli("demo", "fail", "x") == 2  # a TrlPlusError is one line, no traceback
         assert capsys.readouterr().err == "error: echo fail: the target must not be empty\n"
+        assert cli("plugins") == 0 and "`trl-plus demo echo`" in capsys.readouterr().out
     assert "demo echo" not in get_registry().commands  # unregistered with its plugin
 
 

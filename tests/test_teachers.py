@@ -188,9 +188,15 @@ def test_adapter_teacher_equals_the_merged_model_and_gets_no_gradient(tmp_path):
                                max_steps=2, training={"save_strategy": "steps", "save_steps": 2})  # fmt: skip
         live = tiny_trainer("test-guided", tmp_path / "live", model=AutoModelForCausalLM.from_pretrained(base),
                             peft_config=LoraConfig(**LORA), teachers={"guide": merged})  # fmt: skip
+        pre = tiny_trainer("test-guided", tmp_path / "pre", model=AutoModelForCausalLM.from_pretrained(base),
+                           peft_config=LoraConfig(**LORA), teachers={"guide": Teacher(adapter=adapter,
+                                                                                      mode="precomputed")})
         batch = batch_of(trainer)
         a, b = trainer.frozen_outputs("guide", batch), live.frozen_outputs("guide", batch)
         assert torch.allclose(a.logps, b.logps, atol=1e-5) and torch.equal(a.topk_ids, b.topk_ids)
+        c = pre.frozen_outputs("guide", batch_of(pre))
+        assert torch.allclose(a.logps, c.logps, atol=1e-6) and torch.equal(a.topk_ids, c.topk_ids)
+        assert "teacher_guide" not in pre.accelerator.unwrap_model(pre.model).peft_config  # columns only now
 
         policy = trainer.accelerator.unwrap_model(trainer.model)
         loss = trainer.compute_loss(trainer.model, trainer._prepare_inputs(batch))

@@ -102,6 +102,8 @@ def example_recipe(method_cls) -> str:
     }
     if method_cls.needs.teacher:
         recipe["teacher"] = {"name_or_path": "tiny-llama"}
+    if method_cls.needs.teachers:  # each named teacher: here the tiny model itself (a real recipe names trained ones)
+        recipe["teachers"] = {name: {"name_or_path": "tiny-llama"} for name in method_cls.needs.teachers}
     return yaml.safe_dump(recipe, sort_keys=False)
 
 
@@ -141,8 +143,9 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(records, indent=2))
         return 0
-    rows = [[r["distribution"], r["version"] or "?", ", ".join(r["methods"] + r["model_aliases"])
-             or f"broken: {r['error']}"] for r in records]  # fmt: skip
+    rows = [[r["distribution"], r["version"] or "?", ", ".join(
+        r["methods"] + r["model_aliases"] + [f"`trl-plus {c}`" for c in r["commands"]]) or f"broken: {r['error']}"]
+        for r in records]  # fmt: skip
     print(_table(rows, ["distribution", "version", "registers"]))
     return 0
 

@@ -259,8 +259,9 @@ class Needs:
         """A short human-readable summary, as shown by ``trl-plus list``."""
         parts = {"yes": ["reference"], "optional": ["reference (optional)"], "no": ["reference-free"]}[self.reference]
         parts += [name for name in ("teacher", "generation", "judge") if getattr(self, name)]
-        if self.teachers:
-            parts.append("teachers " + ", ".join(self.teachers))
+        for name, kinds in self.frozen_sources().items():
+            shown = ", ".join(f"top-{kind.k}" if isinstance(kind, TopK) else kind for kind in kinds)
+            parts.append(f"teacher ({shown})" if name == "teacher" else f"teacher {name} ({shown})")
         if self.fields:
             parts.append("fields " + ", ".join(self.fields))
         if self.optional_fields:

@@ -20,7 +20,7 @@ ENTRY_POINT_GROUP = "trl_plus"
 #: ``tests/test_meta.py`` keeps it equal to the folder.
 REPOSITORY_PLUGINS = frozenset({
     "aligndistil", "asft", "brain", "curry-dpo", "dove", "egida-safety", "irpo", "is-daa", "ld-dpo", "ln-dpo", "modpo",
-    "redi", "rpo", "simpo", "srpo", "tars", "three-d-properties", "tvkd",
+    "redi", "rpo", "sail", "simpo", "srpo", "tars", "tgdpo", "three-d-properties", "tvkd",
 })  # fmt: skip
 
 

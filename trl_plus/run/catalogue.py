@@ -64,8 +64,8 @@ def methods_markdown(registry: Registry) -> str:
 
 
 def plugin_records(registry: Registry) -> list[dict[str, Any]]:
-    """The installed plugin distributions (the core's own first): version, entry point, the methods and model aliases
-    each registers, and the error of any that failed to import."""
+    """The installed plugin distributions (the core's own first): version, entry point, the methods, model aliases
+    and commands each registers, and the error of any that failed to import."""
     plugins: dict[str, dict[str, Any]] = {}
 
     def record(source: str) -> dict[str, Any]:
@@ -76,7 +76,7 @@ def plugin_records(registry: Registry) -> list[dict[str, Any]]:
             except PackageNotFoundError:
                 dist_version = None
             plugins[source] = {"distribution": dist, "version": dist_version, "entry_point": _plugin_folder(source),
-                               "methods": [], "model_aliases": [], "error": None}  # fmt: skip
+                               "methods": [], "model_aliases": [], "commands": [], "error": None}  # fmt: skip
         return plugins[source]
 
     record(BUILT_IN)
@@ -84,6 +84,8 @@ def plugin_records(registry: Registry) -> list[dict[str, Any]]:
         record(source)["methods"].append(name)
     for alias in registry.aliases.values():  # an alias's source is the plugin that registered it
         record(alias.source)["model_aliases"].append(alias.name)
+    for command in registry.commands.values():
+        record(command.source)["commands"].append(command.name)
     for broken in registry.broken.values():
         record(broken.source)["error"] = broken.error
     return sorted(plugins.values(), key=lambda p: (p["entry_point"] is not None, p["distribution"]))

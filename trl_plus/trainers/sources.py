@@ -26,7 +26,13 @@ from ..data.collate import SEQ_MASK, SEQUENCE_SLOTS
 from ..data.load import few_rows, quiet_progress
 from ..errors import TrlPlusError, did_you_mean
 from .adapters import active_adapter
-from .columns import cache_key, cached_columns, data_digest, module_identity
+from .columns import (
+    cache_key,
+    cached_columns,
+    data_digest,
+    folder_identity,
+    module_identity,
+)
 from .frozen import HIDDEN_KINDS, REF_COLUMN, Teacher
 from .heads import HiddenHead, capture_hidden
 
@@ -169,21 +175,24 @@ class FrozenSourcesMixin:
                                f"{str(exc).splitlines()[0]}") from None  # fmt: skip
 
     # -- one batch --------------------------------------------------------------------------------------------
-    def _source(self, name: str) -> tuple[Any, contextlib.AbstractContextManager]:
-        """The model to run for teacher ``name`` and the context to run it in (its adapter active)."""
+    def _source(self, name: str) -> tuple[Any, Callable[[], contextlib.AbstractContextManager]]:
+        """The model to run for teacher ``name`` and what makes the context to run it in (its adapter active)."""
         teacher = self.teachers[name]
         if teacher.adapter is not None:
-            return self.model, active_adapter(self.accelerator.unwrap_model(self.model), adapter_name(name))
-        return self.teacher_models[name], contextlib.nullcontext()
+            policy = self.accelerator.unwrap_model(self.model)
+            return self.model, lambda: active_adapter(policy, adapter_name(name))
+        return self.teacher_models[name], contextlib.nullcontext
 
-    def frozen_rows(self, model, inputs: Mapping[str, Any], kinds: tuple, context=None) -> dict[str, torch.Tensor]:
-        """``kinds`` of a frozen ``model`` on the batch's rows (no grad): ``logps`` ``[N, T]``, ``topk_ids`` /
+    def frozen_rows(self, model, inputs: Mapping[str, Any], kinds: tuple,
+                    context: Callable[[], Any] = contextlib.nullcontext) -> dict[str, torch.Tensor]:
+        """``kinds`` of a frozen ``model`` on the batch's rows (no grad), run inside ``context()`` (e.g. a teacher
+        adapter switched on): ``logps`` ``[N, T]``, ``topk_ids`` /
         ``topk_logps`` ``[N, T, k]`` (ids -1 / log-probs 0 off the scored tokens), ``logits`` ``[M, V]`` at the
         scored tokens, ``hidden_states`` ``[N, T, H]``."""
         hidden_kinds = needs_hidden(kinds)
         with (
             torch.no_grad(),
-            context or contextlib.nullcontext(),
+            context(),
             capture_hidden(model) if hidden_kinds else contextlib.nullcontext() as seen,
         ):
             rows = {"logps": self.frozen_token_logps(model, inputs)}
@@ -234,8 +243,12 @@ class FrozenSourcesMixin:
     def _precompute_teacher(self, dataset: Dataset, split: str, name: str, teacher: Teacher) -> Dataset:
         kinds = self.teacher_kinds[name]
         columns = teacher_columns(name, kinds)
-        if teacher.adapter is not None:
-            identity = teacher.identity or _adapter_identity(teacher.adapter)
+        if teacher.adapter is not None:  # its outputs are the adapter's on the policy's (maybe 4-bit) base
+            base = self.accelerator.unwrap_model(self.model).get_base_model()
+            quantization = getattr(base.config, "quantization_config", None)
+            identity = json.dumps([teacher.identity or folder_identity(teacher.adapter),
+                                   _base_identity(base),
+                                   str(base.dtype), str(quantization.to_dict() if quantization else None)])
         else:
             if teacher.identity is None and name not in self.teacher_models:
                 self.teacher_models[name] = self._place_teacher(name, teacher.model)
@@ -310,8 +323,8 @@ def _same_model(theirs: str, ours: str) -> bool:
     return theirs.rstrip("/") == ours.rstrip("/")
 
 
-def _adapter_identity(path: str) -> str:
-    from .columns import folder_identity
 
-    return folder_identity(path)
-
+def _base_identity(base: Any) -> str:
+    """The policy's base model in a cache key: its folder's files when it was loaded from one, else its weights."""
+    path = base.config._name_or_path
+    return folder_identity(path) if path and Path(path).is_dir() else module_identity(base)
