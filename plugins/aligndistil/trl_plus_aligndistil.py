@@ -164,7 +164,7 @@ class AlignDistil(Method):
     """Reverse-KL distillation towards z_d + w_t (z_d − z_r), w_t from the two teachers' total-variation distance."""
 
     name = "aligndistil"
-    family = "teacher-distillation"
+    family = "distillation"
     paper = Paper(
         "AlignDistil: Token-Level Language Model Alignment as Adaptive Policy Distillation",
         "2503.02832",

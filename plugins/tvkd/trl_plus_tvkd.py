@@ -141,7 +141,7 @@ class TVKD(Method):
     """Pairwise loss on token rewards Q(y_t) − γV(s_{t+1}) with V a soft value on the teacher's top-k support."""
 
     name = "tvkd"
-    family = "teacher-distillation"
+    family = "distillation"
     paper = Paper(
         "Preference Distillation via Value based Reinforcement Learning",
         "2509.16965",
