@@ -57,6 +57,8 @@ def test_columns_mapping_trains_sft_on_a_preference_file(tmp_path):
     assert dataset["completion"] == dataset["chosen"]
     with pytest.raises(TrlPlusError, match=r"data.train.columns.completion: the data has no column 'answer'"):
         load_preferences(str(path), columns={"completion": "answer"})
+    swapped = load_preferences(str(path), columns={"chosen": "rejected", "rejected": "chosen"})  # reverse-DPO pairs
+    assert swapped["chosen"] == dataset["rejected"] and swapped["rejected"] == dataset["chosen"]
 
 
 def test_sft_without_a_completion_column_says_how_to_map_one(dpo_args):

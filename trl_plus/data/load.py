@@ -289,9 +289,11 @@ def load_preferences(
             raise TrlPlusError(
                 f"{where}.columns.{name}: the data has no column {source!r}; it has {', '.join(dataset.column_names)}"
             )
+    values = {name: dataset[source] for name, source in (columns or {}).items()}  # all read first: a swap works
+    for name, column in values.items():
         if name in dataset.column_names:
             dataset = dataset.remove_columns(name)
-        dataset = dataset.add_column(name, dataset[source])
+        dataset = dataset.add_column(name, column)
     return dataset
 
 
