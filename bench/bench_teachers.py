@@ -19,6 +19,7 @@ harmless-base test pairs (``../shared/data``, read in place), ``max_length`` 256
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import resource
 import subprocess
@@ -49,7 +50,9 @@ class Guided(Method):
         return LossOutput(-torch.nn.functional.logsigmoid(logits).mean())
 
 
+@functools.cache
 def model_dir() -> str:
+    """The converted SmolLM2 folder (resolved once: the cache bench then points TRL_PLUS_CACHE elsewhere)."""
     from trl_plus.models.load import resolve_model_path
 
     return resolve_model_path("smollm2-135m-instruct")
@@ -106,7 +109,7 @@ def cache_bench(pairs: int) -> dict:
     from trl_plus import PlusTrainer
     from trl_plus.trainers.columns import folder_identity
 
-    identity = folder_identity(model_dir(), dtype="float32")
+    identity = folder_identity(model_dir(), dtype="float32")  # as a recipe run names it
     with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory() as out:
         import os
 
@@ -129,12 +132,23 @@ def cache_bench(pairs: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=64)
+    parser.add_argument("--only", choices=("memory", "cache"), help="run one of the two parts")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--adapter", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args.child, args.pairs, args.adapter)
         return
+    if args.only != "cache":
+        memory_bench()
+    if args.only != "memory":
+        cache = cache_bench(args.pairs)
+        print(f"cache ({args.pairs} pairs, reference precomputed): first construction "
+              f"{cache['first_construction_s']:.1f} s, second (other output_dir and learning rate) "
+              f"{cache['second_construction_s']:.1f} s, {cache['second_reference_forwards']} reference forwards")
+
+
+def memory_bench() -> None:
     with tempfile.TemporaryDirectory() as folder:
         adapter = make_adapter(f"{folder}/guide")
         results = {}
@@ -150,10 +164,6 @@ def main() -> None:
     extra_model = results["model"]["peak_rss_mib"] - results["none"]["peak_rss_mib"]
     extra_adapter = results["adapter"]["peak_rss_mib"] - results["none"]["peak_rss_mib"]
     print(f"  teacher's RSS over DPO: separate model +{extra_model:.0f} MiB, adapter +{extra_adapter:.0f} MiB")
-    cache = cache_bench(args.pairs)
-    print(f"cache ({args.pairs} pairs, reference precomputed): first construction {cache['first_construction_s']:.1f} s, "
-          f"second (other output_dir and learning rate) {cache['second_construction_s']:.1f} s, "
-          f"{cache['second_reference_forwards']} reference forwards")
 
 
 if __name__ == "__main__":
