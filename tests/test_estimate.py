@@ -201,7 +201,8 @@ def test_gpu_check_refuses_without_cuda_and_its_tiny_path_runs():
     refused = subprocess.run([sys.executable, script], capture_output=True, text=True, env=env, timeout=60)
     assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [
         "gpu_check: no CUDA GPU here; run it on one, or use --tiny for the CPU smoke run"]
-    tiny = subprocess.run([sys.executable, script, "--tiny"], capture_output=True, text=True, env=env, timeout=180)  # a hang guard: the tiny run takes 10-25 s on 2 loaded cores
+    # timeout: a hang guard (the tiny run takes 10-25 s on 2 loaded cores)
+    tiny = subprocess.run([sys.executable, script, "--tiny"], capture_output=True, text=True, env=env, timeout=180)
     assert tiny.returncode == 0, tiny.stderr[-2000:]
     assert "PlusTrainer dpo, plain" in tiny.stdout and "trl.DPOTrainer" in tiny.stdout
     assert "/ TRL" in tiny.stdout
