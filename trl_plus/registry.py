@@ -19,8 +19,8 @@ ENTRY_POINT_GROUP = "trl_plus"
 #: The plugins in the trl-plus repository (``plugins/<name>``), for the install hint of an unknown method;
 #: ``tests/test_meta.py`` keeps it equal to the folder.
 REPOSITORY_PLUGINS = frozenset({
-    "asft", "brain", "curry-dpo", "dove", "egida-safety", "irpo", "is-daa", "ld-dpo", "ln-dpo", "modpo", "redi",
-    "rpo", "simpo", "srpo", "tars", "three-d-properties",
+    "asft", "brain", "curry-dpo", "dove", "dso-dro", "egida-safety", "flow-dpo", "flow-rwr", "irpo", "is-daa",
+    "ld-dpo", "ln-dpo", "modpo", "rankdpo", "redi", "rpo", "simpo", "srpo", "ssdpo", "tars", "three-d-properties",
 })  # fmt: skip
 
 

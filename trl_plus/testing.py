@@ -26,7 +26,7 @@ from .models.tiny import build_model, build_tokenizer, save_tiny_model
 from .registry import get_registry
 
 __all__ = [
-    "CPU_OVERRIDES", "build_model", "build_tokenizer", "cli", "diffusion_rows", "forbid_reference", "logits_head",
+    "CPU_OVERRIDES", "build_model", "build_tokenizer", "cli", "diffusion_batch", "diffusion_loss", "diffusion_rows", "forbid_reference", "logits_head",
     "make_context", "perturb", "tiny_diffusion_bundle", "tiny_diffusion_trainer", "tiny_text_encoder",
     "preference_rows", "registered", "run_recipe_on_cpu", "save_tiny_adapter", "save_tiny_model", "tiny_trainer",
     "train_tiny",
@@ -356,6 +356,30 @@ def tiny_diffusion_trainer(method: Any, output_dir: str | Path, *, target: str =
     return DiffusionTrainer(bundle, args, method=method, method_args=method_args, reference_mode=reference_mode,
                             train_dataset=list(rows if rows is not None else diffusion_rows()), encode_prompts=encode,
                             **trainer_kwargs)  # fmt: skip
+
+
+def diffusion_batch(trainer, rows: int | None = None) -> dict[str, Any]:
+    """The collated first ``rows`` examples (default: all) of a diffusion trainer's training data, on its device."""
+    examples = trainer.train_dataset if rows is None else trainer.train_dataset[:rows]
+    return trainer._prepare_inputs(trainer.data_collator(list(examples)))
+
+
+def diffusion_loss(trainer, batch: dict[str, Any], seed: int = 0):
+    """The method's :class:`~trl_plus.LossOutput` on ``batch`` with the (t, ε) draws of ``seed`` (the same seed:
+    the same draws, whichever method or trainer): for "method A on these draws equals method B" tests."""
+    import torch
+
+    from .contract import LossContext
+
+    score = trainer.score(trainer.model, batch, torch.Generator().manual_seed(seed))
+    k, b = batch["num_sequences"], batch["prompt_ids"].size(0)
+
+    def grid(rows):
+        return None if rows is None else rows.view(k, b, *rows.shape[1:])
+
+    ctx = LossContext(token_logps=grid(score.logps), mask=grid(score.mask), ref_token_logps=grid(score.ref_logps),
+                      batch=batch, outputs=score)  # fmt: skip
+    return trainer.method.loss(ctx)
 
 
 # -- pytest fixtures ------------------------------------------------------------------------------------------------

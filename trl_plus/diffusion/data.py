@@ -128,7 +128,7 @@ class LatentCollator:
     """Prepared examples (``{"x0": [K, ...] latents or {"mean", "std"}, "prompt_id": int, fields...}``) -> a batch:
     ``x0`` ``[K*B, ...]`` ordered sequence-major (``[img0 ex1..exB, img1 ex1..]``, as the text trainer's rows),
     ``prompt_ids`` ``[B]``, ``group`` ``[K*B]`` (each row's example), ``num_sequences`` K, and ``fields`` as float
-    tensors ``[B]``. Latents stored as a distribution (``mean``/``std``) are sampled by the scorer, per step."""
+    tensors ``[B]`` (a list per row: ``[B, L]``). Latents stored as a distribution (``mean``/``std``) are sampled by the scorer, per step."""
 
     def __init__(self, fields: tuple[str, ...] = ()):
         self.fields = tuple(fields)
@@ -152,5 +152,5 @@ class LatentCollator:
         batch[GROUP] = torch.arange(size).repeat(k)
         batch[NUM_SEQUENCES] = k
         for name in self.fields + ((SOFT_LABEL,) if SOFT_LABEL in examples[0] else ()):
-            batch[name] = torch.tensor([float(e[name]) for e in examples])
+            batch[name] = torch.tensor([e[name] for e in examples], dtype=torch.float32)  # [B] or [B, K] lists
         return batch

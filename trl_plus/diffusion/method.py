@@ -47,6 +47,19 @@ class Scoring:
     share_noise: bool = True
 
 
+def denoising_errors(ctx: Any) -> tuple[Any, Any]:
+    """``([K, B] policy errors ē (with grad), [K, B] reference errors or None)`` of a diffusion loss context: the
+    scorer's raw element-mean errors (``ctx.outputs.mse`` / ``ref_mse``, whatever ``training.weighting`` is), or, for
+    a hand-made context without outputs, ē = −ℓ/½ (the default weight) from ``ctx.logps()`` / ``ctx.ref_logps()``.
+    For losses printed on raw errors (DSO's mean(e⁺ − e⁻), RankDPO's s = e_θ − e_ref, an SFT term)."""
+    outputs = ctx.outputs
+    shape = ctx.token_logps.shape[:2]
+    if outputs is not None and getattr(outputs, "mse", None) is not None:
+        ref = outputs.ref_mse
+        return outputs.mse.view(shape), None if ref is None else ref.view(shape)
+    return -2 * ctx.logps(), None if ctx.ref_token_logps is None else -2 * ctx.ref_logps()
+
+
 class DiffusionMethod(Method):
     """A method on text-to-image diffusion or flow models (trainer kind ``diffusion``).
 
