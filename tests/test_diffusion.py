@@ -236,6 +236,7 @@ def test_sd3_pipeline_alias_scores_with_the_flow_target(tmp_path):
     trainer = build_trainer(load_recipe(recipe_dict(data, tmp_path / "run", name_or_path="tiny-sd3")))
     assert trainer.scorer.target == "flow" and trainer.bundle.kind == "sd3"
     assert trainer.text_cache["pooled"].shape == (3, 64)
+    assert trainer.bundle.pipeline.text_encoder is None and trainer.bundle.pipeline.text_encoder_2 is None  # freed
     trainer.train()
     assert training_logs(trainer)[0]["loss"] == pytest.approx(LOG2, abs=1e-7)
 
@@ -347,3 +348,16 @@ def test_list_names_the_extra_when_diffusers_is_missing(monkeypatch, capsys):
     out = capsys.readouterr().out
     line = next(line for line in out.splitlines() if line.startswith("diffusion-dpo "))
     assert 'pip install "trl-plus[diffusion]"' in out and "trl-plus[diffusion]" in line
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_resume_from_a_checkpoint_repeats_the_uninterrupted_run(tmp_path, lora):
+    training = {"save_strategy": "steps", "save_steps": 2}
+    whole = tiny_diffusion_trainer("diffusion-dpo", tmp_path / "whole", lora=lora, max_steps=4, learning_rate=1e-3,
+                                   training=training)  # fmt: skip
+    whole.train()
+    assert (tmp_path / "whole" / "checkpoint-2" / ("pytorch_lora_weights.safetensors" if lora else "unet")).exists()
+    resumed = tiny_diffusion_trainer("diffusion-dpo", tmp_path / "whole", lora=lora, max_steps=4, learning_rate=1e-3,
+                                     training=training)  # fmt: skip
+    resumed.train(resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-2"))
+    assert [log["loss"] for log in training_logs(resumed)][-2:] == [log["loss"] for log in training_logs(whole)][-2:]

@@ -110,6 +110,7 @@ class DiffusionTrainer(GuardMixin, Trainer):
         train_examples = self.prepare_examples(train_dataset)
         eval_examples = self.prepare_examples(eval_dataset)
         self.text_cache = self.encode_text(list(self._prompts), encode_prompts)
+        self.release_text_encoders()
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._eval_generator: torch.Generator | None = None
         super().__init__(model=denoiser, args=args, data_collator=data_collator or self.method.batch_collator(),
@@ -184,6 +185,16 @@ class DiffusionTrainer(GuardMixin, Trainer):
             for key, value in part.items():
                 cache.setdefault(key, []).append(value.detach().float().cpu())
         return {key: torch.cat(values) for key, values in cache.items()}
+
+    def release_text_encoders(self) -> None:
+        """Free the pipeline's text encoders once every prompt is in the text cache (an SD3 T5-XXL never sits next to
+        the trained denoiser); the tokenizers stay."""
+        pipeline = self.bundle.pipeline
+        if pipeline is None:
+            return
+        for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+            if getattr(pipeline, name, None) is not None:
+                setattr(pipeline, name, None)
 
     def _pipeline_encoder(self):
         pipeline = self.bundle.pipeline
