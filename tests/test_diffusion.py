@@ -361,3 +361,25 @@ def test_resume_from_a_checkpoint_repeats_the_uninterrupted_run(tmp_path, lora):
                                      training=training)  # fmt: skip
     resumed.train(resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-2"))
     assert [log["loss"] for log in training_logs(resumed)][-2:] == [log["loss"] for log in training_logs(whole)][-2:]
+
+
+def test_evaluation_draws_are_seeded(tmp_path):
+    rows = diffusion_rows(4, seed=1)
+    trainer = tiny_diffusion_trainer("diffusion-dpo", tmp_path, eval_dataset=rows, max_steps=1)
+    first, second = trainer.evaluate(), trainer.evaluate()
+    assert first["eval_loss"] == second["eval_loss"] == pytest.approx(LOG2, abs=1e-7)
+    assert first["eval_mse/policy"] == second["eval_mse/policy"] and "eval_timestep/mean" in first
+
+
+def test_ties_kept_as_soft_labels_are_smoothed():
+    from trl_plus import DiffusionDPO
+    from trl_plus.testing import make_context
+
+    ctx = make_context([[[-0.50], [-0.40]], [[-0.52], [-0.41]]], [[[-0.51], [-0.40]], [[-0.51], [-0.40]]],
+                       batch={"label": torch.tensor([1.0, 0.5], dtype=torch.float64)})  # fmt: skip
+    losses, ratios = DiffusionDPO().pair_losses(ctx)
+    x = 5000 * (ratios[0] - ratios[1])
+    import torch.nn.functional as F
+
+    assert losses[0].item() == pytest.approx(-F.logsigmoid(x[0]).item())
+    assert losses[1].item() == pytest.approx(-(0.5 * F.logsigmoid(x[1]) + 0.5 * F.logsigmoid(-x[1])).item())

@@ -29,6 +29,11 @@ ATTENTION_PROJECTIONS = ["to_q", "to_k", "to_v", "to_out.0"]
 #: Flow-matching schedulers (target: the flow velocity ε − x0).
 FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
 LORA_FILE = "pytorch_lora_weights.safetensors"
+#: Pipelines whose denoiser class is supported but whose conditioning trl-plus does not build yet.
+UNSUPPORTED_PIPELINES = {
+    "StableDiffusionXLPipeline": "its UNet needs pooled text embeddings and time_ids (added_cond_kwargs), which "
+                                 "trl-plus does not build yet (SD 1.x/2.x and SD3 pipelines are supported)",
+}
 
 
 @dataclass(frozen=True)
@@ -69,7 +74,10 @@ def pipeline_facts(path: str | Path, denoiser: str | None = None, scheduler: str
     scheduler_config = json.loads(scheduler_file.read_text())
     scheduler_class = scheduler_config.get("_class_name", "?")
     prediction = "flow" if scheduler_class in FLOW_SCHEDULERS else scheduler_config.get("prediction_type", "epsilon")
-    return PipelineFacts(index.get("_class_name", "?"), denoiser, denoiser_class, scheduler_class, prediction, index)
+    pipeline_class = index.get("_class_name", "?")
+    if pipeline_class in UNSUPPORTED_PIPELINES:
+        raise TrlPlusError(f"model.name_or_path: {folder} is a {pipeline_class}: {UNSUPPORTED_PIPELINES[pipeline_class]}")
+    return PipelineFacts(pipeline_class, denoiser, denoiser_class, scheduler_class, prediction, index)
 
 
 def check_denoiser_class(name: str, where: str = "model.denoiser") -> str:

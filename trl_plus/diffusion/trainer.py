@@ -310,7 +310,8 @@ class DiffusionTrainer(GuardMixin, Trainer):
         averaged = {key: sum(values) / len(values) for key, values in self._metrics[mode].items() if values}
         if mode == "eval":
             averaged = {f"eval_{key}": value for key, value in averaged.items()}
-        super().log({**logs, **averaged}, *args, **kwargs)
+        logs.update(averaged)  # in place: evaluate() returns the dict it logs
+        super().log(logs, *args, **kwargs)
         self._metrics[mode].clear()
 
     # -- saving -----------------------------------------------------------------------------------------------
