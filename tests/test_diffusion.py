@@ -383,3 +383,14 @@ def test_ties_kept_as_soft_labels_are_smoothed():
 
     assert losses[0].item() == pytest.approx(-F.logsigmoid(x[0]).item())
     assert losses[1].item() == pytest.approx(-(0.5 * F.logsigmoid(x[1]) + 0.5 * F.logsigmoid(-x[1])).item())
+
+
+def test_validate_a_diffusion_recipe(monkeypatch, capsys):
+    from pathlib import Path
+
+    from trl_plus.testing import cli
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    assert cli("validate", "recipes/diffusion-sft.yaml") == 0
+    captured = capsys.readouterr()
+    assert "ok (method diffusion-sft" in captured.out and "token lengths" not in captured.err

@@ -191,7 +191,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         warnings = [f"{args.recipe}: token lengths not checked: the tokenizer of {recipe.model.name_or_path} is not "
                     "on this machine yet (the first train downloads it)"]  # fmt: skip
     model = recipe.model
-    if model.lora is not None:  # module names from the model's config (meta device: no weights load)
+    if model.lora is not None and model.kind != "diffusion":  # module names from the config (meta device)
         from .models.load import check_lora_targets, resolve_model_path
 
         try:

@@ -469,6 +469,8 @@ def check_lengths(recipe: Recipe, method, training: dict[str, Any], datasets: di
     split that truncation cuts (per side: sequences, prompt and completion tokens lost) or that loses examples to
     TRL's fully-truncated filter; an error when a split would lose every example. ``datasets``: split -> dataset.
     The tokenizer is read from local files only (a hub model not downloaded yet: ``cannot load a tokenizer``)."""
+    if recipe.model.kind == "diffusion":
+        return []  # images: no tokens to cut
     max_length, mode = training_value(training, "max_length"), training_value(training, "truncation_mode")
     if max_length is None:
         return []
