@@ -228,7 +228,8 @@ def test_list_json_show_json_and_plugins_give_tooling_the_same_facts(capsys):
     assert yaml.safe_load(shown["example_recipe"])["method"] == "simpo"
     assert main(["plugins", "--json"]) == 0
     plugins = json.loads(capsys.readouterr().out)
-    assert plugins[0]["distribution"] == "trl-plus" and plugins[0]["methods"] == ["dpo", "sft"]
+    assert plugins[0]["distribution"] == "trl-plus" and plugins[0]["methods"] == [
+        "diffusion-dpo", "diffusion-sft", "dpo", "sft"]
     assert "tiny-llama" in plugins[0]["model_aliases"]
     by_name = {p["distribution"]: p for p in plugins}
     assert by_name["trl-plus-simpo"]["methods"] == ["simpo"] and by_name["trl-plus-simpo"]["version"] == "0.1.0"

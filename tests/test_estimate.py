@@ -142,7 +142,14 @@ def test_mistral_7b_lora_count_by_hand(mistral_dir, offline):
     assert 32 * per_layer == 41_943_040
 
 
-SEVEN_B = sorted(p for p in (ROOT / "recipes").glob("*.yaml") if not p.name.startswith("quickstart"))
+SEVEN_B = sorted(p for p in (ROOT / "recipes").glob("*.yaml")
+                 if not p.name.startswith("quickstart") and load_recipe(p).model.kind != "diffusion")  # fmt: skip
+
+
+def test_a_diffusion_recipe_is_refused_in_one_line(capsys):
+    assert cli("estimate", str(ROOT / "recipes" / "diffusion-dpo.yaml")) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "a diffusion pipeline is not estimated yet" in err[0]
 
 
 @pytest.mark.parametrize("path", SEVEN_B, ids=lambda p: p.name)

@@ -27,6 +27,8 @@ LAYERS = {
     "trl_plus.builtin": 2,
     "trl_plus.data": 2,
     "trl_plus.models.load": 2,
+    "trl_plus.diffusion": 2,  # diffusion methods, image data, pipelines, the denoising scorer, tiny pipelines
+    "trl_plus.diffusion.trainer": 3,  # DiffusionTrainer (trainer kind "diffusion")
     "trl_plus.trainers": 3,
     "trl_plus.trainers.guard": 3,  # atomic checkpoints, the NaN guard (a mixin of every trainer)
     "trl_plus.run": 4,

@@ -146,16 +146,19 @@ def test_a_method_of_a_trainer_kind_this_core_lacks_is_refused_at_validation(tmp
     from trl_plus import Method, Paper, PlusTrainer
     from trl_plus.testing import registered
 
-    class Diffusion(Method):
-        name, paper, trainer = "future-diffusion", Paper("A later method", "0000.00000"), "diffusion"
+    class Online(Method):
+        name, paper, trainer = "future-online", Paper("A later method", "0000.00000"), "online"
 
     assert Method.trainer == "preference" and Method().collator(0, None) is None  # None: the core's collator
-    with registered(Diffusion):
-        message = error_of(tmp_path, deep(BASE, method="future-diffusion"))
-        assert message.endswith("r.yaml: method: method 'future-diffusion' runs on a 'diffusion' trainer, which this "
-                                "trl-plus does not have (it has: preference); upgrade trl-plus or the plugin")
+    with registered(Online):
+        message = error_of(tmp_path, deep(BASE, method="future-online"))
+        assert message.endswith("r.yaml: method: method 'future-online' runs on a 'online' trainer, which this "
+                                "trl-plus does not have (it has: preference, diffusion); upgrade trl-plus or the "
+                                "plugin")  # fmt: skip
+        with pytest.raises(TrlPlusError, match="runs on a 'online' trainer, not on PlusTrainer"):
+            PlusTrainer("unused", method="future-online")
         with pytest.raises(TrlPlusError, match="runs on a 'diffusion' trainer, not on PlusTrainer"):
-            PlusTrainer("unused", method="future-diffusion")
+            PlusTrainer("unused", method="diffusion-dpo")
 
 
 def test_training_key_names_read_from_source_are_the_dataclass_fields():

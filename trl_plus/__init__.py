@@ -11,6 +11,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from ._version import __version__  # noqa: F401 (re-exported)
+from .builtin.diffusion import DiffusionDPO, DiffusionDPOConfig
 from .builtin.dpo import DPO, DPOConfig, dpo_losses
 from .builtin.sft import SFT
 from .config import Recipe, load_recipe
@@ -29,15 +30,16 @@ from .contract import (
     hookimpl,
 )
 from .data.tokenize import tokenize_completions
+from .diffusion.method import DiffusionMethod, Scoring, denoising_errors
 from .errors import TrlPlusError
 from .registry import get_method, get_registry
 from .trainers.frozen import REFERENCE_MODES, Teacher, resolve_reference_mode
 
 __all__ = [
-    "DPO", "DPOConfig", "FieldCollation", "FrozenOutputs", "ListField", "LossContext", "LossOutput", "Method", "MethodConfig",
+    "DPO", "DPOConfig", "DiffusionDPO", "DiffusionDPOConfig", "DiffusionMethod", "DiffusionTrainer", "FieldCollation", "FrozenOutputs", "ListField", "LossContext", "LossOutput", "Method", "MethodConfig",
     "ModelAlias", "Needs", "PairwiseCollator", "Paper", "PlusTrainer", "REFERENCE_MODES", "Recipe", "SFT", "Sequence",
-    "SequencesCollator", "Stage", "Teacher", "TopK",
-    "TrainResult", "TrlPlusError", "check_recipe", "run_stages", "dpo_losses", "evaluate", "get_method", "get_registry", "hookimpl",
+    "Scoring", "SequencesCollator", "Stage", "Teacher", "TopK",
+    "TrainResult", "TrlPlusError", "check_recipe", "run_stages", "denoising_errors", "dpo_losses", "evaluate", "get_method", "get_registry", "hookimpl",
     "load_recipe", "merge_adapter", "method_collator", "prompt_completion", "resolve_reference_mode",
     "tokenize_completions", "train",
 ]  # fmt: skip
@@ -51,6 +53,7 @@ if TYPE_CHECKING:
         method_collator,
         prompt_completion,
     )
+    from .diffusion.trainer import DiffusionTrainer
     from .run.evaluate import evaluate
     from .run.merge import merge_adapter
     from .run.train import TrainResult, train
@@ -61,6 +64,7 @@ if TYPE_CHECKING:
 #: Names that need torch/TRL, imported on first access: name -> module.
 _LAZY = {
     "PlusTrainer": "trainers.preference",
+    "DiffusionTrainer": "diffusion.trainer",
     "PairwiseCollator": "data.collate",
     "SequencesCollator": "data.collate",
     "Sequence": "data.collate",

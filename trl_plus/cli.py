@@ -47,6 +47,25 @@ def _distribution(source: str) -> str:
     return source if source.endswith("(built-in)") else source.split(" (")[0]
 
 
+def _missing_extra(cls) -> tuple[str, str] | None:
+    """``(extra, install line)`` when the method's trainer kind needs an optional extra that is not installed (found
+    without importing it)."""
+    import importlib.util
+
+    from .trainers import TRAINER_EXTRAS
+
+    if cls.trainer not in TRAINER_EXTRAS:
+        return None
+    module, install = TRAINER_EXTRAS[cls.trainer]
+    return None if importlib.util.find_spec(module) else (f"trl-plus[{cls.trainer}]", install)
+
+
+def _needs(cls) -> str:
+    """The needs column: the method's needs, and the optional extra it lacks."""
+    missing = _missing_extra(cls)
+    return cls.needs.describe() + (f", extra {missing[0]} (not installed)" if missing else "")
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     """``trl-plus list``: the methods (family, needs, source, paper), the model aliases and any broken plugin, in
     100 columns (``--wide``: one line per method, nothing cut)."""
@@ -64,11 +83,11 @@ def cmd_list(args: argparse.Namespace) -> int:
     methods = sorted(registry.methods.items())
     header = ["method", "family", "needs", "from"]
     if args.wide:
-        rows = [[name, cls.family, cls.needs.describe(), registry.sources[name], _paper_line(cls.paper)]
+        rows = [[name, cls.family, _needs(cls), registry.sources[name], _paper_line(cls.paper)]
                 for name, cls in methods]  # fmt: skip
         print(_table(rows, [*header, "paper"]))
     else:  # the paper on a line of its own under each method; needs wrapped; the distribution without its plugin
-        rows = [[name, cls.family, textwrap.fill(cls.needs.describe(), 30, break_on_hyphens=False),
+        rows = [[name, cls.family, textwrap.fill(_needs(cls), 30, break_on_hyphens=False),
                  _distribution(registry.sources[name])] for name, cls in methods]  # fmt: skip
         notes = ["paper", *(_paper_line(cls.paper, LIST_WIDTH - 2) for _, cls in methods)]
         print(_table(rows, header, notes))
@@ -76,6 +95,13 @@ def cmd_list(args: argparse.Namespace) -> int:
     def say(text: str, indent: str) -> None:
         print(text if args.wide else textwrap.fill(text, LIST_WIDTH, subsequent_indent=indent))
 
+    extras = {}
+    for name, cls in methods:
+        if (missing := _missing_extra(cls)) is not None:
+            extras.setdefault(missing, []).append(name)
+    for (extra, install), names in extras.items():
+        print()
+        say(f"{', '.join(names)} need the optional extra {extra}, not installed: {install}", "  ")
     if registry.aliases:
         print()
         say("model aliases: " + ", ".join(f"{a.name} ({a.description})" for a in registry.aliases.values()), "  ")
@@ -96,7 +122,7 @@ def example_recipe(method_cls) -> str:
     defaults = {k: f.default for k, f in fields if not f.is_required() and f.default is not None}
     recipe: dict[str, Any] = {"method": method_cls.name, **({"method_args": defaults} if defaults else {})}
     recipe |= {
-        "model": {"name_or_path": "tiny-llama"},
+        "model": dict(getattr(method_cls, "example_model", {"name_or_path": "tiny-llama"})),
         "data": {"train": dict(method_cls.example_data)},
         "training": {"output_dir": f"runs/{method_cls.name}", "max_steps": 20, "learning_rate": 1e-3},
     }
@@ -168,7 +194,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         warnings = [f"{args.recipe}: token lengths not checked: the tokenizer of {recipe.model.name_or_path} is not "
                     "on this machine yet (the first train downloads it)"]  # fmt: skip
     model = recipe.model
-    if model.lora is not None:  # module names from the model's config (meta device: no weights load)
+    if model.lora is not None and model.kind != "diffusion":  # module names from the config (meta device)
         from .models.load import check_lora_targets, resolve_model_path
 
         try:

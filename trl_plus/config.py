@@ -81,14 +81,55 @@ class LoraSpec(_Block):
     _parse_layers = field_validator("layers", mode="before")(classmethod(lambda cls, value: parse_layers(value)))
 
 
+class ComponentSpec(_Block):
+    """A diffusion pipeline's frozen component (``model.vae``): its subfolder and dtype."""
+
+    subfolder: str | None = None
+    dtype: Dtype = "auto"
+
+
+class TextEncodersSpec(_Block):
+    """A diffusion pipeline's text encoders (frozen; each unique prompt is encoded once, then they are freed)."""
+
+    dtype: Dtype = "auto"
+
+
+class SchedulerSpec(_Block):
+    """A diffusion pipeline's training scheduler (DDPM-style: ε / v targets; flow matching: the velocity)."""
+
+    subfolder: str = "scheduler"
+
+
+class CacheSpec(_Block):
+    """What a diffusion run caches: text embeddings per unique prompt (always), VAE latents (``auto``: in memory)."""
+
+    text: bool = True
+    latents: Literal["auto"] | bool = "auto"
+
+
+#: The ``model`` keys of a diffusion pipeline (``model.kind: diffusion``), refused on a causal LM.
+DIFFUSION_MODEL_KEYS = ("denoiser", "vae", "text_encoders", "scheduler", "resolution", "cache")
+
+
 class ModelSpec(_Block):
     """The policy: a hub name, a local directory, or a registered alias (``trl-plus list`` shows them).
 
     ``gguf_file`` loads a GGUF file (a name inside ``name_or_path``, or a path to the file): it is dequantised once
     into a plain trainable checkpoint, cached by the file's hash (``$TRL_PLUS_CACHE/gguf``) and reused.
+
+    ``kind: diffusion`` makes it a diffusers pipeline folder (or alias: ``tiny-sd``, ``tiny-sd3``) whose
+    ``denoiser`` (subfolder: ``unet`` / ``transformer``, read from ``model_index.json`` by default) trains;
+    ``dtype``, ``quantization`` and ``lora`` are the denoiser's; ``resolution`` resizes and center-crops images.
     """
 
     name_or_path: str
+    kind: Literal["causal-lm", "diffusion"] = "causal-lm"
+    denoiser: str | None = None
+    vae: ComponentSpec | None = None
+    text_encoders: TextEncodersSpec | None = None
+    scheduler: SchedulerSpec | None = None
+    resolution: PositiveInt | None = None
+    cache: CacheSpec | None = None
     gguf_file: str | None = None
     dtype: Dtype = "auto"
     quantization: QuantizationSpec | None = None
@@ -97,6 +138,16 @@ class ModelSpec(_Block):
     revision: str | None = None
     trust_remote_code: bool = False
     attn_implementation: str | None = None
+
+    @model_validator(mode="after")
+    def _diffusion_keys(self) -> ModelSpec:
+        given = [key for key in DIFFUSION_MODEL_KEYS if getattr(self, key) is not None]
+        if self.kind != "diffusion" and given:
+            raise ValueError(f"{', '.join(given)}: keys of a diffusion pipeline; set model.kind: diffusion (or drop "
+                             "them)")  # fmt: skip
+        if self.kind == "diffusion" and self.gguf_file is not None:
+            raise ValueError("gguf_file: a diffusion pipeline is a diffusers folder, not a GGUF file")
+        return self
 
 
 class ReferenceSpec(_Block):
@@ -143,6 +194,7 @@ class DataSource(_Block):
     split: str = "train"
     limit: PositiveInt | None = None
     columns: dict[str, str] = Field(default_factory=dict)
+    label: str | None = None  # diffusion pairs: a Pick-a-Pic label column (label_0: 1 first wins, 0 second, 0.5 tie)
 
 
 class StagesSpec(_Block):
@@ -162,6 +214,7 @@ class DataSpec(_Block):
     train: DataSource
     eval: DataSource | None = None
     report: bool = True
+    ties: Literal["drop", "keep_as_soft"] = "drop"  # diffusion pairs labelled 0.5: dropped (official) or soft
 
 
 class Recipe(_Block):

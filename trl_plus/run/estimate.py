@@ -436,6 +436,9 @@ def estimate(recipe: Recipe, sequences: int | None = None, prompt_tokens: int = 
     from ..trainers.frozen import resolve_reference_mode
 
     method = _method(recipe)
+    if recipe.model.kind == "diffusion":
+        raise TrlPlusError(f"{recipe._source}: model.kind: trl-plus estimate predicts the memory of causal LMs; a "
+                           "diffusion pipeline is not estimated yet (train a few steps and read the peak instead)")
     training = _training(recipe)
     spec = recipe.model
     config = load_config(spec)

@@ -94,6 +94,11 @@ def build_trainer(recipe: Recipe, callbacks: list | None = None):
     train_dataset = load_split(recipe, method, "train")  # data problems surface before any model loads
     eval_dataset = load_split(recipe, method, "eval")
     stages = plan_stages(recipe, method, train_dataset)
+    if hasattr(trainer_cls, "from_recipe"):  # a trainer kind that builds its own models (diffusion pipelines)
+        training.setdefault("output_dir", default_output_dir(method))
+        trainer = trainer_cls.from_recipe(recipe, method, training, train_dataset, eval_dataset, callbacks=callbacks)
+        trainer.stages = stages
+        return trainer
 
     training.setdefault("output_dir", default_output_dir(method))
     training.setdefault("report_to", "none")
@@ -292,8 +297,8 @@ def _recipe_files(recipe: Recipe) -> list[str]:
 def _held_out_scorer(recipe: Recipe, trainer):
     """A function scoring the recipe's held-out pairs with the trainer's current model, or ``None`` when the recipe
     has no ``data.eval`` (or ``data.report: false``, or the eval data are not prompt/chosen/rejected pairs)."""
-    if recipe.data.eval is None or not recipe.data.report:
-        return None
+    if recipe.data.eval is None or not recipe.data.report or not hasattr(trainer, "_tokenizer"):
+        return None  # (a diffusion run evaluates through the trainer's own eval loop)
     spec = recipe.data.eval
     dataset = load_split(recipe, trainer.method, "eval")
     if not {"chosen", "rejected"} <= set(dataset.column_names):

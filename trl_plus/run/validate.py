@@ -122,13 +122,13 @@ def training_field_names() -> set[str]:
     return names
 
 
-def _training_field_types() -> dict[str, Any]:
-    from trl import DPOConfig
-
+def _training_field_types(config_cls: type | None = None) -> dict[str, Any]:
+    if config_cls is None:
+        from trl import DPOConfig as config_cls
     try:
-        return typing.get_type_hints(DPOConfig)
+        return typing.get_type_hints(config_cls)
     except Exception:  # an annotation that cannot be resolved: fall back to names only
-        return {f: Any for f in DPOConfig.__dataclass_fields__}
+        return {f: Any for f in config_cls.__dataclass_fields__}
 
 
 def _check_range(key: str, value: Any, where: Callable[[str], str]) -> None:
@@ -143,8 +143,10 @@ def _check_range(key: str, value: Any, where: Callable[[str], str]) -> None:
         raise TrlPlusError(f"{where('training.' + key)}: must be zero or more, got {value}")
 
 
-def validate_training(training: dict[str, Any], where: str | Callable[[str], str]) -> dict[str, Any]:
-    """Check the ``training`` block against ``trl.DPOConfig``: names first (without importing TRL), then types and
+def validate_training(training: dict[str, Any], where: str | Callable[[str], str],
+                      config_cls: type | None = None) -> dict[str, Any]:  # fmt: skip
+    """Check the ``training`` block against ``trl.DPOConfig`` (or another ``TrainingArguments`` dataclass,
+    ``config_cls``: a diffusion run's ``DiffusionConfig``): names first (without importing TRL), then types and
     the ranges of counts and rates; return it with coerced values, the deprecated names of
     :data:`RENAMED_TRAINING_KEYS` under their current ones. ``where(key)`` says where an error points (a file name
     ``f`` stands for ``f: key``)."""
@@ -154,11 +156,14 @@ def validate_training(training: dict[str, Any], where: str | Callable[[str], str
         def where(key: str) -> str:
             return f"{source}: {key}"
 
-    try:
-        fields = training_field_names()
-    except Exception:  # TRL's source moved: ask the class itself (slower)
-        import dataclasses
+    import dataclasses
 
+    try:
+        if config_cls is not None:
+            fields = {f.name for f in dataclasses.fields(config_cls) if f.init and not f.name.startswith("_")}
+        else:
+            fields = training_field_names()
+    except Exception:  # TRL's source moved: ask the class itself (slower)
         from trl import DPOConfig
 
         fields = {f.name for f in dataclasses.fields(DPOConfig) if f.init}
@@ -170,7 +175,7 @@ def validate_training(training: dict[str, Any], where: str | Callable[[str], str
         name = RENAMED_TRAINING_KEYS.get(key, key)
         if name != key and name in training:
             raise TrlPlusError(f"{where('training.' + key)}: the deprecated name of {name}; set only {name}")
-    types = _training_field_types() if training else {}
+    types = _training_field_types(config_cls) if training else {}
     out = {}
     for key, value in training.items():
         name = RENAMED_TRAINING_KEYS.get(key, key)
@@ -209,8 +214,12 @@ def check_recipe(recipe: Recipe):
         check_trainer_kind(method)
     except TrlPlusError as exc:
         raise TrlPlusError(f"{source}: method: {exc}") from None
+    check_model_kind(recipe, method)
     training = {k: v for k, v in recipe.training.items() if k not in RUN_TRAINING_KEYS}
-    training = validate_training(training, lambda key: locate(recipe, key))
+    config_cls = None
+    if method.trainer == "diffusion":
+        from ..diffusion.trainer import DiffusionConfig as config_cls
+    training = validate_training(training, lambda key: locate(recipe, key), config_cls)
     check_report_to(training.get("report_to"), lambda key: locate(recipe, key))
     resume = recipe.training.get("resume_from_checkpoint")  # true (the latest checkpoint) or a folder
     if not isinstance(resume, (bool, str, type(None))):
@@ -236,6 +245,9 @@ def check_recipe(recipe: Recipe):
         model_paths.append(("reference.name_or_path", recipe.reference.name_or_path))
     teachers = {key: spec for key, _, spec in recipe.teacher_blocks()}
     model_paths += [(f"{key}.name_or_path", spec.name_or_path) for key, spec in teachers.items() if spec.name_or_path]
+    if recipe.model.kind == "diffusion":
+        check_diffusion_model(recipe, method, training)
+        model_paths.pop(0)
     for key, path in model_paths:
         if path in registry.aliases or not looks_local(path):
             continue
@@ -281,6 +293,50 @@ def check_recipe(recipe: Recipe):
     except TrlPlusError as exc:
         raise TrlPlusError(f"{source}: {exc}") from None
     return method, training
+
+
+def check_model_kind(recipe: Recipe, method) -> None:
+    """A diffusion method needs ``model.kind: diffusion`` and a text method a causal LM: one line saying which."""
+    diffusion_method = method.trainer == "diffusion"
+    if diffusion_method and recipe.model.kind != "diffusion":
+        raise TrlPlusError(f"{locate(recipe, 'model.kind')}: method {method.name!r} trains diffusion models: set "
+                           "model.kind: diffusion and model.name_or_path to a diffusers pipeline folder (or an alias: "
+                           "tiny-sd, tiny-sd3)")  # fmt: skip
+    if not diffusion_method and recipe.model.kind == "diffusion":
+        raise TrlPlusError(f"{locate(recipe, 'method')}: method {method.name!r} trains language models (its trainer "
+                           f"is {method.trainer!r}), but model.kind is diffusion: use a diffusion method "
+                           "(diffusion-dpo, diffusion-sft, ...; `trl-plus list`) or a causal LM")  # fmt: skip
+
+
+def check_diffusion_model(recipe: Recipe, method, training: dict[str, Any]) -> None:
+    """A diffusion recipe's pipeline, read from its JSON files only (an alias is built first; a hub name is left to
+    the loader): the folder is a pipeline, the denoiser class is one trl-plus drives, and the scheduler's
+    prediction target is one the method can train (and ``training.weighting`` can weight)."""
+    from ..diffusion.models import check_denoiser_class, pipeline_facts
+    from ..models.load import resolve_model_path
+
+    spec = recipe.model
+    path = spec.name_or_path
+    if path not in get_registry().aliases and not looks_local(path):
+        return
+    folder = Path(resolve_model_path(path)).expanduser()
+    if not folder.is_dir():
+        raise TrlPlusError(f"{locate(recipe, 'model.name_or_path')}: no such pipeline folder: {path} (looked for "
+                           f"{looked_for(recipe, 'model.name_or_path', path)}; a diffusers pipeline folder, a hub name "
+                           f"or an alias: {', '.join(get_registry().aliases)})")  # fmt: skip
+    try:
+        facts = pipeline_facts(folder, spec.denoiser, spec.scheduler.subfolder if spec.scheduler else "scheduler")
+        check_denoiser_class(facts.denoiser_class, f"model.denoiser ({folder / facts.denoiser})")
+    except TrlPlusError as exc:
+        raise TrlPlusError(f"{recipe_source(recipe)}: {exc}") from None
+    targets = method.scoring.targets
+    if facts.prediction_type not in targets:
+        raise TrlPlusError(f"{locate(recipe, 'model.scheduler')}: the scheduler of {path} ({facts.scheduler_class}) "
+                           f"predicts {facts.prediction_type}, which method {method.name!r} cannot train (it takes "
+                           f"{' / '.join(targets)} targets)")  # fmt: skip
+    if facts.prediction_type == "flow" and training.get("weighting") in ("snr", "min_snr"):
+        raise TrlPlusError(f"{locate(recipe, 'training.weighting')}: {training['weighting']} weights by a DDPM noise "
+                           f"schedule; the flow-matching scheduler of {path} has none (use half or unit)")
 
 
 def check_teacher_blocks(recipe: Recipe, method, teachers: dict[str, Any]) -> None:
@@ -380,6 +436,8 @@ def load_split(recipe: Recipe, method, which: str):
     dataset, warnings = check_rows(dataset, method, f"{where}.path", spec.path if looks_local(spec.path) else None)
     for line in warnings:
         _warn_once(line)
+    if hasattr(method, "prepare_split"):  # a method whose rows name files (diffusion: images) checks them here
+        dataset = method.prepare_split(dataset, recipe, which)
     return prepare_rows(dataset, method, which, located)
 
 
@@ -411,6 +469,8 @@ def check_lengths(recipe: Recipe, method, training: dict[str, Any], datasets: di
     split that truncation cuts (per side: sequences, prompt and completion tokens lost) or that loses examples to
     TRL's fully-truncated filter; an error when a split would lose every example. ``datasets``: split -> dataset.
     The tokenizer is read from local files only (a hub model not downloaded yet: ``cannot load a tokenizer``)."""
+    if recipe.model.kind == "diffusion":
+        return []  # images: no tokens to cut
     max_length, mode = training_value(training, "max_length"), training_value(training, "truncation_mode")
     if max_length is None:
         return []

@@ -49,10 +49,11 @@ from ..data.load import (
 from ..data.sharing import SHARED, SharedBatch, share_prefixes
 from ..errors import TrlPlusError
 from ..models.load import bf16_available, resolve_model_path
-from ..registry import get_method
+from . import resolve_method
 from .adapters import REFERENCE_ADAPTER, active_adapter, copy_adapter
 from .frozen import REF_COLUMN, resolve_reference_mode
 from .guard import GuardMixin
+from .metrics import append_pair_metrics
 from .sources import FrozenSourcesMixin, needs_hidden
 
 logger = logging.getLogger(__name__)
@@ -61,16 +62,6 @@ MODEL_INPUT_KEYS = (
     "input_ids", "attention_mask", "position_ids", "token_type_ids", "mm_token_type_ids",
     "pixel_values", "pixel_attention_mask", "image_grid_thw", "image_sizes",
 )  # fmt: skip
-
-
-def resolve_method(method: str | Method | type[Method], method_args: Mapping[str, Any] | None = None) -> Method:
-    """A method instance from a registry name, a class or an instance (``method_args`` fill its config)."""
-    if isinstance(method, Method):
-        if method_args:
-            raise ValueError("pass method_args only with a method name or class")
-        return method
-    cls = get_method(method) if isinstance(method, str) else method
-    return cls(dict(method_args or {}))
 
 
 @contextlib.contextmanager
@@ -528,17 +519,7 @@ class PlusTrainer(GuardMixin, FrozenSourcesMixin, DPOTrainer):
             tokens = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
             self._total_train_tokens += tokens // self._tp_size
         metrics["num_tokens"] = [self._total_train_tokens]
-        sequence_logps = ctx.logps().detach()
-        metrics["logps/chosen"].append(self._gathered_mean(sequence_logps[0]))
-        if ctx.num_sequences > 1:
-            metrics["logps/rejected"].append(self._gathered_mean(sequence_logps[1]))
-        rewards = result.rewards
-        if rewards is not None and rewards.size(0) > 1:
-            rewards = rewards.detach()
-            metrics["rewards/chosen"].append(self._gathered_mean(rewards[0]))
-            metrics["rewards/rejected"].append(self._gathered_mean(rewards[1]))
-            metrics["rewards/accuracies"].append(self._gathered_mean((rewards[0] > rewards[1]).float()))
-            metrics["rewards/margins"].append(self._gathered_mean(rewards[0] - rewards[1]))
+        append_pair_metrics(metrics, ctx.logps(), result.rewards, self._gathered_mean)
         for name, value in result.metrics.items():
             metrics[name].append(self._gathered_mean(value))
 

@@ -1,0 +1,156 @@
+"""Image rows, checked before any model loads, and the collator of prepared examples.
+
+A row holds a ``prompt`` and image paths (relative to the data file, or absolute): ``chosen``/``rejected`` for pairs,
+other columns for other shapes (``DiffusionMethod.image_fields``). ``data.<split>.label`` names a column in the
+official Pick-a-Pic convention (``label_0``: 1 = the first image wins, 0 = the second wins, 0.5 = a tie): 0 swaps the
+pair; ties are dropped (``data.ties: drop``, the official choice) or kept as soft labels (``keep_as_soft``: the
+batch field ``label`` = 0.5, cDPO-style smoothing by methods that read it).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..data.load import _rows, looks_local
+from ..errors import TrlPlusError
+
+#: The collated batch keys of the diffusion trainer.
+X0, PROMPT_IDS, GROUP, NUM_SEQUENCES = "x0", "prompt_ids", "group", "num_sequences"
+#: An image column's batch field for soft labels (``ties: keep_as_soft``): 1.0 = decisive, 0.5 = a tie.
+SOFT_LABEL = "label"
+
+
+def _image_size(path: Path) -> tuple[int, int] | None:
+    """``(width, height)`` of an image file, or ``None`` when PIL cannot read it as an image."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.verify()
+            return image.size
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        return None
+
+
+def check_image_rows(dataset: Any, method: Any, recipe: Any, split: str) -> Any:
+    """``dataset`` with labels applied (swapped pairs, ties dropped or soft) and every image path absolute; one line
+    naming the data file and row for an image that does not exist or is not an image, and for images of different
+    sizes when ``model.resolution`` is not set (it resizes and center-crops them to one square size)."""
+    from datasets import Dataset
+
+    spec = getattr(recipe.data, split)
+    source = f"{getattr(recipe, '_source', '<recipe>')}: data.{split} ({spec.path})"
+    data_file = spec.path if looks_local(spec.path) and Path(spec.path).is_file() else None
+    base = Path(spec.path).expanduser().resolve().parent if data_file else Path.cwd()
+    rows = dataset.to_list()
+    if spec.label is not None:
+        rows = apply_labels(rows, spec.label, recipe.data.ties, method, source, data_file)
+    resolution = getattr(recipe.model, "resolution", None)
+    first_size: tuple[tuple[int, int], int, str] | None = None
+    for index, row in enumerate(rows):
+        for name in method.image_fields:
+            values = row[name] if isinstance(row[name], list) else [row[name]]
+            resolved = []
+            for value in values:
+                if not isinstance(value, str) or not value.strip():
+                    raise TrlPlusError(f"{source}: {_rows([row.get('_row', index)], data_file)}: {name!r} must be an "
+                                       f"image path, got {value!r}")  # fmt: skip
+                path = Path(value).expanduser()
+                path = path if path.is_absolute() else base / path
+                if not path.is_file():
+                    raise TrlPlusError(f"{source}: {_rows([row.get('_row', index)], data_file)}: {name}: no such image "
+                                       f"file: {path}")  # fmt: skip
+                size = _image_size(path)
+                if size is None:
+                    raise TrlPlusError(f"{source}: {_rows([row.get('_row', index)], data_file)}: {name}: {path} is not "
+                                       "an image (PIL cannot read it)")  # fmt: skip
+                if first_size is None:
+                    first_size = (size, index, str(path))
+                elif size != first_size[0] and resolution is None:
+                    raise TrlPlusError(
+                        f"{source}: {_rows([row.get('_row', index)], data_file)}: {name}: {path} is "
+                        f"{size[0]}x{size[1]} but {first_size[2]} is {first_size[0][0]}x{first_size[0][1]}: images of "
+                        "different sizes need model.resolution (they are resized and center-cropped to it)")
+                resolved.append(str(path))
+            row[name] = resolved if isinstance(row[name], list) else resolved[0]
+    for row in rows:
+        row.pop("_row", None)
+    return Dataset.from_list(rows) if rows else dataset.select([])
+
+
+def apply_labels(rows: list[dict], column: str, ties: str, method: Any, source: str, data_file: str | None) -> list:
+    """Pick-a-Pic labels: 1 keeps the pair, 0 swaps it, 0.5 is a tie (dropped, or kept with ``label`` 0.5)."""
+    first, second = method.image_fields[:2]
+    kept = []
+    for index, row in enumerate(rows):
+        if column not in row:
+            raise TrlPlusError(f"{source}: data has no label column {column!r} (data.*.label); it has "
+                               f"{', '.join(row)}")  # fmt: skip
+        label = row[column]
+        if label not in (0, 1, 0.5):
+            raise TrlPlusError(f"{source}: {_rows([index], data_file)}: {column} is {label!r}; expected 1 (the "
+                               f"{first} image wins), 0 (the {second} image wins) or 0.5 (a tie)")  # fmt: skip
+        row = dict(row, _row=index)
+        if label == 0:
+            row[first], row[second] = row[second], row[first]
+        if label == 0.5 and ties == "drop":
+            continue
+        row[SOFT_LABEL] = 0.5 if label == 0.5 else 1.0
+        kept.append(row)
+    if not kept:
+        raise TrlPlusError(f"{source}: every row is a tie ({column} = 0.5) and data.ties is drop: nothing to learn")
+    return kept
+
+
+def load_image(path: str, resolution: int | None, channels: int):
+    """An image file as a ``[C, H, W]`` float tensor in [-1, 1] (``channels`` 1: grey, 3: RGB), resized (shorter side)
+    and center-cropped to ``resolution`` when given."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image = image.convert("L" if channels == 1 else "RGB")
+        if resolution is not None:
+            width, height = image.size
+            scale = resolution / min(width, height)
+            image = image.resize((max(resolution, round(width * scale)), max(resolution, round(height * scale))),
+                                 Image.BICUBIC)  # fmt: skip
+            left, top = (image.size[0] - resolution) // 2, (image.size[1] - resolution) // 2
+            image = image.crop((left, top, left + resolution, top + resolution))
+        array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    tensor = torch.from_numpy(array.copy())
+    return tensor.unsqueeze(0) if tensor.dim() == 2 else tensor.permute(2, 0, 1)
+
+
+class LatentCollator:
+    """Prepared examples (``{"x0": [K, ...] latents or {"mean", "std"}, "prompt_id": int, fields...}``) -> a batch:
+    ``x0`` ``[K*B, ...]`` ordered sequence-major (``[img0 ex1..exB, img1 ex1..]``, as the text trainer's rows),
+    ``prompt_ids`` ``[B]``, ``group`` ``[K*B]`` (each row's example), ``num_sequences`` K, and ``fields`` as float
+    tensors ``[B]`` (a list per row: ``[B, L]``). Latents stored as a distribution (``mean``/``std``) are sampled by the scorer, per step."""
+
+    def __init__(self, fields: tuple[str, ...] = ()):
+        self.fields = tuple(fields)
+
+    def __call__(self, examples: list[dict]) -> dict:
+        import torch
+
+        first = examples[0]["x0"]
+        batch: dict[str, Any] = {}
+        if isinstance(first, dict):
+            for key in first:
+                stacked = torch.stack([e["x0"][key] for e in examples], 1)  # [K, B, ...]
+                batch[f"{X0}_{key}"] = stacked.reshape(-1, *stacked.shape[2:])
+            k = first["mean"].size(0)
+        else:
+            stacked = torch.stack([e["x0"] for e in examples], 1)
+            batch[X0] = stacked.reshape(-1, *stacked.shape[2:])
+            k = first.size(0)
+        size = len(examples)
+        batch[PROMPT_IDS] = torch.tensor([e["prompt_id"] for e in examples], dtype=torch.long)
+        batch[GROUP] = torch.arange(size).repeat(k)
+        batch[NUM_SEQUENCES] = k
+        for name in self.fields + ((SOFT_LABEL,) if SOFT_LABEL in examples[0] else ()):
+            batch[name] = torch.tensor([e[name] for e in examples], dtype=torch.float32)  # [B] or [B, K] lists
+        return batch

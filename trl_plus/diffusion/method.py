@@ -1,0 +1,108 @@
+"""What a diffusion method is: :class:`DiffusionMethod` (a :class:`~trl_plus.Method` run by the ``diffusion``
+trainer kind) and :class:`Scoring` (what its denoising scores share and predict). Light: no torch, no diffusers."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from ..contract import Method, Needs
+
+#: How to get the optional extra that diffusion methods need.
+DIFFUSION_INSTALL = 'pip install "trl-plus[diffusion]"'
+
+#: Prediction targets a scheduler can define (``auto``: the scheduler's ``prediction_type``, or ``flow`` for a
+#: flow-matching scheduler).
+TARGETS = ("epsilon", "v_prediction", "flow", "sample")
+
+
+def diffusers_available() -> bool:
+    """Whether ``diffusers`` is installed (found, not imported: ``trl-plus list`` stays fast)."""
+    return importlib.util.find_spec("diffusers") is not None
+
+
+def require_diffusers(what: str) -> None:
+    """A one-line error naming ``what`` and the install line when ``diffusers`` is missing."""
+    from ..errors import TrlPlusError
+
+    if not diffusers_available():
+        raise TrlPlusError(f"{what} needs the optional extra trl-plus[diffusion] (diffusers): {DIFFUSION_INSTALL}")
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """How the trainer scores a batch (the method's defaults; the recipe's ``training`` block may override
+    ``share_timestep`` / ``share_noise``).
+
+    - ``targets``: the prediction targets the loss is valid for (a scheduler whose target is not among them is
+      refused before any model loads);
+    - ``share_timestep`` / ``share_noise``: the K images of one example get the same t / the same ε (Diffusion-DPO
+      shares both; RankDPO t only; DSO neither ε);
+    - caption dropout is always shared by the example's images (both members of a pair drop their prompt).
+    """
+
+    targets: tuple[str, ...] = TARGETS
+    share_timestep: bool = True
+    share_noise: bool = True
+
+
+def denoising_errors(ctx: Any) -> tuple[Any, Any]:
+    """``([K, B] policy errors ē (with grad), [K, B] reference errors or None)`` of a diffusion loss context: the
+    scorer's raw element-mean errors (``ctx.outputs.mse`` / ``ref_mse``, whatever ``training.weighting`` is), or, for
+    a hand-made context without outputs, ē = −ℓ/½ (the default weight) from ``ctx.logps()`` / ``ctx.ref_logps()``.
+    For losses printed on raw errors (DSO's mean(e⁺ − e⁻), RankDPO's s = e_θ − e_ref, an SFT term)."""
+    outputs = ctx.outputs
+    shape = ctx.token_logps.shape[:2]
+    if outputs is not None and getattr(outputs, "mse", None) is not None:
+        ref = outputs.ref_mse
+        return outputs.mse.view(shape), None if ref is None else ref.view(shape)
+    return -2 * ctx.logps(), None if ctx.ref_token_logps is None else -2 * ctx.ref_logps()
+
+
+class DiffusionMethod(Method):
+    """A method on text-to-image diffusion or flow models (trainer kind ``diffusion``).
+
+    The loss receives ``ctx.token_logps`` ``[K, B, 1]``: ℓ = −w(t)·ē per image (ē: the element-mean squared error of
+    the prediction against the target, fp32; w = ½ unless ``training.weighting`` says otherwise), the reference's
+    ℓ under no-grad in ``ctx.ref_token_logps``, and the raw score (errors, timesteps, weights) as ``ctx.outputs``
+    (a :class:`~trl_plus.diffusion.scorer.ScoreOutput`). ``data_fields`` are image paths relative to the data file.
+
+    Hooks beyond :class:`~trl_plus.Method`'s: :meth:`examples` (rows -> the images of each example; K images, index
+    0 the preferred one) and :meth:`prepare_split` (the image checks run before any model loads).
+    """
+
+    trainer: ClassVar[str] = "diffusion"
+    family: ClassVar[str] = "diffusion"
+    needs: ClassVar[Needs] = Needs(reference="yes", precomputable_reference=False)
+    scoring: ClassVar[Scoring] = Scoring()
+    data_fields: ClassVar[tuple[str, ...]] = ("prompt", "chosen", "rejected")
+    #: The image columns of a row, in order (index 0 the preferred image).
+    image_fields: ClassVar[tuple[str, ...]] = ("chosen", "rejected")
+    example_data: ClassVar[dict[str, Any]] = {"path": "recipes/data/diffusion_pairs.jsonl"}
+    #: Columns of a row (besides the images and the prompt) collated into ``ctx.batch`` as float tensors ``[B]``.
+    batch_fields: ClassVar[tuple[str, ...]] = ()
+    #: What ``trl-plus show``'s example recipe sets for the model (a tiny offline pipeline).
+    example_model: ClassVar[dict[str, Any]] = {"kind": "diffusion", "name_or_path": "tiny-sd"}
+
+    def images(self, row: dict[str, Any]) -> list[str]:
+        """The image paths of one row, preferred first (default: :attr:`image_fields`)."""
+        return [row[name] for name in self.image_fields]
+
+    def prepare_split(self, dataset: Any, recipe: Any, split: str) -> Any:
+        """The recipe's split checked before any model loads (labels, ties, image paths and sizes; one line naming
+        file and row) with image paths made absolute. See :func:`trl_plus.diffusion.data.check_image_rows`."""
+        from .data import check_image_rows
+
+        return check_image_rows(dataset, self, recipe, split)
+
+    def score(self, trainer: Any, inputs: Any) -> Any:
+        """Score the batch yourself (return a :class:`~trl_plus.diffusion.scorer.ScoreOutput`), or ``None`` (the
+        default) for the trainer's :class:`~trl_plus.diffusion.scorer.DenoisingScorer` on forward-noised latents."""
+        return None
+
+    def batch_collator(self) -> Any:
+        """The collator of prepared examples (default: K images per example stacked sequence-major)."""
+        from .data import LatentCollator
+
+        return LatentCollator(self.batch_fields)

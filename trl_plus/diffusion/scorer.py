@@ -1,0 +1,171 @@
+"""The denoising scorer: a denoiser and a batch of clean latents x0 -> per-image pseudo log-likelihoods.
+
+For each image it draws a timestep t and noise ε (shared by the images of one example when the method says so),
+forms x_t and the target from the scheduler — DDPM-style ``add_noise`` with target ε (``epsilon``),
+``get_velocity`` (``v_prediction``) or x0 (``sample``); flow matching x_t = (1 − σ)·x0 + σ·ε with target ε − x0
+(``flow``) — and scores ℓ = −w(t)·ē, ē the element mean of (prediction − target)² in fp32. w = ½ by default
+(``half``: with it the text DPO loss at the official β is the official Diffusion-DPO loss), 1 (``unit``),
+½·SNR(t) (``snr``) or ½·min(SNR, γ)/SNR (``min_snr``, ε; /(SNR + 1) for v: diffusers' min-SNR weighting).
+Timesteps: ``uniform`` (over the scheduler's training steps), ``logit_normal`` / ``mode`` (diffusers'
+``compute_density_for_timestep_sampling``, u·N indexing the scheduler's tables, as diffusers' SD3 example) or
+``stratified`` (one u per stratum of [0, 1) over the batch, shuffled).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import TrlPlusError
+from .models import FLOW_SCHEDULERS, denoise
+
+TIMESTEP_SAMPLING = ("uniform", "logit_normal", "mode", "stratified")
+WEIGHTINGS = ("half", "unit", "snr", "min_snr")
+
+
+def scheduler_target(scheduler) -> str:
+    """The target a scheduler trains: ``flow`` for a flow-matching scheduler, else its ``prediction_type``."""
+    if type(scheduler).__name__ in FLOW_SCHEDULERS:
+        return "flow"
+    return scheduler.config.get("prediction_type", "epsilon")
+
+
+@dataclass
+class Noised:
+    """One row per image, rows sequence-major as the text trainer's: the noised input, the model timestep, the target
+    and the weight w(t) of ℓ = −w·ē; ``t`` is the scheduler's index (DDPM) and ``sigma`` the flow σ (else ``None``)."""
+
+    x_t: torch.Tensor
+    timesteps: torch.Tensor
+    target: torch.Tensor
+    weight: torch.Tensor
+    noise: torch.Tensor
+    t: torch.Tensor
+    sigma: torch.Tensor | None = None
+
+
+@dataclass
+class ScoreOutput:
+    """What the scorer gives the loss (``ctx.outputs``): ``logps`` ``[N, 1]`` ℓ of the policy (with grad), ``mask``
+    ones, ``ref_logps`` the reference's (no grad; ``None`` without a reference), the raw errors ``mse`` /
+    ``ref_mse`` ``[N]`` and the :class:`Noised` inputs."""
+
+    logps: torch.Tensor
+    mask: torch.Tensor
+    ref_logps: torch.Tensor | None
+    mse: torch.Tensor
+    ref_mse: torch.Tensor | None
+    noised: Noised
+
+
+class DenoisingScorer:
+    """Noise, predict, score (see the module doc). ``share_timestep`` / ``share_noise``: the rows of one ``group``
+    (the K images of an example) get the same t / ε."""
+
+    def __init__(self, scheduler, *, target: str = "auto", timestep_sampling: str = "uniform", logit_mean: float = 0.0,
+                 logit_std: float = 1.0, mode_scale: float = 1.29, weighting: str = "half", snr_gamma: float = 5.0,
+                 share_timestep: bool = True, share_noise: bool = True):  # fmt: skip
+        if timestep_sampling not in TIMESTEP_SAMPLING:
+            raise TrlPlusError(f"training.timestep_sampling: {timestep_sampling!r} is not one of "
+                               f"{', '.join(TIMESTEP_SAMPLING)}")  # fmt: skip
+        if weighting not in WEIGHTINGS:
+            raise TrlPlusError(f"training.weighting: {weighting!r} is not one of {', '.join(WEIGHTINGS)}")
+        self.scheduler = scheduler
+        self.target = scheduler_target(scheduler) if target == "auto" else target
+        if self.target == "flow" and weighting in ("snr", "min_snr"):
+            raise TrlPlusError(f"training.weighting: {weighting} is defined by a DDPM noise schedule; a flow-matching "
+                               "scheduler has none (use half or unit)")  # fmt: skip
+        self.timestep_sampling, self.weighting, self.snr_gamma = timestep_sampling, weighting, snr_gamma
+        self.logit_mean, self.logit_std, self.mode_scale = logit_mean, logit_std, mode_scale
+        self.share_timestep, self.share_noise = share_timestep, share_noise
+        self.num_train_timesteps = scheduler.config.num_train_timesteps
+
+    # -- drawing ------------------------------------------------------------------------------------------------
+    def _uniform01(self, n: int, generator) -> torch.Tensor:
+        from diffusers.training_utils import compute_density_for_timestep_sampling
+
+        if self.timestep_sampling == "stratified":
+            return (torch.randperm(n, generator=generator) + torch.rand(n, generator=generator)) / n
+        scheme = "none" if self.timestep_sampling == "uniform" else self.timestep_sampling
+        return compute_density_for_timestep_sampling(scheme, n, self.logit_mean, self.logit_std, self.mode_scale,
+                                                     generator=generator)  # fmt: skip
+
+    def sample_timesteps(self, n: int, generator=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(model timesteps, scheduler index t, σ or None)`` for ``n`` draws (on the CPU)."""
+        steps = self.num_train_timesteps
+        if self.target != "flow":
+            if self.timestep_sampling == "uniform":  # the official draw: an integer in [0, N)
+                t = torch.randint(0, steps, (n,), generator=generator)
+            else:
+                t = (self._uniform01(n, generator) * steps).long().clamp(0, steps - 1)
+            return t, t, None
+        index = (self._uniform01(n, generator) * steps).long().clamp(0, steps - 1)
+        return self.scheduler.timesteps[index].float(), index, self.scheduler.sigmas[index].float()
+
+    def forward_noise(self, x0: torch.Tensor, group: torch.Tensor, num_groups: int, generator=None) -> Noised:
+        """x_t, target and weight for clean latents ``x0`` ``[N, ...]``; rows with the same ``group`` id share t and
+        ε when the scorer says so (t is drawn first, then ε: the same seed gives the same draws)."""
+        n, device = x0.size(0), x0.device
+        group_cpu = group.cpu()
+        draws = num_groups if self.share_timestep else n
+        timesteps, t, sigma = self.sample_timesteps(draws, generator)
+        if self.share_timestep:
+            timesteps, t = timesteps[group_cpu], t[group_cpu]
+            sigma = None if sigma is None else sigma[group_cpu]
+        shape = (num_groups if self.share_noise else n, *x0.shape[1:])
+        noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+        if self.share_noise:
+            noise = noise[group_cpu]
+        noise = noise.to(device=device, dtype=x0.dtype)
+        timesteps, t = timesteps.to(device), t.to(device)
+        if self.target == "flow":
+            s = sigma.to(device=device, dtype=x0.dtype).view(-1, *([1] * (x0.dim() - 1)))
+            x_t, target = (1 - s) * x0 + s * noise, noise - x0
+        else:
+            x_t = self.scheduler.add_noise(x0, noise, t)
+            if self.target == "epsilon":
+                target = noise
+            elif self.target == "v_prediction":
+                target = self.scheduler.get_velocity(x0, noise, t)
+            elif self.target == "sample":
+                target = x0
+            else:
+                raise TrlPlusError(f"the scheduler's prediction_type {self.target!r} is not one trl-plus can train")
+        weight = self.weights(t).to(device)
+        return Noised(x_t, timesteps, target, weight, noise, t, None if sigma is None else sigma.to(device))
+
+    def weights(self, t: torch.Tensor) -> torch.Tensor:
+        """``[N]`` w(t) of ℓ = −w·ē (fp32)."""
+        if self.weighting in ("half", "unit"):
+            return torch.full(t.shape, 0.5 if self.weighting == "half" else 1.0, dtype=torch.float32)
+        from diffusers.training_utils import compute_snr
+
+        snr = compute_snr(self.scheduler, t.cpu())
+        if self.weighting == "snr":
+            return 0.5 * snr
+        clipped = torch.minimum(snr, torch.full_like(snr, self.snr_gamma))
+        return 0.5 * clipped / (snr + 1 if self.target == "v_prediction" else snr)
+
+    # -- scoring --------------------------------------------------------------------------------------------
+    @staticmethod
+    def errors(model, noised: Noised, cond: dict[str, Any]) -> torch.Tensor:
+        """``[N]`` ē: the element mean of (prediction − target)² per row, in fp32."""
+        prediction = denoise(model, noised.x_t, noised.timesteps, cond)
+        squared = (prediction.float() - noised.target.float()) ** 2
+        return squared.reshape(squared.size(0), -1).mean(1)
+
+    def score(self, model, x0: torch.Tensor, group: torch.Tensor, num_groups: int, cond: dict[str, Any],
+              reference=None, generator=None) -> ScoreOutput:  # fmt: skip
+        """The policy's ℓ (with grad) and, when ``reference(noised, cond) -> [N] errors`` is given, the
+        reference's, on one draw of (t, ε)."""
+        noised = self.forward_noise(x0, group, num_groups, generator)
+        mse = self.errors(model, noised, cond)
+        ref_mse = None
+        if reference is not None:
+            with torch.no_grad():
+                ref_mse = reference(noised, cond).detach()
+        logps = -(noised.weight * mse).unsqueeze(-1)
+        ref_logps = None if ref_mse is None else -(noised.weight * ref_mse).unsqueeze(-1)
+        return ScoreOutput(logps, torch.ones_like(logps), ref_logps, mse, ref_mse, noised)

@@ -1,0 +1,92 @@
+"""Tiny offline diffusion pipelines built from configs (seeded): what the ``tiny-sd`` and ``tiny-sd3`` model aliases
+build. 16x16 RGB images, a 2-level VAE (8x8x4 latents), a 2-layer CLIP text encoder (hidden 32, 16 positions) with
+the character tokenizer of ``tiny-llama``; ``tiny-sd``: a (8, 16)-channel UNet2DConditionModel and a 1000-step
+DDPM scheduler (ε-prediction); ``tiny-sd3``: a 1-layer SD3Transformer2DModel, two CLIP encoders (no T5) and a
+flow-matching Euler scheduler (shift 3)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+TEXT_POSITIONS = 16
+
+
+def _text_parts(projection: bool, count: int = 1):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from ..models.tiny import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    tokenizer.model_max_length = TEXT_POSITIONS
+    config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=2, max_position_embeddings=TEXT_POSITIONS, projection_dim=32,
+                            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                            eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    cls = CLIPTextModelWithProjection if projection else CLIPTextModel
+    return tokenizer, [cls(config) for _ in range(count)]
+
+
+def _vae(**kwargs):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
+                         up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[8, 16], latent_channels=4,
+                         norm_num_groups=4, sample_size=16, layers_per_block=1, **kwargs)  # fmt: skip
+
+
+def tiny_unet(in_channels: int = 4, sample_size: int = 8, cross_attention_dim: int = 32, seed: int = 0, **kwargs):
+    """The ``tiny-sd`` denoiser: a (8, 16)-channel UNet2DConditionModel, one cross-attention level (seeded)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    options = dict(sample_size=sample_size, in_channels=in_channels, out_channels=in_channels, layers_per_block=1,
+                   block_out_channels=(8, 16), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=cross_attention_dim,
+                   norm_num_groups=4, attention_head_dim=4)  # fmt: skip
+    return UNet2DConditionModel(**{**options, **kwargs})
+
+
+def tiny_sd3_transformer(in_channels: int = 4, sample_size: int = 8, seed: int = 0):
+    """The ``tiny-sd3`` denoiser: a 1-layer SD3Transformer2DModel (patch 2, 2 heads of 8; joint attention 64)."""
+    import torch
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(sample_size=sample_size, patch_size=2, in_channels=in_channels, num_layers=1,
+                                 attention_head_dim=8, num_attention_heads=2, joint_attention_dim=64,
+                                 caption_projection_dim=16, pooled_projection_dim=64, out_channels=in_channels)
+
+
+def save_tiny_sd(directory: str | Path, seed: int = 0, prediction_type: str = "epsilon") -> str:
+    """Write the ``tiny-sd`` pipeline (``StableDiffusionPipeline``, no safety checker) to ``directory``."""
+    import torch
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    unet = tiny_unet(seed=seed)
+    torch.manual_seed(seed + 1)
+    vae = _vae()
+    tokenizer, (text_encoder,) = _text_parts(projection=False)
+    scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type=prediction_type, clip_sample=False)
+    pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)  # fmt: skip
+    pipeline.save_pretrained(str(directory))
+    return str(directory)
+
+
+def save_tiny_sd3(directory: str | Path, seed: int = 0) -> str:
+    """Write the ``tiny-sd3`` pipeline (``StableDiffusion3Pipeline`` without T5) to ``directory``."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    transformer = tiny_sd3_transformer(seed=seed)
+    torch.manual_seed(seed + 1)
+    vae = _vae(shift_factor=0.1, scaling_factor=1.5)
+    tokenizer, (first, second) = _text_parts(projection=True, count=2)
+    pipeline = StableDiffusion3Pipeline(transformer=transformer, vae=vae, text_encoder=first, tokenizer=tokenizer,
+                                        text_encoder_2=second, tokenizer_2=tokenizer, text_encoder_3=None,
+                                        tokenizer_3=None,
+                                        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0))
+    pipeline.save_pretrained(str(directory))
+    return str(directory)

@@ -1,0 +1,329 @@
+"""``DiffusionTrainer``: a ``transformers.Trainer`` (accelerate, accumulation, schedulers, checkpoints, resume,
+callbacks) driving a diffusers denoiser with a trl-plus method's loss.
+
+One step: the collator stacks the K images of B examples ``[K*B, ...]`` (latents cached once; a VAE latent
+distribution is sampled at every step, as the official scripts do); the scorer draws (t, ε) — shared within an
+example when the method says so — and scores the policy (with grad) and the reference (adapter off, a frozen
+copy, or none) on the same x_t; ``method.loss(LossContext)`` receives ℓ ``[K, B, 1]``. Text embeddings are computed
+once per unique prompt (the empty prompt, for caption dropout, included) and the text encoders are then freed.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+from ..contract import LossContext, Method
+from ..errors import TrlPlusError
+from ..trainers import resolve_method
+from ..trainers.frozen import resolve_reference_mode
+from ..trainers.guard import GuardMixin
+from ..trainers.metrics import append_pair_metrics
+from .data import GROUP, NUM_SEQUENCES, PROMPT_IDS, X0, load_image
+from .models import (
+    DiffusionBundle,
+    denoiser_kind,
+    has_lora,
+    load_denoiser_weights,
+    save_denoiser,
+)
+from .scorer import DenoisingScorer, ScoreOutput
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DiffusionConfig(TrainingArguments):
+    """``TrainingArguments`` plus the scorer's fields (the recipe's ``training`` block of a diffusion run); the
+    defaults are the official Diffusion-DPO code's, except ``caption_dropout`` (official: 0.2, set in the recipe)."""
+
+    timestep_sampling: Literal["uniform", "logit_normal", "mode", "stratified"] = field(
+        default="uniform", metadata={"help": "how t is drawn (flow models: logit_normal)"})
+    logit_mean: float = field(default=0.0, metadata={"help": "logit_normal: mean"})
+    logit_std: float = field(default=1.0, metadata={"help": "logit_normal: standard deviation"})
+    mode_scale: float = field(default=1.29, metadata={"help": "mode sampling: scale (SD3)"})
+    weighting: Literal["half", "unit", "snr", "min_snr"] = field(
+        default="half", metadata={"help": "w(t) in ℓ = −w·ē (half makes β the official one)"})
+    snr_gamma: float = field(default=5.0, metadata={"help": "min_snr: γ"})
+    caption_dropout: float = field(default=0.0, metadata={"help": "probability an example's prompt is empty"})
+    share_timestep: bool | None = field(default=None, metadata={"help": "override the method's t sharing"})
+    share_noise: bool | None = field(default=None, metadata={"help": "override the method's ε sharing"})
+    remove_unused_columns: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 <= self.caption_dropout < 1:
+            raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
+
+
+class DiffusionTrainer(GuardMixin, Trainer):
+    """``transformers.Trainer`` for a :class:`~trl_plus.diffusion.method.DiffusionMethod` on a
+    :class:`~trl_plus.diffusion.models.DiffusionBundle`.
+
+    ``train_dataset`` / ``eval_dataset``: rows (a list of dicts or a ``datasets.Dataset``) with a ``prompt`` and the
+    method's image columns (paths), or with ready latents ``x0`` ``[K, C, h, w]`` (tests, cached latents).
+    ``encode_prompts(list[str]) -> {"text": [P, L, H], "pooled": [P, D] | absent}`` replaces the pipeline's text
+    encoders (a bundle without a pipeline needs it). ``reference_mode``: ``auto`` (LoRA: adapter off; else a
+    frozen copy; reference-free methods: none), ``adapter``, ``model`` or ``none``. ``resolution``: images are
+    resized and center-cropped to it.
+    """
+
+    def __init__(self, bundle: DiffusionBundle, args: DiffusionConfig | None = None, *,
+                 method: str | Method | type[Method] = "diffusion-dpo", method_args: Mapping[str, Any] | None = None,
+                 reference_mode: str = "auto", ref_model=None, train_dataset=None, eval_dataset=None,
+                 encode_prompts=None, resolution: int | None = None, data_collator=None, **kwargs):  # fmt: skip
+        self.method = resolve_method(method, method_args)
+        if self.method.trainer != "diffusion":
+            raise TrlPlusError(f"method {self.method.name!r} runs on a {self.method.trainer!r} trainer, not on "
+                               "DiffusionTrainer (a diffusion method: diffusion-dpo, diffusion-sft, ...)")  # fmt: skip
+        if args is None:
+            args = DiffusionConfig(f"runs/{self.method.name}", report_to="none", use_cpu=not torch.cuda.is_available())
+        self.bundle = bundle
+        denoiser = bundle.denoiser
+        self.reference_mode = resolve_reference_mode(self.method, reference_mode, has_lora(denoiser),
+                                                     has_ref_model=ref_model is not None)  # fmt: skip
+        if self.reference_mode == "none" and ref_model is not None:
+            raise TrlPlusError(f"method {self.method.name!r} runs without a reference; do not pass ref_model")
+        if self.reference_mode == "model" and ref_model is None:
+            ref_model = copy.deepcopy(denoiser).eval().requires_grad_(False)  # the initial policy, frozen
+        self.ref_model = ref_model
+        scoring = self.method.scoring
+        self.scorer = DenoisingScorer(
+            bundle.scheduler, timestep_sampling=args.timestep_sampling, logit_mean=args.logit_mean,
+            logit_std=args.logit_std, mode_scale=args.mode_scale, weighting=args.weighting, snr_gamma=args.snr_gamma,
+            share_timestep=scoring.share_timestep if args.share_timestep is None else args.share_timestep,
+            share_noise=scoring.share_noise if args.share_noise is None else args.share_noise,
+        )  # fmt: skip
+        if self.scorer.target not in scoring.targets:
+            raise TrlPlusError(f"method {self.method.name!r} trains {' / '.join(scoring.targets)} targets, but the "
+                               f"scheduler ({type(bundle.scheduler).__name__}) predicts {self.scorer.target}")
+        self.resolution = resolution
+        self._prompts: dict[str, int] = {"": 0}  # the empty prompt first: caption dropout
+        train_examples = self.prepare_examples(train_dataset)
+        eval_examples = self.prepare_examples(eval_dataset)
+        self.text_cache = self.encode_text(list(self._prompts), encode_prompts)
+        self.release_text_encoders()
+        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._eval_generator: torch.Generator | None = None
+        super().__init__(model=denoiser, args=args, data_collator=data_collator or self.method.batch_collator(),
+                         train_dataset=train_examples, eval_dataset=eval_examples, **kwargs)  # fmt: skip
+        if self.ref_model is not None:
+            self.ref_model.to(self.args.device)
+
+    @classmethod
+    def from_recipe(cls, recipe, method: Method, training: dict[str, Any], train_dataset=None, eval_dataset=None,
+                    callbacks=None) -> DiffusionTrainer:  # fmt: skip
+        """The trainer a validated diffusion recipe describes (``trl_plus.train`` calls it after the data checks):
+        the pipeline loaded as ``recipe.model`` says, ``training`` (checked) as a :class:`DiffusionConfig`."""
+        from ..models.load import resolve_model_path
+        from .models import load_diffusion
+
+        training = dict(training)
+        training.setdefault("report_to", "none")
+        training.setdefault("use_cpu", not torch.cuda.is_available())
+        training.setdefault("seed", 42)
+        if eval_dataset is not None:
+            training.setdefault("eval_strategy", "steps")
+        args = DiffusionConfig(**training)
+        bundle = load_diffusion(recipe.model, resolve_model_path(recipe.model.name_or_path))
+        if bundle.quantization:
+            logger.warning(f"model.quantization: 4-bit denoiser through the {bundle.quantization} path")
+        return cls(bundle, args, method=method, reference_mode=recipe.reference.mode, train_dataset=train_dataset,
+                   eval_dataset=eval_dataset, resolution=recipe.model.resolution, callbacks=callbacks,
+                   nan=recipe.training.get("nan", "stop"))  # fmt: skip
+
+    # -- data -------------------------------------------------------------------------------------------------
+    def prompt_id(self, prompt: str) -> int:
+        """The row of ``prompt`` in the text cache (registered on first sight)."""
+        return self._prompts.setdefault(prompt, len(self._prompts))
+
+    def prepare_examples(self, rows) -> list[dict] | None:
+        """Rows -> examples ``{"x0": [K, ...] | {"mean", "std"}, "prompt_id", fields...}``: images loaded once
+        (resized to ``resolution``) and encoded by the VAE into its latent distribution, scaled (and shifted)
+        as the pipeline's latents; without a VAE the pixels are the latents."""
+        if rows is None:
+            return None
+        rows = rows.to_list() if hasattr(rows, "to_list") else list(rows)
+        fields = (*self.method.batch_fields, "label")
+        examples = []
+        for row in rows:
+            example = {"prompt_id": self.prompt_id(row.get("prompt", ""))}
+            example.update({name: row[name] for name in fields if name in row})
+            example["x0"] = row["x0"] if "x0" in row else self.encode_images(self.method.images(row))
+            examples.append(example)
+        return examples
+
+    @torch.no_grad()
+    def encode_images(self, paths: list[str]):
+        """The K images of one example as latents: ``{"mean", "std"}`` ``[K, c, h, w]`` of the VAE's latent
+        distribution (scaled: (z − shift)·scale), or pixels ``[K, C, H, W]`` in [-1, 1] without a VAE."""
+        vae = self.bundle.vae
+        channels = 3 if vae is not None else self.bundle.denoiser.config.in_channels
+        pixels = torch.stack([load_image(p, self.resolution, channels) for p in paths])
+        if vae is None:
+            return pixels
+        dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+        scale, shift = vae.config.scaling_factor, vae.config.get("shift_factor") or 0.0
+        return {"mean": ((dist.mean - shift) * scale).float().cpu(), "std": (dist.std * scale).float().cpu()}
+
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str], encode_prompts=None) -> dict[str, torch.Tensor]:
+        """The text cache: each unique prompt encoded once (``text`` ``[P, L, H]``, SD3 ``pooled`` ``[P, D]``)."""
+        if encode_prompts is None:
+            encode_prompts = self._pipeline_encoder()
+        cache = {}
+        for start in range(0, len(prompts), 64):
+            part = encode_prompts(prompts[start:start + 64])
+            for key, value in part.items():
+                cache.setdefault(key, []).append(value.detach().float().cpu())
+        return {key: torch.cat(values) for key, values in cache.items()}
+
+    def release_text_encoders(self) -> None:
+        """Free the pipeline's text encoders once every prompt is in the text cache (an SD3 T5-XXL never sits next to
+        the trained denoiser); the tokenizers stay."""
+        pipeline = self.bundle.pipeline
+        if pipeline is None:
+            return
+        for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+            if getattr(pipeline, name, None) is not None:
+                setattr(pipeline, name, None)
+
+    def _pipeline_encoder(self):
+        pipeline = self.bundle.pipeline
+        if pipeline is None:
+            raise TrlPlusError("a DiffusionBundle without a pipeline needs encode_prompts (prompts -> embeddings)")
+        device = next(pipeline.text_encoder.parameters()).device
+        if denoiser_kind(self.bundle.denoiser) == "sd3":
+            positions = pipeline.tokenizer.model_max_length
+
+            def encode(prompts):
+                text, _, pooled, _ = pipeline.encode_prompt(prompts, None, None, device=device,
+                                                            do_classifier_free_guidance=False,
+                                                            max_sequence_length=positions)  # fmt: skip
+                return {"text": text, "pooled": pooled}
+        else:
+            def encode(prompts):
+                return {"text": pipeline.encode_prompt(prompts, device, 1, False)[0]}
+        return encode
+
+    # -- the step ---------------------------------------------------------------------------------------------
+    def _clean_latents(self, inputs: Mapping[str, Any], generator) -> torch.Tensor:
+        if X0 in inputs:
+            return inputs[X0]
+        mean, std = inputs[f"{X0}_mean"], inputs[f"{X0}_std"]
+        noise = torch.randn(mean.shape, generator=generator, dtype=torch.float32).to(mean.device, mean.dtype)
+        return mean + std * noise
+
+    def _denoiser_dtype(self, model) -> torch.dtype:
+        return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+    def conditioning(self, prompt_ids: torch.Tensor, group: torch.Tensor, dtype, device) -> dict[str, torch.Tensor]:
+        """Per-row conditioning from the text cache (the K images of an example share their prompt's rows)."""
+        rows = prompt_ids.cpu()[group.cpu()]
+        return {key: value[rows].to(device=device, dtype=dtype) for key, value in self.text_cache.items()}
+
+    def score(self, model, inputs: Mapping[str, Any], generator=None) -> ScoreOutput:
+        """One draw of (t, ε) for the batch; the policy's and (when the run has one) the reference's scores."""
+        custom = getattr(self.method, "score", None)
+        if custom is not None and (result := custom(self, inputs)) is not None:
+            return result
+        x0 = self._clean_latents(inputs, generator)
+        group, prompt_ids = inputs[GROUP], inputs[PROMPT_IDS]
+        dropout = self.args.caption_dropout
+        if dropout > 0 and model.training:  # one draw per example: both images of a pair lose the prompt together
+            drop = torch.rand(prompt_ids.shape, generator=generator) < dropout
+            prompt_ids = torch.where(drop.to(prompt_ids.device), torch.zeros_like(prompt_ids), prompt_ids)
+        dtype = self._denoiser_dtype(model)
+        cond = self.conditioning(prompt_ids, group, dtype, x0.device)
+        reference = None if self.reference_mode == "none" else self.reference_errors
+        return self.scorer.score(model, x0.to(dtype), group, prompt_ids.size(0), cond, reference, generator)
+
+    def reference_errors(self, noised, cond) -> torch.Tensor:
+        """``[N]`` the reference's errors on the policy's x_t: the adapter switched off (no second copy of the base
+        weights) or the frozen copy."""
+        if self.ref_model is not None:
+            return self.scorer.errors(self.ref_model, noised, cond)
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        unwrapped.disable_adapters()
+        try:
+            return self.scorer.errors(unwrapped, noised, cond)
+        finally:
+            unwrapped.enable_adapters()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The method's loss on the scorer's ℓ ``[K, B, 1]`` (metrics logged with the text trainer's names)."""
+        mode = "train" if model.training else "eval"
+        generator = self._eval_generator if mode == "eval" else None
+        score = self.score(model, inputs, generator)
+        k, b = inputs[NUM_SEQUENCES], inputs[PROMPT_IDS].size(0)
+
+        def grid(rows):
+            return None if rows is None else rows.view(k, b, *rows.shape[1:])
+
+        ctx = LossContext(token_logps=grid(score.logps), mask=grid(score.mask), ref_token_logps=grid(score.ref_logps),
+                          batch=inputs, outputs=score, step=self.state.global_step, training=mode == "train")
+        result = self.method.loss(ctx)
+        self._log_step_metrics(mode, ctx, result, score)
+        return (result.loss, score) if return_outputs else result.loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """The loss on fixed-seed draws (the same (t, ε) at every evaluation), no predictions."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def evaluate(self, *args, **kwargs):
+        """transformers' evaluation with the draws seeded by ``args.seed`` (comparable across evaluations)."""
+        self._eval_generator = torch.Generator().manual_seed(self.args.seed)
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            self._eval_generator = None
+
+    # -- metrics ----------------------------------------------------------------------------------------------
+    def _gathered_mean(self, value) -> float:
+        value = torch.as_tensor(value, device=self.accelerator.device, dtype=torch.float32)
+        return self.accelerator.gather_for_metrics(value.detach().reshape(-1)).mean().item()
+
+    def _log_step_metrics(self, mode: str, ctx: LossContext, result, score: ScoreOutput) -> None:
+        metrics = self._metrics[mode]
+        append_pair_metrics(metrics, ctx.logps(), result.rewards, self._gathered_mean)
+        metrics["mse/policy"].append(self._gathered_mean(score.mse))
+        if score.ref_mse is not None:
+            metrics["mse/reference"].append(self._gathered_mean(score.ref_mse))
+        metrics["timestep/mean"].append(self._gathered_mean(score.noised.timesteps.float()))
+        for name, value in result.metrics.items():
+            metrics[name].append(self._gathered_mean(value))
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        """transformers' log plus the mean of this mode's step metrics since the last log (``eval_`` prefixed)."""
+        mode = "train" if self.model.training else "eval"
+        averaged = {key: sum(values) / len(values) for key, values in self._metrics[mode].items() if values}
+        if mode == "eval":
+            averaged = {f"eval_{key}": value for key, value in averaged.items()}
+        logs.update(averaged)  # in place: evaluate() returns the dict it logs
+        super().log(logs, *args, **kwargs)
+        self._metrics[mode].clear()
+
+    # -- saving -----------------------------------------------------------------------------------------------
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        """The trained weights (a LoRA in diffusers' format, or the full denoiser) and the training arguments."""
+        from transformers.trainer import TRAINING_ARGS_NAME
+
+        output_dir = output_dir or self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        save_denoiser(self.accelerator.unwrap_model(self.model), output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
+        """Resume: the weights :meth:`_save` wrote (optimizer, scheduler and RNG states are transformers')."""
+        load_denoiser_weights(self.accelerator.unwrap_model(model or self.model), resume_from_checkpoint)
