@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_step_time import StepTimer  # noqa: E402
 
 from trl_plus import PlusTrainer  # noqa: E402
-from trl_plus.models.load import resolve_model_path  # noqa: E402
 from trl_plus.data.sharing import share_prefixes  # noqa: E402
+from trl_plus.models.load import resolve_model_path  # noqa: E402
 
 HH = Path(__file__).resolve().parents[2] / "shared/data/hh-rlhf-harmless-base-test.jsonl.gz"
 SPLIT = "\n\nAssistant:"
