@@ -293,6 +293,7 @@ class LossContext:
     seq_mask: torch.Tensor | None = None  # [K, B] 1.0 where example b has a k-th sequence (variable K); None: all
     tokens: Mapping[str, torch.Tensor] = field(default_factory=dict)  # Needs.token_fields, [K, B, T] each
     frozen: Mapping[str, FrozenOutputs] = field(default_factory=dict)  # Needs.teachers by name (no grad)
+    labels: torch.Tensor | None = None  # [K, B, T] the label token ids (token t+1 at position t; -1 off real rows)
     head: Any = None  # Needs.scored_logits: the policy's LM head on its final hidden states (set by the trainer)
 
     def scored(self, values: torch.Tensor) -> torch.Tensor:

@@ -127,11 +127,10 @@ def next_values(values, mask):
 
 
 def label_ids(ctx: LossContext):
-    """``[K, B, T]`` the label token ids (the trainer's label-shifted ``input_ids``: ``Needs.token_fields``)."""
-    labels = ctx.tokens.get("input_ids")
-    if labels is None:
-        raise TrlPlusError("tvkd: the loss needs the label ids (ctx.tokens['input_ids'], Needs.token_fields)")
-    return labels
+    """``[K, B, T]`` the label token ids (``ctx.labels``, which the trainer sets)."""
+    if ctx.labels is None:
+        raise TrlPlusError("tvkd: the loss needs the label ids (ctx.labels)")
+    return ctx.labels
 
 
 # -- the method ---------------------------------------------------------------------------------------------------
@@ -149,7 +148,7 @@ class TVKD(Method):
     )
     summary = "DPO-style loss on token rewards minus a soft value of the next state on a teacher's top-k (precomputed)"
     # the class shows the default (mode code, k = 50); an instance sets its own from the config (see __init__)
-    needs = Needs(reference="no", teachers={TEACHER: TopK(50)}, scored_logits=True, token_fields=("input_ids",))
+    needs = Needs(reference="no", teachers={TEACHER: TopK(50)}, scored_logits=True)
     Config = TVKDConfig
 
     def __init__(self, config=None, **kwargs):
@@ -157,7 +156,6 @@ class TVKD(Method):
         code = self.config.mode == "code"
         self.needs = Needs(
             reference="no" if code else "yes", teachers={TEACHER: TopK(self.config.top_k)}, scored_logits=code,
-            token_fields=("input_ids",) if code else (),
         )  # fmt: skip
 
     def loss(self, ctx: LossContext) -> LossOutput:

@@ -473,6 +473,7 @@ class PlusTrainer(GuardMixin, FrozenSourcesMixin, DPOTrainer):
             tokens={name: self.to_grid(inputs, inputs[name][:, 1:], fill=TOKEN_PAD) for name in needs.token_fields},
             frozen=frozen,
             head=head,
+            labels=self.to_grid(inputs, inputs["input_ids"][:, 1:], fill=TOKEN_PAD),
         )
         result = self.method.loss(ctx)
         loss = result.loss

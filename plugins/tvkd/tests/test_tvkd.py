@@ -50,7 +50,7 @@ def context(student=STUDENT, teacher=TEACHER, labels=LABELS, mask=None, ids=None
     token_logps = torch.log_softmax(logits, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1) * mask
     token_logps.retain_grad()
     frozen = {"teacher": FrozenOutputs(topk_ids=ids, topk_logps=teacher.log() * mask.unsqueeze(-1))}
-    ctx = LossContext(token_logps=token_logps, mask=mask, frozen=frozen, tokens={"input_ids": labels},
+    ctx = LossContext(token_logps=token_logps, mask=mask, frozen=frozen, labels=labels,
                       head=logits_head(logits), ref_token_logps=ref)  # fmt: skip
     ctx.test_logits = logits  # the leaf, for gradient checks
     return ctx
@@ -260,7 +260,7 @@ def test_clear_errors():
     with pytest.raises(TrlPlusError, match="teachers.teacher"):
         TVKD(top_k=3).loss(ctx)
     ctx = context()
-    ctx.tokens = {}
+    ctx.labels = None
     with pytest.raises(TrlPlusError, match="label ids"):
         TVKD(top_k=3).loss(ctx)
 
@@ -316,7 +316,7 @@ def test_precomputed_top_k_equals_the_live_teacher(trained):
     assert torch.equal(stored.topk_ids[where], top.indices[where])
     assert torch.allclose(stored.topk_logps[where], top.values[where], atol=1e-6)
     assert (stored.topk_ids[~where] == -1).all()
-    assert torch.equal(ctx.tokens["input_ids"], trainer.to_grid(batch, batch["input_ids"][:, 1:]))  # the label ids
+    assert torch.equal(ctx.labels, trainer.to_grid(batch, batch["input_ids"][:, 1:]))  # the label ids
 
 
 def test_a_few_steps_raise_the_margin(trained):
