@@ -213,3 +213,31 @@ def test_gpu_check_refuses_without_cuda_and_its_tiny_path_runs():
     assert tiny.returncode == 0, tiny.stderr[-2000:]
     assert "PlusTrainer dpo, plain" in tiny.stdout and "trl.DPOTrainer" in tiny.stdout
     assert "/ TRL" in tiny.stdout
+
+
+def test_scored_logits_and_live_logits_teachers_are_counted(mistral_dir, offline):
+    """A method reading the policy's scored logits and two live teachers' logits (AlignDistil's shape) pays
+    ``[M, V]`` tensors at M = every token (an upper bound): 12 B per element for the policy's, 4 for each teacher's;
+    a precomputed teacher costs nothing on the accelerator."""
+    from trl_plus import LossOutput, Method, Needs, Paper
+    from trl_plus.testing import registered
+
+    class TwoTeachers(Method):
+        name = "test-two-logits"
+        paper = Paper("test", "0000.00000")
+        needs = Needs(reference="no", teachers={"dpo": "logits", "rev": "logits"}, scored_logits=True)
+
+        def loss(self, ctx):
+            return LossOutput(ctx.logps().sum())
+
+    with registered(TwoTeachers):
+        result = estimate(load_recipe({
+            "method": "test-two-logits", "model": {"name_or_path": mistral_dir, "lora": {"r": 8}},
+            "teachers": {"dpo": {"adapter": mistral_dir}, "rev": {"adapter": mistral_dir}},
+            "data": {"train": {"path": "recipes/data/quickstart_prefs.jsonl"}},
+            "training": {"max_length": 1024, "per_device_train_batch_size": 1},
+        }))  # fmt: skip
+    lines = {line.name: line.bytes for line in result.lines}
+    tokens = 2 * 1024  # K = 2 sequences of max_length
+    assert lines["policy scored logits"] == tokens * 32000 * 12
+    assert lines["teacher dpo scored logits"] == lines["teacher rev scored logits"] == tokens * 32000 * 4

@@ -374,6 +374,21 @@ def head_line(s: Shapes, tokens: int, act: int, compute: int, full_logits: bool,
                 phase=phase)  # fmt: skip
 
 
+def scored_logits_lines(s: Shapes, tokens: int, needs: Any, live_logits: list[str], phase: str) -> list[Line]:
+    """The ``[M, V]`` logits at the scored positions a method reads (``Needs.scored_logits``, teachers giving
+    ``"logits"`` live), at the upper bound M = every token of the batch: the policy's with grad (float32 logits,
+    log-softmax and gradient; ``ctx.logps_at`` alone needs one 1024-row chunk of that), each teacher's without."""
+    lines = []
+    if needs.scored_logits:
+        lines.append(Line("policy scored logits", tokens * s.vocab * 12,
+                          f"≤ [{tokens}, {s.vocab}] × (4 + 4 + 4) B if the loss calls ctx.scored_logits() (logps_at "
+                          "alone: one chunk)", phase=phase))  # fmt: skip
+    for name in live_logits:
+        lines.append(Line(f"teacher {name} scored logits", tokens * s.vocab * 4,
+                          f"≤ [{tokens}, {s.vocab}] × 4 B, no grad", phase=phase))  # fmt: skip
+    return lines
+
+
 # -- the recipe --------------------------------------------------------------------------------------------------
 
 
@@ -493,6 +508,10 @@ def estimate(recipe: Recipe, sequences: int | None = None, prompt_tokens: int = 
                               eager)  # fmt: skip
     lines.append(head_line(shapes, tokens, act, compute, method.needs.logits or method.needs.hidden_states,
                            "head" if checkpointing else ""))
+    given = {name: spec for _, name, spec in recipe.teacher_blocks()}
+    live_logits = [name for name, kinds in method.needs.frozen_sources().items()
+                   if "logits" in kinds and name in given and given[name].mode == "live"]  # fmt: skip
+    lines += scored_logits_lines(shapes, tokens, method.needs, live_logits, "head" if checkpointing else "")
 
     mode = resolve_reference_mode(method, recipe.reference.mode, spec.lora is not None, False)
     if mode == "model":
