@@ -147,10 +147,13 @@ def test_the_venv_sees_the_wheels_and_the_outer_dependencies(wheel_env):
     assert seen["torch"] == importlib.metadata.version("torch")  # the outer torch, through the overlay
 
 
+#: The core's own methods, as `trl-plus list` shows them.
+BUILT_INS = {name: "(built-in)" for name in ("dpo", "sft", "diffusion-dpo", "diffusion-sft")}
+
+
 def test_installed_command_lists_trains_and_forgets_an_uninstalled_plugin(wheel_env):
     before = trl_plus(wheel_env, "list").stdout
-    assert listed(before) == {"dpo": "(built-in)", "sft": "(built-in)", "simpo": "trl-plus-simpo",
-                              "ln-dpo": "trl-plus-ln-dpo"}, before  # fmt: skip
+    assert listed(before) == {**BUILT_INS, "simpo": "trl-plus-simpo", "ln-dpo": "trl-plus-ln-dpo"}, before
 
     out = wheel_env.scratch / "run"
     # the recipe's data/ path is read from the recipe's folder, not from the scratch working directory
@@ -165,7 +168,7 @@ def test_installed_command_lists_trains_and_forgets_an_uninstalled_plugin(wheel_
     _run([wheel_env.python, "-m", "pip", "uninstall", "-q", "-y", "trl-plus-simpo"], cwd=wheel_env.scratch,
          env=wheel_env.env)  # fmt: skip
     after = trl_plus(wheel_env, "list").stdout
-    assert listed(after) == {"dpo": "(built-in)", "sft": "(built-in)", "ln-dpo": "trl-plus-ln-dpo"}, after
+    assert listed(after) == {**BUILT_INS, "ln-dpo": "trl-plus-ln-dpo"}, after
     assert "broken" not in after
     gone = trl_plus(wheel_env, "validate", ROOT / "recipes" / "simpo.yaml", check=False)
     assert gone.returncode == 2 and "unknown method 'simpo'" in gone.stderr, gone.stderr
