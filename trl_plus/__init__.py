@@ -39,7 +39,8 @@ __all__ = [
     "DPO", "DPOConfig", "DiffusionDPO", "DiffusionDPOConfig", "DiffusionMethod", "DiffusionTrainer", "FieldCollation", "FrozenOutputs", "ListField", "LossContext", "LossOutput", "Method", "MethodConfig",
     "ModelAlias", "Needs", "PairwiseCollator", "Paper", "PlusTrainer", "REFERENCE_MODES", "Recipe", "SFT", "Sequence",
     "Scoring", "SequencesCollator", "Stage", "Teacher", "TopK",
-    "TrainResult", "TrlPlusError", "check_recipe", "run_stages", "denoising_errors", "dpo_losses", "evaluate", "get_method", "get_registry", "hookimpl",
+    "Inversion", "TrainResult", "TrlPlusError", "check_recipe", "ddim_invert", "ddim_sample", "guided_prediction",
+    "inversion_timesteps", "run_stages", "denoising_errors", "dpo_losses", "evaluate", "get_method", "get_registry", "hookimpl",
     "load_recipe", "merge_adapter", "method_collator", "prompt_completion", "resolve_reference_mode",
     "tokenize_completions", "train",
 ]  # fmt: skip
@@ -53,6 +54,7 @@ if TYPE_CHECKING:
         method_collator,
         prompt_completion,
     )
+    from .diffusion.inversion import Inversion, ddim_invert, ddim_sample, guided_prediction, inversion_timesteps
     from .diffusion.trainer import DiffusionTrainer
     from .run.evaluate import evaluate
     from .run.merge import merge_adapter
@@ -65,6 +67,11 @@ if TYPE_CHECKING:
 _LAZY = {
     "PlusTrainer": "trainers.preference",
     "DiffusionTrainer": "diffusion.trainer",
+    "Inversion": "diffusion.inversion",
+    "ddim_invert": "diffusion.inversion",
+    "ddim_sample": "diffusion.inversion",
+    "guided_prediction": "diffusion.inversion",
+    "inversion_timesteps": "diffusion.inversion",
     "PairwiseCollator": "data.collate",
     "SequencesCollator": "data.collate",
     "Sequence": "data.collate",
