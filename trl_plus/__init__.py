@@ -40,7 +40,7 @@ __all__ = [
     "ModelAlias", "Needs", "PairwiseCollator", "Paper", "PlusTrainer", "REFERENCE_MODES", "Recipe", "SFT", "Sequence",
     "Scoring", "SequencesCollator", "Stage", "Teacher", "TopK",
     "Inversion", "TrainResult", "TrlPlusError", "check_recipe", "ddim_invert", "ddim_sample", "guided_prediction",
-    "inversion_timesteps", "run_stages", "denoising_errors", "dpo_losses", "evaluate", "get_method", "get_registry", "hookimpl",
+    "inversion_timesteps", "Noised", "ScoreOutput", "run_stages", "denoising_errors", "dpo_losses", "evaluate", "get_method", "get_registry", "hookimpl",
     "load_recipe", "merge_adapter", "method_collator", "prompt_completion", "resolve_reference_mode",
     "tokenize_completions", "train",
 ]  # fmt: skip
@@ -55,6 +55,7 @@ if TYPE_CHECKING:
         prompt_completion,
     )
     from .diffusion.inversion import Inversion, ddim_invert, ddim_sample, guided_prediction, inversion_timesteps
+    from .diffusion.scorer import Noised, ScoreOutput
     from .diffusion.trainer import DiffusionTrainer
     from .run.evaluate import evaluate
     from .run.merge import merge_adapter
@@ -68,6 +69,8 @@ _LAZY = {
     "PlusTrainer": "trainers.preference",
     "DiffusionTrainer": "diffusion.trainer",
     "Inversion": "diffusion.inversion",
+    "Noised": "diffusion.scorer",
+    "ScoreOutput": "diffusion.scorer",
     "ddim_invert": "diffusion.inversion",
     "ddim_sample": "diffusion.inversion",
     "guided_prediction": "diffusion.inversion",

@@ -10,6 +10,7 @@ once per unique prompt (the empty prompt, for caption dropout, included) and the
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -253,12 +254,22 @@ class DiffusionTrainer(GuardMixin, Trainer):
     def reference_errors(self, noised, cond) -> torch.Tensor:
         """``[N]`` the reference's errors on the policy's x_t: the adapter switched off (no second copy of the base
         weights) or the frozen copy."""
+        with self.reference_denoiser() as reference:
+            return self.scorer.errors(reference, noised, cond)
+
+    @contextlib.contextmanager
+    def reference_denoiser(self):
+        """The reference as a denoiser, for the ``with`` block: the frozen copy, or the policy with its adapter
+        switched off (switched back on afterwards). Call it under ``torch.no_grad()``."""
+        if self.reference_mode == "none":
+            raise TrlPlusError(f"method {self.method.name!r} runs without a reference")
         if self.ref_model is not None:
-            return self.scorer.errors(self.ref_model, noised, cond)
+            yield self.ref_model
+            return
         unwrapped = self.accelerator.unwrap_model(self.model)
         unwrapped.disable_adapters()
         try:
-            return self.scorer.errors(unwrapped, noised, cond)
+            yield unwrapped
         finally:
             unwrapped.enable_adapters()
 
