@@ -36,13 +36,14 @@ from .registry import get_method, get_registry
 from .trainers.frozen import REFERENCE_MODES, Teacher, resolve_reference_mode
 
 __all__ = [
-    "DPO", "DPOConfig", "DiffusionDPO", "DiffusionDPOConfig", "DiffusionMethod", "DiffusionTrainer", "FieldCollation", "FrozenOutputs", "ListField", "LossContext", "LossOutput", "Method", "MethodConfig",
-    "ModelAlias", "Needs", "PairwiseCollator", "Paper", "PlusTrainer", "REFERENCE_MODES", "Recipe", "SFT", "Sequence",
-    "Scoring", "SequencesCollator", "Stage", "Teacher", "TopK",
-    "Inversion", "TrainResult", "TrlPlusError", "check_recipe", "ddim_invert", "ddim_sample", "guided_prediction",
-    "inversion_timesteps", "Noised", "ScoreOutput", "run_stages", "denoising_errors", "dpo_losses", "evaluate", "get_method", "get_registry", "hookimpl",
-    "load_recipe", "merge_adapter", "method_collator", "prompt_completion", "resolve_reference_mode",
-    "tokenize_completions", "train",
+    "DPO", "DPOConfig", "DiffusionDPO", "DiffusionDPOConfig", "DiffusionMethod", "DiffusionTrainer", "FieldCollation",
+    "FrozenOutputs", "ListField", "LossContext", "LossOutput", "Method", "MethodConfig", "ModelAlias", "Needs",
+    "PairwiseCollator", "Paper", "PlusTrainer", "REFERENCE_MODES", "Recipe", "SFT", "Sequence", "Scoring",
+    "SequencesCollator", "Stage", "Teacher", "TopK", "Inversion", "TrainResult", "TrlPlusError", "check_recipe",
+    "ddim_invert", "ddim_sample", "guided_prediction", "inversion_timesteps", "Noised", "ScoreOutput", "run_stages",
+    "denoising_errors", "dpo_losses", "evaluate", "get_method", "get_registry", "hookimpl", "load_recipe",
+    "merge_adapter", "method_collator", "prompt_completion", "resolve_reference_mode", "tokenize_completions",
+    "train",
 ]  # fmt: skip
 
 if TYPE_CHECKING:

@@ -43,7 +43,7 @@ class ABCConfig(MethodConfig):
     """ABC hyperparameters (paper defaults)."""
 
     delta: float = Field(0.025, ge=0, description="δ, the margin of the negative's error above the positive's "
-                                                  "(paper: 0.025 for SD 1.5 and SDXL, element-mean MSE scale)")  # fmt: skip
+                         "(paper: 0.025 for SD 1.5 and SDXL, element-mean MSE scale)")
     suffix: str = Field(SUFFIX, min_length=1, description="appended (after a space) to the prompt to make y⁻")
     stop_gradient: bool = Field(True, description="sg[s_pos] in the margin term (paper Eq. 19: O⁻ = sg[s_pos] + δ)")
 

@@ -58,8 +58,8 @@ def inversion_timesteps(scheduler, num_steps: int) -> torch.Tensor:
     return torch.arange(num_steps, dtype=torch.long) * (total // num_steps)
 
 
-def guided_prediction(model, x: torch.Tensor, t: torch.Tensor, cond: dict[str, Any], uncond: dict[str, Any] | None = None,
-                      guidance_scale: float = 1.0) -> torch.Tensor:  # fmt: skip
+def guided_prediction(model, x: torch.Tensor, t: torch.Tensor, cond: dict[str, Any],
+                      uncond: dict[str, Any] | None = None, guidance_scale: float = 1.0) -> torch.Tensor:  # fmt: skip
     """ε(x, t | cond), or with classifier-free guidance ε_u + g·(ε_c − ε_u) when ``guidance_scale`` ≠ 1 (``uncond``:
     the empty prompt's conditioning, rows as ``cond``)."""
     if guidance_scale == 1.0:
