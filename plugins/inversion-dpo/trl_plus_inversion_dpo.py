@@ -27,13 +27,9 @@ from trl_plus import (
     LossOutput,
     MethodConfig,
     Needs,
-    Noised,
     Paper,
-    ScoreOutput,
     Scoring,
     TrlPlusError,
-    ddim_invert,
-    guided_prediction,
     hookimpl,
 )
 
@@ -80,6 +76,8 @@ class InversionDPO(DiffusionMethod):
         """Invert every image with the reference (no grad), predict with the policy at each recorded latent (with
         grad); the rows' ``mse`` is S (``ref_mse`` 0: the reference's distance to itself), ``logps`` −S."""
         import torch
+
+        from trl_plus import Noised, ScoreOutput, ddim_invert, guided_prediction  # torch-heavy: imported when scoring
 
         model = trainer.model if model is None else model
         if trainer.reference_mode == "none":

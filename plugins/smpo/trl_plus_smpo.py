@@ -25,11 +25,9 @@ from trl_plus import (
     LossOutput,
     MethodConfig,
     Needs,
-    Noised,
     Paper,
     Scoring,
     TrlPlusError,
-    ddim_invert,
     hookimpl,
 )
 
@@ -89,6 +87,8 @@ class SmPO(DiffusionMethod):
         """One t per pair; each image inverted separately with the policy (no grad) to the last level below t; the
         target is the implied noise at t; the policy (grad) and the reference score the same (x̃, t, τ_t)."""
         import torch
+
+        from trl_plus import Noised, ddim_invert  # torch-heavy: imported when a run scores
 
         if not self.config.inversion:
             return None

@@ -98,3 +98,25 @@ def test_without_inversion_and_unit_factor_it_is_diffusion_dpo(tmp_path):
     a = diffusion_loss(ours, diffusion_batch(ours), seed=3).loss
     b = diffusion_loss(theirs, diffusion_batch(theirs), seed=3).loss
     assert a.item() == pytest.approx(b.item(), abs=1e-6) and abs(a.item() - math.log(2)) > 1e-3
+
+
+def test_a_label_that_swaps_the_images_swaps_the_scores_too(tmp_path):
+    import json
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from datasets import Dataset
+
+    source = [json.loads(line) for line in open("recipes/data/diffusion_scored_pairs.jsonl")][:2]
+    rows = [{**row, "label_0": label} for row, label in zip(source, (1, 0))]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    for row in rows:  # absolute image paths (the file lives elsewhere)
+        for key in ("chosen", "rejected"):
+            row[key] = str((Path("recipes/data") / row[key]).resolve())
+    recipe = SimpleNamespace(data=SimpleNamespace(train=SimpleNamespace(path=str(path), label="label_0"), ties="drop"),
+                             model=SimpleNamespace(resolution=None))  # fmt: skip
+    out = SmPO().prepare_split(Dataset.from_list(rows), recipe, "train").to_list()
+    assert (out[0]["chosen_score"], out[0]["rejected_score"]) == (rows[0]["chosen_score"], rows[0]["rejected_score"])
+    assert (out[1]["chosen_score"], out[1]["rejected_score"]) == (rows[1]["rejected_score"], rows[1]["chosen_score"])
+    assert out[1]["chosen"] == rows[1]["rejected"]  # the images swapped with them
