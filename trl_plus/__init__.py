@@ -36,12 +36,14 @@ from .registry import get_method, get_registry
 from .trainers.frozen import REFERENCE_MODES, Teacher, resolve_reference_mode
 
 __all__ = [
-    "DPO", "DPOConfig", "DiffusionDPO", "DiffusionDPOConfig", "DiffusionMethod", "DiffusionTrainer", "FieldCollation", "FrozenOutputs", "ListField", "LossContext", "LossOutput", "Method", "MethodConfig",
-    "ModelAlias", "Needs", "PairwiseCollator", "Paper", "PlusTrainer", "REFERENCE_MODES", "Recipe", "SFT", "Sequence",
-    "Scoring", "SequencesCollator", "Stage", "Teacher", "TopK",
-    "TrainResult", "TrlPlusError", "check_recipe", "run_stages", "denoising_errors", "dpo_losses", "evaluate", "get_method", "get_registry", "hookimpl",
-    "load_recipe", "merge_adapter", "method_collator", "prompt_completion", "resolve_reference_mode",
-    "tokenize_completions", "train",
+    "DPO", "DPOConfig", "DiffusionDPO", "DiffusionDPOConfig", "DiffusionMethod", "DiffusionTrainer", "FieldCollation",
+    "FrozenOutputs", "ListField", "LossContext", "LossOutput", "Method", "MethodConfig", "ModelAlias", "Needs",
+    "PairwiseCollator", "Paper", "PlusTrainer", "REFERENCE_MODES", "Recipe", "SFT", "Sequence", "Scoring",
+    "SequencesCollator", "Stage", "Teacher", "TopK", "Inversion", "TrainResult", "TrlPlusError", "check_recipe",
+    "ddim_invert", "ddim_sample", "guided_prediction", "inversion_timesteps", "Noised", "ScoreOutput", "run_stages",
+    "denoising_errors", "dpo_losses", "evaluate", "get_method", "get_registry", "hookimpl", "load_recipe",
+    "merge_adapter", "method_collator", "prompt_completion", "resolve_reference_mode", "tokenize_completions",
+    "train",
 ]  # fmt: skip
 
 if TYPE_CHECKING:
@@ -53,6 +55,8 @@ if TYPE_CHECKING:
         method_collator,
         prompt_completion,
     )
+    from .diffusion.inversion import Inversion, ddim_invert, ddim_sample, guided_prediction, inversion_timesteps
+    from .diffusion.scorer import Noised, ScoreOutput
     from .diffusion.trainer import DiffusionTrainer
     from .run.evaluate import evaluate
     from .run.merge import merge_adapter
@@ -65,6 +69,13 @@ if TYPE_CHECKING:
 _LAZY = {
     "PlusTrainer": "trainers.preference",
     "DiffusionTrainer": "diffusion.trainer",
+    "Inversion": "diffusion.inversion",
+    "Noised": "diffusion.scorer",
+    "ScoreOutput": "diffusion.scorer",
+    "ddim_invert": "diffusion.inversion",
+    "ddim_sample": "diffusion.inversion",
+    "guided_prediction": "diffusion.inversion",
+    "inversion_timesteps": "diffusion.inversion",
     "PairwiseCollator": "data.collate",
     "SequencesCollator": "data.collate",
     "Sequence": "data.collate",

@@ -19,9 +19,9 @@ ENTRY_POINT_GROUP = "trl_plus"
 #: The plugins in the trl-plus repository (``plugins/<name>``), for the install hint of an unknown method;
 #: ``tests/test_meta.py`` keeps it equal to the folder.
 REPOSITORY_PLUGINS = frozenset({
-    "aligndistil", "asft", "brain", "curry-dpo", "dove", "dso-dro", "egida-safety", "flow-dpo", "flow-rwr", "irpo",
-    "is-daa", "ld-dpo", "ln-dpo", "modpo", "rankdpo", "redi", "rpo", "sail", "simpo", "srpo", "ssdpo", "tars", "tgdpo",
-    "three-d-properties", "tracealign", "tvkd",
+    "abc", "aligndistil", "asft", "brain", "curry-dpo", "dove", "dso-dro", "egida-safety", "flow-dpo", "flow-rwr",
+    "inversion-dpo", "irpo", "is-daa", "ld-dpo", "ln-dpo", "modpo", "rankdpo", "redi", "rpo", "sail", "simpo", "smpo",
+    "srpo", "ssdpo", "tars", "tgdpo", "three-d-properties", "tracealign", "tvkd",
 })  # fmt: skip
 
 

@@ -9,6 +9,7 @@ default, so the unchanged ``dpo`` loss with the official β (5000) is the offici
 - :mod:`.data`: image rows (paths checked before any model loads), labels and ties, the latent collator;
 - :mod:`.models`: pipeline folders, ``denoise()`` per denoiser class, LoRA, the CPU NF4 swap, saving LoRA;
 - :mod:`.scorer`: the :class:`~trl_plus.diffusion.scorer.DenoisingScorer` (targets, timesteps, sharing, weights);
+- :mod:`.inversion`: deterministic DDIM inversion (optional ReNoise averaging) and the matching DDIM sampler;
 - :mod:`.tiny`: the offline ``tiny-sd`` / ``tiny-sd3`` pipelines;
 - :mod:`.trainer`: ``DiffusionConfig`` and ``DiffusionTrainer`` (``transformers.Trainer``), trainer kind ``diffusion``.
 

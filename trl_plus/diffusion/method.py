@@ -89,6 +89,12 @@ class DiffusionMethod(Method):
         """The image paths of one row, preferred first (default: :attr:`image_fields`)."""
         return [row[name] for name in self.image_fields]
 
+    def extra_prompts(self, row: dict[str, Any]) -> dict[str, str]:
+        """Prompts besides the row's ``prompt`` that the loss conditions on, ``{example key: text}`` (default none):
+        the trainer encodes each into the text cache once and stores its cache row under ``key`` in the example, for
+        the method's collator and :meth:`score` (ABC's suffixed "less preferred" prompt)."""
+        return {}
+
     def prepare_split(self, dataset: Any, recipe: Any, split: str) -> Any:
         """The recipe's split checked before any model loads (labels, ties, image paths and sizes; one line naming
         file and row) with image paths made absolute. See :func:`trl_plus.diffusion.data.check_image_rows`."""
@@ -96,9 +102,12 @@ class DiffusionMethod(Method):
 
         return check_image_rows(dataset, self, recipe, split)
 
-    def score(self, trainer: Any, inputs: Any) -> Any:
-        """Score the batch yourself (return a :class:`~trl_plus.diffusion.scorer.ScoreOutput`), or ``None`` (the
-        default) for the trainer's :class:`~trl_plus.diffusion.scorer.DenoisingScorer` on forward-noised latents."""
+    def score(self, trainer: Any, inputs: Any, model: Any = None, generator: Any = None) -> Any:
+        """Score the batch yourself (return a :class:`~trl_plus.diffusion.scorer.ScoreOutput` whose rows are
+        ``inputs["num_sequences"]`` × B), or ``None`` (the default) for the trainer's
+        :class:`~trl_plus.diffusion.scorer.DenoisingScorer` on forward-noised latents. ``model``: the policy as the
+        trainer holds it (with grad); ``generator``: the draws' generator (``None`` in training, seeded in evaluation).
+        The trainer's pieces are public: ``clean_latents``, ``conditioning``, ``scorer``, ``reference_errors``."""
         return None
 
     def batch_collator(self) -> Any:

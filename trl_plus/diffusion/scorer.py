@@ -160,7 +160,11 @@ class DenoisingScorer:
               reference=None, generator=None) -> ScoreOutput:  # fmt: skip
         """The policy's ℓ (with grad) and, when ``reference(noised, cond) -> [N] errors`` is given, the
         reference's, on one draw of (t, ε)."""
-        noised = self.forward_noise(x0, group, num_groups, generator)
+        return self.score_noised(model, self.forward_noise(x0, group, num_groups, generator), cond, reference)
+
+    def score_noised(self, model, noised: Noised, cond: dict[str, Any], reference=None) -> ScoreOutput:
+        """The policy's ℓ = −w·ē (with grad) and the reference's (no grad) on given inputs and targets (a method
+        that makes its own x_t, e.g. by DDIM inversion, builds the :class:`Noised` and calls this)."""
         mse = self.errors(model, noised, cond)
         ref_mse = None
         if reference is not None:

@@ -10,6 +10,7 @@ once per unique prompt (the empty prompt, for caption dropout, included) and the
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -156,6 +157,8 @@ class DiffusionTrainer(GuardMixin, Trainer):
         examples = []
         for row in rows:
             example = {"prompt_id": self.prompt_id(row.get("prompt", ""))}
+            for key, text in self.method.extra_prompts(row).items():  # further prompts the loss conditions on
+                example[key] = self.prompt_id(text)
             example.update({name: row[name] for name in fields if name in row})
             example["x0"] = row["x0"] if "x0" in row else self.encode_images(self.method.images(row))
             examples.append(example)
@@ -215,14 +218,16 @@ class DiffusionTrainer(GuardMixin, Trainer):
         return encode
 
     # -- the step ---------------------------------------------------------------------------------------------
-    def _clean_latents(self, inputs: Mapping[str, Any], generator) -> torch.Tensor:
+    def clean_latents(self, inputs: Mapping[str, Any], generator=None) -> torch.Tensor:
+        """``[K*B, ...]`` the batch's clean latents x0 (a cached VAE latent distribution sampled with ``generator``)."""
         if X0 in inputs:
             return inputs[X0]
         mean, std = inputs[f"{X0}_mean"], inputs[f"{X0}_std"]
         noise = torch.randn(mean.shape, generator=generator, dtype=torch.float32).to(mean.device, mean.dtype)
         return mean + std * noise
 
-    def _denoiser_dtype(self, model) -> torch.dtype:
+    def denoiser_dtype(self, model) -> torch.dtype:
+        """The floating dtype of ``model``'s parameters (the latents and conditioning are cast to it)."""
         return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
     def conditioning(self, prompt_ids: torch.Tensor, group: torch.Tensor, dtype, device) -> dict[str, torch.Tensor]:
@@ -233,15 +238,15 @@ class DiffusionTrainer(GuardMixin, Trainer):
     def score(self, model, inputs: Mapping[str, Any], generator=None) -> ScoreOutput:
         """One draw of (t, ε) for the batch; the policy's and (when the run has one) the reference's scores."""
         custom = getattr(self.method, "score", None)
-        if custom is not None and (result := custom(self, inputs)) is not None:
+        if custom is not None and (result := custom(self, inputs, model=model, generator=generator)) is not None:
             return result
-        x0 = self._clean_latents(inputs, generator)
+        x0 = self.clean_latents(inputs, generator)
         group, prompt_ids = inputs[GROUP], inputs[PROMPT_IDS]
         dropout = self.args.caption_dropout
         if dropout > 0 and model.training:  # one draw per example: both images of a pair lose the prompt together
             drop = torch.rand(prompt_ids.shape, generator=generator) < dropout
             prompt_ids = torch.where(drop.to(prompt_ids.device), torch.zeros_like(prompt_ids), prompt_ids)
-        dtype = self._denoiser_dtype(model)
+        dtype = self.denoiser_dtype(model)
         cond = self.conditioning(prompt_ids, group, dtype, x0.device)
         reference = None if self.reference_mode == "none" else self.reference_errors
         return self.scorer.score(model, x0.to(dtype), group, prompt_ids.size(0), cond, reference, generator)
@@ -249,12 +254,22 @@ class DiffusionTrainer(GuardMixin, Trainer):
     def reference_errors(self, noised, cond) -> torch.Tensor:
         """``[N]`` the reference's errors on the policy's x_t: the adapter switched off (no second copy of the base
         weights) or the frozen copy."""
+        with self.reference_denoiser() as reference:
+            return self.scorer.errors(reference, noised, cond)
+
+    @contextlib.contextmanager
+    def reference_denoiser(self):
+        """The reference as a denoiser, for the ``with`` block: the frozen copy, or the policy with its adapter
+        switched off (switched back on afterwards). Call it under ``torch.no_grad()``."""
+        if self.reference_mode == "none":
+            raise TrlPlusError(f"method {self.method.name!r} runs without a reference")
         if self.ref_model is not None:
-            return self.scorer.errors(self.ref_model, noised, cond)
+            yield self.ref_model
+            return
         unwrapped = self.accelerator.unwrap_model(self.model)
         unwrapped.disable_adapters()
         try:
-            return self.scorer.errors(unwrapped, noised, cond)
+            yield unwrapped
         finally:
             unwrapped.enable_adapters()
 
