@@ -302,3 +302,24 @@ def test_legacy_teacher_block_and_needs_teacher_still_work(tmp_path):
                              teachers={"teacher": Teacher(build_model(build_tokenizer(), seed=1), mode="precomputed")})
         assert "frozen_teacher_logps" in trainer.train_dataset.column_names
         assert training_logs(trainer)[-1]["loss"] < training_logs(trainer)[0]["loss"]
+
+
+def test_precomputed_top_k_under_prefix_sharing_is_the_plain_rows(tmp_path):
+    """A precomputed top-k teacher in a prefix-sharing run reads the plain rows' hidden states (the shared layout
+    holds the prompt once: its positions are not the plain ones)."""
+    class TopOnly(Probe):  # reads the guide's top-k, not the policy's logits: the run may share prefixes
+        name = "test-guided-top"
+        needs = Needs(teachers={"guide": ("logps", TopK(3))})
+
+        def loss(self, ctx):
+            return LossOutput(-(ctx.logps() - ctx.ref_logps()).mean())
+
+    teacher = build_model(build_tokenizer(), seed=1)
+    with registered(TopOnly):
+        live = tiny_trainer("test-guided-top", tmp_path / "live", teachers={"guide": teacher})
+        shared = tiny_trainer("test-guided-top", tmp_path / "shared", prefix_sharing=True,
+                              teachers={"guide": Teacher(teacher, mode="precomputed")})
+        assert shared.prefix_sharing  # a precomputed teacher keeps the run on the shared path
+        a, b = live.frozen_outputs("guide", batch_of(live)), shared.frozen_outputs("guide", batch_of(shared))
+        assert torch.equal(a.topk_ids, b.topk_ids) and torch.allclose(a.topk_logps, b.topk_logps, atol=1e-6)
+        assert torch.allclose(a.logps, b.logps, atol=1e-6)

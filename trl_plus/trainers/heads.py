@@ -18,26 +18,54 @@ from torch.utils.checkpoint import checkpoint
 CHUNK = 1024
 
 
-@contextlib.contextmanager
-def capture_hidden(model) -> Iterator[list]:
-    """Record the last hidden state ``[N, L, H]`` of ``model``'s backbone (the module TRL's fused head calls: the
-    causal LM's ``base_model``) during the forwards inside the block; yields the list it appends to."""
+def _causal_lm(model):
+    """The causal LM inside ``model`` (DDP/accelerate wrappers and a PEFT wrapper removed; the LoRA layers stay
+    injected in its modules, so the active adapter still applies)."""
     from accelerate.utils import extract_model_from_parallel
     from peft import PeftModel
 
     causal_lm = extract_model_from_parallel(model)
-    if isinstance(causal_lm, PeftModel):
-        causal_lm = causal_lm.get_base_model()
+    return causal_lm.get_base_model() if isinstance(causal_lm, PeftModel) else causal_lm
+
+
+@contextlib.contextmanager
+def capture_hidden(model) -> Iterator[list]:
+    """Record the last hidden state ``[N, L, H]`` of ``model``'s backbone (the module TRL's fused head calls: the
+    causal LM's ``base_model``) during the forwards inside the block; yields the list it appends to. For the policy,
+    whose forward must stay the one fused, differentiable (and DDP-synchronised) call."""
     seen: list = []
 
     def hook(_module, _args, output):
         seen.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
 
-    handle = causal_lm.base_model.register_forward_hook(hook)
+    handle = _causal_lm(model).base_model.register_forward_hook(hook)
     try:
         yield seen
     finally:
         handle.remove()
+
+
+def backbone_hidden(model, model_kwargs) -> torch.Tensor:
+    """``[N, L - 1, H]``: the backbone's last hidden states at the label positions, without any LM head (a frozen
+    source whose outputs are all read from the hidden states: the head runs once, at the scored positions only)."""
+    outputs = _causal_lm(model).base_model(**model_kwargs, use_cache=False)
+    return outputs.last_hidden_state[:, :-1]
+
+
+@contextlib.contextmanager
+def checkpointing_off(model, kwargs=None) -> Iterator[None]:
+    """Activation checkpointing off for a no-grad forward and back on after: TRL's ``disable_gradient_checkpointing``
+    under transformers' current names (the deprecated ones warn at every step)."""
+    enabled = model.is_activation_checkpointing
+    if enabled:
+        model.activation_checkpointing_disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            options = dict(kwargs or {})  # split as transformers' Trainer does when it first enables it
+            every_n_layers, offload = options.pop("every_n_layers", 1), options.pop("offload", False)
+            model.activation_checkpointing_enable(options or None, every_n_layers=every_n_layers, offload=offload)
 
 
 class HiddenHead:

@@ -53,6 +53,7 @@ from . import resolve_method
 from .adapters import REFERENCE_ADAPTER, active_adapter, copy_adapter
 from .frozen import REF_COLUMN, resolve_reference_mode
 from .guard import GuardMixin
+from .heads import checkpointing_off
 from .metrics import append_pair_metrics
 from .sources import FrozenSourcesMixin, needs_hidden
 
@@ -62,22 +63,6 @@ MODEL_INPUT_KEYS = (
     "input_ids", "attention_mask", "position_ids", "token_type_ids", "mm_token_type_ids",
     "pixel_values", "pixel_attention_mask", "image_grid_thw", "image_sizes",
 )  # fmt: skip
-
-
-@contextlib.contextmanager
-def _checkpointing_off(model, kwargs: Mapping[str, Any] | None):
-    """Activation checkpointing off for a no-grad forward and back on after: TRL's ``disable_gradient_checkpointing``
-    under transformers' current names (the deprecated ones warn at every step)."""
-    enabled = model.is_activation_checkpointing
-    if enabled:
-        model.activation_checkpointing_disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            options = dict(kwargs or {})  # split as transformers' Trainer does when it first enables it
-            every_n_layers, offload = options.pop("every_n_layers", 1), options.pop("offload", False)
-            model.activation_checkpointing_enable(options or None, every_n_layers=every_n_layers, offload=offload)
 
 
 def paper_for_card(method: Method) -> dict[str, str | None]:
@@ -335,7 +320,7 @@ class PlusTrainer(GuardMixin, FrozenSourcesMixin, DPOTrainer):
                 adapter_context = use_adapter(unwrapped, adapter_name=None)
         with (
             torch.no_grad(),
-            _checkpointing_off(self.model, self.args.activation_checkpointing_kwargs),
+            checkpointing_off(self.model, self.args.activation_checkpointing_kwargs),
             adapter_context,
             self.accelerator.autocast(),
         ):

@@ -34,7 +34,7 @@ from .columns import (
     module_identity,
 )
 from .frozen import HIDDEN_KINDS, REF_COLUMN, Teacher
-from .heads import HiddenHead, capture_hidden
+from .heads import HiddenHead, backbone_hidden, capture_hidden, checkpointing_off
 
 
 def needs_hidden(kinds: tuple) -> bool:
@@ -185,30 +185,40 @@ class FrozenSourcesMixin:
 
     def frozen_rows(self, model, inputs: Mapping[str, Any], kinds: tuple,
                     context: Callable[[], Any] = contextlib.nullcontext) -> dict[str, torch.Tensor]:
-        """``kinds`` of a frozen ``model`` on the batch's rows (no grad), run inside ``context()`` (e.g. a teacher
-        adapter switched on): ``logps`` ``[N, T]``, ``topk_ids`` /
-        ``topk_logps`` ``[N, T, k]`` (ids -1 / log-probs 0 off the scored tokens), ``logits`` ``[M, V]`` at the
-        scored tokens, ``hidden_states`` ``[N, T, H]``."""
-        hidden_kinds = needs_hidden(kinds)
+        """``kinds`` of a frozen ``model`` on the batch's plain rows (no grad), run inside ``context()`` (e.g. a
+        teacher adapter switched on): ``logps`` ``[N, T]``, ``topk_ids`` / ``topk_logps`` ``[N, T, k]`` (ids -1 /
+        log-probs 0 off the scored tokens), ``logits`` ``[M, V]`` at the scored tokens, ``hidden_states``
+        ``[N, T, H]``. Label log-probs alone take TRL's fused head (prefix-shared when the run shares prefixes);
+        anything else runs the backbone once and the LM head only at the scored positions, the label log-probs
+        included."""
+        if not needs_hidden(kinds):
+            with context():
+                return {"logps": self.frozen_token_logps(model, inputs)}
         with (
             torch.no_grad(),
+            checkpointing_off(self.model, self.args.activation_checkpointing_kwargs),
             context(),
-            capture_hidden(model) if hidden_kinds else contextlib.nullcontext() as seen,
+            self.accelerator.autocast(),
         ):
-            rows = {"logps": self.frozen_token_logps(model, inputs)}
-        if not hidden_kinds:
-            return rows
-        hidden = seen[-1][:, :-1]
+            hidden = backbone_hidden(model, self._model_kwargs(inputs))
         head = HiddenHead.of(model, hidden)
         where = inputs["completion_mask"][:, 1:].bool()
+        rows = {}
         with torch.no_grad():
+            logits = head.logits(where) if "logits" in kinds else None
+            if logits is not None:
+                rows["logits"] = logits
             for kind in kinds:
-                if isinstance(kind, TopK):
-                    ids, logps = head.topk(where, kind.k)
+                if kind == "logps":
+                    labels = inputs["input_ids"][:, 1:][where].unsqueeze(-1)
+                    at = (logits.log_softmax(-1).gather(-1, labels) if logits is not None
+                          else head.logps_at(where, labels))  # fmt: skip
+                    rows["logps"] = at.new_zeros(where.shape).masked_scatter(where, at[:, 0])
+                elif isinstance(kind, TopK):
+                    logps, ids = (logits.log_softmax(-1).topk(kind.k, -1) if logits is not None
+                                  else head.topk(where, kind.k)[::-1])  # fmt: skip
                     rows["topk_ids"] = ids.new_full((*where.shape, kind.k), -1).masked_scatter(where[..., None], ids)
                     rows["topk_logps"] = logps.new_zeros((*where.shape, kind.k)).masked_scatter(where[..., None], logps)
-                elif kind == "logits":
-                    rows["logits"] = head.logits(where)
                 elif kind == "hidden_states":
                     rows["hidden_states"] = hidden
         return rows
@@ -226,10 +236,9 @@ class FrozenSourcesMixin:
             )  # fmt: skip
         model, context = self._source(name)
         rows = self.frozen_rows(model, inputs, kinds, context)
-        fill = {"topk_ids": -1}
-        return FrozenOutputs(**{
-            kind: value if kind == "logits" else self.to_grid(inputs, value, fill=fill.get(kind, 0))
-            for kind, value in rows.items() if kind == "logps" and "logps" in kinds or kind != "logps"
+        return FrozenOutputs(**{  # logits are [M, V] already; the rest go onto the grid
+            kind: value if kind == "logits" else self.to_grid(inputs, value, fill=-1 if kind == "topk_ids" else 0)
+            for kind, value in rows.items()
         })  # fmt: skip
 
     def policy_head(self, model, inputs: Mapping[str, Any], compute: Callable[[], Any]) -> tuple[Any, HiddenHead]:
