@@ -27,7 +27,7 @@ from ..errors import TrlPlusError
 from ..trainers import resolve_method
 from ..trainers.frozen import resolve_reference_mode
 from ..trainers.guard import GuardMixin
-from ..trainers.metrics import append_pair_metrics
+from ..trainers.metrics import append_pair_metrics, gathered_mean
 from .data import GROUP, NUM_SEQUENCES, PROMPT_IDS, X0, load_image
 from .models import (
     DiffusionBundle,
@@ -306,8 +306,7 @@ class DiffusionTrainer(GuardMixin, Trainer):
 
     # -- metrics ----------------------------------------------------------------------------------------------
     def _gathered_mean(self, value) -> float:
-        value = torch.as_tensor(value, device=self.accelerator.device, dtype=torch.float32)
-        return self.accelerator.gather_for_metrics(value.detach().reshape(-1)).mean().item()
+        return gathered_mean(self.accelerator, value)
 
     def _log_step_metrics(self, mode: str, ctx: LossContext, result, score: ScoreOutput) -> None:
         metrics = self._metrics[mode]

@@ -8,6 +8,14 @@ from collections.abc import Callable
 from typing import Any
 
 
+def gathered_mean(accelerator, value) -> float:
+    """The mean of ``value`` (a number or a tensor) over every process's copy (accelerate's gather)."""
+    import torch
+
+    value = torch.as_tensor(value, device=accelerator.device, dtype=torch.float32)
+    return accelerator.gather_for_metrics(value.detach().reshape(-1)).mean().item()
+
+
 def append_pair_metrics(metrics: dict[str, list[float]], logps, rewards, mean: Callable[[Any], float]) -> None:
     """Append the step's ``logps/*`` (``logps`` ``[K, B]``) and ``rewards/*`` (``rewards`` ``[K, B]`` or ``None``) to
     ``metrics``; ``mean`` reduces a tensor across processes."""

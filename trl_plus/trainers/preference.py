@@ -54,7 +54,7 @@ from .adapters import REFERENCE_ADAPTER, active_adapter, copy_adapter
 from .frozen import REF_COLUMN, resolve_reference_mode
 from .guard import GuardMixin
 from .heads import checkpointing_off
-from .metrics import append_pair_metrics
+from .metrics import append_pair_metrics, gathered_mean
 from .sources import FrozenSourcesMixin, needs_hidden
 
 logger = logging.getLogger(__name__)
@@ -474,8 +474,7 @@ class PlusTrainer(GuardMixin, FrozenSourcesMixin, DPOTrainer):
 
     # -- metrics --------------------------------------------------------------------------------------------
     def _gathered_mean(self, value) -> float:
-        value = torch.as_tensor(value, device=self.accelerator.device, dtype=torch.float32)
-        return self.accelerator.gather_for_metrics(value.detach().reshape(-1)).mean().item()
+        return gathered_mean(self.accelerator, value)
 
     def _gathered_ratio(self, numerator, denominator) -> float:
         both = torch.stack([numerator.float().sum(), denominator.float().sum()]).detach()
