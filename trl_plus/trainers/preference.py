@@ -421,9 +421,12 @@ class PlusTrainer(GuardMixin, FrozenSourcesMixin, DPOTrainer):
                     setattr(self, attribute, dataset.add_column(REF_COLUMN, rows[REF_COLUMN]))
 
     # -- the step -------------------------------------------------------------------------------------------
-    def _compute_loss(self, model, inputs, return_outputs):
-        mode = "train" if self.model.training else "eval"
-        needs = self.method.needs
+    def build_context(self, model, inputs: Mapping[str, Any], needs=None) -> LossContext:
+        """The :class:`~trl_plus.LossContext` of one collated batch: the policy forward (``model``), the reference
+        and the frozen sources that ``needs`` (default: the method's) asks for. The one context builder: the
+        training step, evaluation during training and ``trl-plus eval``'s metrics all see a batch through it.
+        ``ctx.outputs`` is the policy forward's outputs."""
+        needs = self.method.needs if needs is None else needs
         model_kwargs = self._model_kwargs(inputs)
         router = {"output_router_logits": True} if self.aux_loss_enabled else {}
         shift_mask = inputs["completion_mask"][:, 1:]
@@ -440,12 +443,13 @@ class PlusTrainer(GuardMixin, FrozenSourcesMixin, DPOTrainer):
         else:
             token_logps, outputs = self.fused_token_logps(model, inputs, **router)
 
-        ref = self.reference_token_logps(inputs) if self.reference_mode != "none" else None
+        wants_reference = needs.reference != "no" and self.reference_mode != "none"
+        ref = self.reference_token_logps(inputs) if wants_reference else None
         ref = None if ref is None else self.to_grid(inputs, ref.to(token_logps.dtype))
         frozen = {} if ref is None else {"reference": FrozenOutputs(logps=ref)}
         frozen.update({name: self.frozen_outputs(name, inputs) for name in needs.teachers})
         seq_mask = inputs.get(SEQ_MASK)
-        ctx = LossContext(
+        return LossContext(
             token_logps=self.to_grid(inputs, token_logps),
             mask=self.to_grid(inputs, shift_mask.to(token_logps.dtype)),
             ref_token_logps=ref,
@@ -453,13 +457,18 @@ class PlusTrainer(GuardMixin, FrozenSourcesMixin, DPOTrainer):
             batch=inputs,
             outputs=outputs,
             step=self.state.global_step,
-            training=mode == "train",
+            training=self.model.training,
             seq_mask=None if seq_mask is None else seq_mask.to(token_logps.dtype),
             tokens={name: self.to_grid(inputs, inputs[name][:, 1:], fill=TOKEN_PAD) for name in needs.token_fields},
             frozen=frozen,
             head=head,
             labels=self.to_grid(inputs, inputs["input_ids"][:, 1:], fill=TOKEN_PAD),
         )
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        mode = "train" if self.model.training else "eval"
+        ctx = self.build_context(model, inputs)
+        outputs = ctx.outputs
         result = self.method.loss(ctx)
         loss = result.loss
         if self.aux_loss_enabled:
@@ -469,7 +478,7 @@ class PlusTrainer(GuardMixin, FrozenSourcesMixin, DPOTrainer):
 
         if return_outputs:
             with torch.no_grad():
-                outputs = model(**model_kwargs)
+                outputs = model(**self._model_kwargs(inputs))
         return (loss, outputs) if return_outputs else loss
 
     # -- metrics --------------------------------------------------------------------------------------------
