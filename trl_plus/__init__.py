@@ -16,15 +16,18 @@ from .builtin.dpo import DPO, DPOConfig, dpo_losses
 from .builtin.sft import SFT
 from .config import Recipe, load_recipe
 from .contract import (
+    TAXONOMY,
     FrozenOutputs,
     ListField,
     LossContext,
     LossOutput,
     Method,
     MethodConfig,
+    Metric,
     ModelAlias,
     Needs,
     Paper,
+    Scorer,
     Stage,
     TopK,
     hookimpl,
@@ -37,9 +40,9 @@ from .trainers.frozen import REFERENCE_MODES, Teacher, resolve_reference_mode
 
 __all__ = [
     "DPO", "DPOConfig", "DiffusionDPO", "DiffusionDPOConfig", "DiffusionMethod", "DiffusionTrainer", "FieldCollation",
-    "FrozenOutputs", "ListField", "LossContext", "LossOutput", "Method", "MethodConfig", "ModelAlias", "Needs",
+    "FrozenOutputs", "ListField", "LossContext", "LossOutput", "Method", "MethodConfig", "Metric", "ModelAlias", "Needs",
     "PairwiseCollator", "Paper", "PlusTrainer", "REFERENCE_MODES", "Recipe", "SFT", "Sequence", "Scoring",
-    "SequencesCollator", "Stage", "Teacher", "TopK", "Inversion", "TrainResult", "TrlPlusError", "check_recipe",
+    "SequencesCollator", "Scorer", "Stage", "TAXONOMY", "Teacher", "TopK", "Inversion", "TrainResult", "TrlPlusError", "check_recipe",
     "ddim_invert", "ddim_sample", "guided_prediction", "inversion_timesteps", "Noised", "ScoreOutput", "run_stages",
     "denoising_errors", "dpo_losses", "evaluate", "get_method", "get_registry", "hookimpl", "load_recipe",
     "merge_adapter", "method_collator", "prompt_completion", "resolve_reference_mode", "tokenize_completions",

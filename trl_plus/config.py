@@ -212,9 +212,38 @@ class DataSpec(_Block):
     with ``report: true``, the before/after table ``trl-plus train`` prints (see ``trl_plus.run.evaluate``)."""
 
     train: DataSource
-    eval: DataSource | None = None
+    eval: DataSource | dict[str, DataSource] | None = None  # one set, or named sets: {in_domain: ..., shifted: ...}
     report: bool = True
     ties: Literal["drop", "keep_as_soft"] = "drop"  # diffusion pairs labelled 0.5: dropped (official) or soft
+
+
+    @field_validator("eval", mode="before")
+    @classmethod
+    def _one_or_named(cls, value: Any) -> Any:
+        """A mapping with ``path`` is one set; any other mapping names several (each a data source)."""
+        if isinstance(value, dict) and "path" not in value and not all(isinstance(v, dict) for v in value.values()):
+            raise ValueError("expected one data source (with a path) or named sets, each a data source: "
+                             "{in_domain: {path: ...}, shifted: {path: ...}}")
+        return value
+
+    def eval_sets(self) -> dict[str, DataSource]:
+        """The held-out sets by name (``{"eval": source}`` for a single ``data.eval``); the first one is TRL's
+        evaluation set and the before/after table's."""
+        if self.eval is None:
+            return {}
+        return {"eval": self.eval} if isinstance(self.eval, DataSource) else dict(self.eval)
+
+    @property
+    def primary_eval(self) -> DataSource | None:
+        """The first held-out set (``None`` without ``data.eval``)."""
+        return next(iter(self.eval_sets().values()), None)
+
+
+class MetricSpec(_Block):
+    """A metric run at every evaluation and by ``trl-plus eval`` (``trl-plus list --metrics`` lists them)."""
+
+    name: str
+    args: dict[str, Any] = Field(default_factory=dict)
 
 
 class Recipe(_Block):
@@ -228,6 +257,7 @@ class Recipe(_Block):
     teachers: dict[str, TeacherSpec] = Field(default_factory=dict)
     data: DataSpec
     stages: StagesSpec | None = None
+    metrics: list[MetricSpec] = Field(default_factory=list)
     training: dict[str, Any] = Field(default_factory=dict)
 
     _source: str = PrivateAttr("<recipe>")  # the file it came from

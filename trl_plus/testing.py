@@ -192,6 +192,17 @@ def train_tiny(method: str | Method | type[Method], output_dir: str | Path, **kw
     return trainer
 
 
+def run_metric(metric: Any, trainer: Any, rows: Sequence[dict[str, Any]] | None = None,
+               out_dir: str | Path | None = None):
+    """``metric`` (a :class:`~trl_plus.Metric` instance) run by ``trainer`` (e.g. :func:`tiny_trainer`'s) on
+    ``rows`` (default: 8 synthetic pairs), exactly as ``trl-plus eval`` and the recipe's ``metrics:`` run it;
+    returns its ``MetricResult`` (``.summary``, ``.values``, ``.artefacts`` written under ``out_dir``)."""
+    from datasets import Dataset
+
+    data = {"eval": Dataset.from_list(list(rows or preference_rows(8)))}
+    return trainer.run_metrics([metric], data, out_dir)["eval"][metric.name]
+
+
 CPU_OVERRIDES = (
     "model.name_or_path=tiny-llama", "model.dtype=float32", "model.quantization=null",
     "data.train.path=recipes/data/quickstart_prefs.jsonl", "data.train.limit=16", "data.eval=null",

@@ -258,7 +258,7 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None
         trainer.save_model(output_dir)
     evaluation, plot = None, None
     if held_out and not interrupted:
-        evaluation = report_from_scores(before, held_out(), recipe_beta(recipe), recipe.data.eval.path)
+        evaluation = report_from_scores(before, held_out(), recipe_beta(recipe), recipe.data.primary_eval.path)
     if main_process:
         trainer.state.save_to_json(str(Path(output_dir) / STATE_FILE))
         if evaluation is not None:
@@ -290,7 +290,7 @@ def interrupted_before_training(recipe: Recipe) -> TrainResult:
 
 def _recipe_files(recipe: Recipe) -> list[str]:
     """The recipe file and its local data files (what ``training.overwrite_output_dir`` must never delete)."""
-    files = [spec.path for spec in (recipe.data.train, recipe.data.eval) if spec is not None]
+    files = [spec.path for spec in (recipe.data.train, *recipe.data.eval_sets().values())]
     return [f for f in [recipe_source(recipe), *files] if Path(f).exists()]
 
 
@@ -299,7 +299,7 @@ def _held_out_scorer(recipe: Recipe, trainer):
     has no ``data.eval`` (or ``data.report: false``, or the eval data are not prompt/chosen/rejected pairs)."""
     if recipe.data.eval is None or not recipe.data.report or not hasattr(trainer, "_tokenizer"):
         return None  # (a diffusion run evaluates through the trainer's own eval loop)
-    spec = recipe.data.eval
+    spec = recipe.data.primary_eval
     dataset = load_split(recipe, trainer.method, "eval")
     if not {"chosen", "rejected"} <= set(dataset.column_names):
         return None

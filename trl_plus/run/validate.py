@@ -273,7 +273,10 @@ def check_recipe(recipe: Recipe):
         found = next((c for c in candidates if c.is_file()), None)
         if found is not None and (problem := gguf_problem(found)):
             raise TrlPlusError(f"{locate(recipe, key + '.gguf_file')}: {problem}")
-    for key, spec in (("data.train", recipe.data.train), ("data.eval", recipe.data.eval)):
+    sets = recipe.data.eval_sets()
+    evals = [("data.eval" if isinstance(recipe.data.eval, type(recipe.data.train)) else f"data.eval.{name}", spec)
+             for name, spec in sets.items()]  # fmt: skip
+    for key, spec in (("data.train", recipe.data.train), *evals):
         if spec is not None and looks_local(spec.path) and not Path(spec.path).expanduser().exists():
             raise TrlPlusError(f"{locate(recipe, key + '.path')}: no such file: {spec.path} (looked for "
                                f"{looked_for(recipe, key + '.path', spec.path)}; a relative path in a recipe is read "
@@ -424,7 +427,7 @@ def resume_target(value: Any, output_dir: str) -> str | None:
 def load_split(recipe: Recipe, method, which: str):
     """The recipe's ``data.<which>`` split (``train`` or ``eval``) as a dataset whose columns ``method`` can read,
     or ``None`` when the recipe has no such split."""
-    spec = getattr(recipe.data, which)
+    spec = recipe.data.train if which == "train" else recipe.data.primary_eval
     if spec is None:
         return None
     where = f"{recipe_source(recipe)}: data.{which}"
@@ -439,6 +442,23 @@ def load_split(recipe: Recipe, method, which: str):
     if hasattr(method, "prepare_split"):  # a method whose rows name files (diffusion: images) checks them here
         dataset = method.prepare_split(dataset, recipe, which)
     return prepare_rows(dataset, method, which, located)
+
+
+def load_metric_sets(recipe: Recipe, split: str = "eval", data: str | None = None) -> dict[str, Any]:
+    """The raw rows metrics run on, by set name: the recipe's held-out sets (``split="eval"``: ``data.eval``, one or
+    named) or its training data (``"train"``); ``data`` (a file) replaces them with one set named after it."""
+    if data is not None:
+        return {Path(data).stem: load_preferences(data, "train", None, where=f"--data {data}")}
+    if split == "train":
+        sets = {"train": recipe.data.train}
+    else:
+        sets = recipe.data.eval_sets()
+    out = {}
+    for name, spec in sets.items():
+        key = "data.train" if split == "train" else ("data.eval" if len(sets) == 1 else f"data.eval.{name}")
+        out[name] = load_preferences(spec.path, spec.split, spec.limit, where=f"{recipe_source(recipe)}: {key}",
+                                     columns=spec.columns, name=spec.name)  # fmt: skip
+    return out
 
 
 _WARNED: set[str] = set()

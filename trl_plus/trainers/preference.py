@@ -51,6 +51,7 @@ from ..errors import TrlPlusError
 from ..models.load import bf16_available, resolve_model_path
 from . import resolve_method
 from .adapters import REFERENCE_ADAPTER, active_adapter, copy_adapter
+from .evaluation import MetricsMixin
 from .frozen import REF_COLUMN, resolve_reference_mode
 from .guard import GuardMixin
 from .heads import checkpointing_off
@@ -92,7 +93,7 @@ def method_section(method: Method) -> str:
     return "\n".join(lines) + "\n"
 
 
-class PlusTrainer(GuardMixin, FrozenSourcesMixin, DPOTrainer):
+class PlusTrainer(GuardMixin, MetricsMixin, FrozenSourcesMixin, DPOTrainer):
     """TRL's ``DPOTrainer`` driven by a method plugin.
 
     Build it exactly like ``DPOTrainer`` plus ``method`` (a registered name, a :class:`~trl_plus.Method` class or
@@ -447,7 +448,13 @@ class PlusTrainer(GuardMixin, FrozenSourcesMixin, DPOTrainer):
         ref = self.reference_token_logps(inputs) if wants_reference else None
         ref = None if ref is None else self.to_grid(inputs, ref.to(token_logps.dtype))
         frozen = {} if ref is None else {"reference": FrozenOutputs(logps=ref)}
-        frozen.update({name: self.frozen_outputs(name, inputs) for name in needs.teachers})
+        for name, kinds in needs.frozen_sources().items():
+            if name == "reference":  # a metric reading more of the reference than its label log-probs
+                model_, context = self.reference_source()
+                rows = self.frozen_rows(model_, inputs, kinds, context)
+                frozen[name] = self.outputs_on_grid(inputs, rows)
+            else:
+                frozen[name] = self.frozen_outputs(name, inputs, kinds)
         seq_mask = inputs.get(SEQ_MASK)
         return LossContext(
             token_logps=self.to_grid(inputs, token_logps),
