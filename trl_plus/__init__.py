@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from ._version import __version__  # noqa: F401 (re-exported)
 from .builtin.diffusion import DiffusionDPO, DiffusionDPOConfig
 from .builtin.dpo import DPO, DPOConfig, dpo_losses
+from .builtin.metrics import pair_accuracy
 from .builtin.sft import SFT
 from .config import Recipe, load_recipe
 from .contract import (
@@ -45,7 +46,7 @@ __all__ = [
     "SequencesCollator", "Scorer", "Stage", "TAXONOMY", "Teacher", "TopK", "Inversion", "TrainResult", "TrlPlusError", "check_recipe",
     "ddim_invert", "ddim_sample", "guided_prediction", "inversion_timesteps", "Noised", "ScoreOutput", "run_stages",
     "denoising_errors", "dpo_losses", "evaluate", "get_method", "get_registry", "hookimpl", "load_recipe",
-    "merge_adapter", "method_collator", "prompt_completion", "resolve_reference_mode", "tokenize_completions",
+    "merge_adapter", "method_collator", "pair_accuracy", "prompt_completion", "resolve_reference_mode", "tokenize_completions",
     "train",
 ]  # fmt: skip
 
