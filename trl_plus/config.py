@@ -399,9 +399,11 @@ def load_recipe(source: str | Path | dict[str, Any], overrides: list[str] | None
     recipe._source, recipe._overridden = name, overridden
     if not isinstance(source, dict):
         folder = Path(source).parent
-        for split in ("train", "eval"):
-            spec = getattr(recipe.data, split)
-            if spec is not None and not is_overridden(f"data.{split}.path", overridden):
+        named = isinstance(recipe.data.eval, dict)
+        sources = [("data.train", recipe.data.train), *((f"data.eval.{n}" if named else "data.eval", spec)
+                                                        for n, spec in recipe.data.eval_sets().items())]  # fmt: skip
+        for key, spec in sources:
+            if not is_overridden(f"{key}.path", overridden):
                 spec.path = relative_to_recipe(spec.path, folder)
         blocks = [("model", recipe.model), ("reference", recipe.reference)]
         for key, _, spec in recipe.teacher_blocks():

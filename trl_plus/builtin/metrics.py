@@ -117,7 +117,7 @@ class Length(Scorer):
         unit = self.config.unit
         if unit == "tokens":
             if self.tokenizer is None:
-                raise ValueError("scorer length: unit tokens needs the run's tokenizer (--model)")
+                raise ValueError("unit tokens needs the run's tokenizer (--model)")
             counts = [len(tokenize_completions(self.tokenizer, p, {"y": c})["y"]) for p, c in zip(prompts, completions)]
         else:
             texts = [_text(c) for c in completions]
@@ -152,13 +152,32 @@ class ImplicitReward(Scorer):
     Config = ImplicitRewardConfig
 
     def score(self, prompts: list, completions: list, **columns: list) -> Any:
-        from ..models.load import load_adapter_model
-
-        model = load_adapter_model(self.config.adapter, device=self.device)
+        model = adapter_model(self.config.adapter, device=self.device)
         with_adapter = _sequence_logps(model, self.tokenizer, prompts, completions, self.config)
         with model.disable_adapter():
             base = _sequence_logps(model, self.tokenizer, prompts, completions, self.config)
         return (self.config.beta * (with_adapter - base)).unsqueeze(-1)
+
+
+def adapter_model(path: str, device: Any = None) -> Any:
+    """A saved LoRA adapter folder on its base model (``base_model_name_or_path`` of its ``adapter_config.json``),
+    frozen, in eval mode: ``with model.disable_adapter():`` gives the base."""
+    import json
+    from pathlib import Path
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    config = Path(path) / "adapter_config.json"
+    if not config.is_file():
+        raise ValueError(f"{path} holds no adapter_config.json (a LoRA adapter folder, as a LoRA run saves it)")
+    base = json.loads(config.read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{config} names no base_model_name_or_path")
+    model = AutoModelForCausalLM.from_pretrained(base)
+    if device is not None:
+        model.to(device)
+    return PeftModel.from_pretrained(model, str(path), is_trainable=False).eval()
 
 
 def _sequence_logps(model: Any, tokenizer: Any, prompts: list, completions: list, config: Any) -> Any:
@@ -207,9 +226,7 @@ class RewardModel(Scorer):
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from ..models.load import resolve_model_path
-
-        path = resolve_model_path(self.config.model)
+        path = self.config.model
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForSequenceClassification.from_pretrained(path).eval()
         if self.device is not None:

@@ -143,25 +143,6 @@ def _device_index():
     return "cpu"
 
 
-def load_adapter_model(path: str, *, device: Any = None, key: str = "adapter"):
-    """A saved LoRA adapter folder on its base model (``base_model_name_or_path`` of its ``adapter_config.json``),
-    frozen, in eval mode: ``with model.disable_adapter():`` gives the base."""
-    import json
-
-    from peft import PeftModel
-
-    config = Path(path) / "adapter_config.json"
-    if not config.is_file():
-        raise TrlPlusError(f"{key}: {path} holds no adapter_config.json (a LoRA adapter folder, as a LoRA run saves it)")
-    base = json.loads(config.read_text()).get("base_model_name_or_path")
-    if not base:
-        raise TrlPlusError(f"{key}: {config} names no base_model_name_or_path")
-    model = load_model(ModelSpec(name_or_path=base), trainable=False, key=key)
-    if device is not None:
-        model.to(device)
-    return PeftModel.from_pretrained(model, str(path), is_trainable=False).eval()
-
-
 def check_lora_targets(spec: ModelSpec, path: str, key: str = "model") -> None:
     """Check ``spec.lora`` against the model's modules before any weight loads: the model is built from its config on
     the meta device (no memory), so a mistyped ``target_modules`` name or a ``layers`` index the model lacks is one

@@ -215,6 +215,7 @@ def check_recipe(recipe: Recipe):
     except TrlPlusError as exc:
         raise TrlPlusError(f"{source}: method: {exc}") from None
     check_model_kind(recipe, method)
+    build_metrics(recipe, method)
     training = {k: v for k, v in recipe.training.items() if k not in RUN_TRAINING_KEYS}
     config_cls = None
     if method.trainer == "diffusion":
@@ -296,6 +297,44 @@ def check_recipe(recipe: Recipe):
     except TrlPlusError as exc:
         raise TrlPlusError(f"{source}: {exc}") from None
     return method, training
+
+
+def build_metrics(recipe: Recipe, method=None, names: list[str] | None = None) -> list:
+    """The recipe's ``metrics:`` (or the metrics ``names``, e.g. ``--metric a,b``) as :class:`~trl_plus.Metric`
+    instances, each name and ``args`` checked (one line: the unknown name's nearest ones, the bad argument)."""
+    registry = get_registry()
+    specs = [(f"metrics.{i}", m.name, m.args) for i, m in enumerate(recipe.metrics)]
+    if names is not None:
+        specs = [(f"--metric {n}", *_named_metric(n, recipe)) for n in names]
+    if specs and method is not None and method.trainer != "preference":
+        raise TrlPlusError(f"{locate(recipe, 'metrics')}: metrics run on text preference runs; method "
+                           f"{method.name!r} runs on the {method.trainer!r} trainer")  # fmt: skip
+    metrics = []
+    for key, name, args in specs:
+        where = key if key.startswith("--") else locate(recipe, key + ".name")
+        try:
+            metric_cls = registry.get_metric(name)
+        except TrlPlusError as exc:
+            raise TrlPlusError(f"{where}: {exc}") from None
+        beta = getattr(getattr(method, "config", None), "beta", None)
+        if "beta" in metric_cls.Config.model_fields and "beta" not in args and isinstance(beta, (int, float)):
+            args = {**args, "beta": beta}  # the implicit reward of the run's own β
+        try:
+            metrics.append(metric_cls(metric_cls.Config(**args)))
+        except ValidationError as exc:
+            raise TrlPlusError(explain(exc, key if key.startswith("--") else recipe_source(recipe),
+                                       prefix=() if key.startswith("--") else (*key.split("."), "args"),
+                                       model=metric_cls.Config)) from None  # fmt: skip
+    return metrics
+
+
+def _named_metric(name: str, recipe: Recipe) -> tuple[str, dict]:
+    """``--metric NAME``: the recipe's own args for it when its ``metrics:`` lists it, else the defaults (β: the
+    method's when the metric has one)."""
+    for spec in recipe.metrics:
+        if spec.name == name:
+            return name, spec.args
+    return name, {}
 
 
 def check_model_kind(recipe: Recipe, method) -> None:

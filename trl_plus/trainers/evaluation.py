@@ -92,14 +92,24 @@ class MetricsMixin:
     metric_data: Mapping[str, Any] = {}
     metric_dir: str | None = None
 
-    def set_metrics(self, metrics: Sequence[Metric], data: Mapping[str, Any] | None = None,
+    def set_metrics(self, metrics: Sequence[Metric], data: Mapping[str, Mapping[str, Any]] | None = None,
                     artefacts_dir: str | None = None) -> None:  # fmt: skip
-        """Metrics to run at every evaluation, on the named data sets ``data`` (raw pair rows, e.g.
-        ``{"eval": dataset}``); their artefacts go to ``artefacts_dir/step-<N>/``. Each metric's needs are checked
-        against the run first (one line each)."""
+        """Metrics to run at every evaluation, each on the data sets of its ``split``: ``data`` is
+        ``{"eval": {set name: rows}, "train": {"train": rows}}`` (raw pair rows); artefacts go to
+        ``artefacts_dir/step-<N>/``. Each metric's needs are checked against the run first (one line each)."""
         for metric in metrics:
             check_metric_needs(metric, self)
         self.metrics, self.metric_data, self.metric_dir = tuple(metrics), dict(data or {}), artefacts_dir
+
+    def run_configured_metrics(self, out_dir: str | Path | None = None) -> dict[str, dict[str, MetricResult]]:
+        """The metrics of :meth:`set_metrics`, each on its split's sets: ``{set: {metric: MetricResult}}``."""
+        results: dict[str, dict[str, MetricResult]] = {}
+        for split, sets in self.metric_data.items():
+            chosen = [m for m in self.metrics if m.split == split]
+            if chosen and sets:
+                for set_name, per_metric in self.run_metrics(chosen, sets, out_dir).items():
+                    results.setdefault(set_name, {}).update(per_metric)
+        return results
 
     def run_metrics(self, metrics: Sequence[Metric], data: Mapping[str, Any], out_dir: str | Path | None = None,
                     desc: str = "metrics") -> dict[str, dict[str, MetricResult]]:  # fmt: skip
@@ -159,16 +169,12 @@ class MetricsMixin:
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         """TRL's evaluation (its loss and reward metrics on ``eval_dataset``), then the run's metrics on their data
-        sets, logged as ``eval_<metric>/<key>``."""
+        sets, logged as ``eval_<metric>/<key>`` (``eval_<set>_<metric>/<key>`` when there are several sets)."""
         output = super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
-        if not self.metrics or not self.metric_data or metric_key_prefix != "eval":
+        if not self.metrics or metric_key_prefix != "eval":
             return output
         out_dir = None if self.metric_dir is None else Path(self.metric_dir) / f"step-{self.state.global_step}"
-        logged = {}
-        for set_name, per_metric in self.run_metrics(self.metrics, self.metric_data, out_dir).items():
-            prefix = "eval" if len(self.metric_data) == 1 else f"eval_{set_name}"
-            for name, result in per_metric.items():
-                logged.update({f"{prefix}_{name}/{key}": value for key, value in result.summary.items()})
+        logged = metric_logs(self.run_configured_metrics(out_dir))
         self.log(logged)
         output.update(logged)
         return output
@@ -187,3 +193,14 @@ class MetricsMixin:
             return self.model, lambda: active_adapter(policy, REFERENCE_ADAPTER)
         return self.model, lambda: use_adapter(policy, adapter_name=None)
 
+
+
+def metric_logs(results: Mapping[str, Mapping[str, MetricResult]]) -> dict[str, float]:
+    """``{set: {metric: result}}`` as flat log keys: ``eval_<metric>/<key>``, or ``eval_<set>_<metric>/<key>`` when
+    there are several sets (a ``train``-split metric: ``train_<metric>/<key>``)."""
+    logged = {}
+    for set_name, per_metric in results.items():
+        prefix = set_name if set_name in ("eval", "train") else f"eval_{set_name}"
+        for name, result in per_metric.items():
+            logged.update({f"{prefix}_{name}/{key}": value for key, value in result.summary.items()})
+    return logged
