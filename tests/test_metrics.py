@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from trl_plus import Metric, Needs, TrlPlusError, pair_accuracy
-from trl_plus.testing import cli, preference_rows, run_metric, tiny_trainer, write_jsonl
+from trl_plus.testing import cli, preference_rows, run_metric, tiny_trainer, training_logs, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -278,3 +278,50 @@ def test_list_by_groups_methods_by_a_taxonomy_key(capsys):
     assert cli("list", "--by", "constraint.ref") == 2
     assert "not a taxonomy key (did you mean constraint.reference?)" in capsys.readouterr().err
     assert cli("list", "--metrics") == 0 and "pairs" in capsys.readouterr().out
+
+
+def test_modpo_on_score_columns_is_modpo_on_hand_written_columns(tmp_path):
+    pytest.importorskip("trl_plus_modpo")  # a plugin of the repository (CI installs every one)
+    rows = preference_rows(4, seed=4)
+    hand = [{**r, "chosen_margin_rewards": [-float(len(r["chosen"].split()))],
+             "rejected_margin_rewards": [-float(len(r["rejected"].split()))]} for r in rows]  # fmt: skip
+    source = write_jsonl(rows, tmp_path / "pairs.jsonl")
+    scored = tmp_path / "scored.jsonl"
+    assert cli("score", source, "--scorer", "length:unit=words,scale=-1", "--column", "margin_rewards", "--list",
+               "--out", str(scored)) == 0  # fmt: skip
+    produced = [json.loads(line) for line in scored.read_text().splitlines()]
+    assert [p["chosen_margin_rewards"] for p in produced] == [h["chosen_margin_rewards"] for h in hand]
+    logs = {}
+    for name, data in (("hand", hand), ("scored", produced)):
+        trainer = tiny_trainer("modpo", tmp_path / name, {"beta": 0.1, "w": [0.5, 0.5]}, rows=data, max_steps=2)
+        trainer.train()
+        logs[name] = [value for e in training_logs(trainer) for value in (e["loss"], e["rewards/margins"])]
+    assert logs["scored"] == pytest.approx(logs["hand"], abs=1e-7)
+    assert len(logs["hand"]) == 4
+
+
+def test_compare_a_dpo_and_a_simpo_run_reproduces_each_report(tmp_path, capsys):
+    pytest.importorskip("trl_plus_simpo")  # a plugin of the repository (CI installs every one)
+    write_jsonl(preference_rows(4, seed=1), tmp_path / "train.jsonl")
+    write_jsonl(preference_rows(3, seed=2), tmp_path / "eval.jsonl")
+    (tmp_path / "recipe.yaml").write_text("""
+method: dpo
+model: {name_or_path: tiny-llama, dtype: float32, lora: {r: 4, alpha: 8}}
+data: {train: {path: train.jsonl}, eval: {path: eval.jsonl}}
+training: {max_steps: 1, learning_rate: 5.0e-3, per_device_train_batch_size: 4, per_device_eval_batch_size: 4,
+  eval_strategy: "no", save_strategy: "no", logging_steps: 1, activation_checkpointing: false, disable_tqdm: true,
+  seed: 0}
+""")
+    out = tmp_path / "runs"
+    assert cli("compare", str(tmp_path / "recipe.yaml"), "--methods", "dpo,simpo", "--out", str(out)) == 0
+    table = capsys.readouterr().out
+    from trl_plus.run.compare import compare_runs
+
+    comparison = compare_runs([str(out / "dpo"), str(out / "simpo")])
+    for label, run in (("dpo β=0.1", "dpo"), ("simpo", "simpo")):
+        label = next(name for name in comparison.reports if name.startswith(label.split()[0]))
+        own = json.loads((out / run / "eval_report.json").read_text())["after"]
+        tol = 8 * torch.finfo(torch.float32).eps * abs(own["logps/chosen"])  # float32 sums, another batch order
+        for key in ("reward_accuracy", "reward_margin", "likelihood_accuracy", "log_ratio"):
+            assert comparison.reports[label].after[key] == pytest.approx(own[key], abs=tol), (run, key)
+    assert "KL proxy" in table and (Path(out).parent / "compare.png").is_file()
