@@ -1,4 +1,4 @@
-"""Ranking accuracy — Preference Learning Algorithms Do Not Learn Preference Rankings (Chen et al. 2024, arXiv
+"""Ranking accuracy — Preference Learning Algorithms Do Not Learn Preference Rankings (2024, arXiv
 2405.19534; official code angie-chen55/pref-learning-ranking-acc).
 
 Does the policy itself rank the chosen completion above the rejected one? Per pair, with ℓ(y) = Σ_t log πθ(y_t|x,
