@@ -22,6 +22,7 @@ REPOSITORY_PLUGINS = frozenset({
     "abc", "aligndistil", "asft", "brain", "curry-dpo", "dove", "dso-dro", "egida-safety", "flow-dpo", "flow-rwr",
     "inversion-dpo", "irpo", "is-daa", "ld-dpo", "ln-dpo", "modpo", "rankdpo", "redi", "rpo", "sail", "simpo", "smpo",
     "srpo", "ssdpo", "tars", "tgdpo", "three-d-properties", "tracealign", "tvkd",
+    "dporm-generalization", "r-to-q", "ranking-accuracy",  # metric plugins
 })  # fmt: skip
 
 
