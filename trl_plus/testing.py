@@ -28,7 +28,7 @@ from .registry import get_registry
 __all__ = [
     "CPU_OVERRIDES", "build_model", "build_tokenizer", "cli", "diffusion_batch", "diffusion_loss", "diffusion_rows", "forbid_reference", "logits_head",
     "make_context", "perturb", "tiny_diffusion_bundle", "tiny_diffusion_trainer", "tiny_text_encoder",
-    "preference_rows", "registered", "run_recipe_on_cpu", "save_tiny_adapter", "save_tiny_model", "tiny_trainer",
+    "preference_rows", "registered", "run_metric", "run_recipe_on_cpu", "save_tiny_adapter", "save_tiny_model", "tiny_trainer",
     "train_tiny",
     "training_logs", "write_jsonl",
 ]  # fmt: skip
