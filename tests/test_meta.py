@@ -48,8 +48,10 @@ def test_every_plugin_distribution_is_complete(plugin):
     assert len((plugin / "README.md").read_text()) > 500
     assert list(plugin.glob("tests/test_*.py"))
     registry = get_registry()
-    assert plugin.name in {**registry.methods, **registry.metrics}, f"{plugin.name} is not installed: pip install -e {plugin}"
-    if plugin.name in registry.methods:  # a metric plugin trains nothing: no recipe
+    commands = {c.source.rsplit(" (", 1)[-1].rstrip(")") for c in registry.commands.values()}  # "dist (name)"
+    assert plugin.name in {**registry.methods, **registry.metrics} or plugin.name in commands, (
+        f"{plugin.name} is not installed: pip install -e {plugin}")  # a method, a metric or (dpo-survey) commands
+    if plugin.name in registry.methods:  # a metric or a command plugin trains nothing: no recipe
         assert list(ROOT.glob(f"recipes/{plugin.name}*.yaml"))
 
 

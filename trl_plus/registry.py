@@ -23,6 +23,7 @@ REPOSITORY_PLUGINS = frozenset({
     "inversion-dpo", "irpo", "is-daa", "ld-dpo", "ln-dpo", "modpo", "rankdpo", "redi", "rpo", "sail", "simpo", "smpo",
     "srpo", "ssdpo", "tars", "tgdpo", "three-d-properties", "tracealign", "tvkd",
     "dporm-generalization", "r-to-q", "ranking-accuracy",  # metric plugins
+    "did", "dpo-survey", "more-is-less", "sft-fdiv",  # issue 13 (c): metric plugins, the survey taxonomy, a method
 })  # fmt: skip
 
 
