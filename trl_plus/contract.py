@@ -442,8 +442,11 @@ class Configured:
 
 
 #: The survey taxonomy's vocabulary ("A Survey of Direct Preference Optimization", arXiv 2503.11701): the keys a
-#: :attr:`Method.taxonomy` may use and each key's values (``trl-plus list --by KEY`` groups by them). ``source``
-#: says whether the tags are the survey's own placement (``survey``) or ours (``inferred``).
+#: :attr:`Method.taxonomy` may use and each key's values (``trl-plus list --by KEY`` groups by them). An empty tuple
+#: is an explicit "none" (the card's "—"). ``source`` says whether the survey's repository places the method's paper
+#: (``survey``) or not (``inferred``: every tag is ours); ``survey`` lists the leaf sections it is placed in, named by
+#: the tag each one implies (``"length-bias"``: Length Bias; ``"offline"``: Offline Learning; ``"basic"``: the
+#: survey's Basic list), so a method's survey-placed tags are the ones ``survey`` names and the rest are inferred.
 TAXONOMY: Mapping[str, tuple[str, ...]] = {
     "data.quality": ("heterogeneity", "distinguishability", "noise"),
     "data.feedback": ("point", "pair", "list"),
@@ -456,6 +459,10 @@ TAXONOMY: Mapping[str, tuple[str, ...]] = {
     "property": ("distribution-shift", "length-bias", "likelihood-collapse", "alignment-tax", "other-analysis"),
     "scope": ("text", "image", "video", "3d", "policy", "agent", "image+text"),
     "source": ("survey", "inferred"),
+    "survey": ("basic", "heterogeneity", "distinguishability", "noise", "point", "pair", "list", "token", "step",
+               "sentence", "turn", "offline", "online", "active", "multi-objective", "self-play", "reference-free",
+               "dynamic-reference", "diversity", "generalization", "safety", "distribution-shift", "length-bias",
+               "likelihood-collapse", "alignment-tax", "other-analysis"),
 }
 
 
@@ -497,7 +504,8 @@ class Method(Configured):
     tokenizer: Any = None
     #: Survey-taxonomy tags, ``{key: value or (values, ...)}`` with keys and values from :data:`TAXONOMY`
     #: (``trl-plus list --by KEY``), e.g. ``{"constraint.reference": "reference-free", "property": "length-bias",
-    #: "source": "survey"}``.
+    #: "survey": ("reference-free", "length-bias"), "source": "survey"}``; ``()`` is an explicit "none". Each method
+    #: class sets its own (a subclass would inherit its parent's; the dpo-survey plugin's meta-test requires its own).
     taxonomy: ClassVar[Mapping[str, str | tuple[str, ...]]] = {}
 
     # -- identity -------------------------------------------------------------------------------------------

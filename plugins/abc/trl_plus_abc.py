@@ -88,6 +88,8 @@ class ABC(DiffusionMethod):
     """Reference-free circle-margin classification of (image, prompt) pairs, with a suffixed second prompt."""
 
     name = "abc"
+    taxonomy = {"data.feedback": "point", "learning.paradigm": "offline", "constraint.reference": "reference-free",
+                "property": (), "scope": "image", "source": "inferred"}
     paper = Paper("Aligning Text-to-Image Diffusion Models to Human Preference by Classification",
                   "none: NeurIPS 2025, OpenReview YvypxK4kut",
                   code="dailongquan/abc")  # fmt: skip

@@ -164,6 +164,8 @@ class AlignDistil(Method):
     """Reverse-KL distillation towards z_d + w_t (z_d − z_r), w_t from the two teachers' total-variation distance."""
 
     name = "aligndistil"
+    taxonomy = {"data.granularity": "token", "learning.paradigm": ("offline", "online"),
+                "constraint.reference": "fixed", "property": (), "scope": "text", "source": "inferred"}
     family = "distillation"
     paper = Paper(
         "AlignDistil: Token-Level Language Model Alignment as Adaptive Policy Distillation",

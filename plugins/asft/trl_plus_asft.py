@@ -59,6 +59,8 @@ class ASFT(Method):
     """Reference-free SFT plus a pointwise odds term: raise p(y_w) and lower p(y_l), each independently."""
 
     name = "asft"
+    taxonomy = {"data.feedback": "point", "learning.paradigm": "offline", "constraint.reference": "reference-free",
+                "property": "likelihood-collapse", "scope": "text", "source": "inferred"}
     paper = Paper("ASFT: Aligned Supervised Fine-Tuning through Absolute Likelihood", "2409.10571")
     summary = "reference-free SFT + pointwise BCE on the odds of chosen (label 1) and rejected (label 0)"
     needs = Needs(reference="no")

@@ -115,6 +115,8 @@ class BRAIn(Method):
     importance weights α̂ with the self-normalised baseline β̂)."""
 
     name = "brain"
+    taxonomy = {"data.feedback": ("list", "point"), "learning.paradigm": "offline", "constraint.reference": "fixed",
+                "property": (), "scope": "text", "source": "inferred"}
     family = "listwise-ranking"
     paper = Paper("BRAIn: Bayesian Reward-conditioned Amortized Inference for natural language generation from "
                   "feedback", "2402.02479")  # fmt: skip

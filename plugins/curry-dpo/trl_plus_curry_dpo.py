@@ -52,6 +52,9 @@ class CurryDPO(DPO):
     """DPO on (best, j) pairs of ranked responses, one stage per difficulty rank, the reference refreshed between."""
 
     name = "curry-dpo"
+    taxonomy = {"data.quality": "distinguishability", "data.feedback": "list", "learning.paradigm": "offline",
+                "constraint.reference": "dynamic-reference", "property": (), "scope": "text",
+                "survey": ("distinguishability", "offline", "dynamic-reference"), "source": "survey"}
     family = "listwise-ranking"
     paper = Paper("Curry-DPO: Enhancing Alignment using Curriculum Learning & Ranked Preferences", "2403.07230")
     summary = "DPO on best-vs-rest pairs of ranked responses, easy → hard in stages, π_ref ← π_θ between stages"

@@ -58,6 +58,8 @@ class DOVE(DPO):
     """DPO on joint log-likelihoods log π(I, R) of (instruction, response) pairs with a prompt per side."""
 
     name = "dove"
+    taxonomy = {"data.quality": "heterogeneity", "data.feedback": "pair", "learning.paradigm": "offline",
+                "constraint.reference": "fixed", "property": (), "scope": "text", "source": "inferred"}
     paper = Paper(
         "Comparing Bad Apples to Good Oranges: Aligning Large Language Models via Joint Preference Optimization",
         "2404.00530",

@@ -41,6 +41,8 @@ class DSODRO(DiffusionMethod):
     """mean(e⁺ − e⁻) on flow-velocity errors, t shared and ε independent per example; no reference."""
 
     name = "dso-dro"
+    taxonomy = {"data.feedback": "point", "learning.paradigm": "offline", "constraint.reference": "reference-free",
+                "property": (), "scope": "3d", "source": "inferred"}
     family = "flow"
     paper = Paper("DSO: Aligning 3D Generators with Simulation Feedback for Physical Soundness", "2503.22677",
                   code="RuiningLi/dso")  # fmt: skip

@@ -99,6 +99,8 @@ class EgidaSafety(DPO):
     """DPO on safety pairs: a safe answer of another model (chosen) vs the target's own unsafe answer (rejected)."""
 
     name = "egida-safety"
+    taxonomy = {"data.feedback": "pair", "learning.paradigm": "offline", "constraint.reference": "fixed",
+                "constraint.safety": "safety", "property": "alignment-tax", "scope": "text", "source": "inferred"}
     family = "data-recipe"
     paper = Paper("Efficient Safety Retrofitting Against Jailbreaking for LLMs", "2502.13603")
     summary = "DPO data recipe: other models' safe answers vs the target's own judged-unsafe answers to jailbreaks"

@@ -49,6 +49,8 @@ class FlowDPO(DiffusionDPO):
     """Diffusion-DPO on the flow velocity: t and ε shared per pair; constant or ELBO-weighted β."""
 
     name = "flow-dpo"
+    taxonomy = {"data.feedback": "pair", "learning.paradigm": "offline", "constraint.reference": "fixed",
+                "property": (), "scope": "video", "source": "inferred"}
     family = "flow"
     paper = Paper("Improving Video Generation with Human Feedback", "2501.13918", code="yifan123/flow_grpo")
     summary = "Diffusion-DPO on rectified-flow velocity errors, constant β (or β(1−t)²), t and ε shared per pair"

@@ -61,6 +61,8 @@ class FlowRWR(DiffusionMethod):
     """Reward-weighted flow matching on (prompt, image, reward) rows; no reference."""
 
     name = "flow-rwr"
+    taxonomy = {"data.feedback": "point", "learning.paradigm": "offline", "constraint.reference": "reference-free",
+                "property": (), "scope": "video", "source": "inferred"}
     family = "flow"
     paper = Paper("Improving Video Generation with Human Feedback", "2501.13918", code="yifan123/flow_grpo")
     summary = "reward-weighted regression: mean w(r)·e of flow-velocity errors (exp / group softmax / raw / best)"

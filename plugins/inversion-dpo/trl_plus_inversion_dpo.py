@@ -63,6 +63,8 @@ class InversionDPO(DiffusionMethod):
     """DPO on Σ_k w_k·ē_k along the reference's DDIM inversion path of each image."""
 
     name = "inversion-dpo"
+    taxonomy = {"data.feedback": "pair", "learning.paradigm": "offline", "constraint.reference": "fixed",
+                "property": (), "scope": "image", "source": "inferred"}
     paper = Paper("Inversion-DPO: Precise and Efficient Post-Training for Diffusion Models", "2507.11554",
                   code="MIGHTYEZ/Inversion-DPO")  # fmt: skip
     summary = ("DPO on (1/N)·Σ_k ē(ε_θ − ε_ref)/(2ᾱ_k) along the reference's DDIM inversion of each image (CFG 2), "

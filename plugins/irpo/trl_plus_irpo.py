@@ -228,6 +228,8 @@ class IRPO(Method):
     """Listwise DPO over the items of one response: each item's log-ratio against all others, NDCG-weighted."""
 
     name = "irpo"
+    taxonomy = {"data.feedback": "list", "learning.paradigm": "offline", "constraint.reference": "fixed",
+                "property": (), "scope": "text", "source": "inferred"}
     family = "listwise-ranking"
     paper = Paper("In-context Ranking Preference Optimization", "2504.15477",
                   code="rohan2810/In-context-Ranking-Preference-Optimization")  # fmt: skip

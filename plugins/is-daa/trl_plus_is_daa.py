@@ -68,6 +68,9 @@ class ISDAA(DPO):
     """DPO or IPO with each pair's loss weighted by a clipped, stop-gradient sequence-level importance ratio."""
 
     name = "is-daa"
+    taxonomy = {"data.feedback": "pair", "learning.paradigm": "offline", "constraint.reference": "fixed",
+                "constraint.divergence": "generalization", "property": "distribution-shift", "scope": "text",
+                "source": "inferred"}
     paper = Paper(
         "Mitigating Reward Over-optimization in Direct Alignment Algorithms with Importance Sampling",
         "2506.08681",

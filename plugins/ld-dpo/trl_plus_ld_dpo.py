@@ -44,6 +44,9 @@ class LDDPO(DPO):
     """DPO on length-desensitized log-likelihoods: tail tokens of the longer response count α times."""
 
     name = "ld-dpo"
+    taxonomy = {"data.feedback": "pair", "data.granularity": "token", "learning.paradigm": "offline",
+                "constraint.reference": "fixed", "property": "length-bias", "scope": "text", "survey": ("length-bias",),
+                "source": "survey"}
     paper = Paper("Length Desensitization in Direct Preference Optimization", "2409.06411")
     summary = "DPO with the tokens past the pair's shared length down-weighted by α"
     Config = LDDPOConfig

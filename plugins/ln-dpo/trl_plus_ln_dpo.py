@@ -36,6 +36,8 @@ class LNDPO(DPO):
     """DPO on per-token (length-normalised) policy/reference log-ratios."""
 
     name = "ln-dpo"
+    taxonomy = {"data.feedback": "pair", "learning.paradigm": "offline", "constraint.reference": "fixed",
+                "property": "length-bias", "scope": "text", "survey": ("length-bias",), "source": "survey"}
     paper = Paper("The Hitchhiker's Guide to Human Alignment with *PO", "2407.15229")
     summary = "DPO with each log-ratio divided by its response length (TRL sigmoid_norm)"
     Config = LNDPOConfig

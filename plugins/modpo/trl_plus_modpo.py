@@ -92,6 +92,9 @@ class MODPO(DPO):
     logit and the whole logit divided by w_0."""
 
     name = "modpo"
+    taxonomy = {"data.feedback": "pair", "learning.paradigm": "offline", "learning.objective": "multi-objective",
+                "constraint.reference": "fixed", "property": (), "scope": "text", "survey": ("multi-objective",),
+                "source": "survey"}
     family = "multi-objective"
     paper = Paper(
         "Beyond One-Preference-Fits-All Alignment: Multi-Objective Direct Preference Optimization",

@@ -59,6 +59,8 @@ class RankDPO(DiffusionMethod):
     """Listwise Diffusion-DPO over K images per prompt with LambdaLoss pair weights; t shared, ε per image."""
 
     name = "rankdpo"
+    taxonomy = {"data.feedback": "list", "learning.paradigm": "offline", "constraint.reference": "fixed",
+                "property": (), "scope": "image", "source": "inferred"}
     paper = Paper("Scalable Ranked Preference Optimization for Text-to-Image Generation", "2410.18013")
     summary = "listwise Diffusion-DPO: Σ_pairs |ΔG|·|Δ(1/log(1+τ))|·−log σ(−β(s_a − s_b)), t shared, ε per image"
     needs = Needs(reference="yes", precomputable_reference=False,

@@ -40,6 +40,8 @@ class REDI(Method):
     """Reference-free, asymmetric: raise the mean log-likelihood of correct traces, lower (α-weighted) incorrect ones."""
 
     name = "redi"
+    taxonomy = {"data.feedback": "pair", "learning.paradigm": "offline", "constraint.reference": "reference-free",
+                "property": "likelihood-collapse", "scope": "text", "source": "inferred"}
     paper = Paper(
         "Harnessing Negative Signals: Reinforcement Distillation from Teacher Data for LLM Reasoning",
         "2505.24850",

@@ -51,6 +51,9 @@ class RPO(DPO):
     """DPO + η × SFT on the chosen responses."""
 
     name = "rpo"
+    taxonomy = {"data.feedback": "pair", "learning.paradigm": "offline", "constraint.reference": "fixed",
+                "constraint.divergence": "generalization", "property": "distribution-shift", "scope": "text",
+                "source": "inferred"}
     paper = Paper(
         "Provably Mitigating Overoptimization in RLHF: Your SFT Loss is Implicitly an Adversarial Regularizer",
         "2405.16436",

@@ -73,6 +73,8 @@ class SAIL(TGDPO):
     """TGDPO's token-weighted DPO (the released SAIL loss); meant for layer-targeted LoRA on the focal layers."""
 
     name = "sail"
+    taxonomy = {"data.feedback": "pair", "learning.paradigm": "offline", "constraint.reference": "fixed",
+                "property": "other-analysis", "scope": "text", "source": "inferred"}
     family = "token-level"
     paper = Paper(
         "Diagnose, Localize, Align: A Full-Stack Framework for Reliable LLM Multi-Agent Systems under Instruction "

@@ -84,6 +84,9 @@ class SFTFDiv(SFT):
     default); reverse KL is SFT's gradient exactly, the other forms are inferred (experimental)."""
 
     name = "sft-fdiv"
+    taxonomy = {"data.feedback": (), "learning.paradigm": "offline", "constraint.reference": "fixed",
+                "constraint.divergence": "generalization", "property": "other-analysis", "scope": "text",
+                "source": "inferred"}
     family = "supervised"
     paper = Paper("Implicit Reward as the Bridge: A Unified View of SFT and DPO Connections", "2507.00018")
     summary = "SFT with an f-divergence to the reference: −mean s_f(log πθ − log πref); reverse KL = SFT (others inferred)"

@@ -51,6 +51,9 @@ class SimPO(Method):
     """Reference-free: Bradley–Terry on length-averaged log-likelihoods with a target margin."""
 
     name = "simpo"
+    taxonomy = {"data.feedback": "pair", "learning.paradigm": "offline", "constraint.reference": "reference-free",
+                "property": "length-bias", "scope": "text", "survey": ("reference-free", "length-bias"),
+                "source": "survey"}
     paper = Paper(
         "SimPO: Simple Preference Optimization with a Reference-Free Reward", "2405.14734", code="princeton-nlp/SimPO"
     )

@@ -59,6 +59,8 @@ class SmPO(DiffusionMethod):
     """Diffusion-DPO on policy-DDIM-inverted latents with a per-pair β·γ·(2p − 1)."""
 
     name = "smpo"
+    taxonomy = {"data.quality": "noise", "learning.paradigm": "offline", "constraint.reference": "fixed",
+                "property": (), "scope": "image", "source": "inferred"}
     paper = Paper("Smoothed Preference Optimization via ReNoise Inversion for Aligning Diffusion Models with Varied "
                   "Human Preferences", "2506.02698", code="JaydenLyh/SmPO")  # fmt: skip
     summary = ("Diffusion-DPO on policy DDIM(+ReNoise)-inverted latents, per-pair β·10·(2p − 1) from two reward "

@@ -102,6 +102,9 @@ class SRPO(Method):
     """Joint generator + self-reviser trained with IPO-style squared losses on six sequences per triplet."""
 
     name = "srpo"
+    taxonomy = {"data.feedback": "pair", "learning.paradigm": "offline", "learning.objective": "self-play",
+                "constraint.reference": "fixed", "property": "distribution-shift", "scope": "text",
+                "survey": ("self-play", "distribution-shift"), "source": "survey"}
     paper = Paper("Self-Improving Robust Preference Optimization", "2406.01660")
     summary = "generator + in-context self-reviser, IPO-style squared losses on 6 sequences per pair"
     needs = Needs(reference="yes")

@@ -83,6 +83,8 @@ class SSDPO(DiffusionDPO):
     """Diffusion-DPO against a random other image of the batch, plus ½ SFT on the winner."""
 
     name = "ssdpo"
+    taxonomy = {"data.feedback": "pair", "learning.paradigm": "online", "constraint.reference": "fixed", "property": (),
+                "scope": "image", "source": "inferred"}
     paper = Paper("Self-Supervised Direct Preference Optimization for Text-to-Image Diffusion Models", "2504.14534",
                   code="SPengLiang/SUDO")  # fmt: skip
     summary = "Diffusion-DPO with the loser = another row's image (batch derangement) + ½ denoising loss on the winner"

@@ -278,6 +278,9 @@ class TARS(DPO):
     """DPO on token-perturbed pairs (relevance-weighted, seeded, in the collator) plus an FFT triplet term."""
 
     name = "tars"
+    taxonomy = {"data.granularity": "token", "learning.paradigm": "offline", "constraint.reference": "fixed",
+                "constraint.divergence": "generalization", "property": "other-analysis", "scope": "image+text",
+                "source": "inferred"}
     paper = Paper(
         "TARS: MinMax Token-Adaptive Preference Strategy for Hallucination Reduction in MLLMs",
         "2507.21584",

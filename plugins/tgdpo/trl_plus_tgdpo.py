@@ -69,6 +69,9 @@ class TGDPO(DPO):
     """DPO with per-token weights β(1 ± α·r̂_t) from a frozen guidance model inside the sums over response tokens."""
 
     name = "tgdpo"
+    taxonomy = {"data.feedback": "pair", "data.granularity": "token", "learning.paradigm": "offline",
+                "constraint.reference": "fixed", "property": (), "scope": "text", "survey": ("token",),
+                "source": "survey"}
     family = "token-level"
     paper = Paper(
         "TGDPO: Harnessing Token-Level Reward Guidance for Enhancing Direct Preference Optimization",

@@ -45,6 +45,9 @@ class ThreeDProperties(DPO):
     """DPO with separate temperatures for the chosen and rejected log-ratios plus an optional chosen NLL term."""
 
     name = "three-d-properties"
+    taxonomy = {"data.feedback": "pair", "learning.paradigm": "offline", "constraint.reference": "fixed",
+                "property": "likelihood-collapse", "scope": "text", "survey": ("likelihood-collapse",),
+                "source": "survey"}
     paper = Paper("3D-Properties: Identifying Challenges in DPO and Charting a Path Forward", "2406.07327")
     summary = "Flex-DPO (β₊ chosen, β₋ rejected) and SFT-regularised DPO (− γ ℓθ(y_w))"
     Config = ThreeDPropertiesConfig

@@ -450,6 +450,8 @@ class TraceAlign(DPO):
     """DPO plus a penalty on responses' high-BCI corpus spans (CBD); the released penalty has no gradient."""
 
     name = "tracealign"
+    taxonomy = {"data.granularity": "token", "learning.paradigm": "offline", "constraint.reference": "fixed",
+                "constraint.safety": "safety", "property": "other-analysis", "scope": "text", "source": "inferred"}
     family = "data-recipe"
     paper = Paper(
         "TRACEALIGN — Tracing the Drift: Attributing Alignment Failures to Training-Time Belief Sources in LLMs",

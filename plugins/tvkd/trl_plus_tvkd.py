@@ -140,6 +140,8 @@ class TVKD(Method):
     """Pairwise loss on token rewards Q(y_t) − γV(s_{t+1}) with V a soft value on the teacher's top-k support."""
 
     name = "tvkd"
+    taxonomy = {"data.granularity": "token", "learning.paradigm": "offline", "constraint.reference": "fixed",
+                "property": (), "scope": "text", "source": "inferred"}
     family = "distillation"
     paper = Paper(
         "Preference Distillation via Value based Reinforcement Learning",

@@ -34,6 +34,8 @@ class DiffusionDPO(DiffusionMethod, DPO):
     """DPO's loss on denoising scores: t and ε shared by winner and loser, reference = the initial denoiser."""
 
     name = "diffusion-dpo"
+    taxonomy = {"data.feedback": "pair", "learning.paradigm": "offline", "constraint.reference": "fixed",
+                "property": (), "scope": "image", "source": "inferred"}
     paper = DIFFUSION_DPO_PAPER
     summary = "DPO on denoising errors: −log σ(−β/2·[(ē_θw − ē_θl) − (ē_refw − ē_refl)]), t and ε shared per pair"
     needs = Needs(reference="yes", precomputable_reference=False)
@@ -63,6 +65,8 @@ class DiffusionSFT(DiffusionMethod):
     """The denoising loss on one image per row (mean ē over the batch); reference-free."""
 
     name = "diffusion-sft"
+    taxonomy = {"data.feedback": (), "learning.paradigm": "offline", "constraint.reference": "reference-free",
+                "property": (), "scope": "image", "source": "inferred"}
     family = "supervised"
     paper = Paper("Denoising Diffusion Probabilistic Models (the simple loss)", "2006.11239")
     summary = "supervised denoising loss (mean squared error of the prediction) on one image per row"

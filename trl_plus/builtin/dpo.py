@@ -50,6 +50,9 @@ class DPO(Method):
     """Logistic (Bradley–Terry) loss on the difference of policy/reference log-ratios of chosen and rejected."""
 
     name = "dpo"
+    taxonomy = {"data.feedback": "pair", "data.granularity": "sentence", "learning.paradigm": "offline",
+                "constraint.reference": "fixed", "property": (), "scope": "text", "survey": ("basic",),
+                "source": "survey"}
     family = "offline-pairwise"
     paper = Paper(
         "Direct Preference Optimization: Your Language Model is Secretly a Reward Model",

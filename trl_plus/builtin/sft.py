@@ -28,6 +28,8 @@ class SFT(Method):
     """Negative log-likelihood of the completion (token mean over the batch); no reference, one sequence."""
 
     name = "sft"
+    taxonomy = {"data.feedback": (), "learning.paradigm": "offline", "constraint.reference": "reference-free",
+                "property": (), "scope": "text", "source": "inferred"}
     family = "supervised"
     paper = Paper(
         "Training language models to follow instructions with human feedback (the SFT stage)", "2203.02155"
