@@ -77,7 +77,7 @@ def problems(taxonomy: Mapping[str, Any]) -> list[str]:
             out.append(f"survey places it in {SECTIONS.get(leaf, leaf)!r} but {key} lacks {leaf!r}")
     placed = bool(values(taxonomy, "survey"))
     if values(taxonomy, "source") != (("survey",) if placed else ("inferred",)):
-        out.append("source: 'survey' exactly when survey lists the leaves the survey places it in")
+        out.append("source: 'survey' when, and only when, survey names the sections the survey places it in")
     return out
 
 

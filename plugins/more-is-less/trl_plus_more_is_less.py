@@ -159,12 +159,16 @@ class MoreIsLess(Metric):
 
     def batch(self, ctx) -> dict[str, Any]:
         """Per pair the mean hidden state (layer ``layer``) over each response's completion tokens ``[B, H]``."""
-        hidden = ctx.outputs.hidden_states[self.config.layer]  # [K*B, L, H]
+        layers = ctx.outputs.hidden_states
+        if not -len(layers) <= self.config.layer < len(layers):
+            raise TrlPlusError(f"more-is-less: layer {self.config.layer} is outside the model's {len(layers)} hidden "
+                               f"states (0 = the embeddings, -1 = the last layer)")  # fmt: skip
+        hidden = layers[self.config.layer]  # [K*B, L, H]
         k, b, t = ctx.mask.shape
         grid = hidden[:, -t:].reshape(k, b, t, -1).double()  # the hidden state *at* each label token
         mask = ctx.mask.double().unsqueeze(-1)
         pooled = (grid * mask).sum(2) / mask.sum(2).clamp(min=1)  # [K, B, H]
-        return {"chosen": pooled[0], "rejected": pooled[1], "tokens": ctx.mask.sum(-1).T.double()}
+        return {"chosen": pooled[0], "rejected": pooled[1], "tokens": ctx.mask.sum(-1).T.double()}  # tokens [B, 2]
 
     def _probe(self, values) -> dict[str, Any]:
         import torch
@@ -172,8 +176,10 @@ class MoreIsLess(Metric):
         cached = getattr(self, "_cached", None)
         if cached is not None and cached[0] is values:
             return cached[1]
-        chosen, rejected = torch.stack(values["chosen"]), torch.stack(values["rejected"])
-        index = [int(i) for i in values["index"]]
+        kept = [i for i, tokens in enumerate(values["tokens"]) if bool((tokens > 0).all())]  # cut to nothing: out
+        chosen = torch.stack([values["chosen"][i] for i in kept])
+        rejected = torch.stack([values["rejected"][i] for i in kept])
+        index = [int(values["index"][i]) for i in kept]
         prompts = [self.data[i]["prompt"] for i in index]
         folds = prompt_folds(prompts, self.config.k_folds, self.config.seed)
         result = cross_validate(chosen, rejected, folds, self.config)

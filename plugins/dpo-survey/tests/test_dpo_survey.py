@@ -105,7 +105,7 @@ def test_problems_name_what_is_wrong():
         "no tag of the model property (property; () for none)"]
     assert problems({**good, "survey": ("length-bias",)}) == [
         "survey places it in 'Length Bias' but property lacks 'length-bias'",
-        "source: 'survey' exactly when survey lists the leaves the survey places it in"]
+        "source: 'survey' when, and only when, survey names the sections the survey places it in"]
     assert problems({**good, "property": "length-bias", "survey": ("length-bias",), "source": "survey"}) == []
 
 

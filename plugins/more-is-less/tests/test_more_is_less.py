@@ -132,3 +132,19 @@ def test_a_multi_source_like_set_is_flagged_and_a_label_shuffled_one_is_not(tmp_
     mixed = run_metric(MoreIsLess(k_folds=4, steps=500), trainer, swapped).summary
     assert two_sources["separable"] == 1.0 and two_sources["probe_accuracy"] >= 0.9
     assert mixed["separable"] == 0.0 and mixed["probe_accuracy"] < two_sources["probe_accuracy"]
+
+
+def test_a_layer_outside_the_model_is_one_line(tmp_path):
+    trainer = tiny_trainer("dpo", tmp_path / "run", rows=preference_rows(4))
+    with pytest.raises(TrlPlusError, match="layer 9 is outside the model's 3 hidden states"):
+        run_metric(MoreIsLess(layer=9), trainer, preference_rows(4))
+
+
+def test_pairs_cut_to_no_completion_token_are_left_out(tmp_path):
+    rows = preference_rows(6, seed=2)
+    rows[1] = {**rows[1], "prompt": "x" * 200}  # max_length 64 keeps none of its completions' tokens
+    trainer = tiny_trainer("dpo", tmp_path / "run", rows=rows, training={"max_length": 64})
+    result = run_metric(MoreIsLess(k_folds=2, steps=50), trainer, rows, tmp_path / "out")
+    assert result.summary["pairs"] == 5
+    with open(result.artefacts[0]) as handle:
+        assert [int(r["index"]) for r in csv.DictReader(handle)] == [0, 2, 3, 4, 5]

@@ -114,3 +114,15 @@ def test_the_recipe_validates_as_written():
     recipe = load_recipe(ROOT / "recipes/sft-fdiv.yaml")
     check_recipe(recipe)
     assert recipe.method == "sft-fdiv" and recipe.method_args["experimental"] is True
+
+
+def test_a_precomputed_reference_gives_the_live_references_curve(tmp_path):
+    rows = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in preference_rows(4)]
+    curves = {}
+    for mode in ("precomputed", "model"):
+        trainer = train_tiny("sft-fdiv", tmp_path / mode, method_args={"f_divergence": "js_divergence",
+                             "experimental": True}, rows=rows, max_steps=2, reference_mode=mode,
+                             training={"per_device_train_batch_size": 4})  # fmt: skip
+        assert trainer.reference_mode == mode
+        curves[mode] = [e[key] for e in training_logs(trainer) for key in ("loss", "sft_fdiv/log_ratio")]
+    assert curves["precomputed"] == pytest.approx(curves["model"], abs=1e-6)
