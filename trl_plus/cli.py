@@ -139,7 +139,7 @@ def taxonomy_groups(registry, key: str) -> str:
         if values is None:
             untagged.append(name)
             continue
-        for value in (values,) if isinstance(values, str) else values:
+        for value in (values,) if isinstance(values, str) else values or ("— (explicitly none)",):
             groups.setdefault(value, []).append(name)
     lines = [f"{value} ({len(names)}): {', '.join(names)}" for value, names in groups.items() if names]
     if untagged:
