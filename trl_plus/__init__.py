@@ -25,6 +25,7 @@ from .contract import (
     ModelAlias,
     Needs,
     Paper,
+    PolicyOutputs,
     Stage,
     TopK,
     hookimpl,
@@ -38,7 +39,7 @@ from .trainers.frozen import REFERENCE_MODES, Teacher, resolve_reference_mode
 __all__ = [
     "DPO", "DPOConfig", "DiffusionDPO", "DiffusionDPOConfig", "DiffusionMethod", "DiffusionTrainer", "FieldCollation",
     "FrozenOutputs", "ListField", "LossContext", "LossOutput", "Method", "MethodConfig", "ModelAlias", "Needs",
-    "PairwiseCollator", "Paper", "PlusTrainer", "REFERENCE_MODES", "Recipe", "SFT", "Sequence", "Scoring",
+    "PairwiseCollator", "Paper", "PlusTrainer", "PolicyOutputs", "combine", "trained_module", "generate", "load_run", "REFERENCE_MODES", "Recipe", "SFT", "Sequence", "Scoring",
     "SequencesCollator", "Stage", "Teacher", "TopK", "Inversion", "TrainResult", "TrlPlusError", "check_recipe",
     "ddim_invert", "ddim_sample", "guided_prediction", "inversion_timesteps", "Noised", "ScoreOutput", "run_stages",
     "denoising_errors", "dpo_losses", "evaluate", "get_method", "get_registry", "hookimpl", "load_recipe",
@@ -59,9 +60,11 @@ if TYPE_CHECKING:
     from .diffusion.scorer import Noised, ScoreOutput
     from .diffusion.trainer import DiffusionTrainer
     from .run.evaluate import evaluate
+    from .run.generate import generate, load_run
     from .run.merge import merge_adapter
     from .run.train import TrainResult, train
     from .run.validate import check_recipe
+    from .trainers.adapters import combine, trained_module
     from .trainers.preference import PlusTrainer
     from .trainers.stages import run_stages
 
@@ -88,6 +91,10 @@ _LAZY = {
     "merge_adapter": "run.merge",
     "check_recipe": "run.validate",
     "run_stages": "trainers.stages",
+    "combine": "trainers.adapters",
+    "trained_module": "trainers.adapters",
+    "generate": "run.generate",
+    "load_run": "run.generate",
 }
 
 
