@@ -456,6 +456,10 @@ def estimate(recipe: Recipe, sequences: int | None = None, prompt_tokens: int = 
                            "diffusion pipeline is not estimated yet (train a few steps and read the peak instead)")
     training = _training(recipe)
     spec = recipe.model
+    if spec.adapters:  # not modelled yet: rather no figure than the full fine-tuning one
+        raise TrlPlusError(f"{recipe._source}: model.adapters: trl-plus estimate does not model several trained "
+                           "adapters yet (each adds its LoRA weights, gradients and optimiser state, and each policy "
+                           "forward keeps its activations until the backward): train a few steps and read the peak")
     config = load_config(spec)
     shapes = Shapes.of(config)
     model = meta_model(config, spec.trust_remote_code)

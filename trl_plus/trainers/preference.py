@@ -213,10 +213,11 @@ class PlusTrainer(GuardMixin, FrozenSourcesMixin, DPOTrainer):
             self.ref_model = None  # its log-probs are in the dataset now: free the weights
         self.ld_alpha = None  # TRL's loss options are unused: the method owns the loss
         self.beta = getattr(self.method.config, "beta", None)
-        if len(self.trained_adapters) > 1:  # TRL added its "ref" copy of the first adapter: the base is the reference
+        if self.named_adapters:  # TRL added a "ref" adapter (a fresh one, named after "default"): not the reference
             policy = self.accelerator.unwrap_model(self.model)
             del policy.peft_config["default"]
-            policy.delete_adapter(REFERENCE_ADAPTER)
+            if REFERENCE_ADAPTER in policy.peft_config:
+                policy.delete_adapter(REFERENCE_ADAPTER)
             for name, parameter in policy.named_parameters():
                 parameter.requires_grad_(any(f".{adapter}." in name for adapter in self.trained_adapters))
 
@@ -228,7 +229,7 @@ class PlusTrainer(GuardMixin, FrozenSourcesMixin, DPOTrainer):
         ``trainable_modules`` added to LoRA's ``modules_to_save``), and several named trainable adapters wrapped
         here (TRL wraps one). Returns ``(model, peft_config left for TRL)``."""
         method = self.method
-        named = isinstance(peft_config, Mapping)
+        named = self.named_adapters = isinstance(peft_config, Mapping)
         prepares = type(method).prepare_model is not Method.prepare_model
         self.trained_adapters = list(peft_config) if named else (["default"] if peft_config is not None else [])
         self.adapter_lr_scales = dict(lr_scales or {})
@@ -375,7 +376,7 @@ class PlusTrainer(GuardMixin, FrozenSourcesMixin, DPOTrainer):
             unwrapped = self.accelerator.unwrap_model(self.model)
             if REFERENCE_ADAPTER in unwrapped.peft_config:
                 adapter_context = active_adapter(unwrapped, REFERENCE_ADAPTER)
-            elif len(self.trained_adapters) > 1:  # peft's disable_adapter would freeze all but the active one
+            elif self.named_adapters:  # peft's disable_adapter would freeze all but the active one
                 adapter_context = adapters_off(unwrapped)
             else:
                 adapter_context = use_adapter(unwrapped, adapter_name=None)
@@ -661,9 +662,9 @@ class PlusTrainer(GuardMixin, FrozenSourcesMixin, DPOTrainer):
 
     # -- saving ---------------------------------------------------------------------------------------------
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        """transformers' resume; several trained adapters are all loaded back, each still trainable (transformers
-        would make only the first trainable)."""
-        if len(self.trained_adapters) <= 1:
+        """transformers' resume; named adapters are all loaded back, each still trainable (transformers would make
+        only the first trainable)."""
+        if not self.named_adapters:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         load_adapters(self.accelerator.unwrap_model(model or self.model), resume_from_checkpoint, self.trained_adapters)
 
@@ -676,7 +677,7 @@ class PlusTrainer(GuardMixin, FrozenSourcesMixin, DPOTrainer):
         policy = self.accelerator.unwrap_model(self.model)
         extra = is_peft_model(policy) and len(policy.peft_config) > 1  # frozen teacher / reference adapters
         if extra:  # a checkpoint or the final model holds the trained adapter(s) only (the others are read-only)
-            trained = self.trained_adapters if len(self.trained_adapters) > 1 else [policy.active_adapter]
+            trained = self.trained_adapters if self.named_adapters else [policy.active_adapter]
             policy.save_pretrained = functools.partial(type(policy).save_pretrained, policy,
                                                        selected_adapters=trained)  # fmt: skip
         try:

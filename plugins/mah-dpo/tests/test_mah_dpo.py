@@ -207,3 +207,18 @@ def test_an_objective_outside_the_heads_is_one_line_before_any_model_loads(tmp_p
         train(recipe)
     assert message in str(error.value) and "\n" not in str(error.value) and str(recipe) in str(error.value)
     assert load_recipe(recipe).method == "mah-dpo"
+
+
+def test_a_full_fine_tuning_run_reloads_its_heads(tmp_path):
+    args = {"num_heads": 2}
+    trainer = tiny_trainer("mah-dpo", tmp_path, args, rows=rows_with([0, 1] * 4), max_steps=1, learning_rate=5e-2)
+    assert trainer.ref_model is not None and not hasattr(trainer.ref_model, HEADS)  # copied before the heads
+    trainer.train()
+    trainer.save_model()
+    (tmp_path / "trl_plus_recipe.yaml").write_text(yaml.safe_dump({
+        "method": "mah-dpo", "method_args": args, "model": {"name_or_path": "tiny-llama"},
+        "data": {"train": {"path": "pairs.jsonl"}}}))  # fmt: skip
+    loaded, _, _ = load_run(tmp_path)
+    trained = trainer.accelerator.unwrap_model(trainer.model)
+    assert torch.equal(loaded.get_submodule(HEADS).weight, trained.get_submodule(HEADS).weight)
+    assert torch.equal(loaded.get_output_embeddings().weight, trained.get_output_embeddings().weight)
