@@ -568,8 +568,10 @@ class Method:
     def policy_forward(self, trainer: Any, model: Any, inputs: Mapping[str, Any]) -> PolicyOutputs | None:
         """The policy's per-token log-probs for the batch (with grad), e.g. through an extra head per example; ``None``
         (the default) uses the core's forward (TRL's fused LM head). ``trainer`` gives ``trainer.policy_hidden(model,
-        inputs)`` (the final hidden states, one forward) and ``trainer.module(model, name)`` (a module
-        :meth:`prepare_model` added, as the active adapter trains it)."""
+        inputs)`` (the final hidden states, one forward), ``trainer.head_logps(hidden, weight, inputs, rows)`` (label
+        log-probs under a linear head, in checkpointed chunks: memory holds one chunk of logits) and
+        ``trainer.policy_module(model, name)`` (a module :meth:`prepare_model` added, as the active adapter trains
+        it). Called once per named adapter (``Needs.policy_adapters``), under that adapter."""
         return None
 
     def sampler(self, dataset: Any, batch_size: int, generator: Any) -> Any:

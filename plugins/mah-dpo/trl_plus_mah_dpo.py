@@ -175,7 +175,7 @@ class MAHDPO(Method):
         import torch
 
         hidden = trainer.policy_hidden(model, inputs)  # [K*B, T, H]
-        weights = self.head_weights(trainer.module(model, HEADS))
+        weights = self.head_weights(trainer.policy_module(model, HEADS))
         objectives = inputs[OBJECTIVE].to(hidden.device).long()
         per_row = objectives.repeat(hidden.size(0) // objectives.size(0))  # rows are sequence-major
         logps = hidden.new_zeros(hidden.shape[:2], dtype=torch.float32)

@@ -574,7 +574,7 @@ class PlusTrainer(GuardMixin, FrozenSourcesMixin, DPOTrainer):
             labels, where = labels[rows], where[rows]
         return label_logps(hidden, weight, labels, where)
 
-    def module(self, model, name: str) -> Any:
+    def policy_module(self, model, name: str) -> Any:
         """The module ``name`` that :meth:`~trl_plus.Method.prepare_model` added, as the active adapter trains it."""
         return trained_module(self.accelerator.unwrap_model(model), name)
 
