@@ -72,6 +72,16 @@ def cmd_list(args: argparse.Namespace) -> int:
     from .registry import get_registry
 
     registry = get_registry()
+    if args.by:
+        print(taxonomy_groups(registry, args.by))
+        return 0
+    if args.metrics or args.scorers:
+        table = registry.metrics if args.metrics else registry.scorers
+        kind = "metric" if args.metrics else "scorer"
+        rows = [[name, textwrap.fill(cls.summary, 60), _distribution(registry.component_sources[kind, name])]
+                for name, cls in sorted(table.items())]  # fmt: skip
+        print(_table(rows, [kind, "what it gives", "from"]))
+        return 0
     if args.json or args.markdown:
         from .run.catalogue import method_record, methods_markdown, ordered
 
@@ -112,6 +122,29 @@ def cmd_list(args: argparse.Namespace) -> int:
             if args.debug:
                 print(textwrap.indent(b.traceback, "    "))
     return 0
+
+
+def taxonomy_groups(registry, key: str) -> str:
+    """``trl-plus list --by KEY``: the methods grouped by their taxonomy tags under ``KEY`` (a method with several
+    values is in several groups; untagged ones last)."""
+    from .contract import TAXONOMY
+    from .errors import did_you_mean
+
+    if key not in TAXONOMY:
+        raise TrlPlusError(f"--by {key}: not a taxonomy key{did_you_mean(key, TAXONOMY)}; keys: {', '.join(TAXONOMY)}")
+    groups: dict[str, list[str]] = {value: [] for value in TAXONOMY[key]}
+    untagged = []
+    for name, cls in sorted(registry.methods.items()):
+        values = cls.taxonomy.get(key)
+        if values is None:
+            untagged.append(name)
+            continue
+        for value in (values,) if isinstance(values, str) else values:
+            groups.setdefault(value, []).append(name)
+    lines = [f"{value} ({len(names)}): {', '.join(names)}" for value, names in groups.items() if names]
+    if untagged:
+        lines.append(f"not tagged under {key} ({len(untagged)}): {', '.join(untagged)}")
+    return "\n".join(textwrap.fill(line, LIST_WIDTH, subsequent_indent="    ") for line in lines)
 
 
 def example_recipe(method_cls) -> str:
@@ -239,13 +272,61 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """``trl-plus eval RECIPE_OR_RUN_DIR``: held-out pair metrics before (and after) training, as a table."""
+    """``trl-plus eval TARGET``: held-out pair metrics before (and after) training, as a table; with ``--metric``
+    (or a recipe with ``metrics:``... given by name), the named metrics on the target's model."""
+    if args.metric:
+        from .run.evaluate import metrics_report, metrics_table
+        from .run.metrics import evaluate_metrics
+
+        names = [n.strip() for n in args.metric.split(",") if n.strip()]
+        results = evaluate_metrics(args.target, names, data=args.data, limit=args.limit, overrides=args.set,
+                                   out_dir=args.out)  # fmt: skip
+        print(metrics_table(results))
+        if args.json:
+            Path(args.json).write_text(json.dumps(metrics_report(results), indent=2))
+        return 0
     from .run.evaluate import evaluate
 
+    if args.data == "train":
+        raise TrlPlusError("--data train: the before/after table is for held-out pairs; use it with --metric NAME")
     report = evaluate(args.target, data=args.data, limit=args.limit, batch_size=args.batch_size, overrides=args.set)
     print(report.table())
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_dict(), indent=2))
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    """``trl-plus score FILE --scorer NAME --out FILE``: a scorer's scores of every completion as new columns."""
+    from .run.score import score_file
+
+    out, columns, rows = score_file(args.file, args.scorer, args.out, model=args.model, column=args.column,
+                                    as_list=args.list, limit=args.limit)  # fmt: skip
+    print(f"{rows} rows scored by {args.scorer.split(':')[0]}: columns {', '.join(columns)} -> {out}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """``trl-plus compare RUN...``: runs side by side on the same held-out pairs (a table and a PNG)."""
+    from .run.compare import compare_runs, train_grid
+
+    runs = args.runs
+    if args.methods:
+        if len(runs) != 1:
+            raise TrlPlusError("--methods trains each method on one recipe: give one RECIPE, e.g. "
+                               "`trl-plus compare recipe.yaml --methods dpo,simpo --betas 0.1,0.5`")  # fmt: skip
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        try:
+            betas = [float(b) for b in args.betas.split(",")] if args.betas else None
+        except ValueError:
+            raise TrlPlusError(f"--betas {args.betas}: expected numbers separated by commas, e.g. 0.1,0.5") from None
+        runs = train_grid(runs[0], methods, betas, args.out or "runs/compare", overrides=args.set)
+    elif args.betas:
+        raise TrlPlusError("--betas goes with --methods (it trains each method at each β)")
+    comparison = compare_runs(runs, data=args.data, limit=args.limit)
+    print(comparison.table())
+    png = Path(args.png or Path(args.out or runs[0]).parent / "compare.png")
+    print(f"\nplot: {comparison.plot(png)}")
     return 0
 
 
@@ -328,6 +409,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"one line per method, nothing cut (default: {LIST_WIDTH} columns)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="every method's record (paper, needs, hyperparameters) as JSON")
     p.add_argument("--markdown", action="store_true", help="the methods table of the README, in Markdown")
+    p.add_argument("--by", metavar="KEY", help="group the methods by a taxonomy key (data.feedback, "
+                   "constraint.reference, property, ...: the survey's vocabulary)")
+    p.add_argument("--metrics", action="store_true", help="the metrics (trl-plus eval --metric, recipe metrics:)")
+    p.add_argument("--scorers", action="store_true", help="the scorers (trl-plus score --scorer)")
     p.set_defaults(func=cmd_list)
     p = sub.add_parser("plugins", parents=[common],
                        help="installed plugin distributions, versions, what each registers")  # fmt: skip
@@ -356,12 +441,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_estimate)
     p = sub.add_parser("eval", parents=[common, sets],
                        help="held-out pairs: reward and likelihood ranking accuracy, margin, lengths")  # fmt: skip
-    p.add_argument("target", metavar="RECIPE_OR_RUN_DIR", help="a recipe, or the output_dir of a finished run")
-    p.add_argument("--data", help="held-out pairs file (default: the recipe's data.eval)")
+    p.add_argument("target", metavar="TARGET", help="a recipe, the output_dir of a finished run, or a checkpoint "
+                   "folder in one")
+    p.add_argument("--metric", metavar="NAME[,NAME]", help="run these metrics (trl-plus list --metrics) instead of "
+                   "the before/after table")
+    p.add_argument("--data", help="pairs file (default: the recipe's data.eval); with --metric, `train` for the "
+                   "training data")
     p.add_argument("--limit", type=int, help="evaluate only the first N pairs")
     p.add_argument("--batch-size", type=int, help="pairs per forward pass (default: per_device_eval_batch_size or 8)")
+    p.add_argument("--out", metavar="DIR", help="with --metric: where artefacts go (default: RUN/metrics/eval-*)")
     p.add_argument("--json", metavar="FILE", help="also write the metrics as JSON")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("score", parents=[common],
+                       help="score every completion of a data file with a scorer; write the scores as columns")
+    p.add_argument("file", metavar="FILE", help="a data file (jsonl, json, csv, parquet) with chosen/rejected or "
+                   "completion")
+    p.add_argument("--scorer", required=True, metavar="NAME[:k=v,...]",
+                   help="e.g. length, length:scale=-1, implicit-reward:adapter=DIR (trl-plus list --scorers)")
+    p.add_argument("--out", required=True, metavar="FILE", help="the scored rows, as JSON lines")
+    p.add_argument("--model", metavar="MODEL", help="the tokenizer to count tokens with (name, alias or folder)")
+    p.add_argument("--column", metavar="NAME", help="columns <side>_NAME (default: the scorer's output name)")
+    p.add_argument("--list", action="store_true", help="append to list columns (MODPO's <side>_margin_rewards)")
+    p.add_argument("--limit", type=int, help="score only the first N rows")
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("compare", parents=[common, sets],
+                       help="runs side by side on the same held-out pairs: a table and a PNG")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="finished run directories (or one RECIPE with --methods)")
+    p.add_argument("--methods", metavar="A,B", help="train each of these methods on the one RECIPE first")
+    p.add_argument("--betas", metavar="B1,B2", help="with --methods: train each method at each β")
+    p.add_argument("--out", metavar="DIR", help="with --methods: where the runs go (default: runs/compare)")
+    p.add_argument("--data", help="held-out pairs file (default: the runs' common data.eval)")
+    p.add_argument("--limit", type=int, help="compare on the first N pairs")
+    p.add_argument("--png", metavar="FILE", help="the plot (default: compare.png beside the runs)")
+    p.set_defaults(func=cmd_compare)
     p = sub.add_parser("report", parents=[common], help="write the training-curves PNG of a run directory")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--output", help="PNG path (default: RUN_DIR/training_curves.png)")

@@ -232,9 +232,38 @@ class DataSpec(_Block):
     with ``report: true``, the before/after table ``trl-plus train`` prints (see ``trl_plus.run.evaluate``)."""
 
     train: DataSource
-    eval: DataSource | None = None
+    eval: DataSource | dict[str, DataSource] | None = None  # one set, or named sets: {in_domain: ..., shifted: ...}
     report: bool = True
     ties: Literal["drop", "keep_as_soft"] = "drop"  # diffusion pairs labelled 0.5: dropped (official) or soft
+
+
+    @field_validator("eval", mode="before")
+    @classmethod
+    def _one_or_named(cls, value: Any) -> Any:
+        """A mapping with ``path`` is one set; any other mapping names several (each a data source)."""
+        if isinstance(value, dict) and "path" not in value and not all(isinstance(v, dict) for v in value.values()):
+            raise ValueError("expected one data source (with a path) or named sets, each a data source: "
+                             "{in_domain: {path: ...}, shifted: {path: ...}}")
+        return value
+
+    def eval_sets(self) -> dict[str, DataSource]:
+        """The held-out sets by name (``{"eval": source}`` for a single ``data.eval``); the first one is TRL's
+        evaluation set and the before/after table's."""
+        if self.eval is None:
+            return {}
+        return {"eval": self.eval} if isinstance(self.eval, DataSource) else dict(self.eval)
+
+    @property
+    def primary_eval(self) -> DataSource | None:
+        """The first held-out set (``None`` without ``data.eval``)."""
+        return next(iter(self.eval_sets().values()), None)
+
+
+class MetricSpec(_Block):
+    """A metric run at every evaluation and by ``trl-plus eval`` (``trl-plus list --metrics`` lists them)."""
+
+    name: str
+    args: dict[str, Any] = Field(default_factory=dict)
 
 
 class Recipe(_Block):
@@ -248,6 +277,7 @@ class Recipe(_Block):
     teachers: dict[str, TeacherSpec] = Field(default_factory=dict)
     data: DataSpec
     stages: StagesSpec | None = None
+    metrics: list[MetricSpec] = Field(default_factory=list)
     training: dict[str, Any] = Field(default_factory=dict)
 
     _source: str = PrivateAttr("<recipe>")  # the file it came from
@@ -389,9 +419,11 @@ def load_recipe(source: str | Path | dict[str, Any], overrides: list[str] | None
     recipe._source, recipe._overridden = name, overridden
     if not isinstance(source, dict):
         folder = Path(source).parent
-        for split in ("train", "eval"):
-            spec = getattr(recipe.data, split)
-            if spec is not None and not is_overridden(f"data.{split}.path", overridden):
+        named = isinstance(recipe.data.eval, dict)
+        sources = [("data.train", recipe.data.train), *((f"data.eval.{n}" if named else "data.eval", spec)
+                                                        for n, spec in recipe.data.eval_sets().items())]  # fmt: skip
+        for key, spec in sources:
+            if not is_overridden(f"{key}.path", overridden):
                 spec.path = relative_to_recipe(spec.path, folder)
         blocks = [("model", recipe.model), ("reference", recipe.reference)]
         for key, _, spec in recipe.teacher_blocks():

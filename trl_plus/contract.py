@@ -90,6 +90,24 @@ def register_commands(register: Callable[..., None]) -> None:
     """
 
 
+@hookspec
+def register_metrics(register: Callable[[type[Metric]], None]) -> None:
+    """Register evaluation metrics (``trl-plus eval --metric``, the recipe's ``metrics:``).
+
+    Call ``register(MetricClass)`` once per metric, with a subclass of :class:`trl_plus.Metric`. A name registered
+    twice is an error naming both sources. The return value is ignored.
+    """
+
+
+@hookspec
+def register_scorers(register: Callable[[type[Scorer]], None]) -> None:
+    """Register frozen text scorers (``trl-plus score --scorer``; later the online trainers' rewards and judges).
+
+    Call ``register(ScorerClass)`` once per scorer, with a subclass of :class:`trl_plus.Scorer`. A name registered
+    twice is an error naming both sources. The return value is ignored.
+    """
+
+
 # -- what a hook registers ----------------------------------------------------------------------------------
 
 
@@ -444,7 +462,42 @@ class LossOutput:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
-class Method:
+class Configured:
+    """What a method, a metric and a scorer share: built from a validated ``Config`` (a :class:`MethodConfig`), or a
+    mapping of its fields, or keyword arguments."""
+
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+
+    def __init__(self, config: MethodConfig | Mapping[str, Any] | None = None, **kwargs: Any):
+        if config is None or isinstance(config, Mapping):
+            config = self.Config(**{**(config or {}), **kwargs})
+        elif kwargs:
+            raise TypeError("pass either a config object or keyword arguments, not both")
+        self.config = config
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config!r})"
+
+
+#: The survey taxonomy's vocabulary ("A Survey of Direct Preference Optimization", arXiv 2503.11701): the keys a
+#: :attr:`Method.taxonomy` may use and each key's values (``trl-plus list --by KEY`` groups by them). ``source``
+#: says whether the tags are the survey's own placement (``survey``) or ours (``inferred``).
+TAXONOMY: Mapping[str, tuple[str, ...]] = {
+    "data.quality": ("heterogeneity", "distinguishability", "noise"),
+    "data.feedback": ("point", "pair", "list"),
+    "data.granularity": ("token", "step", "sentence", "turn"),
+    "learning.paradigm": ("offline", "online", "active"),
+    "learning.objective": ("multi-objective", "self-play"),
+    "constraint.reference": ("fixed", "reference-free", "dynamic-reference"),
+    "constraint.divergence": ("diversity", "generalization"),
+    "constraint.safety": ("safety",),
+    "property": ("distribution-shift", "length-bias", "likelihood-collapse", "alignment-tax", "other-analysis"),
+    "scope": ("text", "image", "video", "3d", "policy", "agent", "image+text"),
+    "source": ("survey", "inferred"),
+}
+
+
+class Method(Configured):
     """A preference-optimization method: subclass it, set the class attributes, implement :meth:`loss`.
 
     Class attributes:
@@ -485,12 +538,10 @@ class Method:
     #: ``modules_to_save`` (trained, and saved with the adapter); without, they are ordinary trainable weights.
     trainable_modules: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, config: MethodConfig | Mapping[str, Any] | None = None, **kwargs: Any):
-        if config is None or isinstance(config, Mapping):
-            config = self.Config(**{**(config or {}), **kwargs})
-        elif kwargs:
-            raise TypeError("pass either a config object or keyword arguments, not both")
-        self.config = config
+    #: Survey-taxonomy tags, ``{key: value or (values, ...)}`` with keys and values from :data:`TAXONOMY`
+    #: (``trl-plus list --by KEY``), e.g. ``{"constraint.reference": "reference-free", "property": "length-bias",
+    #: "source": "survey"}``.
+    taxonomy: ClassVar[Mapping[str, str | tuple[str, ...]]] = {}
 
     # -- identity -------------------------------------------------------------------------------------------
     @classmethod
@@ -498,9 +549,6 @@ class Method:
         """Every column a training file must have for this method."""
         lists = tuple(f.name for f in cls.needs.lists if f.required)
         return tuple(dict.fromkeys(cls.data_fields + cls.needs.fields + lists))
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.config!r})"
 
     # -- data -----------------------------------------------------------------------------------------------
     def prepare_data(self, dataset: Any, split: str) -> Any:
@@ -589,6 +637,86 @@ class Method:
     def loss(self, ctx: LossContext) -> LossOutput:
         """The objective: a pure function of ``ctx`` returning a :class:`LossOutput`."""
         raise NotImplementedError(f"method {self.name!r} does not implement loss()")
+
+
+class Metric(Configured):
+    """A measurement of a model on preference data: loss-shaped, over no-grad :class:`LossContext` s.
+
+    The trainer builds each batch's context exactly as for a loss (``PlusTrainer.build_context``), with what
+    ``needs`` asks for (reference log-probs, frozen sources such as ``teachers={"reference": "logits"}``, the policy's
+    ``scored_logits``, ``hidden_states``), from the pairs of the data (the core's pairwise collation: ``K = 2``,
+    index 0 the chosen completion), in eval mode and without gradients. So a metric logged during training
+    (recipe ``metrics:``, logged as ``eval_<metric>/<key>``) equals the same metric on the saved checkpoint
+    (``trl-plus eval RUN --metric NAME``).
+
+    Class attributes: ``name``, ``summary`` (one line), ``paper`` (a :class:`Paper` or ``None``), ``needs``,
+    ``Config``, ``data_fields`` (the columns the data must have; ``needs.fields`` are collated into ``ctx.batch``),
+    ``split``: ``"eval"`` (the held-out sets, the default) or ``"train"`` (a property of the training data, measured
+    before training, e.g. separability). At run time ``tokenizer`` is the run's tokenizer and ``data`` the rows
+    evaluated (a ``datasets.Dataset``: row ``values["index"][i]`` is example ``i``'s).
+
+    Override :meth:`batch`; :meth:`summarize` and :meth:`artefacts` have defaults.
+    """
+
+    name: ClassVar[str]
+    summary: ClassVar[str] = ""
+    paper: ClassVar[Paper | None] = None
+    needs: ClassVar[Needs] = Needs(reference="optional")
+    data_fields: ClassVar[tuple[str, ...]] = ("prompt", "chosen", "rejected")
+    split: ClassVar[Literal["eval", "train"]] = "eval"
+    tokenizer: Any = None
+    data: Any = None
+
+    def batch(self, ctx: LossContext) -> Mapping[str, torch.Tensor]:
+        """Per-example values of one batch: ``{key: tensor}`` with ``B = ctx.batch_size`` rows each (``[B]`` or
+        ``[B, ...]``; a ragged per-token value may be a list of ``B`` tensors)."""
+        raise NotImplementedError(f"metric {self.name!r} does not implement batch()")
+
+    def summarize(self, values: Mapping[str, list[torch.Tensor]]) -> dict[str, float]:
+        """The summary figures logged and printed, from every example's values (``values[key]`` is a list, one
+        tensor per example, in data order; ``values["index"]`` the row indices). Default: the mean of each scalar
+        value."""
+        import torch
+
+        return {key: torch.stack(rows).double().mean().item() for key, rows in values.items()
+                if key != "index" and rows and all(r.dim() == 0 for r in rows)}  # fmt: skip
+
+    def artefacts(self, values: Mapping[str, list[torch.Tensor]], out_dir: Any) -> list[Any]:
+        """Files written into ``out_dir`` (a ``pathlib.Path`` that exists): CSV, HTML, PNG; returns their paths.
+        Default: none."""
+        return []
+
+
+class Scorer(Configured):
+    """A frozen text scorer: run once over data (``trl-plus score FILE --scorer NAME --out FILE`` writes its
+    scores as columns; MODPO's margin rewards come from there), later the online trainers' rewards and judges.
+
+    Class attributes: ``name``, ``summary``, ``Config``; ``kind`` (``"pointwise"``: one score per completion;
+    pairwise and listwise judges come with the online trainers), ``outputs`` (the score names: more than one for a
+    vector scorer), ``columns`` (data columns :meth:`score` reads, passed as keyword lists). ``tokenizer`` is the
+    run's tokenizer (``--model``), ``device`` where to run.
+    """
+
+    name: ClassVar[str]
+    summary: ClassVar[str] = ""
+    kind: ClassVar[Literal["pointwise", "pairwise", "listwise"]] = "pointwise"
+    outputs: ClassVar[tuple[str, ...]] = ("score",)
+    columns: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, config: MethodConfig | Mapping[str, Any] | None = None, *, tokenizer: Any = None,
+                 device: Any = None, **kwargs: Any):  # fmt: skip
+        super().__init__(config, **kwargs)
+        self.tokenizer, self.device = tokenizer, device
+
+    def score(self, prompts: list, completions: list, **columns: list) -> torch.Tensor:
+        """``[N, len(outputs)]`` scores of ``completions[i]`` given ``prompts[i]`` (float; NaN where not
+        applicable). ``prompts`` are strings or chat messages, like the data's."""
+        raise NotImplementedError(f"scorer {self.name!r} does not implement score()")
+
+    def compare(self, prompt: Any, candidates: list, **columns: list) -> torch.Tensor:
+        """``[k]`` preference scores of ``candidates`` for one prompt (higher is better). Default, for a pointwise
+        scorer: its first output."""
+        return self.score([prompt] * len(candidates), candidates, **columns)[:, 0]
 
 
 @dataclass(frozen=True)

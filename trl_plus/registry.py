@@ -12,7 +12,7 @@ from importlib.metadata import entry_points
 import pluggy
 
 from .builtin import BuiltinPlugin
-from .contract import Method, ModelAlias
+from .contract import Method, Metric, ModelAlias, Scorer
 from .errors import TrlPlusError, did_you_mean
 
 ENTRY_POINT_GROUP = "trl_plus"
@@ -22,6 +22,7 @@ REPOSITORY_PLUGINS = frozenset({
     "abc", "aligndistil", "asft", "brain", "curry-dpo", "dove", "dso-dro", "egida-safety", "flow-dpo", "flow-rwr",
     "inversion-dpo", "irpo", "is-daa", "ld-dpo", "ln-dpo", "mah-dpo", "modpo", "ofs-dpo", "rankdpo", "redi", "rpo",
     "sail", "simpo", "smpo", "srpo", "ssdpo", "tars", "tgdpo", "three-d-properties", "tracealign", "tvkd",
+    "dporm-generalization", "r-to-q", "ranking-accuracy",  # metric plugins
 })  # fmt: skip
 
 
@@ -48,7 +49,8 @@ class PluginCommand:
 
 
 #: The core's own commands: a plugin command may not take their names.
-CORE_COMMANDS = frozenset({"list", "plugins", "show", "validate", "train", "estimate", "eval", "report", "merge", "new"})
+CORE_COMMANDS = frozenset({"list", "plugins", "show", "validate", "train", "estimate", "eval", "score", "compare",
+                           "report", "merge", "new", "generate"})
 
 
 class DuplicateRegistration(TrlPlusError):
@@ -69,6 +71,9 @@ class Registry:
     broken: dict[str, BrokenPlugin] = field(default_factory=dict)
     conflicts: dict[str, list[str]] = field(default_factory=dict)  # method name -> the two plugins that register it
     commands: dict[str, PluginCommand] = field(default_factory=dict)  # "sail localize" -> its command
+    metrics: dict[str, type[Metric]] = field(default_factory=dict)
+    scorers: dict[str, type[Scorer]] = field(default_factory=dict)
+    component_sources: dict[tuple[str, str], str] = field(default_factory=dict)  # ("metric", name) -> its plugin
     plugin_manager: pluggy.PluginManager | None = None
 
     # -- registration ---------------------------------------------------------------------------------------
@@ -82,6 +87,17 @@ class Registry:
             raise DuplicateRegistration("method", method.name, [self.sources[method.name], source])
         self.methods[method.name] = method
         self.sources[method.name] = source
+
+    def _register_component(self, kind: str, cls: type, base: type, table: dict, source: str) -> None:
+        """A metric or a scorer class (``kind``), checked like a method."""
+        if not (isinstance(cls, type) and issubclass(cls, base)):
+            raise TypeError(f"{source}: register() expects a trl_plus.{base.__name__} subclass, got {cls!r}")
+        if not hasattr(cls, "name"):
+            raise TypeError(f"{source}: {kind} class {cls.__name__} does not set `name`")
+        if cls.name in table:
+            raise DuplicateRegistration(kind, cls.name, [self.component_sources[kind, cls.name], source])
+        table[cls.name] = cls
+        self.component_sources[kind, cls.name] = source
 
     def _register_alias(self, alias: ModelAlias, source: str) -> None:
         if alias.name in self.aliases:
@@ -113,6 +129,10 @@ class Registry:
         caller("register_model_aliases", others)(register=lambda a: self._register_alias(a, source))
         caller("register_commands", others)(
             register=lambda n, h, add, run: self._register_command(n, h, add, run, source))
+        caller("register_metrics", others)(
+            register=lambda m: self._register_component("metric", m, Metric, self.metrics, source))
+        caller("register_scorers", others)(
+            register=lambda m: self._register_component("scorer", m, Scorer, self.scorers, source))
 
     def remove_plugin(self, name: str) -> None:
         """Unregister a plugin and forget the methods and aliases it registered (used by tests)."""
@@ -126,6 +146,11 @@ class Registry:
             self.aliases.pop(alias)
         for command in [c for c, v in self.commands.items() if v.source == name or v.source.endswith(f"({name})")]:
             self.commands.pop(command)
+        for kind, table in (("metric", self.metrics), ("scorer", self.scorers)):
+            for key in [k for k, v in self.component_sources.items()
+                        if k[0] == kind and (v == name or v.endswith(f"({name})"))]:  # fmt: skip
+                table.pop(key[1], None)
+                self.component_sources.pop(key)
 
     # -- lookup ---------------------------------------------------------------------------------------------
     def get(self, name: str) -> type[Method]:
@@ -150,6 +175,27 @@ class Registry:
             f"unknown method {name!r}{did_you_mean(name, known, n=3)}. "
             f"Installed: {', '.join(known) or 'none'} (`trl-plus list`).{install}"
         )
+
+
+    def get_metric(self, name: str) -> type[Metric]:
+        """The metric class registered under ``name``; an unknown name lists the nearest ones."""
+        return self._component("metric", name, self.metrics, "trl-plus list --metrics")
+
+    def get_scorer(self, name: str) -> type[Scorer]:
+        """The scorer class registered under ``name``; an unknown name lists the nearest ones."""
+        return self._component("scorer", name, self.scorers, "trl-plus list --scorers")
+
+    def _component(self, kind: str, name: str, table: dict, listing: str) -> type:
+        if name in table:
+            return table[name]
+        if name in self.broken:
+            b = self.broken[name]
+            raise TrlPlusError(f"{kind} {name!r} is installed ({b.source}) but its plugin failed to {b.stage}: "
+                               f"{b.error}")  # fmt: skip
+        install = (f" It is a plugin of the trl-plus repository: `pip install -e plugins/{name}` in a checkout."
+                   if name in REPOSITORY_PLUGINS else "")  # fmt: skip
+        raise TrlPlusError(f"unknown {kind} {name!r}{did_you_mean(name, sorted(table), n=3)}. Installed: "
+                           f"{', '.join(sorted(table)) or 'none'} (`{listing}`).{install}")  # fmt: skip
 
 
 def _selected_entry_points():

@@ -28,7 +28,7 @@ from .registry import get_registry
 __all__ = [
     "CPU_OVERRIDES", "build_model", "build_tokenizer", "cli", "diffusion_batch", "diffusion_loss", "diffusion_rows", "forbid_reference", "logits_head",
     "make_context", "perturb", "tiny_diffusion_bundle", "tiny_diffusion_trainer", "tiny_text_encoder",
-    "preference_rows", "registered", "run_recipe_on_cpu", "save_tiny_adapter", "save_tiny_model", "tiny_trainer",
+    "preference_rows", "registered", "run_metric", "run_recipe_on_cpu", "save_tiny_adapter", "save_tiny_model", "tiny_trainer",
     "train_tiny",
     "training_logs", "write_jsonl",
 ]  # fmt: skip
@@ -201,6 +201,17 @@ def train_tiny(method: str | Method | type[Method], output_dir: str | Path, **kw
     trainer = tiny_trainer(method, output_dir, **kwargs)
     trainer.train()
     return trainer
+
+
+def run_metric(metric: Any, trainer: Any, rows: Sequence[dict[str, Any]] | None = None,
+               out_dir: str | Path | None = None):
+    """``metric`` (a :class:`~trl_plus.Metric` instance) run by ``trainer`` (e.g. :func:`tiny_trainer`'s) on
+    ``rows`` (default: 8 synthetic pairs), exactly as ``trl-plus eval`` and the recipe's ``metrics:`` run it;
+    returns its ``MetricResult`` (``.summary``, ``.values``, ``.artefacts`` written under ``out_dir``)."""
+    from datasets import Dataset
+
+    data = {"eval": Dataset.from_list(list(rows or preference_rows(8)))}
+    return trainer.run_metrics([metric], data, out_dir)["eval"][metric.name]
 
 
 CPU_OVERRIDES = (

@@ -22,6 +22,22 @@ class BuiltinPlugin:
         register(DiffusionSFT)
 
     @hookimpl
+    def register_metrics(self, register):
+        """The core's metric ``pairs`` (the held-out table of ``eval_report.json``)."""
+        from .metrics import METRICS
+
+        for metric in METRICS:
+            register(metric)
+
+    @hookimpl
+    def register_scorers(self, register):
+        """The core's scorers: ``length``, ``implicit-reward`` (an adapter vs its base), ``reward-model``."""
+        from .metrics import SCORERS
+
+        for scorer in SCORERS:
+            register(scorer)
+
+    @hookimpl
     def register_model_aliases(self, register):
         """The core's model aliases: ``tiny-llama`` (offline, for tests), ``smollm2-135m-instruct`` (a real
         pretrained model from PyPI, for the quickstart and benchmarks) and the tiny offline diffusion pipelines

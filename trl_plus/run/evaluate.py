@@ -7,7 +7,9 @@ For each pair the model scores the chosen and the rejected completion by its sum
   length-normalised variant); ties count one half;
 - **implicit-reward accuracy and margin** (DPO-style), against a reference = the model before training:
   ``m = β [(ℓθ(y_w) − ℓref(y_w)) − (ℓθ(y_l) − ℓref(y_l))]``; accuracy is the share with ``m > 0`` (ties count one
-  half, so an untrained model scores 0.5, i.e. chance), margin is the mean of ``m``;
+  half, so an untrained model scores 0.5, i.e. chance), margin is the mean of ``m``; the mean log-ratio
+  ``ℓθ(y) − ℓref(y)`` over both completions says how far the model moved from the reference on this text (a proxy
+  of the KL: the KL proper is an expectation over the model's own samples);
 - **length statistics** of the pairs (completion tokens), since several methods exist to undo a length bias.
 
 ``trl-plus train`` prints this table before/after when the recipe has ``data.eval``; ``trl-plus eval`` prints it for
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..builtin.metrics import length_figures, pair_figures
 from ..config import load_recipe
 from ..data.collate import PairwiseCollator
 from ..data.load import load_preferences
@@ -91,42 +94,21 @@ def score_pairs(
     return PairScores(torch.cat(logps), torch.cat(lengths))
 
 
-def _ranking_accuracy(chosen, rejected) -> float:
-    return ((chosen > rejected).double() + 0.5 * (chosen == rejected).double()).mean().item()
-
-
 def pair_metrics(scores: PairScores, reference: PairScores | None = None, beta: float = 0.1) -> dict[str, float]:
     """The held-out metrics of one model (see the module docstring); reward metrics only with a ``reference``."""
-    chosen, rejected = scores.logps[:, 0], scores.logps[:, 1]
-    lengths = scores.lengths.clamp(min=1)
-    out = {
-        "likelihood_accuracy": _ranking_accuracy(chosen, rejected),
-        "normalized_likelihood_accuracy": _ranking_accuracy(chosen / lengths[:, 0], rejected / lengths[:, 1]),
-        "logps/chosen": chosen.mean().item(),
-        "logps/rejected": rejected.mean().item(),
-    }
-    if reference is not None:
-        ratios = scores.logps - reference.logps
-        margins = beta * (ratios[:, 0] - ratios[:, 1])
-        out["reward_accuracy"] = _ranking_accuracy(margins, margins.new_zeros(()))
-        out["reward_margin"] = margins.mean().item()
-    return out
+    return pair_figures(scores.logps[:, 0], scores.logps[:, 1], scores.lengths,
+                        None if reference is None else reference.logps, beta)  # fmt: skip
 
 
 def length_stats(scores: PairScores) -> dict[str, float]:
     """Completion lengths of the pairs, in tokens."""
-    chosen, rejected = scores.lengths[:, 0], scores.lengths[:, 1]
-    return {
-        "pairs": float(len(chosen)),
-        "chosen_tokens": chosen.mean().item(),
-        "rejected_tokens": rejected.mean().item(),
-        "chosen_longer": (chosen > rejected).double().mean().item(),
-    }
+    return length_figures(scores.lengths)
 
 
 ROWS = (
     ("reward_accuracy", "implicit-reward accuracy", "{:.3f}"),
     ("reward_margin", "implicit-reward margin (β·Δ)", "{:+.4f}"),
+    ("log_ratio", "mean log πθ/πref per completion", "{:+.3f}"),
     ("likelihood_accuracy", "likelihood ranking accuracy", "{:.3f}"),
     ("normalized_likelihood_accuracy", "  per-token (length-normalised)", "{:.3f}"),
     ("logps/chosen", "mean log-prob, chosen", "{:.2f}"),
@@ -237,7 +219,7 @@ def evaluate(
     run_dir = target if target.is_dir() else Path(recipe.training.get("output_dir", ""))
     if not target.is_dir():
         check_run_owner(run_dir, recipe.method, recipe.model)
-    spec = recipe.data.eval
+    spec = recipe.data.primary_eval
     path = data or (spec.path if spec else None)
     if path is None:
         raise TrlPlusError(f"{recipe_file}: data.eval: no held-out pairs; add data.eval.path or pass --data FILE")
@@ -269,3 +251,41 @@ def evaluate(
         after = score_pairs(model, tokenizer, dataset, batch_size=batch_size, max_length=max_length,
                             desc="Scoring held-out pairs (after)")  # fmt: skip
     return report_from_scores(before, after, recipe_beta(recipe), str(path))
+
+
+# -- metrics (trl-plus eval --metric) ------------------------------------------------------------------------------
+
+
+def locate_run(target: str | Path, overrides: list[str] | None = None):
+    """``(recipe, trained model folder or None, its name)`` of a recipe file (its ``training.output_dir``'s model),
+    a run directory (its final model) or a checkpoint folder inside one."""
+    target = Path(target)
+    if target.is_dir() and not (target / RESOLVED_RECIPE).is_file() and (target.parent / RESOLVED_RECIPE).is_file():
+        return load_recipe(target.parent / RESOLVED_RECIPE, overrides), target, target.name  # a checkpoint
+    recipe_file = target / RESOLVED_RECIPE if target.is_dir() else target
+    if not recipe_file.is_file():
+        raise TrlPlusError(f"{target}: not a recipe file, a run directory with {RESOLVED_RECIPE}, nor a checkpoint "
+                           "folder inside one")  # fmt: skip
+    recipe = load_recipe(recipe_file, overrides)
+    run_dir = target if target.is_dir() else Path(recipe.training.get("output_dir", ""))
+    if not target.is_dir():
+        check_run_owner(run_dir, recipe.method, recipe.model)
+    trained = trained_model_path(run_dir)
+    return recipe, trained, "trained" if trained is not None else "untrained"
+
+
+def metrics_report(results: dict) -> dict:
+    """``{set: {metric: {"summary": {...}, "artefacts": [paths]}}}`` (``metrics_report.json``)."""
+    return {set_name: {name: {"summary": r.summary, "artefacts": [str(p) for p in r.artefacts]}
+                       for name, r in per_metric.items()} for set_name, per_metric in results.items()}  # fmt: skip
+
+
+def metrics_table(results: dict) -> str:
+    """A plain-text table of metric summaries: one block per data set and metric, one line per figure."""
+    lines = []
+    for set_name, per_metric in results.items():
+        for name, result in per_metric.items():
+            lines.append(f"{name} on {set_name}:")
+            lines += [f"  {key:38} {value:.6g}" for key, value in result.summary.items()]
+            lines += [f"  {'artefact':38} {path}" for path in result.artefacts]
+    return "\n".join(lines)

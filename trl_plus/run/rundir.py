@@ -12,6 +12,9 @@ from ..errors import TrlPlusError
 RESOLVED_RECIPE = "trl_plus_recipe.yaml"
 #: transformers' trainer state, with the log history.
 STATE_FILE = "trainer_state.json"
+#: The recipe's ``metrics:`` on the final model (summaries and artefact paths), and the folder of their artefacts.
+METRICS_REPORT = "metrics_report.json"
+METRICS_DIR = "metrics"
 #: The held-out before/after metrics (with ``data.eval``).
 EVAL_REPORT = "eval_report.json"
 #: The model card in the Hub's format: method, paper, recipe, held-out figures.

@@ -28,19 +28,23 @@ from ..trainers.frozen import Teacher, resolve_reference_mode
 from ..trainers.guard import last_checkpoint
 from ..trainers.stages import run_stages
 from .card import complete_model_card
-from .evaluate import recipe_beta, report_from_scores, score_pairs
+from .evaluate import metrics_report, metrics_table, recipe_beta, report_from_scores, score_pairs
 from .report import plot_run
 from .rundir import (
     EVAL_REPORT,
+    METRICS_DIR,
+    METRICS_REPORT,
     RESOLVED_RECIPE,
     STATE_FILE,
     clear_run_dir,
     last_metrics,
 )
 from .validate import (
+    build_metrics,
     check_chat_template,
     check_recipe,
     default_output_dir,
+    load_metric_sets,
     load_split,
     plan_stages,
     resume_target,
@@ -59,6 +63,8 @@ class TrainResult:
     is_main_process: bool = True  # False on the other ranks of an `accelerate launch` run
     evaluation: Any = None  # trl_plus.run.evaluate.EvalReport: held-out pairs before/after (when data.eval is set)
     plot: str | None = None  # the training-curves PNG
+    metric_results: Any = None  # {set: {metric: MetricResult}} of the recipe's metrics on the final model
+
 
     def summary(self) -> str:
         """The closing lines printed by ``trl-plus train``."""
@@ -80,14 +86,14 @@ class TrainResult:
             lines.append("  nothing to resume   no step was trained: run the same command to start again")
         if self.evaluation is not None:
             lines += ["", self.evaluation.table()]
+        if self.metric_results:
+            lines += ["", metrics_table(self.metric_results)]
         return "\n".join(lines)
 
 
 def build_trainer(recipe: Recipe, callbacks: list | None = None):
     """Everything ``train`` does before ``trainer.train()``: data, models, config, and the trainer of the method's
     kind (``Method.trainer``; ``preference``: :class:`~trl_plus.PlusTrainer`)."""
-    import torch
-    from trl import DPOConfig
 
     method, training = check_recipe(recipe)
     trainer_cls = trainer_class(method)
@@ -100,22 +106,8 @@ def build_trainer(recipe: Recipe, callbacks: list | None = None):
         trainer.stages = stages
         return trainer
 
-    training.setdefault("output_dir", default_output_dir(method))
-    training.setdefault("report_to", "none")
-    if recipe.model.gradient_checkpointing is not None:
-        training["activation_checkpointing"] = recipe.model.gradient_checkpointing
-    # TRL's default (on), passed under transformers' current name: DPOConfig's own default sets the deprecated one
-    training.setdefault("activation_checkpointing", DPOConfig.gradient_checkpointing)
-    if "bf16" not in training and "fp16" not in training:
-        training["bf16"] = bf16_available()
-    training.setdefault("dataloader_pin_memory", torch.cuda.is_available())
-    if eval_dataset is not None:
-        training.setdefault("eval_strategy", "steps")
-    args = DPOConfig(**training)
-
-    tokenizer = load_tokenizer(
-        recipe.model.name_or_path, recipe.model.revision, recipe.model.trust_remote_code, recipe.model.gguf_file
-    )
+    args = training_args(recipe, method, training, has_eval=eval_dataset is not None)
+    tokenizer = recipe_tokenizer(recipe)
     check_chat_template(tokenizer, {"train": train_dataset, "eval": eval_dataset}, recipe, method)
     try:
         check_lora_targets(recipe.model, resolve_model_path(recipe.model.name_or_path, recipe.model.gguf_file))
@@ -159,7 +151,38 @@ def build_trainer(recipe: Recipe, callbacks: list | None = None):
         packing=recipe.training.get("packing", False),
     )
     trainer.stages = stages  # None: one plain train()
+    metrics = build_metrics(recipe, method)
+    if metrics:
+        splits = {m.split for m in metrics}
+        trainer.set_metrics(metrics, {split: load_metric_sets(recipe, split) for split in splits},
+                            artefacts_dir=str(Path(args.output_dir) / METRICS_DIR))  # fmt: skip
     return trainer
+
+
+def training_args(recipe: Recipe, method, training: dict[str, Any], has_eval: bool = False):
+    """The run's ``trl.DPOConfig``: the recipe's ``training`` block (validated) over trl-plus's defaults (no
+    reports, checkpointing as ``model.gradient_checkpointing`` says, bf16 where the hardware has it)."""
+    import torch
+    from trl import DPOConfig
+
+    training.setdefault("output_dir", default_output_dir(method))
+    training.setdefault("report_to", "none")
+    if recipe.model.gradient_checkpointing is not None:
+        training["activation_checkpointing"] = recipe.model.gradient_checkpointing
+    # TRL's default (on), passed under transformers' current name: DPOConfig's own default sets the deprecated one
+    training.setdefault("activation_checkpointing", DPOConfig.gradient_checkpointing)
+    if "bf16" not in training and "fp16" not in training:
+        training["bf16"] = bf16_available()
+    training.setdefault("dataloader_pin_memory", torch.cuda.is_available())
+    if has_eval:
+        training.setdefault("eval_strategy", "steps")
+    return DPOConfig(**training)
+
+
+def recipe_tokenizer(recipe: Recipe):
+    """The tokenizer of the recipe's model."""
+    return load_tokenizer(recipe.model.name_or_path, recipe.model.revision, recipe.model.trust_remote_code,
+                          recipe.model.gguf_file)  # fmt: skip
 
 
 def model_identity(spec, key: str) -> str:
@@ -259,8 +282,13 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None
         trainer.save_model(output_dir)
     evaluation, plot = None, None
     if held_out and not interrupted:
-        evaluation = report_from_scores(before, held_out(), recipe_beta(recipe), recipe.data.eval.path)
+        evaluation = report_from_scores(before, held_out(), recipe_beta(recipe), recipe.data.primary_eval.path)
+    final_metrics = None
+    if getattr(trainer, "metrics", ()) and not interrupted:  # the recipe's metrics on the final model
+        final_metrics = trainer.run_configured_metrics(Path(output_dir) / METRICS_DIR / "final")
     if main_process:
+        if final_metrics is not None:
+            (Path(output_dir) / METRICS_REPORT).write_text(json.dumps(metrics_report(final_metrics), indent=2))
         trainer.state.save_to_json(str(Path(output_dir) / STATE_FILE))
         if evaluation is not None:
             (Path(output_dir) / EVAL_REPORT).write_text(json.dumps(evaluation.to_dict(), indent=2))
@@ -276,6 +304,7 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None
         checkpoint=checkpoint,
         evaluation=evaluation,
         plot=plot,
+        metric_results=final_metrics,
     )
 
 
@@ -291,7 +320,7 @@ def interrupted_before_training(recipe: Recipe) -> TrainResult:
 
 def _recipe_files(recipe: Recipe) -> list[str]:
     """The recipe file and its local data files (what ``training.overwrite_output_dir`` must never delete)."""
-    files = [spec.path for spec in (recipe.data.train, recipe.data.eval) if spec is not None]
+    files = [spec.path for spec in (recipe.data.train, *recipe.data.eval_sets().values())]
     return [f for f in [recipe_source(recipe), *files] if Path(f).exists()]
 
 
@@ -300,7 +329,7 @@ def _held_out_scorer(recipe: Recipe, trainer):
     has no ``data.eval`` (or ``data.report: false``, or the eval data are not prompt/chosen/rejected pairs)."""
     if recipe.data.eval is None or not recipe.data.report or not hasattr(trainer, "_tokenizer"):
         return None  # (a diffusion run evaluates through the trainer's own eval loop)
-    spec = recipe.data.eval
+    spec = recipe.data.primary_eval
     dataset = load_split(recipe, trainer.method, "eval")
     if not {"chosen", "rejected"} <= set(dataset.column_names):
         return None

@@ -215,6 +215,7 @@ def check_recipe(recipe: Recipe):
     except TrlPlusError as exc:
         raise TrlPlusError(f"{source}: method: {exc}") from None
     check_model_kind(recipe, method)
+    build_metrics(recipe, method)
     training = {k: v for k, v in recipe.training.items() if k not in RUN_TRAINING_KEYS}
     config_cls = None
     if method.trainer == "diffusion":
@@ -274,7 +275,10 @@ def check_recipe(recipe: Recipe):
         found = next((c for c in candidates if c.is_file()), None)
         if found is not None and (problem := gguf_problem(found)):
             raise TrlPlusError(f"{locate(recipe, key + '.gguf_file')}: {problem}")
-    for key, spec in (("data.train", recipe.data.train), ("data.eval", recipe.data.eval)):
+    sets = recipe.data.eval_sets()
+    evals = [("data.eval" if isinstance(recipe.data.eval, type(recipe.data.train)) else f"data.eval.{name}", spec)
+             for name, spec in sets.items()]  # fmt: skip
+    for key, spec in (("data.train", recipe.data.train), *evals):
         if spec is not None and looks_local(spec.path) and not Path(spec.path).expanduser().exists():
             raise TrlPlusError(f"{locate(recipe, key + '.path')}: no such file: {spec.path} (looked for "
                                f"{looked_for(recipe, key + '.path', spec.path)}; a relative path in a recipe is read "
@@ -294,6 +298,44 @@ def check_recipe(recipe: Recipe):
     except TrlPlusError as exc:
         raise TrlPlusError(f"{source}: {exc}") from None
     return method, training
+
+
+def build_metrics(recipe: Recipe, method=None, names: list[str] | None = None) -> list:
+    """The recipe's ``metrics:`` (or the metrics ``names``, e.g. ``--metric a,b``) as :class:`~trl_plus.Metric`
+    instances, each name and ``args`` checked (one line: the unknown name's nearest ones, the bad argument)."""
+    registry = get_registry()
+    specs = [(f"metrics.{i}", m.name, m.args) for i, m in enumerate(recipe.metrics)]
+    if names is not None:
+        specs = [(f"--metric {n}", *_named_metric(n, recipe)) for n in names]
+    if specs and method is not None and method.trainer != "preference":
+        raise TrlPlusError(f"{locate(recipe, 'metrics')}: metrics run on text preference runs; method "
+                           f"{method.name!r} runs on the {method.trainer!r} trainer")  # fmt: skip
+    metrics = []
+    for key, name, args in specs:
+        where = key if key.startswith("--") else locate(recipe, key + ".name")
+        try:
+            metric_cls = registry.get_metric(name)
+        except TrlPlusError as exc:
+            raise TrlPlusError(f"{where}: {exc}") from None
+        beta = getattr(getattr(method, "config", None), "beta", None)
+        if "beta" in metric_cls.Config.model_fields and "beta" not in args and isinstance(beta, (int, float)):
+            args = {**args, "beta": beta}  # the implicit reward of the run's own β
+        try:
+            metrics.append(metric_cls(metric_cls.Config(**args)))
+        except ValidationError as exc:
+            raise TrlPlusError(explain(exc, key if key.startswith("--") else recipe_source(recipe),
+                                       prefix=() if key.startswith("--") else (*key.split("."), "args"),
+                                       model=metric_cls.Config)) from None  # fmt: skip
+    return metrics
+
+
+def _named_metric(name: str, recipe: Recipe) -> tuple[str, dict]:
+    """``--metric NAME``: the recipe's own args for it when its ``metrics:`` lists it, else the defaults (β: the
+    method's when the metric has one)."""
+    for spec in recipe.metrics:
+        if spec.name == name:
+            return name, spec.args
+    return name, {}
 
 
 def check_model_kind(recipe: Recipe, method) -> None:
@@ -437,7 +479,7 @@ def resume_target(value: Any, output_dir: str) -> str | None:
 def load_split(recipe: Recipe, method, which: str):
     """The recipe's ``data.<which>`` split (``train`` or ``eval``) as a dataset whose columns ``method`` can read,
     or ``None`` when the recipe has no such split."""
-    spec = getattr(recipe.data, which)
+    spec = recipe.data.train if which == "train" else recipe.data.primary_eval
     if spec is None:
         return None
     where = f"{recipe_source(recipe)}: data.{which}"
@@ -452,6 +494,23 @@ def load_split(recipe: Recipe, method, which: str):
     if hasattr(method, "prepare_split"):  # a method whose rows name files (diffusion: images) checks them here
         dataset = method.prepare_split(dataset, recipe, which)
     return prepare_rows(dataset, method, which, located)
+
+
+def load_metric_sets(recipe: Recipe, split: str = "eval", data: str | None = None) -> dict[str, Any]:
+    """The raw rows metrics run on, by set name: the recipe's held-out sets (``split="eval"``: ``data.eval``, one or
+    named) or its training data (``"train"``); ``data`` (a file) replaces them with one set named after it."""
+    if data is not None:
+        return {Path(data).stem: load_preferences(data, "train", None, where=f"--data {data}")}
+    if split == "train":
+        sets = {"train": recipe.data.train}
+    else:
+        sets = recipe.data.eval_sets()
+    out = {}
+    for name, spec in sets.items():
+        key = "data.train" if split == "train" else ("data.eval" if len(sets) == 1 else f"data.eval.{name}")
+        out[name] = load_preferences(spec.path, spec.split, spec.limit, where=f"{recipe_source(recipe)}: {key}",
+                                     columns=spec.columns, name=spec.name)  # fmt: skip
+    return out
 
 
 _WARNED: set[str] = set()

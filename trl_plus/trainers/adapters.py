@@ -55,6 +55,19 @@ def adapters_off(model: Any) -> contextlib.AbstractContextManager:
     return _layers_set(model, "_disable_adapters", True)
 
 
+def reference_off(policy: Any, named: bool = False) -> contextlib.AbstractContextManager:
+    """The context in which the PEFT ``policy`` is its own reference: the frozen ``ref`` adapter when it has one (a
+    refreshed reference), else every adapter off — without touching ``requires_grad`` when it trains ``named``
+    adapters (peft's ``disable_adapter``, TRL's ``use_adapter(None)``, would freeze all but the active one)."""
+    if REFERENCE_ADAPTER in policy.peft_config:
+        return active_adapter(policy, REFERENCE_ADAPTER)
+    if named:
+        return adapters_off(policy)
+    from trl.trainer.utils import use_adapter
+
+    return use_adapter(policy, adapter_name=None)
+
+
 def adapter_parameters(model: Any, name: str) -> list[tuple[str, Any]]:
     """``(name, parameter)`` of adapter ``name``'s weights in the PEFT ``model`` (its LoRA matrices and its
     ``modules_to_save`` copies)."""

@@ -25,7 +25,6 @@ from trl import DPOConfig, DPOTrainer
 from trl.trainer.utils import (
     get_config_model_id,
     selective_log_softmax,
-    use_adapter,
 )
 
 from ..contract import FrozenOutputs, LossContext, Method
@@ -54,12 +53,13 @@ from . import resolve_method
 from .adapters import (
     REFERENCE_ADAPTER,
     active_adapter,
-    adapters_off,
     add_trainable_adapters,
     copy_adapter,
     load_adapters,
+    reference_off,
     trained_module,
 )
+from .evaluation import MetricsMixin
 from .frozen import REF_COLUMN, resolve_reference_mode
 from .guard import GuardMixin
 from .heads import capture_hidden, checkpointing_off, label_logps
@@ -101,7 +101,7 @@ def method_section(method: Method) -> str:
     return "\n".join(lines) + "\n"
 
 
-class PlusTrainer(GuardMixin, FrozenSourcesMixin, DPOTrainer):
+class PlusTrainer(GuardMixin, MetricsMixin, FrozenSourcesMixin, DPOTrainer):
     """TRL's ``DPOTrainer`` driven by a method plugin.
 
     Build it exactly like ``DPOTrainer`` plus ``method`` (a registered name, a :class:`~trl_plus.Method` class or
@@ -372,14 +372,8 @@ class PlusTrainer(GuardMixin, FrozenSourcesMixin, DPOTrainer):
         """``[K*B, T]`` per-token log-probs of a frozen ``model`` (no grad); ``adapter_off`` disables the policy's
         PEFT adapter (the reference of a LoRA/QLoRA run: no second copy of the base weights)."""
         adapter_context = contextlib.nullcontext()
-        if adapter_off:  # a refreshed reference is the frozen "ref" adapter; else the base, adapter disabled
-            unwrapped = self.accelerator.unwrap_model(self.model)
-            if REFERENCE_ADAPTER in unwrapped.peft_config:
-                adapter_context = active_adapter(unwrapped, REFERENCE_ADAPTER)
-            elif self.named_adapters:  # peft's disable_adapter would freeze all but the active one
-                adapter_context = adapters_off(unwrapped)
-            else:
-                adapter_context = use_adapter(unwrapped, adapter_name=None)
+        if adapter_off:  # a refreshed reference is the frozen "ref" adapter; else the base, adapter(s) disabled
+            adapter_context = reference_off(self.accelerator.unwrap_model(self.model), self.named_adapters)
         with (
             torch.no_grad(),
             checkpointing_off(self.model, self.args.activation_checkpointing_kwargs),
@@ -499,7 +493,13 @@ class PlusTrainer(GuardMixin, FrozenSourcesMixin, DPOTrainer):
         ref = self.reference_token_logps(inputs) if wants_reference else None
         ref = None if ref is None else self.to_grid(inputs, ref.to(token_logps.dtype))
         frozen = {} if ref is None else {"reference": FrozenOutputs(logps=ref)}
-        frozen.update({name: self.frozen_outputs(name, inputs) for name in needs.teachers})
+        for name, kinds in needs.frozen_sources().items():
+            if name == "reference":  # a metric reading more of the reference than its label log-probs
+                model_, context = self.reference_source()
+                rows = self.frozen_rows(model_, inputs, kinds, context)
+                frozen[name] = self.outputs_on_grid(inputs, rows)
+            else:
+                frozen[name] = self.frozen_outputs(name, inputs, kinds)
         seq_mask = inputs.get(SEQ_MASK)
         ctx = LossContext(
             token_logps=self.to_grid(inputs, token_logps),

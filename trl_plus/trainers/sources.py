@@ -223,10 +223,10 @@ class FrozenSourcesMixin:
                     rows["hidden_states"] = hidden
         return rows
 
-    def frozen_outputs(self, name: str, inputs: Mapping[str, Any]) -> FrozenOutputs:
-        """Teacher ``name``'s outputs for the batch, on the ``[K, B, T, ...]`` grid: live (its model or its adapter)
-        or read from the batch's precomputed columns."""
-        kinds = self.teacher_kinds[name]
+    def frozen_outputs(self, name: str, inputs: Mapping[str, Any], kinds: tuple | None = None) -> FrozenOutputs:
+        """Teacher ``name``'s outputs for the batch (``kinds``: the method's), on the ``[K, B, T, ...]`` grid: live
+        (its model or its adapter) or read from the batch's precomputed columns."""
+        kinds = self.teacher_kinds[name] if kinds is None else kinds
         if self.teachers[name].mode == "precomputed":
             batch = {kind: inputs[column] for column, kind in teacher_columns(name, kinds).items()}
             return FrozenOutputs(
@@ -235,8 +235,12 @@ class FrozenSourcesMixin:
                 topk_logps=self.to_grid(inputs, batch["topk_logps"]) if "topk_logps" in batch else None,
             )  # fmt: skip
         model, context = self._source(name)
-        rows = self.frozen_rows(model, inputs, kinds, context)
-        return FrozenOutputs(**{  # logits are [M, V] already; the rest go onto the grid
+        return self.outputs_on_grid(inputs, self.frozen_rows(model, inputs, kinds, context))
+
+    def outputs_on_grid(self, inputs: Mapping[str, Any], rows: Mapping[str, torch.Tensor]) -> FrozenOutputs:
+        """:meth:`frozen_rows`' per-row outputs as a :class:`~trl_plus.FrozenOutputs` on the ``[K, B, T, ...]`` grid
+        (``logits`` stay ``[M, V]``)."""
+        return FrozenOutputs(**{
             kind: value if kind == "logits" else self.to_grid(inputs, value, fill=-1 if kind == "topk_ids" else 0)
             for kind, value in rows.items()
         })  # fmt: skip
