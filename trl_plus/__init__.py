@@ -28,6 +28,7 @@ from .contract import (
     ModelAlias,
     Needs,
     Paper,
+    PolicyOutputs,
     Scorer,
     Stage,
     TopK,
@@ -42,8 +43,9 @@ from .trainers.frozen import REFERENCE_MODES, Teacher, resolve_reference_mode
 __all__ = [
     "DPO", "DPOConfig", "DiffusionDPO", "DiffusionDPOConfig", "DiffusionMethod", "DiffusionTrainer", "FieldCollation",
     "FrozenOutputs", "ListField", "LossContext", "LossOutput", "Method", "MethodConfig", "Metric", "ModelAlias", "Needs",
-    "PairwiseCollator", "Paper", "PlusTrainer", "REFERENCE_MODES", "Recipe", "SFT", "Sequence", "Scoring",
+    "PairwiseCollator", "Paper", "PlusTrainer", "PolicyOutputs", "REFERENCE_MODES", "Recipe", "SFT", "Sequence", "Scoring",
     "SequencesCollator", "Scorer", "Stage", "TAXONOMY", "Teacher", "TopK", "Inversion", "TrainResult", "TrlPlusError", "check_recipe",
+    "combine", "generate", "load_run", "trained_module",
     "ddim_invert", "ddim_sample", "guided_prediction", "inversion_timesteps", "Noised", "ScoreOutput", "run_stages",
     "denoising_errors", "dpo_losses", "evaluate", "get_method", "get_registry", "hookimpl", "load_recipe",
     "merge_adapter", "method_collator", "pair_accuracy", "prompt_completion", "resolve_reference_mode", "tokenize_completions",
@@ -63,9 +65,11 @@ if TYPE_CHECKING:
     from .diffusion.scorer import Noised, ScoreOutput
     from .diffusion.trainer import DiffusionTrainer
     from .run.evaluate import evaluate
+    from .run.generate import generate, load_run
     from .run.merge import merge_adapter
     from .run.train import TrainResult, train
     from .run.validate import check_recipe
+    from .trainers.adapters import combine, trained_module
     from .trainers.preference import PlusTrainer
     from .trainers.stages import run_stages
 
@@ -92,6 +96,10 @@ _LAZY = {
     "merge_adapter": "run.merge",
     "check_recipe": "run.validate",
     "run_stages": "trainers.stages",
+    "combine": "trainers.adapters",
+    "trained_module": "trainers.adapters",
+    "generate": "run.generate",
+    "load_run": "run.generate",
 }
 
 

@@ -163,6 +163,8 @@ def example_recipe(method_cls) -> str:
         recipe["teacher"] = {"name_or_path": "tiny-llama"}
     if method_cls.needs.teachers:  # each named teacher: here the tiny model itself (a real recipe names trained ones)
         recipe["teachers"] = {name: {"name_or_path": "tiny-llama"} for name in method_cls.needs.teachers}
+    if method_cls.needs.policy_adapters:  # its named trainable adapters, each at the run's learning rate
+        recipe["model"]["adapters"] = {name: {"r": 8, "lr_scale": 1.0} for name in method_cls.needs.policy_adapters}
     return yaml.safe_dump(recipe, sort_keys=False)
 
 
@@ -227,7 +229,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         warnings = [f"{args.recipe}: token lengths not checked: the tokenizer of {recipe.model.name_or_path} is not "
                     "on this machine yet (the first train downloads it)"]  # fmt: skip
     model = recipe.model
-    if model.lora is not None and model.kind != "diffusion":  # module names from the config (meta device)
+    if model.uses_lora and model.kind != "diffusion":  # module names from the config (meta device)
         from .models.load import check_lora_targets, resolve_model_path
 
         try:
@@ -342,6 +344,37 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     print(merge_adapter(args.run_dir, args.output))
     return 0
+
+
+# -- generate ---------------------------------------------------------------------------------------------------
+def cmd_generate(args: argparse.Namespace) -> int:
+    """``trl-plus generate RUN_DIR --prompt ...``: completions from a finished run's model (``--weights``: the
+    method's mixing, e.g. MAH-DPO's heads)."""
+    from .run.generate import generate
+
+    weights = None
+    if args.weights is not None:
+        try:
+            weights = [float(w) for w in args.weights.split(",")]
+        except ValueError:
+            raise TrlPlusError(f"--weights: expected numbers separated by commas (e.g. 0.7,0.3), got "
+                               f"{args.weights!r}") from None  # fmt: skip
+    for prompt, text in zip(args.prompt, generate(args.run_dir, args.prompt, weights, args.max_new_tokens,
+                                                   args.adapter, args.sample)):  # fmt: skip
+        print(f"{prompt}{text}" if len(args.prompt) == 1 else f"--- {prompt}\n{text}")
+    return 0
+
+
+def add_generate(sub, common: argparse.ArgumentParser) -> None:
+    """The ``generate`` subcommand's parser."""
+    p = sub.add_parser("generate", parents=[common], help="generate from a finished run's model (greedy by default)")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
+    p.add_argument("--weights", help="the method's mixing weights, e.g. 0.7,0.3 (mah-dpo: its heads' logits)")
+    p.add_argument("--adapter", help="of a run with several named adapters, the one to generate with")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.set_defaults(func=cmd_generate)
 
 
 def cmd_new(args: argparse.Namespace) -> int:
@@ -459,6 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference-free", action="store_true", help="the method needs no reference model")
     p.add_argument("--root", default=".", metavar="DIR", help="the repository root to write into (default: .)")
     p.set_defaults(func=cmd_new)
+    add_generate(sub, common)
     _add_plugin_commands(sub, common)
     return parser
 

@@ -81,6 +81,13 @@ class LoraSpec(_Block):
     _parse_layers = field_validator("layers", mode="before")(classmethod(lambda cls, value: parse_layers(value)))
 
 
+class AdapterSpec(LoraSpec):
+    """One of several named trainable LoRA adapters (``model.adapters.<name>``): LoRA's fields plus ``lr_scale``, its
+    learning rate as a multiple of ``training.learning_rate`` (its own optimiser parameter group)."""
+
+    lr_scale: float = Field(1.0, gt=0)
+
+
 class ComponentSpec(_Block):
     """A diffusion pipeline's frozen component (``model.vae``): its subfolder and dtype."""
 
@@ -134,6 +141,7 @@ class ModelSpec(_Block):
     dtype: Dtype = "auto"
     quantization: QuantizationSpec | None = None
     lora: LoraSpec | None = None
+    adapters: dict[str, AdapterSpec] | None = None  # several named trainable LoRA adapters (instead of lora)
     gradient_checkpointing: bool | None = None  # None: TRL's default (on)
     revision: str | None = None
     trust_remote_code: bool = False
@@ -147,7 +155,19 @@ class ModelSpec(_Block):
                              "them)")  # fmt: skip
         if self.kind == "diffusion" and self.gguf_file is not None:
             raise ValueError("gguf_file: a diffusion pipeline is a diffusers folder, not a GGUF file")
+        if self.adapters is not None:
+            if self.lora is not None:
+                raise ValueError("adapters: give either lora (one adapter) or adapters (several named ones), not both")
+            if not self.adapters:
+                raise ValueError("adapters: name at least one adapter, e.g. adapters: {fast: {r: 16, lr_scale: 4.0}}")
+            if self.kind == "diffusion":
+                raise ValueError("adapters: named trainable adapters are for causal LMs; use lora")
         return self
+
+    @property
+    def uses_lora(self) -> bool:
+        """Whether the policy trains LoRA adapters (``lora`` or ``adapters``)."""
+        return self.lora is not None or bool(self.adapters)
 
 
 class ReferenceSpec(_Block):

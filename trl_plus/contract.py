@@ -248,6 +248,10 @@ class Needs:
     - ``token_fields``: token-aligned columns that the method's own collator emits (``Sequence.tokens``, e.g.
       IRPO's per-token item ids); the trainer applies the label shift and hands them to the loss as
       ``ctx.tokens[name]``, ``[K, B, T]`` aligned with ``ctx.token_logps``.
+    - ``policy_adapters``: named trainable LoRA adapters (recipe ``model.adapters``) the loss reads one by one:
+      the trainer runs one policy forward per name and step, each under that adapter (``requires_grad`` left as it
+      is, so every adapter gets its gradient), and the loss reads ``ctx.for_adapter(name)``; ``ctx.token_logps``
+      is the first name's. The reference (every adapter off) runs once. ``()``: the one policy adapter, if any.
     """
 
     reference: Literal["yes", "no", "optional"] = "yes"
@@ -263,6 +267,7 @@ class Needs:
     precomputable_reference: bool = True
     list_fields: tuple[str | ListField, ...] = ()
     token_fields: tuple[str, ...] = ()
+    policy_adapters: tuple[str, ...] = ()
 
     @property
     def lists(self) -> tuple[ListField, ...]:
@@ -286,6 +291,8 @@ class Needs:
             parts.append("optional fields " + ", ".join(self.optional_fields))
         if self.list_fields:
             parts.append("lists " + ", ".join(f.name + ("" if f.required else "?") for f in self.lists))
+        if self.policy_adapters:
+            parts.append("adapters " + ", ".join(self.policy_adapters))
         return ", ".join(parts) or "-"
 
 
@@ -313,6 +320,27 @@ class LossContext:
     frozen: Mapping[str, FrozenOutputs] = field(default_factory=dict)  # Needs.teachers by name (no grad)
     labels: torch.Tensor | None = None  # [K, B, T] the label token ids (token t+1 at position t; -1 off real rows)
     head: Any = None  # Needs.scored_logits: the policy's LM head on its final hidden states (set by the trainer)
+    #: Needs.policy_adapters: adapter name -> its LossContext, a mapping (tests) or a function ``(ctx, name)`` the
+    #: trainer sets
+    adapters: Any = None
+
+    def for_adapter(self, name: str) -> LossContext:
+        """The same batch with the policy's trainable adapter ``name`` active (``Needs.policy_adapters``): its own
+        ``token_logps`` / ``outputs`` (with grad), the reference, frozen sources and batch shared with this context.
+        Computed once per name, when first asked for."""
+        if self.adapters is None:
+            raise RuntimeError("this loss reads named adapters: set Needs(policy_adapters=(...)) on the method")
+        if isinstance(self.adapters, Mapping):
+            if name not in self.adapters:
+                raise KeyError(f"no adapter named {name!r} in this context (it has: {', '.join(self.adapters)})")
+            return self.adapters[name]
+        cache = self.__dict__.setdefault("_adapter_contexts", {})
+        if name not in cache:
+            other = self.adapters(self, name)
+            if other is self:  # (no reference cycle: the graph is freed with the context)
+                return self
+            cache[name] = other
+        return cache[name]
 
     def scored(self, values: torch.Tensor) -> torch.Tensor:
         """``[K, B, T, ...] -> [M, ...]``: the values at the ``M`` scored tokens (``mask`` 1), in one fixed order
@@ -410,6 +438,16 @@ class LossContext:
 
 
 @dataclass
+class PolicyOutputs:
+    """What :meth:`Method.policy_forward` returns: the policy's per-token label log-probs ``[K*B, T]`` (or one row per
+    real sequence of a variable-K batch), with grad, on the shifted labels (zero off the scored tokens is not
+    required: the trainer masks), and whatever the loss reads as ``ctx.outputs``."""
+
+    token_logps: torch.Tensor
+    outputs: Any = None
+
+
+@dataclass
 class LossOutput:
     """What a loss returns.
 
@@ -486,7 +524,8 @@ class Method(Configured):
 
     Hooks a method may override (all have working defaults for pairwise text):
         :meth:`prepare_data`, :meth:`stages`, :meth:`tokenize`, :meth:`collator`, :meth:`reference`,
-        :meth:`teacher`.
+        :meth:`teacher`; on the trained side :meth:`prepare_model` (with ``trainable_modules``),
+        :meth:`policy_forward`, :meth:`sampler` and :meth:`generation_model`.
     """
 
     name: ClassVar[str]
@@ -502,6 +541,10 @@ class Method(Configured):
     example_data: ClassVar[dict[str, Any]] = {"path": "recipes/data/quickstart_prefs.jsonl"}
     #: The run's tokenizer, set by the trainer before it calls :meth:`collator` (vocabulary size, special ids).
     tokenizer: Any = None
+    #: Names of modules :meth:`prepare_model` adds that train with the policy: with LoRA they are appended to
+    #: ``modules_to_save`` (trained, and saved with the adapter); without, they are ordinary trainable weights.
+    trainable_modules: ClassVar[tuple[str, ...]] = ()
+
     #: Survey-taxonomy tags, ``{key: value or (values, ...)}`` with keys and values from :data:`TAXONOMY`
     #: (``trl-plus list --by KEY``), e.g. ``{"constraint.reference": "reference-free", "property": "length-bias",
     #: "survey": ("reference-free", "length-bias"), "source": "survey"}``; ``()`` is an explicit "none". Each method
@@ -567,6 +610,35 @@ class Method(Configured):
         ``[K, B, T]`` per-token log-probs. Override it to return e.g. top-k distributions
         (``trainer.forward_logits(trainer.teacher_model, inputs)`` gives full logits).
         """
+        return None
+
+    # -- the trained side -----------------------------------------------------------------------------------
+    def prepare_model(self, model: Any) -> Any:
+        """Change the policy before LoRA wraps it (add modules: extra LM heads, say) and return it; ``None`` (the
+        default) leaves it as it is. Called once by the trainer, and again by ``trl-plus generate`` before a run's
+        weights are loaded, so it must build the same modules from the same model (deterministically). The
+        reference keeps the model's own modules: a frozen copy is taken before this hook, and the adapter-off
+        reference never runs what the policy forward alone reads."""
+        return None
+
+    def policy_forward(self, trainer: Any, model: Any, inputs: Mapping[str, Any]) -> PolicyOutputs | None:
+        """The policy's per-token log-probs for the batch (with grad), e.g. through an extra head per example; ``None``
+        (the default) uses the core's forward (TRL's fused LM head). ``trainer`` gives ``trainer.policy_hidden(model,
+        inputs)`` (the final hidden states, one forward), ``trainer.head_logps(hidden, weight, inputs, rows)`` (label
+        log-probs under a linear head, in checkpointed chunks: memory holds one chunk of logits) and
+        ``trainer.policy_module(model, name)`` (a module :meth:`prepare_model` added, as the active adapter trains
+        it). Called once per named adapter (``Needs.policy_adapters``), under that adapter."""
+        return None
+
+    def sampler(self, dataset: Any, batch_size: int, generator: Any) -> Any:
+        """The training sampler: an iterable of row indices of the tokenized ``dataset`` that the data loader cuts
+        into batches of ``batch_size`` (per device) in order, e.g. batches balanced over a column; ``generator`` is
+        the run's seeded ``torch.Generator``. ``None`` (the default): the trainer's own (shuffled)."""
+        return None
+
+    def generation_model(self, model: Any, weights: list[float] | None) -> Any:
+        """The model ``trl-plus generate`` samples from, given the run's loaded policy and ``--weights``; ``None``
+        (the default) generates with ``model`` as loaded (and refuses ``--weights``)."""
         return None
 
     # -- the objective --------------------------------------------------------------------------------------

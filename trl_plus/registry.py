@@ -20,8 +20,8 @@ ENTRY_POINT_GROUP = "trl_plus"
 #: ``tests/test_meta.py`` keeps it equal to the folder.
 REPOSITORY_PLUGINS = frozenset({
     "abc", "aligndistil", "asft", "brain", "curry-dpo", "dove", "dso-dro", "egida-safety", "flow-dpo", "flow-rwr",
-    "inversion-dpo", "irpo", "is-daa", "ld-dpo", "ln-dpo", "modpo", "rankdpo", "redi", "rpo", "sail", "simpo", "smpo",
-    "srpo", "ssdpo", "tars", "tgdpo", "three-d-properties", "tracealign", "tvkd",
+    "inversion-dpo", "irpo", "is-daa", "ld-dpo", "ln-dpo", "mah-dpo", "modpo", "ofs-dpo", "rankdpo", "redi", "rpo",
+    "sail", "simpo", "smpo", "srpo", "ssdpo", "tars", "tgdpo", "three-d-properties", "tracealign", "tvkd",
     "dporm-generalization", "r-to-q", "ranking-accuracy",  # metric plugins
     "did", "dpo-survey", "more-is-less", "sft-fdiv",  # issue 13 (c): metric plugins, the survey taxonomy, a method
 })  # fmt: skip

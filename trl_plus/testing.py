@@ -72,6 +72,17 @@ def make_context(
     return LossContext(token_logps=values, mask=mask, ref_token_logps=ref, **kwargs)
 
 
+def adapter_context(reference: Sequence[Sequence[Sequence[float]]] | None, adapters: dict[str, Any],
+                    **kwargs: Any) -> LossContext:  # fmt: skip
+    """A :class:`LossContext` of named adapters (``Needs.policy_adapters``): ``adapters`` maps each name to its
+    per-token log-probs (``[K][B][tokens]``, as :func:`make_context`), all on one ``reference``;
+    ``ctx.for_adapter(name)`` gives each (with gradients on), ``ctx`` itself is the first."""
+    contexts = {name: make_context(policy, reference, **kwargs) for name, policy in adapters.items()}
+    first = next(iter(contexts.values()))
+    first.adapters = contexts
+    return first
+
+
 def logits_head(logits):
     """A ``LossContext.head`` over given full policy logits ``[K, B, T, V]`` (keep ``requires_grad`` on them to test
     gradients): ``ctx.logps_at(ids)`` and ``ctx.scored_logits()`` of a hand-made context read them, as the trainer's

@@ -65,6 +65,16 @@ def lora_config(spec: LoraSpec):
     )
 
 
+def peft_configs(spec: ModelSpec) -> tuple[Any, dict[str, float] | None]:
+    """The policy's peft config(s) from ``model.lora`` (one ``LoraConfig``) or ``model.adapters`` (name ->
+    ``LoraConfig``, in the recipe's order) and, for the latter, each adapter's ``lr_scale``; ``(None, None)``
+    without LoRA."""
+    if spec.adapters:
+        return ({name: lora_config(a) for name, a in spec.adapters.items()},
+                {name: a.lr_scale for name, a in spec.adapters.items()})  # fmt: skip
+    return (lora_config(spec.lora) if spec.lora else None), None
+
+
 def load_tokenizer(
     name_or_path: str, revision: str | None = None, trust_remote_code: bool = False, gguf_file: str | None = None,
     local_files_only: bool = False,
@@ -147,8 +157,8 @@ def check_lora_targets(spec: ModelSpec, path: str, key: str = "model") -> None:
     """Check ``spec.lora`` against the model's modules before any weight loads: the model is built from its config on
     the meta device (no memory), so a mistyped ``target_modules`` name or a ``layers`` index the model lacks is one
     line naming the modules it has, not a peft traceback after loading. Skipped unless ``path`` is a local folder."""
-    lora = spec.lora
-    if lora is None or not (Path(path) / "config.json").is_file():
+    blocks = {f"{key}.lora": spec.lora} if spec.lora else {f"{key}.adapters.{n}": a for n, a in (spec.adapters or {}).items()}
+    if not blocks or not (Path(path) / "config.json").is_file():
         return
     import re
 
@@ -160,21 +170,22 @@ def check_lora_targets(spec: ModelSpec, path: str, key: str = "model") -> None:
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
     names = [name for name, _ in model.named_modules() if name]
     linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
-    targets = lora.target_modules
-    if isinstance(targets, str) and targets != "all-linear":
-        if not any(re.fullmatch(targets, name) for name in names):
-            raise TrlPlusError(f"{key}.lora.target_modules: the pattern {targets!r} matches no module of "
-                               f"{spec.name_or_path} (its linear layers: {', '.join(linear)})")  # fmt: skip
-    elif isinstance(targets, list):
-        missing = [t for t in targets if not any(name == t or name.endswith("." + t) for name in names)]
-        if missing:
-            raise TrlPlusError(f"{key}.lora.target_modules: {spec.name_or_path} has no module named "
-                               f"{', '.join(missing)}{did_you_mean(missing[0], linear)} (its linear layers: "
-                               f"{', '.join(linear)})")  # fmt: skip
     layers = getattr(config, "num_hidden_layers", None)
-    if lora.layers and layers is not None and not all(0 <= i < layers for i in lora.layers):
-        raise TrlPlusError(f"{key}.lora.layers: {spec.name_or_path} has {layers} decoder layers (0 to {layers - 1}); "
-                           f"got {lora.layers}")  # fmt: skip
+    for where, lora in blocks.items():
+        targets = lora.target_modules
+        if isinstance(targets, str) and targets != "all-linear":
+            if not any(re.fullmatch(targets, name) for name in names):
+                raise TrlPlusError(f"{where}.target_modules: the pattern {targets!r} matches no module of "
+                                   f"{spec.name_or_path} (its linear layers: {', '.join(linear)})")  # fmt: skip
+        elif isinstance(targets, list):
+            missing = [t for t in targets if not any(name == t or name.endswith("." + t) for name in names)]
+            if missing:
+                raise TrlPlusError(f"{where}.target_modules: {spec.name_or_path} has no module named "
+                                   f"{', '.join(missing)}{did_you_mean(missing[0], linear)} (its linear layers: "
+                                   f"{', '.join(linear)})")  # fmt: skip
+        if lora.layers and layers is not None and not all(0 <= i < layers for i in lora.layers):
+            raise TrlPlusError(f"{where}.layers: {spec.name_or_path} has {layers} decoder layers (0 to "
+                               f"{layers - 1}); got {lora.layers}")  # fmt: skip
 
 
 def bf16_available() -> bool:

@@ -486,14 +486,20 @@ def estimate(recipe: Recipe, sequences: int | None = None, prompt_tokens: int = 
     lines: list[Line] = []
     quantized, rest, note = weight_bytes(model, spec, config, trainable=True)
     lines.append(Line("base weights", quantized + rest, note))
-    if spec.lora is not None:
-        params = lora_parameters(model, spec)
+    blocks = [spec.lora] if spec.lora else list((spec.adapters or {}).values())  # model.adapters: each trains
+    if blocks:
+        params = lora_parameters(model, spec.model_copy(update={"lora": blocks[0], "adapters": None}))
+        lora_inputs = lora_linear_inputs(model, params)
+        for other in blocks[1:]:  # (peft wraps its model in place: a fresh meta model per further adapter)
+            params += lora_parameters(meta_model(config, spec.trust_remote_code),
+                                      spec.model_copy(update={"lora": other, "adapters": None}))  # fmt: skip
         param_bytes = 2 if quant else DTYPE_BYTES[dtype]  # TRL casts a quantised model's adapters to bfloat16
         count = sum(math.prod(sh) for _, sh in params)
+        ranks = (f"r {spec.lora.r}" if spec.lora else
+                 "adapters " + ", ".join(f"{n} r {a.r}" for n, a in spec.adapters.items()))  # fmt: skip
         lines.append(Line("LoRA parameters", count * param_bytes,
-                          f"{count:,} (r {spec.lora.r}) in {'bfloat16' if quant else dtype}"))  # fmt: skip
-        lora_inputs = lora_linear_inputs(model, params)
-        dropout = spec.lora.dropout > 0
+                          f"{count:,} ({ranks}) in {'bfloat16' if quant else dtype}"))  # fmt: skip
+        dropout = any(b.dropout > 0 for b in blocks)
     else:
         params = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
         param_bytes, count = DTYPE_BYTES[dtype], sum(math.prod(sh) for _, sh in params)
@@ -503,9 +509,15 @@ def estimate(recipe: Recipe, sequences: int | None = None, prompt_tokens: int = 
     lines.append(Line(f"optimiser ({optim})", state, rule))
 
     eager = (spec.attn_implementation or "sdpa") == "eager"
-    lines += activation_lines(shapes, tokens, rows, row, act, compute, quant is not None, lora_inputs,
-                              spec.lora.r if spec.lora else 0, dropout, spec.lora is None, bool(checkpointing),
-                              eager)  # fmt: skip
+    activations = activation_lines(shapes, tokens, rows, row, act, compute, quant is not None, lora_inputs,
+                                   max((b.r for b in blocks), default=0), dropout, not blocks, bool(checkpointing),
+                                   eager)  # fmt: skip
+    forwards = len(method.needs.policy_adapters)
+    if forwards > 1:  # one policy forward per named adapter, each graph kept until the one backward
+        kept = activations[0]
+        activations[0] = Line(kept.name, kept.bytes * forwards, f"{kept.note}, × {forwards} policy forwards (one per "
+                              "adapter) before the backward", kept.phase)  # fmt: skip
+    lines += activations
     lines.append(head_line(shapes, tokens, act, compute, method.needs.logits or method.needs.hidden_states,
                            "head" if checkpointing else ""))
     given = {name: spec for _, name, spec in recipe.teacher_blocks()}
@@ -513,7 +525,7 @@ def estimate(recipe: Recipe, sequences: int | None = None, prompt_tokens: int = 
                    if "logits" in kinds and name in given and given[name].mode == "live"]  # fmt: skip
     lines += scored_logits_lines(shapes, tokens, method.needs, live_logits, "head" if checkpointing else "")
 
-    mode = resolve_reference_mode(method, recipe.reference.mode, spec.lora is not None, False)
+    mode = resolve_reference_mode(method, recipe.reference.mode, spec.uses_lora, False)
     if mode == "model":
         ref = recipe.reference
         ref_spec = spec

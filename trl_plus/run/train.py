@@ -19,7 +19,7 @@ from ..models.load import (
     check_lora_targets,
     load_model,
     load_tokenizer,
-    lora_config,
+    peft_configs,
     resolve_model_path,
 )  # fmt: skip
 from ..trainers import trainer_class
@@ -114,7 +114,7 @@ def build_trainer(recipe: Recipe, callbacks: list | None = None):
     except TrlPlusError as exc:
         raise TrlPlusError(f"{recipe_source(recipe)}: {exc}") from None
     model = load_model(recipe.model, gradient_checkpointing=args.activation_checkpointing)
-    peft_config = lora_config(recipe.model.lora) if recipe.model.lora else None
+    peft_config, lr_scales = peft_configs(recipe.model)
     mode = resolve_reference_mode(method, recipe.reference.mode, peft_config is not None, False)
     ref_model = None
     if mode == "model" or (mode == "precomputed" and recipe.reference.name_or_path):
@@ -143,6 +143,7 @@ def build_trainer(recipe: Recipe, callbacks: list | None = None):
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         peft_config=peft_config,
+        adapter_lr_scales=lr_scales,
         callbacks=callbacks,
         base_model=base_model_name(recipe.model),
         nan=recipe.training.get("nan", "stop"),

@@ -266,6 +266,7 @@ def check_recipe(recipe: Recipe):
                                "transformers model folder: give the folder save_pretrained wrote (or set "
                                f"{block}.gguf_file for a GGUF file in it)")  # fmt: skip
     check_teacher_blocks(recipe, method, teachers)
+    check_policy_adapters(recipe, method)
     for key, spec in (("model", recipe.model), ("reference", recipe.reference), *teachers.items()):
         gguf = getattr(spec, "gguf_file", None) if spec is not None else None
         candidates = [Path(gguf).expanduser()] if gguf else []
@@ -292,7 +293,7 @@ def check_recipe(recipe: Recipe):
     except TrlPlusError as exc:
         raise TrlPlusError(f"{source}: {exc}") from None
     try:  # the one copy of the reference-mode rules (the trainer applies the same function)
-        resolve_reference_mode(method, recipe.reference.mode, is_peft=recipe.model.lora is not None,
+        resolve_reference_mode(method, recipe.reference.mode, is_peft=recipe.model.uses_lora,
                                has_ref_model=False)  # fmt: skip
     except TrlPlusError as exc:
         raise TrlPlusError(f"{source}: {exc}") from None
@@ -381,6 +382,18 @@ def check_diffusion_model(recipe: Recipe, method, training: dict[str, Any]) -> N
                            f"schedule; the flow-matching scheduler of {path} has none (use half or unit)")
 
 
+def check_policy_adapters(recipe: Recipe, method) -> None:
+    """The named trainable adapters a method reads (``Needs.policy_adapters``) are in ``model.adapters``."""
+    wanted = method.needs.policy_adapters
+    given = recipe.model.adapters or {}
+    missing = [name for name in wanted if name not in given]
+    if missing:
+        example = ", ".join(f"{name}: {{r: 16}}" for name in wanted)
+        raise TrlPlusError(f"{locate(recipe, 'model.adapters')}: method {method.name!r} trains the adapters "
+                           f"{', '.join(wanted)}; the recipe has {', '.join(given) or 'none'} (missing "
+                           f"{', '.join(missing)}: model.adapters: {{{example}}}, each with its lr_scale)")
+
+
 def check_teacher_blocks(recipe: Recipe, method, teachers: dict[str, Any]) -> None:
     """The teachers a method needs are there (by name), no others; adapters are adapter folders on a LoRA policy;
     ``mode: precomputed`` only for what columns can hold (label log-probs, top-k)."""
@@ -399,7 +412,7 @@ def check_teacher_blocks(recipe: Recipe, method, teachers: dict[str, Any]) -> No
             hint = did_you_mean(name, list(wanted)) or f" (it uses: {', '.join(wanted) or 'none'})"
             raise TrlPlusError(f"{locate(recipe, key)}: method {method.name!r} uses no teacher named {name!r}{hint}")
         if spec.adapter is not None:
-            if recipe.model.lora is None:
+            if not recipe.model.uses_lora:
                 raise TrlPlusError(f"{locate(recipe, key + '.adapter')}: a frozen adapter rides the policy's own LoRA "
                                    "base: set model.lora, or load the teacher as a model (name_or_path)")
             folder = Path(spec.adapter).expanduser()
@@ -594,7 +607,7 @@ def plan_stages(recipe: Recipe, method, train_dataset) -> list | None:
         return None
     stages = select_stages(stages, spec.only if spec else None, spec.refresh_reference if spec else None, where("only"))
     if any(stage.refresh_reference for stage in stages):
-        mode = resolve_reference_mode(method, recipe.reference.mode, recipe.model.lora is not None,
+        mode = resolve_reference_mode(method, recipe.reference.mode, recipe.model.uses_lora,
                                       recipe.reference.name_or_path is not None)  # fmt: skip
         if mode == "none":
             raise TrlPlusError(f"{where('refresh_reference')}: method {method.name!r} runs without a reference, so "

@@ -19,13 +19,12 @@ from typing import Any
 
 import torch
 from accelerate.utils import is_peft_model
-from trl.trainer.utils import use_adapter
 
 from ..contract import Metric
 from ..data.collate import SEQ_MASK, FieldCollation, PairwiseCollator
 from ..data.tokenize import tokenize_pair
 from ..errors import TrlPlusError
-from .adapters import REFERENCE_ADAPTER, active_adapter
+from .adapters import reference_off
 from .heads import checkpointing_off
 
 logger = logging.getLogger(__name__)
@@ -189,9 +188,7 @@ class MetricsMixin:
         if not is_peft_model(policy):
             raise TrlPlusError("the reference's outputs need a reference model or a LoRA policy (adapter off); this "
                                "run has neither")  # fmt: skip
-        if REFERENCE_ADAPTER in policy.peft_config:
-            return self.model, lambda: active_adapter(policy, REFERENCE_ADAPTER)
-        return self.model, lambda: use_adapter(policy, adapter_name=None)
+        return self.model, lambda: reference_off(policy, getattr(self, "named_adapters", False))
 
 
 

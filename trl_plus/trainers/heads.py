@@ -125,6 +125,22 @@ class HiddenHead:
         return torch.cat(ids), torch.cat(logps)
 
 
+def label_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """``[N, T]`` log-probs of ``labels`` ``[N, T]`` under the linear head ``weight`` ``[V, H]`` on ``hidden``
+    ``[N, T, H]`` at the positions ``where`` (zeros elsewhere; with grad to both), in checkpointed chunks: memory
+    holds one chunk of logits (:meth:`HiddenHead.logps_at`)."""
+    head = HiddenHead(hidden, _Weight(weight))
+    at = head.logps_at(where, labels[where].clamp(min=0).unsqueeze(-1))[:, 0]
+    return at.new_zeros(where.shape).masked_scatter(where, at)
+
+
+class _Weight:
+    """A bare linear head: a weight, no bias."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.weight, self.bias = weight, None
+
+
 class LogitsHead:
     """A head over given full logits ``[K, B, T, V]`` (tests and hand-made contexts: ``trl_plus.testing``)."""
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import logging
 from collections.abc import Mapping
@@ -24,7 +25,6 @@ from trl import DPOConfig, DPOTrainer
 from trl.trainer.utils import (
     get_config_model_id,
     selective_log_softmax,
-    use_adapter,
 )
 
 from ..contract import FrozenOutputs, LossContext, Method
@@ -50,11 +50,19 @@ from ..data.sharing import SHARED, SharedBatch, share_prefixes
 from ..errors import TrlPlusError
 from ..models.load import bf16_available, resolve_model_path
 from . import resolve_method
-from .adapters import REFERENCE_ADAPTER, active_adapter, copy_adapter
+from .adapters import (
+    REFERENCE_ADAPTER,
+    active_adapter,
+    add_trainable_adapters,
+    copy_adapter,
+    load_adapters,
+    reference_off,
+    trained_module,
+)
 from .evaluation import MetricsMixin
 from .frozen import REF_COLUMN, resolve_reference_mode
 from .guard import GuardMixin
-from .heads import checkpointing_off
+from .heads import capture_hidden, checkpointing_off, label_logps
 from .metrics import append_pair_metrics, gathered_mean
 from .sources import FrozenSourcesMixin, needs_hidden
 
@@ -104,6 +112,10 @@ class PlusTrainer(GuardMixin, MetricsMixin, FrozenSourcesMixin, DPOTrainer):
     the model card names the base model (default: ``model`` itself when it is a name, else its ``name_or_path``).
     ``nan`` (``"stop"``, default, or ``"skip"``): what a non-finite loss or gradient norm does, and checkpoints are
     written atomically (:class:`~trl_plus.trainers.guard.GuardMixin`).
+
+    ``peft_config`` may also map names to LoRA configs: several trainable adapters (``model.adapters``), each in its
+    own optimiser parameter group at ``learning_rate × adapter_lr_scales[name]`` (default 1), all saved (one folder
+    each) and resumed together; the reference is then the base with every adapter off.
     """
 
     _tag_names = ["trl", "trl-plus"]
@@ -127,6 +139,7 @@ class PlusTrainer(GuardMixin, MetricsMixin, FrozenSourcesMixin, DPOTrainer):
         base_model: str | None = None,
         prefix_sharing: bool = False,
         packing: bool = False,
+        adapter_lr_scales: Mapping[str, float] | None = None,
         **kwargs,
     ):
         self.method = resolve_method(method, method_args)
@@ -164,12 +177,14 @@ class PlusTrainer(GuardMixin, MetricsMixin, FrozenSourcesMixin, DPOTrainer):
             raise TrlPlusError(f"method {self.method.name!r} runs without a reference; do not pass ref_model")
         if self.reference_mode == "model" and ref_model is None and not isinstance(model, str):
             ref_model = copy.deepcopy(model).eval().requires_grad_(False)  # the initial policy, frozen
+        model, peft_config = self._prepare_policy(model, peft_config, adapter_lr_scales, args)
         self._check_teachers(teachers, teacher_model, will_be_peft)
         self.reference_identity = reference_identity
         # full logits or hidden states are the plain rows' (a method or a live teacher that reads them keeps the
         # plain path)
         needs = self.method.needs
-        needs_plain = needs.logits or needs.hidden_states or needs.scored_logits or any(
+        needs_plain = needs.logits or needs.hidden_states or needs.scored_logits or (
+            type(self.method).policy_forward is not Method.policy_forward) or any(
             needs_hidden(self.teacher_kinds[name]) for name, t in self.teachers.items() if t.mode == "live")
         self.prefix_sharing, self.packing = prefix_sharing and not needs_plain, packing and not needs_plain
         self._shared = (None, None)
@@ -198,9 +213,53 @@ class PlusTrainer(GuardMixin, MetricsMixin, FrozenSourcesMixin, DPOTrainer):
             self.ref_model = None  # its log-probs are in the dataset now: free the weights
         self.ld_alpha = None  # TRL's loss options are unused: the method owns the loss
         self.beta = getattr(self.method.config, "beta", None)
+        if self.named_adapters:  # TRL added a "ref" adapter (a fresh one, named after "default"): not the reference
+            policy = self.accelerator.unwrap_model(self.model)
+            del policy.peft_config["default"]
+            if REFERENCE_ADAPTER in policy.peft_config:
+                policy.delete_adapter(REFERENCE_ADAPTER)
+            for name, parameter in policy.named_parameters():
+                parameter.requires_grad_(any(f".{adapter}." in name for adapter in self.trained_adapters))
 
         self._attach_teachers()
         self._report_truncation()
+
+    def _prepare_policy(self, model, peft_config, lr_scales, args):
+        """The policy before TRL sees it: the method's :meth:`~trl_plus.Method.prepare_model` (extra modules, its
+        ``trainable_modules`` added to LoRA's ``modules_to_save``), and several named trainable adapters wrapped
+        here (TRL wraps one). Returns ``(model, peft_config left for TRL)``."""
+        method = self.method
+        named = self.named_adapters = isinstance(peft_config, Mapping)
+        prepares = type(method).prepare_model is not Method.prepare_model
+        self.trained_adapters = list(peft_config) if named else (["default"] if peft_config is not None else [])
+        self.adapter_lr_scales = dict(lr_scales or {})
+        for name, scale in self.adapter_lr_scales.items():
+            if not scale > 0:
+                raise TrlPlusError(f"model.adapters.{name}.lr_scale: must be > 0, got {scale}")
+        missing = [name for name in method.needs.policy_adapters if name not in self.trained_adapters]
+        if missing:
+            raise TrlPlusError(f"model.adapters: method {method.name!r} trains the adapters "
+                               f"{', '.join(method.needs.policy_adapters)}; the policy has "
+                               f"{', '.join(self.trained_adapters) or 'none'} (missing {', '.join(missing)})")
+        if not (prepares or named):
+            return model, peft_config
+        if isinstance(model, str):
+            from trl.trainer.utils import create_model_from_path
+
+            model = create_model_from_path(model, **dict(args.model_init_kwargs or {}))
+        if prepares:
+            model = method.prepare_model(model) or model
+        configs = dict(peft_config) if named else ({"default": peft_config} if peft_config is not None else {})
+        configs = {name: copy.deepcopy(config) for name, config in configs.items()}
+        for config in configs.values():
+            if method.trainable_modules:
+                config.modules_to_save = list(dict.fromkeys([*(config.modules_to_save or []),
+                                                             *method.trainable_modules]))  # fmt: skip
+        if not named:
+            return model, configs.get("default")
+        model = add_trainable_adapters(model, configs)
+        model.peft_config["default"] = configs[self.trained_adapters[0]]  # TRL reads it (and copies it into "ref")
+        return model, None
 
     def create_model_card(self, model_name=None, dataset_name=None, tags=None):
         """TRL's model card for the method: its name in the tags, its own paper credited (TRL credits DPO's), a
@@ -313,12 +372,8 @@ class PlusTrainer(GuardMixin, MetricsMixin, FrozenSourcesMixin, DPOTrainer):
         """``[K*B, T]`` per-token log-probs of a frozen ``model`` (no grad); ``adapter_off`` disables the policy's
         PEFT adapter (the reference of a LoRA/QLoRA run: no second copy of the base weights)."""
         adapter_context = contextlib.nullcontext()
-        if adapter_off:  # a refreshed reference is the frozen "ref" adapter; else the base, adapter disabled
-            unwrapped = self.accelerator.unwrap_model(self.model)
-            if REFERENCE_ADAPTER in unwrapped.peft_config:
-                adapter_context = active_adapter(unwrapped, REFERENCE_ADAPTER)
-            else:
-                adapter_context = use_adapter(unwrapped, adapter_name=None)
+        if adapter_off:  # a refreshed reference is the frozen "ref" adapter; else the base, adapter(s) disabled
+            adapter_context = reference_off(self.accelerator.unwrap_model(self.model), self.named_adapters)
         with (
             torch.no_grad(),
             checkpointing_off(self.model, self.args.activation_checkpointing_kwargs),
@@ -428,21 +483,11 @@ class PlusTrainer(GuardMixin, MetricsMixin, FrozenSourcesMixin, DPOTrainer):
         training step, evaluation during training and ``trl-plus eval``'s metrics all see a batch through it.
         ``ctx.outputs`` is the policy forward's outputs."""
         needs = self.method.needs if needs is None else needs
-        model_kwargs = self._model_kwargs(inputs)
         router = {"output_router_logits": True} if self.aux_loss_enabled else {}
         shift_mask = inputs["completion_mask"][:, 1:]
-        seq_len = shift_mask.size(1)
-
-        head = None
-        if needs.logits or needs.hidden_states:
-            outputs = model(**model_kwargs, **router, use_cache=False, output_hidden_states=needs.hidden_states)
-            token_logps = selective_log_softmax(outputs.logits[:, -seq_len - 1 : -1], inputs["input_ids"][:, 1:])
-            token_logps = token_logps * shift_mask
-        elif needs.scored_logits:  # the fused head, and the hidden states it ran on for ctx.logps_at / scored_logits
-            (token_logps, outputs), head = self.policy_head(
-                model, inputs, lambda: self.fused_token_logps(model, inputs, **router))
-        else:
-            token_logps, outputs = self.fused_token_logps(model, inputs, **router)
+        adapters = needs.policy_adapters
+        with self._adapter(adapters[0]) if adapters else contextlib.nullcontext():
+            token_logps, outputs, head = self._policy_forward(model, inputs, needs, router)
 
         wants_reference = needs.reference != "no" and self.reference_mode != "none"
         ref = self.reference_token_logps(inputs) if wants_reference else None
@@ -456,7 +501,7 @@ class PlusTrainer(GuardMixin, MetricsMixin, FrozenSourcesMixin, DPOTrainer):
             else:
                 frozen[name] = self.frozen_outputs(name, inputs, kinds)
         seq_mask = inputs.get(SEQ_MASK)
-        return LossContext(
+        ctx = LossContext(
             token_logps=self.to_grid(inputs, token_logps),
             mask=self.to_grid(inputs, shift_mask.to(token_logps.dtype)),
             ref_token_logps=ref,
@@ -471,6 +516,67 @@ class PlusTrainer(GuardMixin, MetricsMixin, FrozenSourcesMixin, DPOTrainer):
             head=head,
             labels=self.to_grid(inputs, inputs["input_ids"][:, 1:], fill=TOKEN_PAD),
         )
+        if adapters:
+            ctx.adapters = functools.partial(self._adapter_context, model, inputs, needs, router)
+        return ctx
+
+    def _policy_forward(self, model, inputs: Mapping[str, Any], needs, router) -> tuple[torch.Tensor, Any, Any]:
+        """``([N, T] per-token log-probs (zero off the scored tokens), outputs, head)`` of the policy: the method's
+        :meth:`~trl_plus.Method.policy_forward`, else the full logits (``Needs.logits`` / ``hidden_states``), else
+        TRL's fused head (recording the hidden states for ``Needs.scored_logits``)."""
+        shift_mask = inputs["completion_mask"][:, 1:]
+        custom = self.method.policy_forward(self, model, inputs)
+        if custom is not None:
+            return custom.token_logps * shift_mask, custom.outputs, None
+        if needs.logits or needs.hidden_states:
+            outputs = model(**self._model_kwargs(inputs), **router, use_cache=False,
+                            output_hidden_states=needs.hidden_states)  # fmt: skip
+            token_logps = selective_log_softmax(outputs.logits[:, -shift_mask.size(1) - 1 : -1],
+                                                inputs["input_ids"][:, 1:])  # fmt: skip
+            return token_logps * shift_mask, outputs, None
+        if needs.scored_logits:  # the fused head, and the hidden states it ran on for ctx.logps_at / scored_logits
+            (token_logps, outputs), head = self.policy_head(
+                model, inputs, lambda: self.fused_token_logps(model, inputs, **router))
+            return token_logps, outputs, head
+        return (*self.fused_token_logps(model, inputs, **router), None)
+
+    def _adapter(self, name: str):
+        """The policy's trainable adapter ``name`` active inside the block (``requires_grad`` untouched)."""
+        if name not in self.trained_adapters:
+            raise TrlPlusError(f"method {self.method.name!r} reads an adapter named {name!r}; the policy trains "
+                               f"{', '.join(self.trained_adapters) or 'none'}")  # fmt: skip
+        return active_adapter(self.accelerator.unwrap_model(self.model), name)
+
+    def _adapter_context(self, model, inputs, needs, router, ctx: LossContext, name: str) -> LossContext:
+        """``ctx.for_adapter(name)``: the policy forward again under adapter ``name``; all else shared with ``ctx``."""
+        if name == needs.policy_adapters[0]:
+            return ctx
+        with self._adapter(name):
+            token_logps, outputs, head = self._policy_forward(model, inputs, needs, router)
+        return dataclasses.replace(ctx, token_logps=self.to_grid(inputs, token_logps), outputs=outputs, head=head,
+                                   adapters=None)  # fmt: skip
+
+    def policy_hidden(self, model, inputs: Mapping[str, Any]) -> torch.Tensor:
+        """``[N, L - 1, H]`` the policy's final hidden states at the label positions (with grad), from one forward
+        through ``model`` itself (DDP and the active adapter apply) that projects the LM head at one position only:
+        for a :meth:`~trl_plus.Method.policy_forward` that applies heads of its own."""
+        with capture_hidden(model) as seen:
+            model(**self._model_kwargs(inputs), use_cache=False, logits_to_keep=1)
+        return seen[-1][:, :-1]
+
+    def head_logps(self, hidden: torch.Tensor, weight: torch.Tensor, inputs: Mapping[str, Any],
+                   rows: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """``[n, T]`` label log-probs of the batch's rows ``rows`` (default: all) under a linear head ``weight``
+        ``[V, H]`` on their hidden states ``hidden`` ``[n, T, H]`` (from :meth:`policy_hidden`), at the scored
+        tokens only, in checkpointed chunks (memory: one chunk of logits)."""
+        labels, where = inputs["input_ids"][:, 1:], inputs["completion_mask"][:, 1:].bool()
+        if rows is not None:
+            labels, where = labels[rows], where[rows]
+        return label_logps(hidden, weight, labels, where)
+
+    def policy_module(self, model, name: str) -> Any:
+        """The module ``name`` that :meth:`~trl_plus.Method.prepare_model` added, as the active adapter trains it."""
+        return trained_module(self.accelerator.unwrap_model(model), name)
 
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
@@ -524,7 +630,44 @@ class PlusTrainer(GuardMixin, MetricsMixin, FrozenSourcesMixin, DPOTrainer):
         for name, value in result.metrics.items():
             metrics[name].append(self._gathered_mean(value))
 
+    # -- optimiser, sampler ------------------------------------------------------------------------------------
+    def create_optimizer(self, model=None):
+        """transformers' optimiser; with named adapters one parameter group per adapter (and per weight-decay class)
+        at ``learning_rate × lr_scale``, so the scheduler scales every group alike."""
+        if not self.adapter_lr_scales or self.optimizer is not None:
+            return super().create_optimizer(model)
+        opt_model = self.model if model is None else model
+        decay = set(self.get_decay_parameter_names(opt_model))
+        groups: dict[tuple, list] = {}
+        for name, parameter in opt_model.named_parameters():
+            if parameter.requires_grad:
+                adapter = next((a for a in self.trained_adapters if f".{a}." in name), None)
+                groups.setdefault((adapter, name in decay), []).append(parameter)
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        self.optimizer = optimizer_cls([
+            {"params": params, "weight_decay": self.args.weight_decay if decays else 0.0,
+             "lr": self.args.learning_rate * self.adapter_lr_scales.get(adapter, 1.0)}
+            for (adapter, decays), params in groups.items()
+        ], **optimizer_kwargs)  # fmt: skip
+        return self.optimizer
+
+    def _get_train_sampler(self, train_dataset=None):
+        """The method's :meth:`~trl_plus.Method.sampler` (seeded by ``args.seed``), else transformers' own."""
+        if type(self.method).sampler is Method.sampler:
+            return super()._get_train_sampler(train_dataset)
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        generator = torch.Generator().manual_seed(self.args.seed)
+        custom = self.method.sampler(dataset, self._train_batch_size, generator)
+        return super()._get_train_sampler(train_dataset) if custom is None else custom
+
     # -- saving ---------------------------------------------------------------------------------------------
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        """transformers' resume; named adapters are all loaded back, each still trainable (transformers would make
+        only the first trainable)."""
+        if not self.named_adapters:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        load_adapters(self.accelerator.unwrap_model(model or self.model), resume_from_checkpoint, self.trained_adapters)
+
     def _save(self, output_dir=None, state_dict=None):
         # transformers draws a "Writing model shards" bar at every save (1/1 for most models), inside the training bar
         from transformers.utils import logging as transformers_logging
@@ -533,9 +676,10 @@ class PlusTrainer(GuardMixin, MetricsMixin, FrozenSourcesMixin, DPOTrainer):
         transformers_logging.disable_progress_bar()
         policy = self.accelerator.unwrap_model(self.model)
         extra = is_peft_model(policy) and len(policy.peft_config) > 1  # frozen teacher / reference adapters
-        if extra:  # a checkpoint or the final model holds the trained adapter only (the others are read-only inputs)
+        if extra:  # a checkpoint or the final model holds the trained adapter(s) only (the others are read-only)
+            trained = self.trained_adapters if self.named_adapters else [policy.active_adapter]
             policy.save_pretrained = functools.partial(type(policy).save_pretrained, policy,
-                                                       selected_adapters=[policy.active_adapter])  # fmt: skip
+                                                       selected_adapters=trained)  # fmt: skip
         try:
             super()._save(output_dir, state_dict)
         finally:
