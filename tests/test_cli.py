@@ -43,7 +43,10 @@ def test_list_fits_100_columns_and_wide_shows_everything(capsys):
     from trl_plus.registry import REPOSITORY_PLUGINS, get_registry
 
     registry = get_registry()
-    assert {"dpo", "sft", *REPOSITORY_PLUGINS} <= set(registry.methods)  # the built-ins and this repository's plugins
+    sources = [*registry.sources.values(), *registry.component_sources.values(),
+               *(c.source for c in registry.commands.values())]
+    plugins = {source.rsplit("(", 1)[-1].rstrip(")") for source in sources}
+    assert {"dpo", "sft"} <= set(registry.methods) and REPOSITORY_PLUGINS <= plugins  # each registers something
     assert main(["list"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert max(map(len, lines)) <= 100, max(lines, key=len)

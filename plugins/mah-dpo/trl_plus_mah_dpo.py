@@ -119,6 +119,9 @@ class BalancedSampler:
 
 class MAHDPO(Method):
     name = "mah-dpo"
+    taxonomy = {"data.feedback": ("pair", "point"), "data.granularity": "sentence", "learning.paradigm": "offline",
+                "learning.objective": "multi-objective", "constraint.reference": "fixed", "property": (),
+                "scope": "text", "source": "inferred"}
     family = "multi-objective"
     paper = Paper("Simultaneous Multi-objective Alignment Across Verifiable and Non-verifiable Rewards", "2510.01167",
                   code="pearls-lab/multiobj-align")  # fmt: skip

@@ -64,6 +64,10 @@ def ofs_terms(ctx: LossContext, beta: float, regulariser: str = "chase"):
 
 class OFSDPO(Method):
     name = "ofs-dpo"
+    taxonomy = {"data.quality": ("heterogeneity", "distinguishability"), "data.feedback": "pair", "data.granularity": "sentence",
+                "learning.paradigm": "online", "constraint.reference": "dynamic-reference",
+                "property": "alignment-tax", "scope": "text",
+                "survey": ("heterogeneity", "distinguishability", "online"), "source": "survey"}
     family = "offline-pairwise"
     paper = Paper("Online DPO: Online Direct Preference Optimization with Fast-Slow Chasing", "2406.05534")
     summary = "DPO on a fast and a slow LoRA adapter (own learning rates) coupled by a chasing regulariser (reconstructed)"
