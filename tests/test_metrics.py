@@ -228,7 +228,7 @@ def test_token_length_counts_what_the_trainer_scores(tmp_path):
 
 
 def test_implicit_reward_scorer_is_beta_times_the_adapters_log_ratio(tmp_path):
-    from trl_plus.builtin.metrics import ModelScorerConfig, _sequence_logps, adapter_model
+    from trl_plus.builtin.scorers import ModelScorerConfig, _sequence_logps, adapter_model
     from trl_plus.models.load import resolve_model_path
     from trl_plus.run.score import build_scorer
     from trl_plus.testing import build_tokenizer, save_tiny_adapter

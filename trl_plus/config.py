@@ -266,6 +266,26 @@ class MetricSpec(_Block):
     args: dict[str, Any] = Field(default_factory=dict)
 
 
+class ScorerSpec(_Block):
+    """A scorer of an online run's samples (``trl-plus list --scorers``), its arguments and its weight in the
+    reward (the weighted sum of every scorer's outputs)."""
+
+    name: str
+    args: dict[str, Any] = Field(default_factory=dict)
+    weight: float = 1.0
+
+
+class RolloutSpec(_Block):
+    """An online method's sampling (its ``Needs.rollout`` by default): completions per prompt and source, the
+    sources (``policy``, ``reference``, ``column:<name>``), decoding settings (``transformers.GenerationConfig``
+    fields, merged over the method's) and the scorers that rank them."""
+
+    n: PositiveInt | None = None
+    sources: list[str] | None = None
+    decoding: dict[str, Any] = Field(default_factory=dict)
+    scorers: list[ScorerSpec] = Field(default_factory=list)
+
+
 class Recipe(_Block):
     """A whole run. ``training`` takes any ``trl.DPOConfig`` field except the loss fields the method owns."""
 
@@ -278,6 +298,7 @@ class Recipe(_Block):
     data: DataSpec
     stages: StagesSpec | None = None
     metrics: list[MetricSpec] = Field(default_factory=list)
+    rollout: RolloutSpec | None = None
     training: dict[str, Any] = Field(default_factory=dict)
 
     _source: str = PrivateAttr("<recipe>")  # the file it came from

@@ -217,6 +217,77 @@ def output_kinds(spec: Output | tuple[Output, ...]) -> tuple[Output, ...]:
 
 
 @dataclass(frozen=True)
+class Rollout:
+    """What an online method samples (``Needs.rollout``; the recipe's ``rollout:`` block may override each field).
+
+    - ``n``: completions per prompt and source.
+    - ``sources``: where they come from, in order: ``"policy"`` (the current policy), ``"reference"`` (the frozen
+      reference: the policy with its adapter off, or the reference model), ``"column:<name>"`` (a data column's
+      text, e.g. a gold answer, taken as one completion).
+    - ``when``: ``"step"`` (fresh samples before every optimisation step).
+    - ``decoding``: ``transformers.GenerationConfig`` fields (``max_new_tokens``, ``temperature``, ``top_p``,
+      ``top_k``, ``do_sample``...).
+    """
+
+    n: int = 2
+    sources: tuple[str, ...] = ("policy",)
+    when: Literal["step"] = "step"
+    decoding: Mapping[str, Any] = field(default_factory=lambda: {"max_new_tokens": 64, "temperature": 0.9})
+
+    def updated(self, fields: Mapping[str, Any]) -> Rollout:
+        """This rollout with the recipe's ``rollout:`` fields (``decoding`` merged over this one's)."""
+        import dataclasses
+
+        fields = dict(fields)
+        if "decoding" in fields:
+            fields["decoding"] = {**self.decoding, **fields["decoding"]}
+        if "sources" in fields:
+            fields["sources"] = tuple(fields["sources"])
+        return dataclasses.replace(self, **fields)
+
+
+@dataclass
+class Rollouts:
+    """The samples of one rollout stage, group-major (prompt ``g``'s rows are contiguous), as every online hook
+    sees them. Token ids are the sampled ones (never re-tokenized text).
+
+    - ``prompt_ids`` / ``completion_ids``: per row (a completion ends with EOS when ``eos`` is true);
+    - ``prompts`` / ``completions``: text (or chat messages), for scorers;
+    - ``group`` ``[N]``: the row's prompt (0 .. Q−1, in the batch's order); ``source``: per row, the
+      :attr:`Rollout.sources` entry it came from;
+    - ``scores`` ``[N, S]``: every scorer output (NaN: not applicable), ``weights`` ``[S]`` the recipe's weights;
+    - ``eos`` ``[N]`` bool, ``lengths`` ``[N]`` completion tokens;
+    - ``columns``: the prompts' other data columns, repeated per row.
+    """
+
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]
+    prompts: list[Any]
+    completions: list[Any]
+    group: torch.Tensor
+    source: list[str]
+    scores: torch.Tensor
+    weights: torch.Tensor
+    eos: torch.Tensor
+    lengths: torch.Tensor
+    columns: Mapping[str, list] = field(default_factory=dict)
+    score_names: tuple[str, ...] = ()
+
+    def reward(self) -> torch.Tensor:
+        """``[N]`` the weighted sum of the scores, NaN outputs skipped (``nansum``; all NaN → 0)."""
+        return (self.scores * self.weights).nansum(-1)
+
+    @property
+    def num_groups(self) -> int:
+        """``Q``: prompts in the stage."""
+        return int(self.group.max().item()) + 1 if len(self.group) else 0
+
+    def rows_of(self, g: int) -> list[int]:
+        """The row indices of prompt ``g``, in sampling order."""
+        return (self.group == g).nonzero().flatten().tolist()
+
+
+@dataclass(frozen=True)
 class Needs:
     """What a method needs from the trainer. The trainer builds exactly this and nothing more.
 
@@ -231,7 +302,9 @@ class Needs:
     - ``scored_logits``: the loss may call :meth:`LossContext.logps_at` and :meth:`LossContext.scored_logits` (the
       policy's full-softmax log-probs at given ids, its logits at the scored positions), computed from the final
       hidden states in chunks, with grad; the default fused head never builds ``[K*B, L, V]`` logits.
-    - ``generation`` / ``judge``: online methods (sampling, reward models or judges); reserved for later families.
+    - ``rollout``: an online method's :class:`Rollout` — the trainer samples completions of the batch's prompts
+      (from the policy, the reference or a data column), scores them with the recipe's ``rollout.scorers`` and
+      builds the training rows with :meth:`Method.make_examples` before each step; the data are prompts only.
     - ``fields``: data columns required beyond ``prompt``/``chosen``/``rejected`` (e.g. ``("margin",)``);
       they are collated into ``ctx.batch[name]``.
     - ``optional_fields``: data columns used when the data has them (e.g. behaviour-policy log-probs); collated
@@ -258,8 +331,7 @@ class Needs:
     teacher: bool = False
     teachers: Mapping[str, Output | tuple[Output, ...]] = field(default_factory=dict)
     scored_logits: bool = False
-    generation: bool = False
-    judge: bool = False
+    rollout: Rollout | None = None
     fields: tuple[str, ...] = ()
     optional_fields: tuple[str, ...] = ()
     logits: bool = False
@@ -281,7 +353,9 @@ class Needs:
     def describe(self) -> str:
         """A short human-readable summary, as shown by ``trl-plus list``."""
         parts = {"yes": ["reference"], "optional": ["reference (optional)"], "no": ["reference-free"]}[self.reference]
-        parts += [name for name in ("teacher", "generation", "judge") if getattr(self, name)]
+        parts += ["teacher"] if self.teacher else []
+        if self.rollout is not None:
+            parts.append(f"rollout ({self.rollout.n} × {', '.join(self.rollout.sources)}, per {self.rollout.when})")
         for name, kinds in self.frozen_sources().items():
             shown = ", ".join(f"top-{kind.k}" if isinstance(kind, TopK) else kind for kind in kinds)
             parts.append(f"teacher ({shown})" if name == "teacher" else f"teacher {name} ({shown})")
@@ -594,6 +668,26 @@ class Method(Configured):
         """
         return None
 
+    def make_examples(self, rollouts: Rollouts) -> list[dict[str, Any]]:
+        """An online method's training rows from one rollout stage (``Needs.rollout``): dicts the method's collator
+        reads (``prompt_ids``, ``chosen_ids``, ``rejected_ids`` for the core's pairwise collator, plus any
+        ``needs.fields``). Default: per prompt, the highest-reward sample is chosen and the lowest rejected, ties to
+        the first sample (TRL's ``OnlineDPOTrainer`` rule); a prompt with one sample gives no row."""
+        reward = rollouts.reward()
+        rows = []
+        for g in range(rollouts.num_groups):
+            members = rollouts.rows_of(g)
+            if len(members) < 2:
+                continue
+            values = reward[members]
+            best = members[int(values.argmax())]  # the first maximum: ties to the earlier sample
+            worst = members[int(values.argmin())]
+            if worst == best:  # all tied: the first is chosen, the last rejected
+                worst = members[-1]
+            rows.append({"prompt_ids": rollouts.prompt_ids[best], "chosen_ids": rollouts.completion_ids[best],
+                         "rejected_ids": rollouts.completion_ids[worst]})  # fmt: skip
+        return rows
+
     # -- frozen models -------------------------------------------------------------------------------------
     def reference(self, trainer: Any, inputs: Mapping[str, Any]) -> torch.Tensor | None:
         """Reference hook: return ``[K*B, T]`` reference per-token log-probs, or ``None`` to use the core's.
@@ -725,6 +819,28 @@ class Scorer(Configured):
         """``[k]`` preference scores of ``candidates`` for one prompt (higher is better). Default, for a pointwise
         scorer: its first output."""
         return self.score([prompt] * len(candidates), candidates, **columns)[:, 0]
+
+    def reward_funcs(self) -> list[Callable[..., list[float]]]:
+        """TRL-compatible reward functions (``GRPOTrainer(reward_funcs=...)``), one per output, called as
+        ``f(prompts=, completions=, **columns)`` and returning one float per completion; the outputs of one batch
+        share one :meth:`score` call."""
+        cache: dict[str, Any] = {}
+
+        def scores(prompts: list, completions: list, **columns: Any) -> Any:
+            key = (id(prompts), id(completions), len(completions))
+            if cache.get("key") != key:
+                wanted = {c: columns[c] for c in self.columns if c in columns}
+                cache["key"], cache["value"] = key, self.score(list(prompts), list(completions), **wanted)
+            return cache["value"]
+
+        def make(j: int, output: str) -> Callable[..., list[float]]:
+            def reward(prompts: list, completions: list, **columns: Any) -> list[float]:
+                return [float(v) for v in scores(prompts, completions, **columns)[:, j]]
+
+            reward.__name__ = f"{self.name}/{output}" if len(self.outputs) > 1 else self.name
+            return reward
+
+        return [make(j, output) for j, output in enumerate(self.outputs)]
 
 
 @dataclass(frozen=True)

@@ -31,8 +31,9 @@ class BuiltinPlugin:
 
     @hookimpl
     def register_scorers(self, register):
-        """The core's scorers: ``length``, ``implicit-reward`` (an adapter vs its base), ``reward-model``."""
-        from .metrics import SCORERS
+        """The core's scorers: ``length``, ``implicit-reward`` (an adapter vs its base), ``reward-model``, and the rule
+        scorers ``keyword``, ``regex``, ``digits``, ``exact-answer``."""
+        from .scorers import SCORERS
 
         for scorer in SCORERS:
             register(scorer)

@@ -1,5 +1,5 @@
-"""The core's metric and scorers, registered through the same hooks as a plugin's (``register_metrics``,
-``register_scorers``), and the three accuracy conventions every pairwise figure uses.
+"""The core's metric ``pairs``, registered through the same hook as a plugin's (``register_metrics``), and the
+three accuracy conventions every pairwise figure uses.
 
 Three conventions of "the share of pairs ranked right" coexist in the literature and in this library; they give
 different numbers on the same pairs whenever there are ties (an untrained policy equal to its reference ties every
@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from ..contract import LossContext, MethodConfig, Metric, Needs, Scorer
+from ..contract import LossContext, MethodConfig, Metric, Needs
 
 Ties = Literal["half", "lose", "win"]
 
@@ -91,168 +91,4 @@ class Pairs(Metric):
         return pair_figures(logps[:, 0], logps[:, 1], lengths, reference, self.config.beta) | length_figures(lengths)
 
 
-# -- scorers --------------------------------------------------------------------------------------------------------
-
-
-class LengthConfig(MethodConfig):
-    unit: Literal["tokens", "characters", "words"] = Field(
-        "tokens", description="what is counted: the completion's tokens (the run's tokenizer), characters or words")
-    scale: float = Field(1.0, description="multiplies the count (−1: MODPO's margin reward r = −|y|)")
-
-
-class Length(Scorer):
-    """The completion's length: tokens of the run's tokenizer (the completion as TRL tokenizes it, EOS included),
-    characters or words; times ``scale``."""
-
-    name = "length"
-    summary = "completion length in tokens, characters or words (times scale)"
-    outputs = ("length",)
-    Config = LengthConfig
-
-    def score(self, prompts: list, completions: list, **columns: list) -> Any:
-        import torch
-
-        from ..data.tokenize import tokenize_completions
-
-        unit = self.config.unit
-        if unit == "tokens":
-            if self.tokenizer is None:
-                raise ValueError("unit tokens needs the run's tokenizer (--model)")
-            counts = [len(tokenize_completions(self.tokenizer, p, {"y": c})["y"]) for p, c in zip(prompts, completions)]
-        else:
-            texts = [_text(c) for c in completions]
-            counts = [len(t) if unit == "characters" else len(t.split()) for t in texts]
-        return self.config.scale * torch.tensor(counts, dtype=torch.float64).unsqueeze(-1)
-
-
-def _text(completion: Any) -> str:
-    """A completion's text: a string, or the contents of its chat messages."""
-    if isinstance(completion, str):
-        return completion
-    return "".join(str(m.get("content", "")) for m in completion)
-
-
-class ModelScorerConfig(MethodConfig):
-    batch_size: int = Field(8, ge=1, description="completions per forward pass")
-    max_length: int | None = Field(None, ge=1, description="tokens kept per sequence (None: all)")
-
-
-class ImplicitRewardConfig(ModelScorerConfig):
-    adapter: str = Field(description="a LoRA adapter folder (as a LoRA run saves it); its base is the reference")
-    beta: float = Field(0.1, gt=0, description="β of β·(log π_adapter − log π_base) (MODPO: the run's β)")
-
-
-class ImplicitReward(Scorer):
-    """DPO's implicit reward of an adapter against its base: ``β·(log π_adapter(y|x) − log π_base(y|x))``, summed
-    over the completion's tokens (MODPO's margin reward from a model trained on another objective)."""
-
-    name = "implicit-reward"
-    summary = "β·(log π_adapter − log π_base) of the completion, for a LoRA adapter folder"
-    outputs = ("implicit_reward",)
-    Config = ImplicitRewardConfig
-
-    def score(self, prompts: list, completions: list, **columns: list) -> Any:
-        model = adapter_model(self.config.adapter, device=self.device)
-        with_adapter = _sequence_logps(model, self.tokenizer, prompts, completions, self.config)
-        with model.disable_adapter():
-            base = _sequence_logps(model, self.tokenizer, prompts, completions, self.config)
-        return (self.config.beta * (with_adapter - base)).unsqueeze(-1)
-
-
-def adapter_model(path: str, device: Any = None) -> Any:
-    """A saved LoRA adapter folder on its base model (``base_model_name_or_path`` of its ``adapter_config.json``),
-    frozen, in eval mode: ``with model.disable_adapter():`` gives the base."""
-    import json
-    from pathlib import Path
-
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    config = Path(path) / "adapter_config.json"
-    if not config.is_file():
-        raise ValueError(f"{path} holds no adapter_config.json (a LoRA adapter folder, as a LoRA run saves it)")
-    base = json.loads(config.read_text()).get("base_model_name_or_path")
-    if not base:
-        raise ValueError(f"{config} names no base_model_name_or_path")
-    model = AutoModelForCausalLM.from_pretrained(base)
-    if device is not None:
-        model.to(device)
-    return PeftModel.from_pretrained(model, str(path), is_trainable=False).eval()
-
-
-def _sequence_logps(model: Any, tokenizer: Any, prompts: list, completions: list, config: Any) -> Any:
-    """``[N]`` summed completion log-probs (float64) of ``completions`` given ``prompts``, tokenized as TRL does."""
-    import torch
-    from trl.trainer.utils import selective_log_softmax
-
-    from ..data.collate import PairwiseCollator
-    from ..data.tokenize import tokenize_completions
-
-    if tokenizer is None:
-        raise ValueError("this scorer needs the run's tokenizer (--model)")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    out = []
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        for start in range(0, len(prompts), config.batch_size):
-            rows = []
-            for p, c in zip(prompts[start : start + config.batch_size], completions[start : start + config.batch_size]):
-                ids = tokenize_completions(tokenizer, p, {"y": c})
-                rows.append({"prompt_ids": ids["prompt_ids"], "chosen_ids": ids["y"], "rejected_ids": ids["y"]})
-            batch = PairwiseCollator(pad_token_id=pad, max_length=config.max_length)(rows)
-            n = len(rows)
-            ids, mask = batch["input_ids"][:n].to(device), batch["completion_mask"][:n].to(device)
-            logits = model(input_ids=ids, attention_mask=batch["attention_mask"][:n].to(device)).logits[:, :-1]
-            logps = selective_log_softmax(logits.float(), ids[:, 1:]) * mask[:, 1:]
-            out.append(logps.double().sum(-1).cpu())
-    return torch.cat(out)
-
-
-class RewardModelConfig(ModelScorerConfig):
-    model: str = Field(description="a sequence-classification reward model (a folder or hub id)")
-    label: int = Field(0, ge=0, description="which output of the model is the reward (its num_labels > 1)")
-
-
-class RewardModel(Scorer):
-    """A reward model's score of the conversation prompt + completion (``AutoModelForSequenceClassification``; the
-    model's own tokenizer and chat template)."""
-
-    name = "reward-model"
-    summary = "a sequence-classification reward model's score of prompt + completion"
-    outputs = ("reward",)
-    Config = RewardModelConfig
-
-    def score(self, prompts: list, completions: list, **columns: list) -> Any:
-        import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        path = self.config.model
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForSequenceClassification.from_pretrained(path).eval()
-        if self.device is not None:
-            model.to(self.device)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        model.config.pad_token_id = tokenizer.pad_token_id
-        texts = [_conversation(tokenizer, p, c) for p, c in zip(prompts, completions)]
-        out = []
-        with torch.no_grad():
-            for start in range(0, len(texts), self.config.batch_size):
-                enc = tokenizer(texts[start : start + self.config.batch_size], return_tensors="pt", padding=True,
-                                truncation=self.config.max_length is not None, max_length=self.config.max_length)
-                enc = {k: v.to(model.device) for k, v in enc.items()}
-                out.append(model(**enc).logits[:, self.config.label].double().cpu())
-        return torch.cat(out).unsqueeze(-1)
-
-
-def _conversation(tokenizer: Any, prompt: Any, completion: Any) -> str:
-    """Prompt + completion as one text: the chat template's when the data are messages, else concatenated."""
-    if isinstance(prompt, str) and isinstance(completion, str):
-        return prompt + completion
-    messages = (prompt if isinstance(prompt, list) else [{"role": "user", "content": str(prompt)}]) + (
-        completion if isinstance(completion, list) else [{"role": "assistant", "content": str(completion)}])
-    return tokenizer.apply_chat_template(messages, tokenize=False)
-
-
 METRICS = (Pairs,)
-SCORERS = (Length, ImplicitReward, RewardModel)

@@ -206,6 +206,25 @@ def _present(examples: list[dict[str, Any]], name: str) -> bool:
     return all(present)
 
 
+#: The batch key of an online method's prompt rows (``PromptCollator``); the trainer's rollout stage replaces them
+#: with the collated training rows it builds.
+PROMPT_ROWS = "prompt_rows"
+
+
+class PromptCollator:
+    """The data loader's collator for an online method (``Needs.rollout``): prompts only, passed through as rows —
+    ``{"prompt_rows": [{"prompt_ids", "prompt", "columns": {...}}, ...]}`` — for the trainer's rollout stage to sample
+    from (``trl_plus.trainers.rollout``). ``columns`` are the data columns the rollout's scorers and sources read."""
+
+    def __init__(self, columns: tuple[str, ...] = ()):
+        self.columns = columns
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        rows = [{"prompt_ids": list(e["prompt_ids"]), "prompt": e.get("prompt"),
+                 "columns": {c: e[c] for c in self.columns if c in e}} for e in examples]  # fmt: skip
+        return {PROMPT_ROWS: rows}
+
+
 def method_collator(method: Method, pad_token_id: int, max_length: int | None, truncation_mode: str) -> Callable:
     """The collator a method trains with: its own (:meth:`Method.collator`), or the core's default when that returns
     ``None`` (:class:`PairwiseCollator`), wrapped in :class:`FieldCollation` for the method's fields."""

@@ -37,3 +37,14 @@ def tokenize_pair(example: dict, tokenizer) -> dict:
         example = {**example, **extract_prompt(example)}
     return tokenize_completions(tokenizer, example["prompt"], {"chosen_ids": example["chosen"],
                                                                "rejected_ids": example["rejected"]})  # fmt: skip
+
+
+def tokenize_prompt(example: dict, tokenizer) -> dict:
+    """``prompt_ids`` of one prompt-only row, as TRL tokenizes a prompt (the chat template's generation prompt for
+    conversational data, the text as it is otherwise): the input an online method samples completions from."""
+    from trl.data_utils import _tokenize
+
+    prompt = example["prompt"]
+    if isinstance(prompt, list):
+        return {"prompt_ids": _tokenize(tokenizer, prompt, add_generation_prompt=True)["input_ids"]}
+    return {"prompt_ids": _tokenize(tokenizer, prompt)["input_ids"]}

@@ -216,6 +216,7 @@ def check_recipe(recipe: Recipe):
         raise TrlPlusError(f"{source}: method: {exc}") from None
     check_model_kind(recipe, method)
     build_metrics(recipe, method)
+    build_rollout(recipe, method)
     training = {k: v for k, v in recipe.training.items() if k not in RUN_TRAINING_KEYS}
     config_cls = None
     if method.trainer == "diffusion":
@@ -327,6 +328,42 @@ def build_metrics(recipe: Recipe, method=None, names: list[str] | None = None) -
                                        prefix=() if key.startswith("--") else (*key.split("."), "args"),
                                        model=metric_cls.Config)) from None  # fmt: skip
     return metrics
+
+
+def build_rollout(recipe: Recipe, method) -> tuple[Any, list] | None:
+    """An online method's :class:`~trl_plus.Rollout` (the method's, with the recipe's ``rollout:`` fields) and its
+    scorers ``[(Scorer, weight)]``, each checked in one line; ``None`` for an offline method (which may not have a
+    ``rollout:`` block)."""
+    base = method.needs.rollout
+    spec = recipe.rollout
+    if base is None:
+        if spec is not None:
+            raise TrlPlusError(f"{locate(recipe, 'rollout')}: method {method.name!r} trains on its data, it samples "
+                               "nothing: remove the rollout: block")  # fmt: skip
+        return None
+    if spec is None or not spec.scorers:
+        raise TrlPlusError(f"{locate(recipe, 'rollout')}: method {method.name!r} ranks its own samples: add "
+                           "rollout: {scorers: [{name: NAME}]} (trl-plus list --scorers)")  # fmt: skip
+    fields = {k: v for k, v in (("n", spec.n), ("sources", spec.sources), ("decoding", spec.decoding)) if v}
+    rollout = base.updated(fields)
+    for i, source in enumerate(rollout.sources):
+        if source not in ("policy", "reference") and not source.startswith("column:"):
+            raise TrlPlusError(f"{locate(recipe, 'rollout.sources')}: {source!r} is not policy, reference or "
+                               "column:<name>")  # fmt: skip
+    registry = get_registry()
+    scorers = []
+    for i, item in enumerate(spec.scorers):
+        key = f"rollout.scorers.{i}"
+        try:
+            cls = registry.get_scorer(item.name)
+        except TrlPlusError as exc:
+            raise TrlPlusError(f"{locate(recipe, key + '.name')}: {exc}") from None
+        try:
+            scorers.append((cls(cls.Config(**item.args)), item.weight))
+        except ValidationError as exc:
+            raise TrlPlusError(explain(exc, recipe_source(recipe), prefix=(*key.split("."), "args"),
+                                       model=cls.Config)) from None  # fmt: skip
+    return rollout, scorers
 
 
 def _named_metric(name: str, recipe: Recipe) -> tuple[str, dict]:

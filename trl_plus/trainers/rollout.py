@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -224,12 +223,3 @@ class RolloutMixin:
             return self.model, lambda: active_adapter(policy, REFERENCE_ADAPTER)
         return self.model, lambda: use_adapter(policy, adapter_name=None)
 
-
-def rollout_with(base: Rollout, overrides: Mapping[str, Any]) -> Rollout:
-    """``base`` with the recipe's ``rollout:`` fields (``n``, ``sources``, ``decoding`` merged over the method's)."""
-    fields = dict(overrides)
-    if "decoding" in fields:
-        fields["decoding"] = {**base.decoding, **fields["decoding"]}
-    if "sources" in fields:
-        fields["sources"] = tuple(fields["sources"])
-    return replace(base, **fields)
