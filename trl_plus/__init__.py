@@ -14,6 +14,7 @@ from ._version import __version__  # noqa: F401 (re-exported)
 from .builtin.diffusion import DiffusionDPO, DiffusionDPOConfig
 from .builtin.dpo import DPO, DPOConfig, dpo_losses
 from .builtin.metrics import pair_accuracy
+from .builtin.online import OnlineMethod
 from .builtin.sft import SFT
 from .config import Recipe, load_recipe
 from .contract import (
@@ -29,6 +30,8 @@ from .contract import (
     Needs,
     Paper,
     PolicyOutputs,
+    Rollout,
+    Rollouts,
     Scorer,
     Stage,
     TopK,
@@ -43,10 +46,10 @@ from .trainers.frozen import REFERENCE_MODES, Teacher, resolve_reference_mode
 __all__ = [
     "DPO", "DPOConfig", "DiffusionDPO", "DiffusionDPOConfig", "DiffusionMethod", "DiffusionTrainer", "FieldCollation",
     "FrozenOutputs", "ListField", "LossContext", "LossOutput", "Method", "MethodConfig", "Metric", "ModelAlias", "Needs",
-    "PairwiseCollator", "Paper", "PlusTrainer", "PolicyOutputs", "REFERENCE_MODES", "Recipe", "SFT", "Sequence", "Scoring",
+    "PairwiseCollator", "Paper", "PlusTrainer", "Rollout", "Rollouts", "PolicyOutputs", "REFERENCE_MODES", "Recipe", "SFT", "Sequence", "Scoring",
     "SequencesCollator", "Scorer", "Stage", "TAXONOMY", "Teacher", "TopK", "Inversion", "TrainResult", "TrlPlusError", "check_recipe",
     "combine", "generate", "load_run", "trained_module",
-    "ddim_invert", "ddim_sample", "guided_prediction", "inversion_timesteps", "Noised", "ScoreOutput", "run_stages",
+    "ddim_invert", "ddim_sample", "guided_prediction", "inversion_timesteps", "Noised", "OnlineMethod", "ScoreOutput", "run_stages",
     "denoising_errors", "dpo_losses", "evaluate", "get_method", "get_registry", "hookimpl", "load_recipe",
     "merge_adapter", "method_collator", "pair_accuracy", "prompt_completion", "resolve_reference_mode", "tokenize_completions",
     "train",

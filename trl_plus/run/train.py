@@ -41,6 +41,7 @@ from .rundir import (
 )
 from .validate import (
     build_metrics,
+    build_rollout,
     check_chat_template,
     check_recipe,
     default_output_dir,
@@ -149,6 +150,7 @@ def build_trainer(recipe: Recipe, callbacks: list | None = None):
         nan=recipe.training.get("nan", "stop"),
         prefix_sharing=recipe.training.get("prefix_sharing", False),
         packing=recipe.training.get("packing", False),
+        **_online(recipe, method),
     )
     trainer.stages = stages  # None: one plain train()
     metrics = build_metrics(recipe, method)
@@ -183,6 +185,12 @@ def recipe_tokenizer(recipe: Recipe):
     """The tokenizer of the recipe's model."""
     return load_tokenizer(recipe.model.name_or_path, recipe.model.revision, recipe.model.trust_remote_code,
                           recipe.model.gguf_file)  # fmt: skip
+
+
+def _online(recipe: Recipe, method) -> dict[str, Any]:
+    """``rollout`` and ``scorers`` keyword arguments of an online method's trainer (none for an offline one)."""
+    built = build_rollout(recipe, method)
+    return {} if built is None else {"rollout": built[0], "scorers": built[1]}
 
 
 def model_identity(spec, key: str) -> str:

@@ -13,7 +13,7 @@ import copy
 import dataclasses
 import functools
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from ..data.collate import (
     TOKEN_PAD,
     TRUNCATED,
     FieldCollation,
+    PromptCollator,
     method_collator,
 )
 from ..data.lengths import dropped_message, rows_of, truncation_report
@@ -64,6 +65,7 @@ from .frozen import REF_COLUMN, resolve_reference_mode
 from .guard import GuardMixin
 from .heads import capture_hidden, checkpointing_off, label_logps
 from .metrics import append_pair_metrics, gathered_mean
+from .rollout import RolloutMixin
 from .sources import FrozenSourcesMixin, needs_hidden
 
 logger = logging.getLogger(__name__)
@@ -101,7 +103,7 @@ def method_section(method: Method) -> str:
     return "\n".join(lines) + "\n"
 
 
-class PlusTrainer(GuardMixin, MetricsMixin, FrozenSourcesMixin, DPOTrainer):
+class PlusTrainer(GuardMixin, RolloutMixin, MetricsMixin, FrozenSourcesMixin, DPOTrainer):
     """TRL's ``DPOTrainer`` driven by a method plugin.
 
     Build it exactly like ``DPOTrainer`` plus ``method`` (a registered name, a :class:`~trl_plus.Method` class or
@@ -140,6 +142,8 @@ class PlusTrainer(GuardMixin, MetricsMixin, FrozenSourcesMixin, DPOTrainer):
         prefix_sharing: bool = False,
         packing: bool = False,
         adapter_lr_scales: Mapping[str, float] | None = None,
+        scorers: Sequence[tuple[Any, float]] = (),
+        rollout: Any = None,
         **kwargs,
     ):
         self.method = resolve_method(method, method_args)
@@ -195,6 +199,13 @@ class PlusTrainer(GuardMixin, MetricsMixin, FrozenSourcesMixin, DPOTrainer):
         elif not isinstance(data_collator, FieldCollation):
             data_collator = FieldCollation(data_collator, self.method.needs)
         self.method_collator = data_collator
+        if needs.rollout is not None:  # online: the loader hands over prompts; the rollout stage builds the rows
+            self.prefix_sharing = self.packing = False
+            rollout_spec = rollout or needs.rollout
+            columns = [c for s, _ in scorers for c in s.columns]
+            columns += [src[len("column:"):] for src in rollout_spec.sources if src.startswith("column:")]
+            self._prompt_columns = tuple(dict.fromkeys(["prompt", *columns]))
+            data_collator = PromptCollator(self._prompt_columns)
         if self.prefix_sharing:
             data_collator.share = (tokenizer.pad_token_id, self.method.sequences_per_example or 1, self.packing)
 
@@ -222,7 +233,13 @@ class PlusTrainer(GuardMixin, MetricsMixin, FrozenSourcesMixin, DPOTrainer):
                 parameter.requires_grad_(any(f".{adapter}." in name for adapter in self.trained_adapters))
 
         self._attach_teachers()
-        self._report_truncation()
+        if needs.rollout is not None:
+            self.set_rollout(scorers, rollout)
+        else:
+            if scorers or rollout is not None:
+                raise TrlPlusError(f"method {self.method.name!r} trains on its data, it samples nothing: scorers and "
+                                   "rollout are for online methods (Needs.rollout)")  # fmt: skip
+            self._report_truncation()
 
     def _prepare_policy(self, model, peft_config, lr_scales, args):
         """The policy before TRL sees it: the method's :meth:`~trl_plus.Method.prepare_model` (extra modules, its
@@ -326,7 +343,7 @@ class PlusTrainer(GuardMixin, MetricsMixin, FrozenSourcesMixin, DPOTrainer):
             needs = self.method.needs
             lists = (spec.name for spec in needs.lists)
             columns = (*self.method.tokenized_columns, *needs.fields, *needs.optional_fields, *lists, REF_COLUMN,
-                       *getattr(self, "_teacher_columns", ()))
+                       *getattr(self, "_teacher_columns", ()), *getattr(self, "_prompt_columns", ()))
             self._signature_columns = list(dict.fromkeys(columns))
 
     # -- frozen models --------------------------------------------------------------------------------------
