@@ -64,7 +64,8 @@ def test_rule_scorers_and_their_trl_reward_functions():
 
 
 def test_the_stage_carries_the_sampled_ids_and_cuts_after_eos(tmp_path, monkeypatch):
-    trainer = tiny_trainer(OnlineDPOTest, tmp_path, rows=PROMPTS, max_steps=1, scorers=[(scorer("digits"), 1.0)],
+    tie = scorer("keyword", keyword="\u00a7")  # in no completion: every score 0, a tie
+    trainer = tiny_trainer(OnlineDPOTest, tmp_path, rows=PROMPTS, max_steps=1, scorers=[(tie, 1.0)],
                            rollout=FAST)  # fmt: skip
     eos = trainer._tokenizer.eos_token_id
     samples = iter([[5, 6, eos], [7, 8, 9, 10]] * 8)
@@ -74,7 +75,7 @@ def test_the_stage_carries_the_sampled_ids_and_cuts_after_eos(tmp_path, monkeypa
     r = trainer.rollout_stage(rows)
     assert r.completion_ids == [[5, 6, eos], [7, 8, 9, 10]] * 2
     assert r.eos.tolist() == [True, False, True, False] and r.group.tolist() == [0, 0, 1, 1]
-    made = trainer.method.make_examples(r)  # digits: both 0, the tie goes to the first sample
+    made = trainer.method.make_examples(r)  # a tie: the first sample is chosen
     assert made[0]["chosen_ids"] == [5, 6, eos] and made[0]["rejected_ids"] == [7, 8, 9, 10]
 
 
