@@ -14,7 +14,7 @@ from conftest import first_batch
 from trl_plus import DPO, Stage, TrlPlusError
 from trl_plus.config import load_recipe
 from trl_plus.run.validate import plan_stages
-from trl_plus.testing import preference_rows, registered, tiny_trainer, write_jsonl
+from trl_plus.testing import interrupt_at_step, preference_rows, registered, tiny_trainer, write_jsonl
 from trl_plus.trainers.stages import STAGE_DONE, run_stages
 
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
@@ -150,25 +150,15 @@ def final_adapter(run_dir):
 
 def test_interrupted_in_stage_2_and_resumed_the_loss_curve_equals_an_uninterrupted_run(tmp_path, monkeypatch):
     from trl_plus import train
-    from trl_plus.trainers.preference import PlusTrainer
 
     whole = train(staged_recipe(tmp_path / "whole"))
     assert [s for s, _, _ in losses(whole.output_dir)] == ["1"] * 3 + ["2"] * 3 + ["3"] * 3
 
     recipe = staged_recipe(tmp_path / "cut")
-    calls = {"n": 0}
-    original = PlusTrainer.training_step
-
-    def interrupt_at_step_5(self, *args, **kwargs):  # stage 2's second step
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(PlusTrainer, "training_step", interrupt_at_step_5)
+    interrupt_at_step(monkeypatch, 5)  # stage 2's second step
     cut = train(recipe)
     assert cut.interrupted and cut.checkpoint.endswith("stage-2/checkpoint-1")
-    monkeypatch.setattr(PlusTrainer, "training_step", original)
+    monkeypatch.undo()
     resumed = train(recipe, ["training.resume_from_checkpoint=true"])
     assert not resumed.interrupted and resumed.global_step == 9
 

@@ -20,6 +20,7 @@ from .config import Recipe, load_recipe
 from .contract import (
     TAXONOMY,
     FrozenOutputs,
+    IterationContext,
     ListField,
     LossContext,
     LossOutput,
@@ -45,7 +46,7 @@ from .trainers.frozen import REFERENCE_MODES, Teacher, resolve_reference_mode
 
 __all__ = [
     "DPO", "DPOConfig", "DiffusionDPO", "DiffusionDPOConfig", "DiffusionMethod", "DiffusionTrainer", "FieldCollation",
-    "FrozenOutputs", "ListField", "LossContext", "LossOutput", "Method", "MethodConfig", "Metric", "ModelAlias", "Needs",
+    "FrozenOutputs", "IterationContext", "ListField", "LossContext", "LossOutput", "Method", "MethodConfig", "Metric", "ModelAlias", "Needs",
     "PairwiseCollator", "Paper", "PlusTrainer", "Rollout", "Rollouts", "PolicyOutputs", "REFERENCE_MODES", "Recipe", "SFT", "Sequence", "Scoring",
     "SequencesCollator", "Scorer", "Stage", "TAXONOMY", "Teacher", "TopK", "Inversion", "TrainResult", "TrlPlusError", "check_recipe",
     "combine", "generate", "load_run", "trained_module",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -282,8 +282,30 @@ class RolloutSpec(_Block):
 
     n: PositiveInt | None = None
     sources: list[str] | None = None
+    when: Literal["step", "iteration"] | None = None  # "iteration": with an ``iterations:`` block (its default)
     decoding: dict[str, Any] = Field(default_factory=dict)
     scorers: list[ScorerSpec] = Field(default_factory=list)
+
+
+class IterationsSpec(_Block):
+    """Batched iterations of an online method (SELM, DNO, DPA; any online method becomes "iterative"): per
+    iteration, sample this iteration's prompts with the current policy, score, build the rows (plus the replayed
+    rows of earlier iterations), promote the policy to reference, and train on the rows with a fresh optimiser and
+    that iteration's ``training`` overrides, under ``output_dir/iter-<t>/``.
+
+    - ``prompts``: ``slices`` (disjoint, contiguous, one per iteration: SELM, DNO) or ``all`` (every prompt every
+      iteration);
+    - ``reference``: ``previous`` (π_ref ← the policy at the end of the last iteration; the default with a
+      reference) or ``initial``;
+    - ``training``: one mapping of ``training`` keys per iteration (fewer: the rest use the recipe's);
+    - ``replay``: fractions of the rows of iteration t−1, t−2, ... added to iteration t's (DNO: ``[0.3, 0.15]``).
+    """
+
+    count: PositiveInt = 3
+    prompts: Literal["slices", "all"] = "slices"
+    reference: Literal["previous", "initial"] | None = None
+    training: list[dict[str, Any]] = Field(default_factory=list)
+    replay: list[Annotated[float, Field(ge=0, le=1)]] = Field(default_factory=list)
 
 
 class Recipe(_Block):
@@ -299,6 +321,7 @@ class Recipe(_Block):
     stages: StagesSpec | None = None
     metrics: list[MetricSpec] = Field(default_factory=list)
     rollout: RolloutSpec | None = None
+    iterations: IterationsSpec | None = None
     training: dict[str, Any] = Field(default_factory=dict)
 
     _source: str = PrivateAttr("<recipe>")  # the file it came from

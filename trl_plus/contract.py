@@ -224,14 +224,15 @@ class Rollout:
     - ``sources``: where they come from, in order: ``"policy"`` (the current policy), ``"reference"`` (the frozen
       reference: the policy with its adapter off, or the reference model), ``"column:<name>"`` (a data column's
       text, e.g. a gold answer, taken as one completion).
-    - ``when``: ``"step"`` (fresh samples before every optimisation step).
+    - ``when``: ``"step"`` (fresh samples before every optimisation step) or ``"iteration"`` (samples of a whole
+      iteration's prompts, then training on the rows they make: the recipe's ``iterations:`` block, SELM, DNO).
     - ``decoding``: ``transformers.GenerationConfig`` fields (``max_new_tokens``, ``temperature``, ``top_p``,
       ``top_k``, ``do_sample``...).
     """
 
     n: int = 2
     sources: tuple[str, ...] = ("policy",)
-    when: Literal["step"] = "step"
+    when: Literal["step", "iteration"] = "step"
     decoding: Mapping[str, Any] = field(default_factory=lambda: {"max_new_tokens": 64, "temperature": 0.9})
 
     def updated(self, fields: Mapping[str, Any]) -> Rollout:
@@ -285,6 +286,37 @@ class Rollouts:
     def rows_of(self, g: int) -> list[int]:
         """The row indices of prompt ``g``, in sampling order."""
         return (self.group == g).nonzero().flatten().tolist()
+
+
+@dataclass
+class IterationContext:
+    """One iteration of an iterated online run (the recipe's ``iterations:`` block), as
+    :meth:`Method.refresh` sees it.
+
+    - ``index`` (0-based) of ``count`` iterations; ``trainer``: the run's trainer, holding the current policy;
+    - ``prompts``: this iteration's prompt rows, ``{"prompt_ids", "prompt", "columns"}`` (the rows the prompt
+      collator makes), this process's share of them;
+    - ``history``: the rows earlier iterations built, oldest first (what replay draws from).
+    """
+
+    index: int
+    count: int
+    trainer: Any
+    prompts: list[dict[str, Any]]
+    history: list[list[dict[str, Any]]] = field(default_factory=list)
+    batch_size: int = 8
+    progress: Callable[[int], None] | None = None  # told how many prompts each sample() call sampled
+
+    def sample(self, prompts: list[dict[str, Any]]) -> Rollouts:
+        """The trainer's rollout stage on ``prompts``: samples from the rollout's sources, scored."""
+        rollouts = self.trainer.rollout_stage(prompts)
+        if self.progress is not None:
+            self.progress(len(prompts))
+        return rollouts
+
+    def batches(self) -> list[list[dict[str, Any]]]:
+        """This iteration's prompts in generation batches of ``batch_size``."""
+        return [self.prompts[i : i + self.batch_size] for i in range(0, len(self.prompts), self.batch_size)]
 
 
 @dataclass(frozen=True)
@@ -686,6 +718,16 @@ class Method(Configured):
                 worst = members[-1]
             rows.append({"prompt_ids": rollouts.prompt_ids[best], "chosen_ids": rollouts.completion_ids[best],
                          "rejected_ids": rollouts.completion_ids[worst]})  # fmt: skip
+        return rows
+
+    def refresh(self, it: IterationContext) -> list[dict[str, Any]]:
+        """An iterated run's training rows for iteration ``it.index`` (``rollout.when == "iteration"``), built with
+        the current policy before the iteration trains. Default: sample every prompt of the iteration (in batches,
+        the rollout stage: sources, scorers) and :meth:`make_examples` of each batch. The driver adds the replayed
+        rows of earlier iterations (``iterations.replay``) itself."""
+        rows: list[dict[str, Any]] = []
+        for batch in it.batches():
+            rows += self.make_examples(it.sample(batch))
         return rows
 
     # -- frozen models -------------------------------------------------------------------------------------

@@ -239,6 +239,23 @@ def forbid_reference(monkeypatch) -> None:
     monkeypatch.setattr(PlusTrainer, "frozen_token_logps", no_reference)
 
 
+def interrupt_at_step(monkeypatch, step: int, trainer_cls: Any = None) -> None:
+    """Make the ``step``-th training step (counted from now, across ``train()`` calls: stages, iterations) raise
+    ``KeyboardInterrupt``, as Ctrl-C would; ``monkeypatch.undo()`` (or a fresh monkeypatch) restores training."""
+    if trainer_cls is None:
+        from .trainers.preference import PlusTrainer as trainer_cls
+    original = trainer_cls.training_step
+    calls = {"n": 0}
+
+    def training_step(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == step:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_cls, "training_step", training_step)
+
+
 def forbid_model_loading(monkeypatch) -> None:
     """Make loading any model or tokenizer fail the test: for the "bad input is reported before any model loads"
     check (``monkeypatch`` is pytest's fixture)."""

@@ -26,6 +26,7 @@ from ..trainers import trainer_class
 from ..trainers.columns import folder_identity
 from ..trainers.frozen import Teacher, resolve_reference_mode
 from ..trainers.guard import last_checkpoint
+from ..trainers.iterations import run_iterations
 from ..trainers.stages import run_stages
 from .card import complete_model_card
 from .evaluate import metrics_report, metrics_table, recipe_beta, report_from_scores, score_pairs
@@ -47,6 +48,7 @@ from .validate import (
     default_output_dir,
     load_metric_sets,
     load_split,
+    plan_iterations,
     plan_stages,
     resume_target,
 )
@@ -153,6 +155,7 @@ def build_trainer(recipe: Recipe, callbacks: list | None = None):
         **_online(recipe, method),
     )
     trainer.stages = stages  # None: one plain train()
+    trainer.iterations = plan_iterations(recipe, method)  # None: no outer iterations
     metrics = build_metrics(recipe, method)
     if metrics:
         splits = {m.split for m in metrics}
@@ -275,6 +278,8 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None
         before = held_out() if held_out else None
         if trainer.stages:
             run_stages(trainer, trainer.stages, resume=resume is not None)
+        elif getattr(trainer, "iterations", None):
+            run_iterations(trainer, trainer.iterations, resume=resume is not None)
         else:
             trainer.train(resume_from_checkpoint=resume)
     except KeyboardInterrupt:

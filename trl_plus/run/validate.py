@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
-from ..config import Recipe, explain, is_overridden, locate, recipe_source
+from ..config import IterationsSpec, Recipe, explain, is_overridden, locate, recipe_source
 from ..data.lengths import dropped_message, fully_truncated, truncation_report
 from ..data.load import (
     check_columns,
@@ -217,6 +217,7 @@ def check_recipe(recipe: Recipe):
     check_model_kind(recipe, method)
     build_metrics(recipe, method)
     build_rollout(recipe, method)
+    plan_iterations(recipe, method)
     training = {k: v for k, v in recipe.training.items() if k not in RUN_TRAINING_KEYS}
     config_cls = None
     if method.trainer == "diffusion":
@@ -345,6 +346,12 @@ def build_rollout(recipe: Recipe, method) -> tuple[Any, list] | None:
         raise TrlPlusError(f"{locate(recipe, 'rollout')}: method {method.name!r} ranks its own samples: add "
                            "rollout: {scorers: [{name: NAME}]} (trl-plus list --scorers)")  # fmt: skip
     fields = {k: v for k, v in (("n", spec.n), ("sources", spec.sources), ("decoding", spec.decoding)) if v}
+    when = spec.when or ("iteration" if recipe.iterations is not None else None)
+    if when == "step" and recipe.iterations is not None:
+        raise TrlPlusError(f"{locate(recipe, 'rollout.when')}: step samples before every step; an iterations: block "
+                           "samples once per iteration: drop one of them")  # fmt: skip
+    if when is not None:
+        fields["when"] = when
     rollout = base.updated(fields)
     for i, source in enumerate(rollout.sources):
         if source not in ("policy", "reference") and not source.startswith("column:"):
@@ -496,15 +503,15 @@ def default_output_dir(method) -> str:
 
 def resume_target(value: Any, output_dir: str) -> str | None:
     """The checkpoint folder ``training.resume_from_checkpoint`` names (``true``: the latest in ``output_dir``; for a
-    run in stages, ``output_dir`` itself), or ``None``; an error when there is none."""
+    run in stages or iterations, ``output_dir`` itself), or ``None``; an error when there is none."""
     if value in (None, False):
         return None
     if value is True:
         from transformers.trainer_utils import get_last_checkpoint
 
         last = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
-        if last is None and any(Path(output_dir).glob("stage-*/")):
-            return output_dir  # a run in stages: each stage resumes from its own folder (trainers/stages.py)
+        if last is None and any(Path(output_dir).glob("stage-*/")) or any(Path(output_dir).glob("iter-*/")):
+            return output_dir  # a run in stages or iterations: each resumes in its own folder (trainers/stages.py)
         if last is None:
             raise TrlPlusError(f"training.resume_from_checkpoint: no checkpoint-* folder in {output_dir}")
         return last
@@ -619,6 +626,47 @@ def check_lengths(recipe: Recipe, method, training: dict[str, Any], datasets: di
         if report is not None and report.any:
             lines.append(report.summary(where))
     return lines
+
+
+def plan_iterations(recipe: Recipe, method):
+    """The recipe's ``iterations:`` block, checked before any model loads (``None``: no iterations): an online
+    method's, ``reference: previous`` only with a reference (the default then), per-iteration ``training`` keys as
+    ``training``'s own, no ``stages:`` beside it. A method whose rollout is per iteration gets the defaults."""
+    spec = recipe.iterations
+    rollout = method.needs.rollout
+    if spec is None:
+        if rollout is not None and rollout.when == "iteration":
+            spec = IterationsSpec()
+        else:
+            return None
+    if rollout is None:
+        raise TrlPlusError(f"{locate(recipe, 'iterations')}: method {method.name!r} trains on its data, it samples "
+                           "nothing: iterations are for online methods (trl-plus list --by family)")  # fmt: skip
+    if recipe.stages is not None:
+        raise TrlPlusError(f"{locate(recipe, 'iterations')}: a run has stages or iterations, not both")
+    mode = resolve_reference_mode(method, recipe.reference.mode, recipe.model.uses_lora,
+                                  recipe.reference.name_or_path is not None)  # fmt: skip
+    if spec.reference == "previous" and mode == "none":
+        raise TrlPlusError(f"{locate(recipe, 'iterations.reference')}: method {method.name!r} runs without a "
+                           "reference, so none can be promoted; drop iterations.reference")  # fmt: skip
+    if mode == "precomputed":
+        raise TrlPlusError(f"{locate(recipe, 'reference.mode')}: iterations build new rows every iteration; use "
+                           "reference.mode: adapter (LoRA) or model, not precomputed")  # fmt: skip
+    if len(spec.training) > spec.count:
+        raise TrlPlusError(f"{locate(recipe, 'iterations.training')}: {len(spec.training)} entries for "
+                           f"{spec.count} iterations (iterations.count)")  # fmt: skip
+    training = []
+    for i, overrides in enumerate(spec.training):
+
+        def where(key: str, i: int = i) -> str:
+            return locate(recipe, "iterations." + key.replace("training.", f"training.{i}.", 1))
+
+        for key in ("output_dir", "resume_from_checkpoint", "overwrite_output_dir", *RUN_TRAINING_KEYS):
+            if key in overrides:
+                raise TrlPlusError(f"{where('training.' + key)}: a run-wide setting: set it in training:")
+        training.append(validate_training(dict(overrides), where))
+    reference = spec.reference or ("initial" if mode == "none" else "previous")
+    return spec.model_copy(update={"reference": reference, "training": training})
 
 
 def plan_stages(recipe: Recipe, method, train_dataset) -> list | None:

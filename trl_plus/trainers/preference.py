@@ -205,7 +205,8 @@ class PlusTrainer(GuardMixin, RolloutMixin, MetricsMixin, FrozenSourcesMixin, DP
             columns = [c for s, _ in scorers for c in s.columns]
             columns += [src[len("column:"):] for src in rollout_spec.sources if src.startswith("column:")]
             self._prompt_columns = tuple(dict.fromkeys(["prompt", *columns]))
-            data_collator = PromptCollator(self._prompt_columns)
+            if rollout_spec.when == "step":  # ("iteration": the driver samples, the loader hands over rows)
+                data_collator = PromptCollator(self._prompt_columns)
         if self.prefix_sharing:
             data_collator.share = (tokenizer.pad_token_id, self.method.sequences_per_example or 1, self.packing)
 

@@ -43,6 +43,7 @@ class RolloutMixin:
 
     rollout: Rollout | None = None
     scorers: tuple[tuple[Scorer, float], ...] = ()
+    rollout_seed_offset: int = 0  # the iteration driver gives each generation batch its own seed
 
     def set_rollout(self, scorers: Sequence[tuple[Scorer, float]], rollout: Rollout | None = None) -> None:
         """The scorers (with weights) of the run's rollouts and, optionally, a :class:`~trl_plus.Rollout` replacing
@@ -181,12 +182,13 @@ class RolloutMixin:
         attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompt_ids], device=device)
         eos_ids = sorted(self._eos_ids())
         try:
-            config = GenerationConfig(**self.decoding(), eos_token_id=eos_ids, pad_token_id=pad)
+            config = GenerationConfig(**self.decoding(), eos_token_id=eos_ids, pad_token_id=pad, use_cache=True)
             config.validate(strict=True)
         except (ValueError, TypeError) as exc:
             raise TrlPlusError(f"rollout.decoding: {str(exc).splitlines()[0]}") from None
         model, context = self._generation_source(source)
-        seed = int(self.args.seed) + 7919 * self.accelerator.process_index + 104729 * (self.state.global_step + 1)
+        seed = (int(self.args.seed) + 7919 * self.accelerator.process_index + 104729 * (self.state.global_step + 1)
+                + self.rollout_seed_offset)  # fmt: skip
         with (
             torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
             context(),
@@ -198,8 +200,7 @@ class RolloutMixin:
             was_training = unwrapped.training
             unwrapped.eval()
             try:
-                out = unwrapped.generate(input_ids=input_ids, attention_mask=attention, generation_config=config,
-                                         use_cache=True)  # fmt: skip
+                out = unwrapped.generate(input_ids=input_ids, attention_mask=attention, generation_config=config)
             finally:
                 unwrapped.train(was_training)
         completions = []

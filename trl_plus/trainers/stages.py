@@ -92,12 +92,19 @@ def run_stages(trainer: Any, stages: list[Stage], resume: bool = False) -> None:
         trainer.args.output_dir, trainer.train_dataset = root, full
         raise
     trainer.args.output_dir, trainer.train_dataset = root, full
-    if finished is not None:  # every stage had finished: the final policy
+    finish_run(trainer, finished, history, steps)
+
+
+def finish_run(trainer: Any, finished: Path | None, history: list[dict[str, Any]], steps: int) -> None:
+    """After the last stage or iteration: the final policy loaded (``finished``: the last part's folder, when every
+    part had finished before a resume), the run-wide log history and step count set, the frozen ``ref`` adapter
+    dropped (the saved model is the policy alone)."""
+    if finished is not None:
         trainer._load_from_checkpoint(str(finished))
     trainer.state.log_history, trainer.state.global_step = history, steps
     policy = trainer.accelerator.unwrap_model(trainer.model)
     if getattr(policy, "peft_config", None) and REFERENCE_ADAPTER in policy.peft_config:
-        policy.delete_adapter(REFERENCE_ADAPTER)  # the saved model is the policy alone
+        policy.delete_adapter(REFERENCE_ADAPTER)
 
 
 def _stage_history(state: dict[str, Any], stage: Stage, offset: int) -> list[dict[str, Any]]:
