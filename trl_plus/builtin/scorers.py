@@ -190,13 +190,8 @@ class Keyword(Scorer):
     Config = KeywordConfig
 
     def score(self, prompts: list, completions: list, **columns: list) -> Any:
-        import torch
-
-        key = self.config.keyword if self.config.case_sensitive else self.config.keyword.lower()
-        texts = [_text(c) if self.config.case_sensitive else _text(c).lower() for c in completions]
-        counts = [t.count(key) for t in texts]
-        values = counts if self.config.count else [float(c > 0) for c in counts]
-        return torch.tensor(values, dtype=torch.float64).unsqueeze(-1)
+        flags = 0 if self.config.case_sensitive else re.IGNORECASE
+        return _matches(re.compile(re.escape(self.config.keyword), flags), completions, self.config.count)
 
 
 class RegexConfig(MethodConfig):
@@ -213,15 +208,20 @@ class Regex(Scorer):
     Config = RegexConfig
 
     def score(self, prompts: list, completions: list, **columns: list) -> Any:
-        import torch
-
         try:
             pattern = re.compile(self.config.pattern)
         except re.error as exc:
             raise ValueError(f"pattern {self.config.pattern!r}: {exc}") from None
-        found = [len(pattern.findall(_text(c))) for c in completions]
-        values = found if self.config.count else [float(n > 0) for n in found]
-        return torch.tensor(values, dtype=torch.float64).unsqueeze(-1)
+        return _matches(pattern, completions, self.config.count)
+
+
+def _matches(pattern: re.Pattern, completions: list, count: bool) -> Any:
+    """``[N, 1]``: the number of non-overlapping matches per completion (``count``), else 1.0 / 0.0 for any."""
+    import torch
+
+    found = [len(pattern.findall(_text(c))) for c in completions]
+    values = found if count else [float(n > 0) for n in found]
+    return torch.tensor(values, dtype=torch.float64).unsqueeze(-1)
 
 
 class Digits(Scorer):
