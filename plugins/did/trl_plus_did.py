@@ -52,6 +52,18 @@ def did_distribution(policy_logits: Any, reference_logits: Any) -> Any:
     return (policy_logits.double() - reference_logits.double()).softmax(-1)
 
 
+def label_logps(logits: Any, labels: Any, chunk: int) -> Any:
+    """``[M]`` float64 log-softmax of ``logits [M, V]`` at ``labels [M]``, ``chunk`` rows at a time."""
+    import torch
+
+    out = []
+    for i in range(0, logits.shape[0], chunk):
+        rows = logits[i : i + chunk].double()
+        picked = rows.gather(-1, labels[i : i + chunk].long().clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        out.append(picked - torch.logsumexp(rows, -1))
+    return torch.cat(out) if out else logits.new_zeros(0, dtype=torch.float64)
+
+
 class DID(Metric):
     """Mean token DID entropy H̄ of softmax(z_θ − z_ref) over the scored tokens of chosen and rejected responses
     (our token proxy), next to the responses' log-probs and log-ratios (likelihood displacement)."""
@@ -60,7 +72,7 @@ class DID(Metric):
     summary = "DID entropy of softmax(z_θ − z_ref) per response token (token proxy, inferred): a drift monitor"
     paper = Paper("Differential Information: An Information-Theoretic Perspective on Preference Optimization",
                   "2505.23761")  # fmt: skip
-    needs = Needs(reference="yes", scored_logits=True, teachers={"reference": "logits"})
+    needs = Needs(reference="no", scored_logits=True, teachers={"reference": "logits"})
     Config = DIDConfig
 
     def batch(self, ctx) -> dict[str, Any]:
@@ -73,7 +85,8 @@ class DID(Metric):
         tokens = mask.sum(-1)  # [K, B]
         mean = (grid.double() * mask).sum(-1) / tokens.clamp(min=1)
         mean = mean.masked_fill(tokens == 0, float("nan"))  # a response with no scored token has no H̄
-        ratios = (ctx.logps() - ctx.ref_logps()).double()
+        ref_logps = ctx.unscored(label_logps(reference, ctx.scored(ctx.labels), self.config.chunk)).sum(-1)
+        ratios = ctx.logps().double() - ref_logps  # the reference's log-probs from the same logits: one forward
         return {
             "entropy_chosen": mean[0], "entropy_rejected": mean[1],
             "tokens_chosen": tokens[0], "tokens_rejected": tokens[1],

@@ -65,13 +65,17 @@ def test_the_metric_on_a_hand_made_context_reads_logits_at_scored_positions_only
     # one pair: the chosen response is the card's example, the rejected one has policy == reference (log 4)
     policy = torch.tensor([[POLICY], [REFERENCE]], dtype=torch.float64)  # [K=2, B=1, T=2, V=4]
     reference = torch.tensor([REFERENCE, REFERENCE], dtype=torch.float64).reshape(-1, 4)  # [M=4, V], scored order
-    ctx = make_context([[[-1.0, -2.0]], [[-1.5, -0.5]]], [[[-1.2, -1.8]], [[-1.5, -0.5]]],
-                       head=logits_head(policy), frozen={"reference": FrozenOutputs(logits=reference)})  # fmt: skip
+    labels = torch.tensor([[[0, 1]], [[2, 3]]])
+    ctx = make_context([[[-1.0, -2.0]], [[-1.5, -0.5]]], head=logits_head(policy), labels=labels,
+                       frozen={"reference": FrozenOutputs(logits=reference)})  # fmt: skip
     metric = DID()
     values = values_of(metric, ctx)
     assert values["entropy_chosen"][0].item() == pytest.approx(H_MEAN, abs=1e-6)
     assert values["entropy_rejected"][0].item() == pytest.approx(math.log(4), abs=1e-6)
-    assert values["log_ratio_chosen"][0].item() == pytest.approx(0.0, abs=1e-12)  # (-3.0) - (-3.0)
+    # the reference's label log-probs come from its logits (one reference forward, not two)
+    ref = torch.log_softmax(reference, -1)[torch.arange(4), labels.flatten()]
+    assert values["log_ratio_chosen"][0].item() == pytest.approx(-3.0 - (ref[0] + ref[1]).item(), abs=1e-12)
+    assert values["log_ratio_rejected"][0].item() == pytest.approx(-2.0 - (ref[2] + ref[3]).item(), abs=1e-12)
     summary = metric.summarize(values)
     assert summary["entropy/chosen"] == pytest.approx(H_MEAN, abs=1e-6)
     assert summary["entropy"] == pytest.approx((H_MEAN + math.log(4)) / 2, abs=1e-6)
