@@ -4,6 +4,7 @@ on a plain run and its one-line errors."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -110,6 +111,16 @@ def test_generate_from_a_plain_run_and_its_one_line_errors(tmp_path, capsys):
     texts = generate(out, ["Add 2 and 3."], max_new_tokens=3)
     assert len(texts) == 1 and isinstance(texts[0], str)
     assert cli("generate", str(out), "--prompt", "Add 2 and 3.", "--max-new-tokens", "2") == 0
+    assert cli("generate", str(out), "--prompt", "Add 2 and 3.", "--max-new-tokens", "4", "--scorer", "length",
+               "--scorer", "keyword:keyword=a,count=true") == 0  # fmt: skip
+    out_lines = capsys.readouterr().out.splitlines()
+    assert re.fullmatch(r"\[length [0-9.]+  keyword [0-9]+\]", out_lines[-1]), out_lines
+    assert cli("generate", str(out), "--prompt", "x", "--scorer", "digit") == 2
+    assert "unknown scorer 'digit' (did you mean digits?)" in capsys.readouterr().err
+    assert cli("generate", str(out), "--prompt", "x", "--scorer", "exact-answer") == 2
+    assert "reads the data column(s) answer" in capsys.readouterr().err
+    assert cli("generate", str(out), "--prompt", "x", "--scorer", "keyword") == 2
+    assert "--scorer keyword: keyword: Field required" in capsys.readouterr().err
     assert cli("generate", str(out), "--prompt", "x", "--weights", "0.5,0.5") == 2
     assert "--weights: method 'dpo' has nothing to mix at inference" in capsys.readouterr().err
     assert cli("generate", str(out), "--prompt", "x", "--weights", "a,b") == 2

@@ -359,10 +359,43 @@ def cmd_generate(args: argparse.Namespace) -> int:
         except ValueError:
             raise TrlPlusError(f"--weights: expected numbers separated by commas (e.g. 0.7,0.3), got "
                                f"{args.weights!r}") from None  # fmt: skip
-    for prompt, text in zip(args.prompt, generate(args.run_dir, args.prompt, weights, args.max_new_tokens,
-                                                   args.adapter, args.sample)):  # fmt: skip
+    scorers = [named_scorer(spec) for spec in args.scorer or ()]  # before any model loads
+    texts = generate(args.run_dir, args.prompt, weights, args.max_new_tokens, args.adapter, args.sample, scorers)
+    scores = [scorer.score(args.prompt, texts) for scorer in scorers]
+    for i, (prompt, text) in enumerate(zip(args.prompt, texts)):
         print(f"{prompt}{text}" if len(args.prompt) == 1 else f"--- {prompt}\n{text}")
+        if scorers:
+            figures = [f"{name} {float(value):g}" for scorer, values in zip(scorers, scores)
+                       for name, value in zip(scorer.outputs, values[i].reshape(-1).tolist())]  # fmt: skip
+            print(f"[{'  '.join(figures)}]")
     return 0
+
+
+def named_scorer(spec: str):
+    """``--scorer NAME`` or ``NAME:key=value,key=value`` (values read as YAML): the scorer, checked in one line."""
+    import yaml
+    from pydantic import ValidationError
+
+    from .registry import get_registry
+
+    name, _, rest = spec.partition(":")
+    cls = get_registry().get_scorer(name.strip())
+    args = {}
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise TrlPlusError(f"--scorer {spec}: expected NAME:key=value,..., got {item!r}")
+        args[key.strip()] = yaml.safe_load(value)
+    try:
+        scorer = cls(cls.Config(**args))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise TrlPlusError(f"--scorer {name}: {where}: {first['msg']}") from None
+    if scorer.columns:
+        raise TrlPlusError(f"--scorer {name}: reads the data column(s) {', '.join(scorer.columns)}, which a prompt "
+                           "given on the command line lacks")  # fmt: skip
+    return scorer
 
 
 def add_generate(sub, common: argparse.ArgumentParser) -> None:
@@ -374,6 +407,9 @@ def add_generate(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", help="of a run with several named adapters, the one to generate with")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--scorer", action="append", metavar="NAME[:key=value,...]",
+                   help="score each completion, e.g. --scorer digits --scorer keyword:keyword=apple (repeatable; "
+                        "trl-plus list --scorers)")  # fmt: skip
     p.set_defaults(func=cmd_generate)
 
 

@@ -64,12 +64,15 @@ def _load_keys(model: Any, run_dir: Path, keys: list[str]) -> None:
 
 
 def generate(run_dir: str | Path, prompts: list[str], weights: list[float] | None = None, max_new_tokens: int = 64,
-             adapter: str | None = None, sample: bool = False) -> list[str]:  # fmt: skip
+             adapter: str | None = None, sample: bool = False, scorers: tuple = ()) -> list[str]:  # fmt: skip
     """The completions of ``prompts`` by the run's policy (greedy unless ``sample``); ``adapter`` picks one of
-    several named adapters; ``weights`` go to the method's :meth:`~trl_plus.Method.generation_model`."""
+    several named adapters; ``weights`` go to the method's :meth:`~trl_plus.Method.generation_model`; ``scorers``
+    (to score the completions with afterwards) get the run's tokenizer."""
     import torch
 
     model, tokenizer, method = load_run(run_dir)
+    for scorer in scorers:
+        scorer.tokenizer = scorer.tokenizer or tokenizer
     if adapter is not None:
         if adapter not in getattr(model, "peft_config", {}):
             raise TrlPlusError(f"--adapter: the run has no adapter named {adapter!r} (it has: "
