@@ -176,9 +176,29 @@ def test_a_recipe_trains_an_online_method_and_bad_rollout_blocks_are_one_line(tm
             "rollout: {n: 2}": r"rollout: method 'online-dpo-test' ranks its own samples: add rollout: \{scorers:",
             "rollout: {sources: [policy, model], scorers: [{name: digits}]}": r"'model' is not policy, reference",
             "rollout: {scorers: [{name: keyword, args: {}}]}": r"rollout.scorers.0.args.keyword: required key",
+            "rollout: {decoding: {temprature: 0.5}, scorers: [{name: digits}]}": r"rollout.decoding.temprature: not "
+                                                                                 r"a generation setting \(did you "
+                                                                                 r"mean temperature\?\)",
+            "rollout: {decoding: {temperature: -1}, scorers: [{name: digits}]}": r"rollout.decoding.temperature: "
+                                                                                 r"expected a number > 0, got -1",
+            "rollout: {decoding: {top_p: 2}, scorers: [{name: digits}]}": r"rollout.decoding.top_p: expected a "
+                                                                          r"number in \(0, 1\], got 2",
+            "rollout: {decoding: {eos_token_id: 3}, scorers: [{name: digits}]}": r"rollout.decoding.eos_token_id: "
+                                                                                 r"set by trl-plus itself",
         }
         for block, message in cases.items():
             with pytest.raises(TrlPlusError, match=message):
                 check_recipe(load_recipe(recipe(tmp_path, block)))
     with pytest.raises(TrlPlusError, match=r"rollout: method 'dpo' trains on its data, it samples nothing"):
         check_recipe(load_recipe(recipe(tmp_path, "rollout: {scorers: [{name: digits}]}", method="dpo")))
+    # a prompt-only file for an offline method; a pair file for an online one
+    from trl_plus.run.validate import load_split
+
+    prompts_only = load_recipe(recipe(tmp_path, "", method="dpo"))
+    with pytest.raises(TrlPlusError, match=r"prompts.jsonl\): missing columns 'chosen', 'rejected'"):
+        load_split(prompts_only, get_registry().get("dpo")(), "train")
+    pairs = load_recipe(recipe(tmp_path, "rollout: {scorers: [{name: digits}]}"))
+    pairs.data.train.path = write_jsonl([{"prompt": "a", "chosen": "b", "rejected": "c"}], tmp_path / "pairs.jsonl")
+    with registered(OnlineDPOTest), pytest.raises(TrlPlusError, match=r"has chosen/rejected pairs, but method "
+                                                                      r"'online-dpo-test' samples its own"):
+        load_split(pairs, OnlineDPOTest(), "train")

@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import pluggy
 from pydantic import BaseModel, ConfigDict
 
+from .errors import TrlPlusError, did_you_mean
+
 if TYPE_CHECKING:
     import torch
 
@@ -245,6 +247,34 @@ class Rollout:
         if "sources" in fields:
             fields["sources"] = tuple(fields["sources"])
         return dataclasses.replace(self, **fields)
+
+
+#: The ``decoding`` keys the stage sets itself (a recipe may not).
+OWN_DECODING_KEYS = ("eos_token_id", "pad_token_id", "num_return_sequences", "return_dict_in_generate")
+
+#: Ranges transformers does not check itself (it samples with a negative temperature or a top_p of 2 silently).
+DECODING_RANGES = {"temperature": (0.0, None), "top_p": (0.0, 1.0), "min_p": (0.0, 1.0), "top_k": (-1, None),
+                   "max_new_tokens": (0, None), "num_beams": (0, None), "repetition_penalty": (0.0, None)}  # fmt: skip
+
+
+def check_decoding(decoding: Mapping[str, Any], where: str = "rollout.decoding") -> None:
+    """One line for a decoding setting trl-plus owns, one ``transformers.GenerationConfig`` does not know (with
+    the nearest names), or a value out of range (``temperature`` > 0, 0 < ``top_p`` ≤ 1, ...)."""
+    from transformers import GenerationConfig
+
+    known = set(GenerationConfig().to_dict())
+    for key, value in decoding.items():
+        if key in OWN_DECODING_KEYS:
+            raise TrlPlusError(f"{where}.{key}: set by trl-plus itself; remove it")
+        if key not in known:
+            raise TrlPlusError(f"{where}.{key}: not a generation setting{did_you_mean(key, known)}")
+        low, high = DECODING_RANGES.get(key, (None, None))
+        if low is None or value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= low or (
+                high is not None and value > high):  # fmt: skip
+            bound = f"in ({low:g}, {high:g}]" if high is not None else f"> {low:g}"
+            raise TrlPlusError(f"{where}.{key}: expected a number {bound}, got {value!r}")
 
 
 @dataclass

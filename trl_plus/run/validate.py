@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import TypeAdapter, ValidationError
 
 from ..config import IterationsSpec, Recipe, explain, is_overridden, locate, recipe_source
+from ..contract import check_decoding
 from ..data.lengths import dropped_message, fully_truncated, truncation_report
 from ..data.load import (
     check_columns,
@@ -353,6 +354,10 @@ def build_rollout(recipe: Recipe, method) -> tuple[Any, list] | None:
     if when is not None:
         fields["when"] = when
     rollout = base.updated(fields)
+    try:
+        check_decoding(rollout.decoding)
+    except TrlPlusError as exc:
+        raise TrlPlusError(f"{recipe_source(recipe)}: {exc}") from None
     for i, source in enumerate(rollout.sources):
         if source not in ("policy", "reference") and not source.startswith("column:"):
             raise TrlPlusError(f"{locate(recipe, 'rollout.sources')}: {source!r} is not policy, reference or "
@@ -520,6 +525,19 @@ def resume_target(value: Any, output_dir: str) -> str | None:
     return str(value)
 
 
+def check_pairs_for_online(columns: list[str], recipe: Recipe, method, where: str) -> None:
+    """An online method samples its own pairs: a preference file whose ``chosen``/``rejected`` no rollout source
+    reads (``column:chosen``, as SELM's) would be ignored silently, so it is an error naming the offline way."""
+    rollout = method.needs.rollout
+    if rollout is None or not {"chosen", "rejected"} <= set(columns):
+        return
+    sources = list(recipe.rollout.sources or ()) if recipe.rollout else []
+    if any(s in ("column:chosen", "column:rejected") for s in [*rollout.sources, *sources]):
+        return
+    raise TrlPlusError(f"{where}: has chosen/rejected pairs, but method {method.name!r} samples its own and would "
+                       "ignore them: give prompts only (a prompt column), or train offline (e.g. method: dpo)")
+
+
 def load_split(recipe: Recipe, method, which: str):
     """The recipe's ``data.<which>`` split (``train`` or ``eval``) as a dataset whose columns ``method`` can read,
     or ``None`` when the recipe has no such split."""
@@ -530,6 +548,7 @@ def load_split(recipe: Recipe, method, which: str):
     dataset = load_preferences(spec.path, spec.split, spec.limit, where=where, columns=spec.columns, name=spec.name)
     located = f"{recipe_source(recipe)}: data.{which} ({spec.path})"
     check_columns(dataset.column_names, method, located)
+    check_pairs_for_online(dataset.column_names, recipe, method, located)
     check_text_columns(dataset.features, method, located)
     check_lists(dataset, method, located)
     dataset, warnings = check_rows(dataset, method, f"{where}.path", spec.path if looks_local(spec.path) else None)

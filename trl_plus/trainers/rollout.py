@@ -29,13 +29,10 @@ from accelerate.utils import is_peft_model
 from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import use_adapter
 
-from ..contract import Rollout, Rollouts, Scorer
+from ..contract import Rollout, Rollouts, Scorer, check_decoding
 from ..data.collate import PROMPT_ROWS
 from ..errors import TrlPlusError
 from .adapters import REFERENCE_ADAPTER, active_adapter
-
-#: The ``decoding`` keys the stage sets itself (a recipe may not).
-OWN_DECODING_KEYS = ("eos_token_id", "pad_token_id", "num_return_sequences", "return_dict_in_generate")
 
 
 class RolloutMixin:
@@ -60,6 +57,7 @@ class RolloutMixin:
                 raise TrlPlusError("rollout.sources: reference: this run has no reference to sample from")
             if source not in ("policy", "reference") and not source.startswith("column:"):
                 raise TrlPlusError(f"rollout.sources: {source!r} is not policy, reference or column:<name>")
+        check_decoding(rollout.decoding)
         self.rollout, self.scorers = rollout, tuple(scorers)
         for scorer, _ in self.scorers:
             scorer.tokenizer = scorer.tokenizer or self._tokenizer
@@ -163,11 +161,7 @@ class RolloutMixin:
 
     def decoding(self) -> dict[str, Any]:
         """The generation settings of the run's rollouts (the method's or the recipe's ``rollout.decoding``)."""
-        settings = {"do_sample": True, **self.rollout.decoding}
-        bad = [k for k in settings if k in OWN_DECODING_KEYS]
-        if bad:
-            raise TrlPlusError(f"rollout.decoding: {', '.join(bad)} is set by trl-plus itself; remove it")
-        return settings
+        return {"do_sample": True, **self.rollout.decoding}
 
     def generate(self, prompt_ids: list[list[int]], source: str = "policy") -> list[list[int]]:
         """Completion token ids of ``prompt_ids`` (one per row) sampled from ``source`` (``policy`` or
