@@ -317,6 +317,21 @@ class Rollouts:
         """The row indices of prompt ``g``, in sampling order."""
         return (self.group == g).nonzero().flatten().tolist()
 
+    def penalize_missing_eos(self, penalty: float | None) -> Rollouts:
+        """These rollouts with ``penalty`` subtracted from the :meth:`reward` of every completion without EOS (TRL's
+        ``missing_eos_penalty``): one more score column, ``missing_eos`` (1 where EOS is missing), weighted
+        ``−penalty``. ``None``: these rollouts, unchanged."""
+        import dataclasses
+
+        import torch
+
+        if penalty is None:
+            return self
+        missing = (~self.eos).to(self.scores.dtype).unsqueeze(-1)
+        return dataclasses.replace(
+            self, scores=torch.cat([self.scores, missing], -1), score_names=(*self.score_names, "missing_eos"),
+            weights=torch.cat([self.weights, self.weights.new_tensor([-penalty])]))  # fmt: skip
+
 
 @dataclass
 class IterationContext:
@@ -450,6 +465,7 @@ class LossContext:
     batch: Mapping[str, Any] = field(default_factory=dict)  # the collated batch: extra per-example fields
     outputs: Any = None  # the policy forward's outputs (logits / hidden_states when the method asks)
     step: int = 0  # global optimisation step
+    epoch: float = 0.0  # training epochs done (fractional, TRL's ``state.epoch``): per-epoch schedules index it
     training: bool = True
     seq_mask: torch.Tensor | None = None  # [K, B] 1.0 where example b has a k-th sequence (variable K); None: all
     tokens: Mapping[str, torch.Tensor] = field(default_factory=dict)  # Needs.token_fields, [K, B, T] each

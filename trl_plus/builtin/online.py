@@ -23,3 +23,12 @@ class OnlineMethod(Method):
     tokenize = staticmethod(tokenize_prompt)
     tokenized_columns: ClassVar[tuple[str, ...]] = ("prompt_ids",)
     example_data: ClassVar[dict[str, Any]] = {"path": "recipes/data/online_prompts.jsonl"}
+    #: The ``rollout:`` block of the example recipe ``trl-plus show`` prints (a rule scorer: runs on the CPU).
+    example_rollout: ClassVar[dict[str, Any]] = {"decoding": {"max_new_tokens": 16}, "scorers": [{"name": "digits"}]}
+
+    @classmethod
+    def required_columns(cls) -> tuple[str, ...]:
+        """The prompt columns only: an online method's ``needs.fields`` are written by :meth:`make_examples`, not
+        read from the data."""
+        lists = tuple(f.name for f in cls.needs.lists if f.required)
+        return tuple(dict.fromkeys(cls.data_fields + lists))

@@ -527,6 +527,7 @@ class PlusTrainer(GuardMixin, RolloutMixin, MetricsMixin, FrozenSourcesMixin, DP
             batch=inputs,
             outputs=outputs,
             step=self.state.global_step,
+            epoch=self.state.epoch or 0.0,
             training=self.model.training,
             seq_mask=None if seq_mask is None else seq_mask.to(token_logps.dtype),
             tokens={name: self.to_grid(inputs, inputs[name][:, 1:], fill=TOKEN_PAD) for name in needs.token_fields},
