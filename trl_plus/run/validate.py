@@ -606,6 +606,8 @@ def check_lengths(recipe: Recipe, method, training: dict[str, Any], datasets: di
     The tokenizer is read from local files only (a hub model not downloaded yet: ``cannot load a tokenizer``)."""
     if recipe.model.kind == "diffusion":
         return []  # images: no tokens to cut
+    if method.needs.rollout is not None:
+        return []  # online: the data are prompts; the sequences the collator cuts are sampled during training
     max_length, mode = training_value(training, "max_length"), training_value(training, "truncation_mode")
     if max_length is None:
         return []
