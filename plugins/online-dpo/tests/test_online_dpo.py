@@ -101,7 +101,8 @@ def test_config_validation():
     with pytest.raises(ValidationError):
         OnlineDPO(betta=0.2)  # a typo is an error
     cls = get_registry().get("online-dpo")
-    assert cls.needs.rollout.n == 2 and cls.needs.rollout.sources == ("policy",) and cls.required_columns() == ("prompt",)
+    assert cls.needs.rollout.n == 2 and cls.needs.rollout.sources == ("policy",)
+    assert cls.required_columns() == ("prompt",)
 
 
 # -- equality with TRL's OnlineDPOTrainer --------------------------------------------------------------------
@@ -218,7 +219,8 @@ def test_a_lora_run_raises_the_reward_too(tmp_path):
     digits = get_registry().get_scorer("digits")
     model = build_model(build_tokenizer(), initializer_range=0.3)  # with 0.02 LoRA cannot move the output (design note)
     trainer = tiny_trainer(OnlineDPO, tmp_path, rows=PROMPTS, max_steps=15, learning_rate=5e-2, model=model,
-                           scorers=[(digits(), 1.0)], peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"),
+                           scorers=[(digits(), 1.0)],
+                           peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"),
                            rollout=Rollout(n=2, decoding={"max_new_tokens": 16, "temperature": 1.0}))  # fmt: skip
     assert trainer.reference_mode == "adapter" and trainer.ref_model is None  # the reference: the adapter off
     trainer.train()
