@@ -4,7 +4,6 @@ the adapter off (a spy), and a run where the policy's reward rises while the ref
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -159,21 +158,31 @@ def test_the_reference_samples_come_from_the_adapter_off_policy(tmp_path, monkey
     assert all("rollout/reward_policy" in e and "rollout/reward_reference" in e for e in logs)
 
 
-def test_the_recipe_raises_the_policy_reward_and_not_the_reference_reward(tmp_path, monkeypatch):
-    """recipes/xpo.yaml as written (tiny model, full fine-tuning: the reference is a frozen copy), 24 of its 30
-    steps: what the policy writes improves, what the reference writes does not (it is never trained)."""
-    from trl_plus import train
-
-    monkeypatch.chdir(ROOT)
-    recipe = yaml.safe_load((ROOT / "recipes/xpo.yaml").read_text())
-    assert recipe["method"] == "xpo" and recipe["rollout"]["sources"] == ["policy", "reference"]
-    result = train("recipes/xpo.yaml", ["training.max_steps=24", f"training.output_dir={tmp_path}"])
-    logs = [e for e in json.loads((tmp_path / "trainer_state.json").read_text())["log_history"] if "loss" in e]
-    assert result.global_step == 24 and logs[0]["loss/dpo"] == pytest.approx(math.log(2), abs=1e-6)
+def test_the_policy_reward_rises_and_the_reference_reward_does_not(tmp_path):
+    """Full fine-tuning (the reference, anchor and sampler, is a frozen copy), the digits scorer, 20 steps: what the
+    policy writes improves, what the reference writes does not (it never trains)."""
+    trainer = tiny_trainer(XPO, tmp_path, rows=PROMPTS, max_steps=20, learning_rate=2e-2,
+                           scorers=[(get_registry().get_scorer("digits")(), 1.0)],
+                           rollout=Rollout(n=1, sources=("policy", "reference"),
+                                           decoding={"max_new_tokens": 16, "temperature": 1.0}))  # fmt: skip
+    trainer.train()
+    logs = training_logs(trainer)
+    assert logs[0]["loss/dpo"] == pytest.approx(math.log(2), abs=1e-6)  # policy = reference
 
     def mean(key, part):
         return sum(e[key] for e in part) / len(part)
 
     policy_rise = mean("rollout/reward_policy", logs[-5:]) - mean("rollout/reward_policy", logs[:5])
-    reference_drift = mean("rollout/reward_reference", logs[-12:]) - mean("rollout/reward_reference", logs[:12])
-    assert policy_rise > 3.0 and abs(reference_drift) < 1.0, (policy_rise, reference_drift)
+    reference_drift = mean("rollout/reward_reference", logs[-10:]) - mean("rollout/reward_reference", logs[:10])
+    assert policy_rise > 3.0 and abs(reference_drift) < 1.0, (policy_rise, reference_drift)  # measured 5.1, 0.34
+
+
+def test_the_recipe_validates(monkeypatch):
+    """recipes/xpo.yaml: the tiny model, both sources, the digits scorer, TRL's defaults."""
+    from trl_plus import check_recipe, load_recipe
+
+    monkeypatch.chdir(ROOT)
+    recipe = yaml.safe_load((ROOT / "recipes/xpo.yaml").read_text())
+    assert recipe["method"] == "xpo" and recipe["rollout"]["sources"] == ["policy", "reference"]
+    assert recipe["method_args"] == {"alpha": 1e-5, "beta": 0.1, "loss_type": "sigmoid"}
+    check_recipe(load_recipe("recipes/xpo.yaml"))
