@@ -202,3 +202,21 @@ def test_a_recipe_trains_an_online_method_and_bad_rollout_blocks_are_one_line(tm
     with registered(OnlineDPOTest), pytest.raises(TrlPlusError, match=r"has chosen/rejected pairs, but method "
                                                                       r"'online-dpo-test' samples its own"):
         load_split(pairs, OnlineDPOTest(), "train")
+
+
+def test_the_example_recipe_of_an_online_method_runs(tmp_path, monkeypatch):
+    """``trl-plus show``'s example recipe names a scorer (``rollout:``) and trains as printed."""
+    from pathlib import Path
+
+    import yaml
+
+    from trl_plus.cli import example_recipe
+    from trl_plus.run.train import train
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    text = example_recipe(OnlineDPOTest)
+    assert yaml.safe_load(text)["rollout"] == {"decoding": {"max_new_tokens": 16}, "scorers": [{"name": "digits"}]}
+    (tmp_path / "example.yaml").write_text(text)
+    with registered(OnlineDPOTest):
+        result = train(str(tmp_path / "example.yaml"), ["training.max_steps=1", f"training.output_dir={tmp_path / 'run'}"])
+    assert result.global_step == 1 and "rollout/reward" in result.metrics

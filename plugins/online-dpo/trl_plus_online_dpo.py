@@ -20,7 +20,18 @@ from typing import Literal
 
 from pydantic import Field
 
-from trl_plus import DPO, LossContext, LossOutput, MethodConfig, Needs, OnlineMethod, Paper, Rollout, hookimpl
+from trl_plus import (
+    DPO,
+    LossContext,
+    LossOutput,
+    MethodConfig,
+    Needs,
+    OnlineMethod,
+    Paper,
+    Rollout,
+    dpo_losses,
+    hookimpl,
+)
 
 
 class OnlineDPOConfig(MethodConfig):
@@ -52,17 +63,13 @@ class OnlineDPO(OnlineMethod, DPO):
         return super().make_examples(rollouts.penalize_missing_eos(self.config.missing_eos_penalty))
 
     def pair_losses(self, ctx: LossContext):
-        """``([B] losses, [2, B] log-ratios)``: sigmoid or token-sum IPO of Δ = ρ_c − ρ_r."""
-        import torch.nn.functional as F
-
+        """``([B] losses, [2, B] log-ratios)``: sigmoid or token-sum IPO of Δ = ρ_c − ρ_r (Δ itself: IPO's sums)."""
         ratios = self.log_ratios(ctx)
-        delta, beta = ratios[0] - ratios[1], self.config.beta
-        if self.config.loss_type == "sigmoid":
-            return -F.logsigmoid(beta * delta), ratios
-        return (delta - 1 / (2 * beta)) ** 2, ratios
+        return dpo_losses(ratios[0] - ratios[1], self.config), ratios
 
     def loss(self, ctx: LossContext):
-        """DPO's mean loss and rewards, plus TRL's ``objective/kl``: the mean over samples of Σ_t (log πθ − log πref)."""
+        """DPO's mean loss and rewards, plus TRL's ``objective/kl``: the mean over samples of
+        Σ_t (log πθ − log πref)."""
         losses, ratios = self.pair_losses(ctx)
         return LossOutput(loss=losses.mean(), rewards=self.config.beta * ratios.detach(),
                           metrics={"objective/kl": ratios.detach().mean()})  # fmt: skip

@@ -4,7 +4,6 @@ fine-tuning and LoRA), and the recipe running on the CPU."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -101,7 +100,8 @@ def test_config_validation():
     with pytest.raises(ValidationError):
         OnlineDPO(betta=0.2)  # a typo is an error
     cls = get_registry().get("online-dpo")
-    assert cls.needs.rollout.n == 2 and cls.needs.rollout.sources == ("policy",) and cls.required_columns() == ("prompt",)
+    assert cls.needs.rollout.n == 2 and cls.needs.rollout.sources == ("policy",)
+    assert cls.required_columns() == ("prompt",)
 
 
 # -- equality with TRL's OnlineDPOTrainer --------------------------------------------------------------------
@@ -198,16 +198,14 @@ def reward_rise(log_history) -> tuple[float, float]:
     return sum(curve[:5]) / 5, sum(curve[-5:]) / 5
 
 
-def test_the_recipe_as_written_raises_the_generation_side_reward(tmp_path, monkeypatch):
-    """recipes/online-dpo.yaml (tiny model, digits scorer, full fine-tuning), 20 of its 30 steps."""
-    from trl_plus import train
-
-    monkeypatch.chdir(ROOT)
-    recipe = yaml.safe_load((ROOT / "recipes/online-dpo.yaml").read_text())
-    assert recipe["method"] == "online-dpo" and recipe["rollout"]["scorers"] == [{"name": "digits"}]
-    result = train("recipes/online-dpo.yaml", ["training.max_steps=20", f"training.output_dir={tmp_path}"])
-    logs = json.loads((tmp_path / "trainer_state.json").read_text())["log_history"]
-    assert result.global_step == 20 and logs[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy = reference
+def test_the_generation_side_reward_rises(tmp_path):
+    """Full fine-tuning (the reference: a frozen copy), the digits scorer, 20 steps, as the design note measured."""
+    trainer = tiny_trainer(OnlineDPO, tmp_path, rows=PROMPTS, max_steps=20, learning_rate=1e-2,
+                           scorers=[(get_registry().get_scorer("digits")(), 1.0)],
+                           rollout=Rollout(n=2, decoding={"max_new_tokens": 16, "temperature": 1.0}))  # fmt: skip
+    trainer.train()
+    logs = trainer.state.log_history
+    assert logs[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy = reference
     first, last = reward_rise(logs)
     assert last - first > 6.3, (first, last)  # the design note: 1.5 -> 14.1; at least half of that rise
 
@@ -218,9 +216,22 @@ def test_a_lora_run_raises_the_reward_too(tmp_path):
     digits = get_registry().get_scorer("digits")
     model = build_model(build_tokenizer(), initializer_range=0.3)  # with 0.02 LoRA cannot move the output (design note)
     trainer = tiny_trainer(OnlineDPO, tmp_path, rows=PROMPTS, max_steps=15, learning_rate=5e-2, model=model,
-                           scorers=[(digits(), 1.0)], peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"),
+                           scorers=[(digits(), 1.0)],
+                           peft_config=LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"),
                            rollout=Rollout(n=2, decoding={"max_new_tokens": 16, "temperature": 1.0}))  # fmt: skip
     assert trainer.reference_mode == "adapter" and trainer.ref_model is None  # the reference: the adapter off
     trainer.train()
     first, last = reward_rise(trainer.state.log_history)
     assert last - first > 3.0, (first, last)
+
+
+def test_the_recipe_validates(monkeypatch):
+    """recipes/online-dpo.yaml: the tiny model, the digits scorer, TRL's defaults (tests/test_rollout.py trains an
+    online method's recipe end to end; `trl-plus train recipes/online-dpo.yaml` runs it as written)."""
+    from trl_plus import check_recipe, load_recipe
+
+    monkeypatch.chdir(ROOT)
+    recipe = yaml.safe_load((ROOT / "recipes/online-dpo.yaml").read_text())
+    assert recipe["method"] == "online-dpo" and recipe["rollout"]["scorers"] == [{"name": "digits"}]
+    assert recipe["method_args"] == OnlineDPOConfig().model_dump()
+    check_recipe(load_recipe("recipes/online-dpo.yaml"))
