@@ -71,7 +71,7 @@ class DNO(OnlineMethod, DPO):
 
     name = "dno"
     taxonomy = {"data.quality": "distinguishability", "data.feedback": "pair", "learning.paradigm": "online",
-                "learning.objective": "self-play", "constraint.reference": "dynamic-reference", "scope": "text",
+                "learning.objective": "self-play", "constraint.reference": "dynamic-reference", "property": (), "scope": "text",
                 "survey": ("self-play",), "source": "survey"}  # fmt: skip
     paper = Paper("Direct Nash Optimization: Teaching Language Models to Self-Improve with General Preferences",
                   "2404.03715")  # fmt: skip

@@ -140,8 +140,8 @@ def test_an_iterated_dno_run_raises_its_samples_reward_and_replays_earlier_pairs
 
 
 def test_the_recipe_validates():
-    from trl_plus.config import load_recipe
-    from trl_plus.run.validate import check_recipe
+    from trl_plus import load_recipe
+    from trl_plus import check_recipe
 
     recipe = load_recipe(ROOT / "recipes/dno.yaml")
     assert recipe.method == "dno" and recipe.iterations.replay == [0.3, 0.15] and recipe.rollout.scorers

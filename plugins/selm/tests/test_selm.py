@@ -139,8 +139,8 @@ def test_an_iterated_selm_run_raises_its_greedy_answers_reward(tmp_path):
 
 
 def test_the_recipe_validates():
-    from trl_plus.config import load_recipe
-    from trl_plus.run.validate import check_recipe
+    from trl_plus import load_recipe
+    from trl_plus import check_recipe
 
     recipe = load_recipe(ROOT / "recipes/selm.yaml")
     assert recipe.method == "selm" and recipe.iterations is not None and recipe.rollout.scorers
