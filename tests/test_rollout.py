@@ -185,6 +185,8 @@ def test_a_recipe_trains_an_online_method_and_bad_rollout_blocks_are_one_line(tm
                                                                           r"number in \(0, 1\], got 2",
             "rollout: {decoding: {eos_token_id: 3}, scorers: [{name: digits}]}": r"rollout.decoding.eos_token_id: "
                                                                                  r"set by trl-plus itself",
+            "rollout: {missing_eos_penalty: -1, scorers: [{name: digits}]}": r"rollout.missing_eos_penalty: .*greater "
+                                                                             r"than or equal to 0",
         }
         for block, message in cases.items():
             with pytest.raises(TrlPlusError, match=message):

@@ -284,6 +284,7 @@ class RolloutSpec(_Block):
     sources: list[str] | None = None
     when: Literal["step", "iteration"] | None = None  # "iteration": with an ``iterations:`` block (its default)
     decoding: dict[str, Any] = Field(default_factory=dict)
+    missing_eos_penalty: Annotated[float, Field(ge=0)] | None = None  # subtracted from samples without EOS (TRL)
     scorers: list[ScorerSpec] = Field(default_factory=list)
 
 

@@ -230,12 +230,15 @@ class Rollout:
       iteration's prompts, then training on the rows they make: the recipe's ``iterations:`` block, SELM, DNO).
     - ``decoding``: ``transformers.GenerationConfig`` fields (``max_new_tokens``, ``temperature``, ``top_p``,
       ``top_k``, ``do_sample``...).
+    - ``missing_eos_penalty``: subtracted from the reward of every sample that ends without EOS (TRL's
+      ``missing_eos_penalty``; ``None``: off), applied by the stage before any method sees the samples.
     """
 
     n: int = 2
     sources: tuple[str, ...] = ("policy",)
     when: Literal["step", "iteration"] = "step"
     decoding: Mapping[str, Any] = field(default_factory=lambda: {"max_new_tokens": 64, "temperature": 0.9})
+    missing_eos_penalty: float | None = None
 
     def updated(self, fields: Mapping[str, Any]) -> Rollout:
         """This rollout with the recipe's ``rollout:`` fields (``decoding`` merged over this one's)."""

@@ -3,15 +3,16 @@ TRL 1.16's ``trl.experimental.online_dpo.OnlineDPOTrainer`` implements it.
 
 Every step, for each of the batch's prompts x: two completions y¹, y² are sampled from the current policy (no grad,
 cut after EOS), scored by the recipe's scorers, r(y) = Σ_k w_k R_k(x, y) (NaN outputs skipped), minus
-``missing_eos_penalty`` when y has no EOS; the higher-scored one is chosen (ties: the first sample). Then, with
+``rollout.missing_eos_penalty`` when y has no EOS; the higher-scored one is chosen (ties: the first sample). Then, with
 sequence log-prob sums ℓ over the completion tokens (EOS included) and the frozen initial policy as reference:
 
     Δ = [ℓθ(y_c) − ℓθ(y_r)] − [ℓref(y_c) − ℓref(y_r)]
     L = −log σ(β Δ)                 (loss_type="sigmoid", default)
     L = (Δ − 1/(2β))²               (loss_type="ipo": token SUMS, not length-normalised, as TRL's OnlineDPOTrainer)
 
-mean over the prompts. Sampling, scoring and pairing are the core's rollout stage and ``make_examples``; this
-module is the config and the loss.
+mean over the prompts. Sampling, scoring, the EOS penalty and pairing are the core's rollout stage and
+``make_examples``, the loss is DPO's; this module is the config (token-sum IPO by default) and TRL's
+``objective/kl``.
 """
 
 from __future__ import annotations
@@ -20,28 +21,18 @@ from typing import Literal
 
 from pydantic import Field
 
-from trl_plus import (
-    DPO,
-    LossContext,
-    LossOutput,
-    MethodConfig,
-    Needs,
-    OnlineMethod,
-    Paper,
-    Rollout,
-    dpo_losses,
-    hookimpl,
-)
+from trl_plus import DPO, DPOConfig, LossContext, Needs, OnlineMethod, Paper, Rollout, hookimpl
 
 
-class OnlineDPOConfig(MethodConfig):
-    """Online DPO hyperparameters; defaults are TRL 1.16's ``OnlineDPOConfig`` (the OAIF paper's were not read)."""
+class OnlineDPOConfig(DPOConfig):
+    """Online DPO hyperparameters: DPO's (β 0.1, ``loss_type`` sigmoid | ipo, ``label_smoothing``), with IPO
+    on token sums by default, as TRL 1.16's ``OnlineDPOTrainer`` (the OAIF paper's values were not read). The
+    penalty for samples without EOS is the recipe's ``rollout.missing_eos_penalty``."""
 
-    beta: float = Field(0.1, gt=0, description="β, inverse strength of the KL anchor to the initial policy (TRL 0.1)")
     loss_type: Literal["sigmoid", "ipo"] = Field(
-        "sigmoid", description="sigmoid = DPO on the sampled pair; ipo = (Δ − 1/(2β))² on token sums (TRL)")
-    missing_eos_penalty: float | None = Field(
-        None, description="subtracted from the score of a sample without EOS before pairing (TRL; None: off)")
+        "sigmoid", description="sigmoid = DPO on the sampled pair; ipo = (Δ − 1/(2β))² (TRL's two)")
+    ipo_normalize_by_length: bool = Field(
+        False, description="IPO only: divide each log-ratio by its completion length (off: token sums, as TRL)")
 
 
 class OnlineDPO(OnlineMethod, DPO):
@@ -58,21 +49,12 @@ class OnlineDPO(OnlineMethod, DPO):
                   rollout=Rollout(n=2, decoding={"max_new_tokens": 64, "temperature": 0.9}))  # fmt: skip
     Config = OnlineDPOConfig
 
-    def make_examples(self, rollouts):
-        """The default pairing (best vs worst per prompt, ties to the first sample) after the EOS penalty."""
-        return super().make_examples(rollouts.penalize_missing_eos(self.config.missing_eos_penalty))
-
-    def pair_losses(self, ctx: LossContext):
-        """``([B] losses, [2, B] log-ratios)``: sigmoid or token-sum IPO of Δ = ρ_c − ρ_r (Δ itself: IPO's sums)."""
-        ratios = self.log_ratios(ctx)
-        return dpo_losses(ratios[0] - ratios[1], self.config), ratios
-
     def loss(self, ctx: LossContext):
         """DPO's mean loss and rewards, plus TRL's ``objective/kl``: the mean over samples of
         Σ_t (log πθ − log πref)."""
-        losses, ratios = self.pair_losses(ctx)
-        return LossOutput(loss=losses.mean(), rewards=self.config.beta * ratios.detach(),
-                          metrics={"objective/kl": ratios.detach().mean()})  # fmt: skip
+        out = super().loss(ctx)
+        out.metrics["objective/kl"] = out.rewards.mean() / self.config.beta
+        return out
 
 
 @hookimpl

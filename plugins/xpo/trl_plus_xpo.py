@@ -22,31 +22,31 @@ from pydantic import Field
 
 from trl_plus import (
     DPO,
+    DPOConfig,
     LossContext,
     LossOutput,
-    MethodConfig,
     Needs,
     OnlineMethod,
     Paper,
     Rollout,
     Rollouts,
     TrlPlusError,
-    dpo_losses,
     hookimpl,
 )
 
 
-class XPOConfig(MethodConfig):
-    """XPO hyperparameters; defaults are TRL's ``XPOConfig`` (the paper's α, β were not found)."""
+class XPOConfig(DPOConfig):
+    """XPO hyperparameters: DPO's (β 0.1 = TRL's, ``loss_type`` sigmoid | ipo, IPO on token sums by default, as
+    TRL's ``XPOTrainer``) and the bonus weight α (the paper's α, β were not found). The penalty for samples without
+    EOS is the recipe's ``rollout.missing_eos_penalty``."""
 
     alpha: float | list[float] = Field(
         1e-5, description="α, weight of the exploration bonus α·ℓθ(ỹ) (TRL 1e-5); a list: one value per epoch, the "
                           "last one reused")  # fmt: skip
-    beta: float = Field(0.1, gt=0, description="β, inverse strength of the DPO anchor to the reference (TRL 0.1)")
     loss_type: Literal["sigmoid", "ipo"] = Field(
-        "sigmoid", description="sigmoid = DPO part −log σ(βΔ); ipo = (Δ − 1/(2β))² on token sums")
-    missing_eos_penalty: float | None = Field(
-        None, description="subtracted from the score of a sample without EOS before labelling (TRL; None: off)")
+        "sigmoid", description="sigmoid = DPO on the sampled pair; ipo = (Δ − 1/(2β))² (TRL's two)")
+    ipo_normalize_by_length: bool = Field(
+        False, description="IPO only: divide each log-ratio by its completion length (off: token sums, as TRL)")
 
 
 class XPO(OnlineMethod, DPO):
@@ -67,9 +67,8 @@ class XPO(OnlineMethod, DPO):
 
     def make_examples(self, rollouts: Rollouts) -> list[dict[str, Any]]:
         """Per prompt, its i-th policy sample against its i-th reference sample: the policy sample is chosen when
-        its reward (after the EOS penalty) is at least the reference sample's; ``ref_is_chosen`` says which side
-        holds the reference sample."""
-        rollouts = rollouts.penalize_missing_eos(self.config.missing_eos_penalty)
+        its reward (after the stage's EOS penalty) is at least the reference sample's; ``ref_is_chosen`` says which
+        side holds the reference sample."""
         if not {"policy", "reference"} <= set(rollouts.source):
             raise TrlPlusError("xpo pairs a policy sample with a reference sample: rollout.sources must hold policy "
                                "and reference")  # fmt: skip
@@ -95,8 +94,7 @@ class XPO(OnlineMethod, DPO):
         """mean(DPO part + α·ℓθ(ỹ)); rewards β·(ℓθ − ℓref); logs the two parts, α and ``objective/kl``."""
         import torch
 
-        ratios = self.log_ratios(ctx)  # [2, B]: ℓθ − ℓref of chosen, rejected
-        dpo = dpo_losses(ratios[0] - ratios[1], self.config)  # −log σ(βΔ), or (Δ − 1/(2β))² on the sums
+        dpo, ratios = self.pair_losses(ctx)  # −log σ(βΔ), or (Δ − 1/(2β))² on the sums; [2, B] log-ratios
         logps = ctx.logps()
         bonus = self.alpha(ctx.epoch) * torch.where(ctx.batch["ref_is_chosen"].bool(), logps[0], logps[1])
         metrics = {"loss/dpo": dpo.detach().mean(), "loss/xpo": bonus.detach().mean(), "alpha": self.alpha(ctx.epoch),

@@ -35,11 +35,10 @@ class DPOConfig(MethodConfig):
 
 
 def dpo_losses(delta, config: DPOConfig):
-    """Per-pair losses (``[B]``) of the log-ratio difference ``delta`` (``[B]``) for ``config.loss_type`` (any config
-    with ``beta`` and ``loss_type``; ``label_smoothing`` is 0 when it has none)."""
+    """Per-pair losses (``[B]``) of the log-ratio difference ``delta`` (``[B]``) for ``config.loss_type``."""
     import torch.nn.functional as F
 
-    beta, eps = config.beta, getattr(config, "label_smoothing", 0.0)
+    beta, eps = config.beta, config.label_smoothing
     if config.loss_type == "sigmoid":
         return -(1 - eps) * F.logsigmoid(beta * delta) - eps * F.logsigmoid(-beta * delta)
     if config.loss_type == "hinge":

@@ -347,6 +347,8 @@ def build_rollout(recipe: Recipe, method) -> tuple[Any, list] | None:
         raise TrlPlusError(f"{locate(recipe, 'rollout')}: method {method.name!r} ranks its own samples: add "
                            "rollout: {scorers: [{name: NAME}]} (trl-plus list --scorers)")  # fmt: skip
     fields = {k: v for k, v in (("n", spec.n), ("sources", spec.sources), ("decoding", spec.decoding)) if v}
+    if spec.missing_eos_penalty is not None:
+        fields["missing_eos_penalty"] = spec.missing_eos_penalty
     when = spec.when or ("iteration" if recipe.iterations is not None else None)
     if when == "step" and recipe.iterations is not None:
         raise TrlPlusError(f"{locate(recipe, 'rollout.when')}: step samples before every step; an iterations: block "

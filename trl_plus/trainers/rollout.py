@@ -107,7 +107,7 @@ class RolloutMixin:
             group=torch.tensor(group), source=source, scores=scores, weights=weights,
             eos=torch.tensor(eos), lengths=torch.tensor([len(c) for c in completion_ids], dtype=torch.float64),
             columns=columns, score_names=names,
-        )  # fmt: skip
+        ).penalize_missing_eos(rollout.missing_eos_penalty)  # fmt: skip
         self._log_rollouts(rollouts)
         return rollouts
 

@@ -84,7 +84,7 @@ def test_the_missing_eos_penalty_lowers_only_samples_without_eos():
     scores = [[1.0, 0.8], [1.0, 0.8], [0.0, 0.5]]
     eos = [False, True, True, True, False, False]
     assert pairs(OnlineDPO().make_examples(rollouts(scores, eos))) == [(0, 1), (2, 3), (5, 4)]
-    penalized = OnlineDPO(missing_eos_penalty=0.5).make_examples(rollouts(scores, eos))
+    penalized = OnlineDPO().make_examples(rollouts(scores, eos).penalize_missing_eos(0.5))  # as the stage does
     # prompt 1: 1.0 − 0.5 < 0.8, the order flips; prompt 2: both have EOS; prompt 3: both lack it, order kept
     assert pairs(penalized) == [(1, 0), (2, 3), (5, 4)]
     r = rollouts(scores, eos).penalize_missing_eos(0.5)
@@ -94,7 +94,7 @@ def test_the_missing_eos_penalty_lowers_only_samples_without_eos():
 
 def test_config_validation():
     assert OnlineDPO().config.beta == 0.1 and OnlineDPO().config.loss_type == "sigmoid"
-    assert OnlineDPO().config.missing_eos_penalty is None
+    assert OnlineDPO().needs.rollout.missing_eos_penalty is None  # (the recipe's rollout.missing_eos_penalty)
     with pytest.raises(ValidationError):
         OnlineDPO(loss_type="hinge")
     with pytest.raises(ValidationError):
@@ -176,7 +176,8 @@ def test_equals_trl_online_dpo_trainer_on_fixed_completions(both_trainers, loss_
     """The same completions, rewards and policy through TRL's ``training_step`` and ours: the same loss."""
     trl, plus = both_trainers
     trl.args.loss_type, trl.args.missing_eos_penalty = loss_type, penalty
-    plus.method.config = OnlineDPOConfig(loss_type=loss_type, missing_eos_penalty=penalty)
+    plus.method.config = OnlineDPOConfig(loss_type=loss_type)
+    plus.rollout = plus.rollout.updated({"missing_eos_penalty": penalty})  # the stage applies it
     expected = trl.training_step(trl.model, {"prompt": [r["prompt"] for r in PROMPTS[:BATCH]]}).item()
     inputs = plus._prepare_inputs(plus.data_collator([plus.train_dataset[b] for b in range(BATCH)]))
     with torch.no_grad():

@@ -107,8 +107,8 @@ def test_swapping_the_labels_flips_delta_but_leaves_the_bonus():
 def test_labels_ties_go_to_the_policy_sample_and_the_eos_penalty():
     rows = XPO().make_examples(rollouts(policy=[1.0, 0.5], reference=[1.0, 0.4], eos=[False, True, True, True]))
     assert [r["ref_is_chosen"] for r in rows] == [False, False]  # prompt 1 a tie: the policy sample
-    rows = XPO(missing_eos_penalty=0.5).make_examples(
-        rollouts(policy=[1.0, 0.5], reference=[1.0, 0.4], eos=[False, True, True, True]))
+    rows = XPO().make_examples(  # the stage's rollout.missing_eos_penalty: 0.5
+        rollouts(policy=[1.0, 0.5], reference=[1.0, 0.4], eos=[False, True, True, True]).penalize_missing_eos(0.5))
     assert [(r["chosen_ids"], r["ref_is_chosen"]) for r in rows] == [([1], True), ([2], False)]
     policy_only = rollouts([1.0], [0.0])
     policy_only.source = ["policy", "policy"]
