@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from trl_plus import DPO, OnlineMethod, Paper, TrlPlusError
-from trl_plus.testing import interrupt_at_step, registered, write_jsonl
+from trl_plus.testing import interrupt_at_step, iteration_firsts, registered, tiny_recipe
 from trl_plus.trainers.iterations import iteration_prompts, replay_rows
 
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
@@ -38,23 +38,15 @@ def test_prompt_slices_and_replay_fractions():
 
 
 def iterated_recipe(tmp_path: Path, lora: bool = False, **extra) -> str:
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    data = write_jsonl([{"prompt": f"Count to {i}:"} for i in range(24)], tmp_path / "prompts.jsonl")
-    recipe = {
-        "method": "iterative-dpo-test",
-        "model": {"name_or_path": "tiny-llama", "dtype": "float32", **({"lora": LORA} if lora else {})},
-        "data": {"train": {"path": data}},
+    blocks = {
+        "model": {"lora": LORA} if lora else {},
         "rollout": {"n": 2, "decoding": {"max_new_tokens": 12, "temperature": 1.0}, "scorers": [{"name": "digits"}]},
         "iterations": {"count": 3, "replay": [0.5], "training": [{}, {"learning_rate": 5e-3}]},
-        "training": {"output_dir": str(tmp_path / "run"), "max_steps": 4, "per_device_train_batch_size": 4,
-                     "learning_rate": 1e-2, "lr_scheduler_type": "constant", "logging_steps": 1, "save_steps": 2,
-                     "disable_tqdm": True, "activation_checkpointing": False, "report_to": "none", "seed": 0},
+        "training": {"max_steps": 4, "per_device_train_batch_size": 4, "save_strategy": "steps", "save_steps": 2},
     }  # fmt: skip
     for key, value in extra.items():
-        recipe[key] = {**recipe.get(key, {}), **value}
-    path = tmp_path / "iterated.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return str(path)
+        blocks[key] = {**blocks.get(key, {}), **value}
+    return tiny_recipe(tmp_path, "iterative-dpo-test", [{"prompt": f"Count to {i}:"} for i in range(24)], **blocks)
 
 
 def history(run_dir) -> list[dict]:
@@ -78,7 +70,7 @@ def test_iterations_promote_the_reference_replay_rows_and_raise_the_generation_s
     run = Path(result.output_dir)
     assert result.global_step == 8 + 8 + 2
     logs = history(run)
-    firsts = [next(e for e in logs if e["iteration"] == t and "loss" in e) for t in (1, 2, 3)]
+    firsts = iteration_firsts(run)
     for first in firsts:  # each iteration starts at policy = reference: the promoted one
         assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert {e["learning_rate"] for e in logs if e["iteration"] == 2 and "learning_rate" in e} == {1e-2}

@@ -227,6 +227,38 @@ def training_logs(trainer) -> list[dict[str, Any]]:
     return [entry for entry in trainer.state.log_history if "loss" in entry]
 
 
+#: ``training`` of :func:`tiny_recipe`: quiet, seeded, no checkpoints, one log per step, a constant learning rate.
+TINY_TRAINING = {"per_device_train_batch_size": 8, "learning_rate": 1e-2, "lr_scheduler_type": "constant",
+                 "logging_steps": 1, "save_strategy": "no", "disable_tqdm": True, "activation_checkpointing": False,
+                 "report_to": "none", "seed": 0}  # fmt: skip
+
+
+def tiny_recipe(tmp_path: str | Path, method: str, rows: Sequence[dict[str, Any]], **blocks: Any) -> str:
+    """A recipe file for ``method`` on the tiny offline model (``tiny-llama``, float32) and ``rows`` (written as
+    ``tmp_path/data.jsonl``), its runs under ``tmp_path/run``: ``blocks`` are further recipe blocks (``rollout``,
+    ``iterations``, ``method_args``, ``model``...), ``training`` merged over :data:`TINY_TRAINING`. Returns its
+    path (``tmp_path/recipe.yaml``)."""
+    import yaml
+
+    tmp_path = Path(tmp_path)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    recipe = {"method": method, "model": {"name_or_path": "tiny-llama", "dtype": "float32", **blocks.pop("model", {})},
+              "data": {"train": {"path": write_jsonl(rows, tmp_path / "data.jsonl")}}, **blocks,
+              "training": {"output_dir": str(tmp_path / "run"), **TINY_TRAINING, **blocks.get("training", {})}}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    return str(tmp_path / "recipe.yaml")
+
+
+def iteration_firsts(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The first logged training step of each iteration of an iterated run (its ``trainer_state.json``): where its
+    first loss and the ``rollout/*`` figures of the samples it trained on are."""
+    import json
+
+    logs = json.loads((Path(run_dir) / "trainer_state.json").read_text())["log_history"]
+    count = max((e.get("iteration", 0) for e in logs), default=0)
+    return [next(e for e in logs if e.get("iteration") == t and "loss" in e) for t in range(1, count + 1)]
+
+
 def forbid_reference(monkeypatch) -> None:
     """Make any reference forward fail the test: for the "a reference-free method never pays for a reference"
     check (``monkeypatch`` is pytest's fixture)."""

@@ -10,11 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from trl_plus_dno import DNO, repeats, win_rates
 
 from trl_plus import DPO, Rollouts
-from trl_plus.testing import make_context, write_jsonl
+from trl_plus.testing import iteration_firsts, make_context, tiny_recipe
 
 ROOT = Path(__file__).resolve().parents[3]
 POLICY = [[[-12.0], [-20.0]], [[-15.0], [-18.0]]]  # ℓθ(y1), ℓθ(y2) for 2 pairs
@@ -105,21 +104,10 @@ def test_targets_are_win_rate_sigmoids_and_repetitive_samples_are_automatic_nega
 
 def dno_recipe(tmp_path: Path) -> str:
     rows = [{"prompt": f"Count to {i}:", "gold": "7777777777"} for i in range(24)]
-    recipe = {
-        "method": "dno",
-        "method_args": {"beta": 0.1, "positive_min": 2.0},
-        "model": {"name_or_path": "tiny-llama", "dtype": "float32"},
-        "data": {"train": {"path": write_jsonl(rows, tmp_path / "prompts.jsonl")}},
-        "rollout": {"n": 4, "decoding": {"max_new_tokens": 10, "temperature": 1.0}, "scorers": [{"name": "digits"}]},
-        "iterations": {"count": 3, "replay": [0.3, 0.15]},
-        "training": {"output_dir": str(tmp_path / "run"), "max_steps": 4, "per_device_train_batch_size": 8,
-                     "learning_rate": 1e-2, "lr_scheduler_type": "constant", "logging_steps": 1,
-                     "save_strategy": "no", "disable_tqdm": True, "activation_checkpointing": False,
-                     "report_to": "none", "seed": 0},
-    }  # fmt: skip
-    path = tmp_path / "dno.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return str(path)
+    return tiny_recipe(tmp_path, "dno", rows, method_args={"beta": 0.1, "positive_min": 2.0},
+                       rollout={"n": 4, "decoding": {"max_new_tokens": 10, "temperature": 1.0},
+                                "scorers": [{"name": "digits"}]},
+                       iterations={"count": 3, "replay": [0.3, 0.15]}, training={"max_steps": 4})  # fmt: skip
 
 
 def test_an_iterated_dno_run_raises_its_samples_reward_and_replays_earlier_pairs(tmp_path):
@@ -127,8 +115,7 @@ def test_an_iterated_dno_run_raises_its_samples_reward_and_replays_earlier_pairs
 
     result = train(dno_recipe(tmp_path))
     run = Path(result.output_dir)
-    logs = json.loads((run / "trainer_state.json").read_text())["log_history"]
-    firsts = [next(e for e in logs if e.get("iteration") == t and "loss" in e) for t in (1, 2, 3)]
+    firsts = iteration_firsts(run)
     assert all(first["loss"] == pytest.approx(math.log(2), abs=1e-6) for first in firsts)  # promoted reference
     rewards = [first["rollout/reward_policy"] for first in firsts]  # the K samples' digits
     print("sample reward per iteration", rewards)
@@ -140,8 +127,7 @@ def test_an_iterated_dno_run_raises_its_samples_reward_and_replays_earlier_pairs
 
 
 def test_the_recipe_validates():
-    from trl_plus import load_recipe
-    from trl_plus import check_recipe
+    from trl_plus import check_recipe, load_recipe
 
     recipe = load_recipe(ROOT / "recipes/dno.yaml")
     assert recipe.method == "dno" and recipe.iterations.replay == [0.3, 0.15] and recipe.rollout.scorers

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from trl_plus_selm import SELM
 
 from trl_plus import DPO, Rollouts, TrlPlusError
-from trl_plus.testing import make_context, write_jsonl
+from trl_plus.testing import iteration_firsts, make_context, tiny_recipe
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -103,21 +102,9 @@ def test_three_sequences_per_example():
 
 def selm_recipe(tmp_path: Path, steps: int = 4, prompts: int = 24, **method_args) -> str:
     rows = [{"prompt": f"Count to {i}:", "chosen": "777777", "rejected": "no, not me"} for i in range(prompts)]
-    recipe = {
-        "method": "selm",
-        "method_args": {"beta": 0.1, "alpha": 0.01, **method_args},
-        "model": {"name_or_path": "tiny-llama", "dtype": "float32"},
-        "data": {"train": {"path": write_jsonl(rows, tmp_path / "prefs.jsonl")}},
-        "rollout": {"decoding": {"max_new_tokens": 6}, "scorers": [{"name": "digits"}]},
-        "iterations": {"count": 3},
-        "training": {"output_dir": str(tmp_path / "run"), "max_steps": steps, "per_device_train_batch_size": 8,
-                     "learning_rate": 1e-2, "lr_scheduler_type": "constant", "logging_steps": 1,
-                     "save_strategy": "no", "disable_tqdm": True, "activation_checkpointing": False,
-                     "report_to": "none", "seed": 0},
-    }  # fmt: skip
-    path = tmp_path / "selm.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return str(path)
+    return tiny_recipe(tmp_path, "selm", rows, method_args={"beta": 0.1, "alpha": 0.01, **method_args},
+                       rollout={"decoding": {"max_new_tokens": 6}, "scorers": [{"name": "digits"}]},
+                       iterations={"count": 3}, training={"max_steps": steps})  # fmt: skip
 
 
 def test_an_iterated_selm_run_raises_its_greedy_answers_reward(tmp_path):
@@ -127,8 +114,7 @@ def test_an_iterated_selm_run_raises_its_greedy_answers_reward(tmp_path):
 
     result = train(selm_recipe(tmp_path))
     run = Path(result.output_dir)
-    logs = json.loads((run / "trainer_state.json").read_text())["log_history"]
-    firsts = [next(e for e in logs if e.get("iteration") == t and "loss" in e) for t in (1, 2, 3)]
+    firsts = iteration_firsts(run)
     assert all(first["loss"] == pytest.approx(math.log(2), abs=1e-6) for first in firsts)  # promoted reference
     rewards = [first["rollout/reward_policy"] for first in firsts]  # the greedy answers' digits
     print("greedy-answer reward per iteration", rewards)
@@ -139,8 +125,7 @@ def test_an_iterated_selm_run_raises_its_greedy_answers_reward(tmp_path):
 
 
 def test_the_recipe_validates():
-    from trl_plus import load_recipe
-    from trl_plus import check_recipe
+    from trl_plus import check_recipe, load_recipe
 
     recipe = load_recipe(ROOT / "recipes/selm.yaml")
     assert recipe.method == "selm" and recipe.iterations is not None and recipe.rollout.scorers
