@@ -40,7 +40,7 @@ from .contract import (
 )
 from .data.tokenize import tokenize_completions
 from .diffusion.method import DiffusionMethod, Scoring, denoising_errors
-from .errors import TrlPlusError
+from .errors import TrlPlusError, did_you_mean
 from .registry import get_method, get_registry
 from .trainers.frozen import REFERENCE_MODES, Teacher, resolve_reference_mode
 
@@ -51,7 +51,7 @@ __all__ = [
     "SequencesCollator", "Scorer", "Stage", "TAXONOMY", "Teacher", "TopK", "Inversion", "TrainResult", "TrlPlusError", "check_recipe",
     "combine", "generate", "load_run", "trained_module",
     "ddim_invert", "ddim_sample", "guided_prediction", "inversion_timesteps", "Noised", "OnlineMethod", "ScoreOutput", "run_stages",
-    "denoising_errors", "dpo_losses", "evaluate", "get_method", "get_registry", "hookimpl", "load_recipe",
+    "denoising_errors", "did_you_mean", "dpo_losses", "evaluate", "get_method", "get_registry", "hookimpl", "load_recipe",
     "merge_adapter", "method_collator", "pair_accuracy", "prompt_completion", "resolve_reference_mode", "tokenize_completions",
     "train",
 ]  # fmt: skip

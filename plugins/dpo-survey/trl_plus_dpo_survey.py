@@ -13,7 +13,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from trl_plus import TAXONOMY, TrlPlusError, get_registry, hookimpl
+from trl_plus import TAXONOMY, TrlPlusError, did_you_mean, get_registry, hookimpl
 
 #: The survey's four dimensions and the taxonomy keys under each (each method needs at least one key per dimension,
 #: possibly ``()``: the card's explicit "—"), plus ``scope`` and ``source``.
@@ -101,10 +101,30 @@ def _add_groups_arguments(parser) -> None:
     parser.add_argument("--inferred", action="store_true",
                         help="also list methods whose inferred tags imply a section (marked *)")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print {section: [methods]} as JSON")
+    parser.add_argument("--section", metavar="NAME",
+                        help="print one section's methods, comma-separated, for trl-plus compare RECIPE --methods "
+                             "(a name as listed, e.g. 'Length Bias', or its key, e.g. length-bias)")  # fmt: skip
+
+
+def section_key(name: str) -> str:
+    """The leaf key of a section given by key (``length-bias``) or by its listed name (``Length Bias``, any case)."""
+    by_name = {title.lower(): leaf for leaf, title in SECTIONS.items()}
+    leaf = name if name in SECTIONS else by_name.get(name.strip().lower())
+    if leaf is None:
+        raise TrlPlusError(f"--section: no survey section {name!r}{did_you_mean(name, SECTIONS)}; the sections: "
+                           f"{', '.join(SECTIONS)}")  # fmt: skip
+    return leaf
 
 
 def _run_groups(args) -> int:
     methods = get_registry().methods
+    if args.section is not None:
+        leaf = section_key(args.section)
+        names = survey_groups(methods, inferred=args.inferred).get(leaf, [])
+        if not names:
+            raise TrlPlusError(f"--section {args.section}: no installed method is placed in {SECTIONS[leaf]!r}")
+        print(",".join(name.rstrip("*") for name in names))
+        return 0
     bad = {name: problems(getattr(cls, "taxonomy", {}) or {}) for name, cls in methods.items()}
     bad = {name: p for name, p in bad.items() if p}
     groups = survey_groups(methods, inferred=args.inferred)

@@ -123,3 +123,8 @@ def test_survey_groups_command(capsys):
     offline = next(line for line in lines if line.startswith("Offline Learning"))
     assert "curry-dpo," in offline and "simpo*" in offline  # placed by the survey vs our inferred tag
     assert "curry-dpo*" not in offline
+    # one section as trl-plus compare's --methods: a key or its listed name; an unknown one is one line
+    assert cli("survey", "groups", "--section", "Length Bias") == 0
+    assert capsys.readouterr().out.strip() == ",".join(expected["length-bias"])
+    assert cli("survey", "groups", "--section", "length-bais") == 2
+    assert "no survey section 'length-bais' (did you mean length-bias?)" in capsys.readouterr().err
