@@ -35,6 +35,7 @@ from trl_plus import (
     Scorer,
     hookimpl,
 )
+from trl_plus.builtin.scorers import RewardModel, RewardModelConfig
 
 #: The released model's system prompt (Haoxiang-Wang/DPA-v1-Mistral-7B model card).
 MODEL_CARD_PROMPT = ("You are a helpful, respectful, and honest assistant who always responds to the user in a harmless "
@@ -219,24 +220,21 @@ def _tensor(value: float) -> Any:
 # -- reward models ------------------------------------------------------------------------------------------------
 
 
-class MultiRewardModelConfig(MethodConfig):
-    model: str = Field(description="a sequence-classification reward model with one output per objective (a k-head "
-                       "regression RM: num_labels = k), a folder or hub id")  # fmt: skip
-    labels: tuple[int, ...] = Field((0, 1), description="the model outputs that are the objectives, in order")
+class MultiRewardModelConfig(RewardModelConfig):
+    label: list[int] = Field([0, 1], description="the model's outputs that are the objectives, in order (a k-head "
+                             "regression RM has num_labels = k)")  # fmt: skip
     names: tuple[str, ...] = Field(("helpfulness", "verbosity"), description="their names (the scorer's outputs)")
-    batch_size: int = Field(8, ge=1, description="completions per forward pass")
-    max_length: int | None = Field(None, ge=1, description="tokens kept per sequence (None: all)")
 
     @model_validator(mode="after")
     def _paired(self):
-        if len(self.labels) != len(self.names):
-            raise ValueError(f"{len(self.labels)} labels but {len(self.names)} names")
+        if len(self.label) != len(self.names):
+            raise ValueError(f"{len(self.label)} labels but {len(self.names)} names")
         return self
 
 
-class MultiRewardModel(Scorer):
+class MultiRewardModel(RewardModel):
     """A multi-objective (k-head regression) reward model: the chosen outputs of a sequence-classification model on
-    prompt + completion (the model's own tokenizer and chat template), one scorer output per objective."""
+    prompt + completion (the core's ``reward-model`` with several labels), one scorer output per objective."""
 
     name = "multi-reward-model"
     summary = "a k-head reward model's attribute scores (helpfulness, verbosity, ...) of prompt + completion"
@@ -247,29 +245,7 @@ class MultiRewardModel(Scorer):
         return tuple(self.config.names)
 
     def score(self, prompts: list, completions: list, **columns: list) -> Any:
-        import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        from trl_plus.builtin.scorers import _conversation
-
-        path = self.config.model
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForSequenceClassification.from_pretrained(path).eval()
-        if self.device is not None:
-            model.to(self.device)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        model.config.pad_token_id = tokenizer.pad_token_id
-        texts = [_conversation(tokenizer, p, c) for p, c in zip(prompts, completions)]
-        labels = list(self.config.labels)
-        out = []
-        with torch.no_grad():
-            for start in range(0, len(texts), self.config.batch_size):
-                enc = tokenizer(texts[start : start + self.config.batch_size], return_tensors="pt", padding=True,
-                                truncation=self.config.max_length is not None, max_length=self.config.max_length)
-                enc = {k: v.to(model.device) for k, v in enc.items()}
-                out.append(model(**enc).logits[:, labels].double().cpu())
-        return torch.cat(out)
+        return super().score(prompts, completions, **columns).squeeze(-1)  # [N, k, 1] -> [N, k]
 
 
 class ToyAttributes(Scorer):

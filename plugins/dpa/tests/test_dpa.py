@@ -133,11 +133,11 @@ def test_toy_attributes_and_the_multi_objective_reward_model(tmp_path):
     LlamaForSequenceClassification(config).save_pretrained(tmp_path / "rm")
     tokenizer.save_pretrained(tmp_path / "rm")
     cls = get_registry().get_scorer("multi-reward-model")
-    rm = cls(model=str(tmp_path / "rm"), labels=(2, 0), names=("helpfulness", "verbosity"))
+    rm = cls(model=str(tmp_path / "rm"), label=[2, 0], names=("helpfulness", "verbosity"))
     assert rm.outputs == ("helpfulness", "verbosity")
     out = rm.score(["Q1", "Q2"], ["a1", "b22"])
     assert out.shape == (2, 2) and torch.isfinite(out).all()
-    full = cls(model=str(tmp_path / "rm"), labels=(0, 1, 2), names=("a", "b", "c")).score(["Q1", "Q2"], ["a1", "b22"])
+    full = cls(model=str(tmp_path / "rm"), label=[0, 1, 2], names=("a", "b", "c")).score(["Q1", "Q2"], ["a1", "b22"])
     assert torch.allclose(out, full[:, [2, 0]])
 
 
