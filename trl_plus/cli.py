@@ -159,6 +159,8 @@ def example_recipe(method_cls) -> str:
         "data": {"train": dict(method_cls.example_data)},
         "training": {"output_dir": f"runs/{method_cls.name}", "max_steps": 20, "learning_rate": 1e-3},
     }
+    if method_cls.needs.rollout is not None:  # an online method ranks its samples: the method's example scorers
+        recipe["rollout"] = dict(getattr(method_cls, "example_rollout", {"scorers": [{"name": "digits"}]}))
     if method_cls.needs.teacher:
         recipe["teacher"] = {"name_or_path": "tiny-llama"}
     if method_cls.needs.teachers:  # each named teacher: here the tiny model itself (a real recipe names trained ones)

@@ -122,6 +122,9 @@ class DPA(OnlineMethod, SFT):
     needs = Needs(reference="no", rollout=Rollout(n=8, when="iteration",
                                                   decoding={"temperature": 0.7, "max_new_tokens": 2048}))
     Config = DPAConfig
+    #: ``trl-plus show dpa``'s example recipe: the rule vector reward (a real run names a k-head reward model)
+    example_rollout: ClassVar[dict[str, Any]] = {"n": 4, "decoding": {"max_new_tokens": 16},
+                                                 "scorers": [{"name": "toy-attributes"}]}
 
     def refresh(self, it: IterationContext) -> list[dict[str, Any]]:
         """Iteration ``it.index``'s SFT rows: every prompt gets a direction θ (uniform in [min_angle, max_angle],
