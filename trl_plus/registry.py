@@ -24,7 +24,7 @@ REPOSITORY_PLUGINS = frozenset({
     "sail", "simpo", "smpo", "srpo", "ssdpo", "tars", "tgdpo", "three-d-properties", "tracealign", "tvkd",
     "dporm-generalization", "r-to-q", "ranking-accuracy",  # metric plugins
     "did", "dpo-survey", "more-is-less", "sft-fdiv",  # issue 13 (c): metric plugins, the survey taxonomy, a method
-    "selm", "dno",  # issue 14: iterated online methods
+    "selm", "dno", "dpa",  # issue 14: iterated online methods
     "online-dpo", "xpo",  # issue 14: online methods
 })  # fmt: skip
 
