@@ -63,6 +63,16 @@ def test_rule_scorers_and_their_trl_reward_functions():
         exact.score([""], ["1"])
 
 
+def test_a_reward_model_with_several_labels_is_a_vector_scorer():
+    from pydantic import ValidationError
+
+    assert scorer("reward-model", model="rm").outputs == ("reward",)
+    assert scorer("reward-model", model="rm", label=[0, 4]).outputs == ("label_0", "label_4")
+    assert scorer("reward-model", model="rm", label=[0, 4], names=["help", "verbose"]).outputs == ("help", "verbose")
+    with pytest.raises(ValidationError, match=r"2 label\(s\) but 1 name\(s\)"):
+        scorer("reward-model", model="rm", label=[0, 4], names=["help"])
+
+
 def test_the_stage_carries_the_sampled_ids_and_cuts_after_eos(tmp_path, monkeypatch):
     tie = scorer("keyword", keyword="\u00a7")  # in no completion: every score 0, a tie
     trainer = tiny_trainer(OnlineDPOTest, tmp_path, rows=PROMPTS, max_steps=1, scorers=[(tie, 1.0)],

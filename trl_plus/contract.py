@@ -362,6 +362,11 @@ class IterationContext:
             self.progress(len(prompts))
         return rollouts
 
+    def log(self, name: str, value: Any) -> None:
+        """Log ``value`` as ``name`` with the iteration's first training step (averaged over processes: call it on
+        every process), e.g. a method's own generation-side figure."""
+        self.trainer.log_metric(name, value)
+
     def batches(self) -> list[list[dict[str, Any]]]:
         """This iteration's prompts in generation batches of ``batch_size``."""
         return [self.prompts[i : i + self.batch_size] for i in range(0, len(self.prompts), self.batch_size)]

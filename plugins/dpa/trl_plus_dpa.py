@@ -35,7 +35,6 @@ from trl_plus import (
     Scorer,
     hookimpl,
 )
-from trl_plus.builtin.scorers import RewardModel, RewardModelConfig
 
 #: The released model's system prompt (Haoxiang-Wang/DPA-v1-Mistral-7B model card).
 MODEL_CARD_PROMPT = ("You are a helpful, respectful, and honest assistant who always responds to the user in a harmless "
@@ -133,8 +132,6 @@ class DPA(OnlineMethod, SFT):
         Logs ``dpa/reward`` (mean v·r̃ of all samples: the generation-side reward), ``dpa/selected`` (of the
         kept ones) and ``dpa/<objective>`` (each objective's mean over all samples) with the iteration's first
         step."""
-        from trl_plus.data.tokenize import tokenize_prompt
-
         trainer = it.trainer
         tokenizer = self.tokenizer or trainer.processing_class
         seed = f"{getattr(trainer.args, 'seed', 0)}-{it.index}-{trainer.accelerator.process_index}"
@@ -146,7 +143,7 @@ class DPA(OnlineMethod, SFT):
             for row in batch:
                 theta = rng.uniform(self.config.min_angle, self.config.max_angle)
                 prompt = direction_prompt(row["prompt"], theta, self.config)
-                ids = tokenize_prompt({"prompt": prompt}, tokenizer)["prompt_ids"]
+                ids = self.tokenize({"prompt": prompt}, tokenizer)["prompt_ids"]
                 columns = {**row.get("columns", {}), "angle": theta, "direction": list(direction(theta))}
                 conditioned.append({"prompt_ids": ids, "prompt": prompt, "columns": columns})
             rollouts = it.sample(conditioned)
@@ -162,10 +159,7 @@ class DPA(OnlineMethod, SFT):
                 sums[objective][1] += int((~values.isnan()).sum())
             rows += made
         for key, (total, count) in sums.items():
-            if count:
-                mean = trainer._gathered_mean(_tensor(total / count)) if hasattr(trainer, "_gathered_mean") else \
-                    total / count  # fmt: skip
-                trainer._metrics["train"][f"dpa/{key}"].append(mean)
+            it.log(f"dpa/{key}", total / count if count else float("nan"))  # (every process logs every key)
         return rows
 
     def objective_columns(self, rollouts: Rollouts) -> list[int]:
@@ -214,41 +208,7 @@ class DPA(OnlineMethod, SFT):
         return rows
 
 
-def _tensor(value: float) -> Any:
-    import torch
-
-    return torch.tensor(value, dtype=torch.float64)
-
-
-# -- reward models ------------------------------------------------------------------------------------------------
-
-
-class MultiRewardModelConfig(RewardModelConfig):
-    label: list[int] = Field([0, 1], description="the model's outputs that are the objectives, in order (a k-head "
-                             "regression RM has num_labels = k)")  # fmt: skip
-    names: tuple[str, ...] = Field(("helpfulness", "verbosity"), description="their names (the scorer's outputs)")
-
-    @model_validator(mode="after")
-    def _paired(self):
-        if len(self.label) != len(self.names):
-            raise ValueError(f"{len(self.label)} labels but {len(self.names)} names")
-        return self
-
-
-class MultiRewardModel(RewardModel):
-    """A multi-objective (k-head regression) reward model: the chosen outputs of a sequence-classification model on
-    prompt + completion (the core's ``reward-model`` with several labels), one scorer output per objective."""
-
-    name = "multi-reward-model"
-    summary = "a k-head reward model's attribute scores (helpfulness, verbosity, ...) of prompt + completion"
-    Config = MultiRewardModelConfig
-
-    @property
-    def outputs(self) -> tuple[str, ...]:  # type: ignore[override]  (the configured names)
-        return tuple(self.config.names)
-
-    def score(self, prompts: list, completions: list, **columns: list) -> Any:
-        return super().score(prompts, completions, **columns).squeeze(-1)  # [N, k, 1] -> [N, k]
+# -- a rule vector reward (a real run: the core's reward-model scorer with several labels) ------------------------------------------------------------------------------------------------
 
 
 class ToyAttributes(Scorer):
@@ -262,9 +222,7 @@ class ToyAttributes(Scorer):
     def score(self, prompts: list, completions: list, **columns: list) -> Any:
         import torch
 
-        from trl_plus.builtin.scorers import _text
-
-        texts = [_text(c) for c in completions]
+        texts = [c if isinstance(c, str) else "".join(str(m.get("content", "")) for m in c) for c in completions]
         return torch.tensor([[sum(ch.isdigit() for ch in t), sum(ch.isalpha() for ch in t)] for t in texts],
                             dtype=torch.float64)  # fmt: skip
 
@@ -277,6 +235,6 @@ def register_methods(register):
 
 @hookimpl
 def register_scorers(register):
-    """Register the vector rewards ``multi-reward-model`` (a k-head RM) and ``toy-attributes`` (rules, for tests)."""
-    register(MultiRewardModel)
+    """Register ``toy-attributes``, the rule vector reward of tests and CPU runs (a k-head reward model is the core's
+    ``reward-model`` with several labels)."""
     register(ToyAttributes)

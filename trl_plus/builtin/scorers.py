@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, NonNegativeInt, model_validator
 
 from ..contract import MethodConfig, Scorer
 
@@ -128,17 +128,40 @@ def _sequence_logps(model: Any, tokenizer: Any, prompts: list, completions: list
 
 class RewardModelConfig(ModelScorerConfig):
     model: str = Field(description="a sequence-classification reward model (a folder or hub id)")
-    label: int = Field(0, ge=0, description="which output of the model is the reward (its num_labels > 1)")
+    label: NonNegativeInt | list[NonNegativeInt] = Field(
+        0, description="which output of the model is the reward (its num_labels > 1); a list: a vector reward, one "
+                       "scorer output per label (a k-head model's attributes, e.g. DPA's helpfulness, verbosity)")
+    names: list[str] | None = Field(None, description="the outputs' names, one per label (default: reward, or "
+                                                      "label_<i> for a list of labels)")  # fmt: skip
+
+    @model_validator(mode="after")
+    def _one_name_per_label(self) -> RewardModelConfig:
+        if self.names is not None and len(self.names) != len(self.labels):
+            raise ValueError(f"{len(self.labels)} label(s) but {len(self.names)} name(s)")
+        return self
+
+    @property
+    def labels(self) -> list[int]:
+        """The model outputs read, in order."""
+        return self.label if isinstance(self.label, list) else [self.label]
 
 
 class RewardModel(Scorer):
     """A reward model's score of the conversation prompt + completion (``AutoModelForSequenceClassification``; the
-    model's own tokenizer and chat template)."""
+    model's own tokenizer and chat template); several ``label`` s make it a vector scorer."""
 
     name = "reward-model"
-    summary = "a sequence-classification reward model's score of prompt + completion"
+    summary = "a sequence-classification reward model's score (or k attribute scores) of prompt + completion"
     outputs = ("reward",)
     Config = RewardModelConfig
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        config = self.config
+        if config.names is not None:
+            self.outputs = tuple(config.names)
+        elif isinstance(config.label, list):
+            self.outputs = tuple(f"label_{i}" for i in config.label)
 
     def score(self, prompts: list, completions: list, **columns: list) -> Any:
         import torch
@@ -159,8 +182,8 @@ class RewardModel(Scorer):
                 enc = tokenizer(texts[start : start + self.config.batch_size], return_tensors="pt", padding=True,
                                 truncation=self.config.max_length is not None, max_length=self.config.max_length)
                 enc = {k: v.to(model.device) for k, v in enc.items()}
-                out.append(model(**enc).logits[:, self.config.label].double().cpu())
-        return torch.cat(out).unsqueeze(-1)
+                out.append(model(**enc).logits[:, self.config.labels].double().cpu())
+        return torch.cat(out)  # [N, labels]
 
 
 def _conversation(tokenizer: Any, prompt: Any, completion: Any) -> str:

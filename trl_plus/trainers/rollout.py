@@ -142,15 +142,18 @@ class RolloutMixin:
         return tokenize_completions(self._tokenizer, row["prompt"], {"y": row["columns"][column]})["y"]
 
     def _log_rollouts(self, rollouts: Rollouts) -> None:
-        mode = "train" if self.model.training else "eval"
         reward = rollouts.reward()
-        logs = self._metrics[mode]
         for name in dict.fromkeys(rollouts.source):
             rows = [i for i, s in enumerate(rollouts.source) if s == name]
             suffix = "" if len(set(rollouts.source)) == 1 else f"_{name.replace(':', '_')}"
-            logs[f"rollout/reward{suffix}"].append(self._gathered_mean(reward[rows].mean()))
-        logs["rollout/eos"].append(self._gathered_mean(rollouts.eos.double().mean()))
-        logs["rollout/length"].append(self._gathered_mean(rollouts.lengths.mean()))
+            self.log_metric(f"rollout/reward{suffix}", reward[rows].mean())
+        self.log_metric("rollout/eos", rollouts.eos.double().mean())
+        self.log_metric("rollout/length", rollouts.lengths.mean())
+
+    def log_metric(self, name: str, value: Any) -> None:
+        """Log ``value`` (a number or 0-d tensor) as ``name`` with the next logged step, averaged over processes
+        (so every process calls it) and over the calls since the last log."""
+        self._metrics["train" if self.model.training else "eval"][name].append(self._gathered_mean(value))
 
     # -- generation --------------------------------------------------------------------------------------------
     def _eos_ids(self) -> set[int]:

@@ -23,7 +23,7 @@ from trl_plus_dpa import (
 )
 
 from trl_plus import SFT, Rollouts
-from trl_plus.testing import build_tokenizer, make_context, write_jsonl
+from trl_plus.testing import build_tokenizer, iteration_firsts, make_context, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -124,7 +124,7 @@ def test_toy_attributes_and_the_multi_objective_reward_model(tmp_path):
     assert scores.tolist() == [[2.0, 2.0], [1.0, 1.0]]
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from trl_plus.registry import get_registry
+    from trl_plus import get_registry
 
     tokenizer = build_tokenizer()
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
@@ -132,7 +132,7 @@ def test_toy_attributes_and_the_multi_objective_reward_model(tmp_path):
     torch.manual_seed(0)
     LlamaForSequenceClassification(config).save_pretrained(tmp_path / "rm")
     tokenizer.save_pretrained(tmp_path / "rm")
-    cls = get_registry().get_scorer("multi-reward-model")
+    cls = get_registry().get_scorer("reward-model")  # the core's, with several labels
     rm = cls(model=str(tmp_path / "rm"), label=[2, 0], names=("helpfulness", "verbosity"))
     assert rm.outputs == ("helpfulness", "verbosity")
     out = rm.score(["Q1", "Q2"], ["a1", "b22"])
@@ -156,8 +156,7 @@ def test_iterated_dpa_raises_the_generation_side_reward(tmp_path):
 
     result = train(dpa_recipe(tmp_path))
     run = Path(result.output_dir)
-    logs = json.loads((run / "trainer_state.json").read_text())["log_history"]
-    firsts = [next(e for e in logs if e["iteration"] == t and "loss" in e) for t in (1, 2, 3)]
+    firsts = iteration_firsts(run)
     rewards = [first["dpa/reward"] for first in firsts]  # mean v·r̃ of each iteration's samples
     helpfulness = [first["dpa/helpfulness"] for first in firsts]
     assert rewards[2] - rewards[0] > 1.5, rewards  # measured 1.74 -> 2.24 -> 4.95
