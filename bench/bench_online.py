@@ -14,6 +14,7 @@ completion). The first ``--warmup`` steps of each run are dropped; runs alternat
 
     python bench/bench_online.py             # hidden 256, 4 layers, 8 prompts × 2, 48 new tokens
     python bench/bench_online.py --quick     # smoke run in seconds
+    python bench/bench_online.py --model smollm2-135m-instruct --steps 5 --new-tokens 32   # SmolLM2-135M
 """
 
 from __future__ import annotations
@@ -70,6 +71,15 @@ def timed(obj, name: str, bucket: list):
 
 def model(args):
     torch.manual_seed(0)
+    if args.model:  # a real model: an alias (smollm2-135m-instruct) or a folder, float32
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from trl_plus.models.load import resolve_model_path
+
+        path = resolve_model_path(args.model)
+        tok = AutoTokenizer.from_pretrained(path)
+        tok.pad_token = tok.pad_token or tok.eos_token
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), tok
     tok = build_tokenizer()
     m = build_model(tok, hidden_size=args.hidden, num_layers=args.layers)
     return m, tok
@@ -116,6 +126,8 @@ def run_trl(args, prompts, out):
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", help="a real model instead of the random one (e.g. smollm2-135m-instruct: a "
+                                            "49k vocabulary, where the fused LM head matters)")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--prompts", type=int, default=8)
@@ -139,7 +151,7 @@ def main() -> int:
             per_step = len(gen) // max(len(steps), 1)  # generate calls per step (ours: 1, TRL: 1)
             results[name][1].extend(gen[args.warmup * per_step :])
     tokens = args.prompts * 2 * args.new_tokens
-    print(f"model hidden {args.hidden}, {args.layers} layers, char vocabulary; {args.prompts} prompts × 2 samples "
+    print(f"model {args.model or f'random, hidden {args.hidden}, {args.layers} layers, char vocabulary'}; {args.prompts} prompts × 2 samples "
           f"× {args.new_tokens} new tokens per step; torch {torch.__version__}, {torch.get_num_threads()} threads")
     rows = {}
     for name, label in (("ours", "PlusTrainer online DPO"), ("trl", "trl OnlineDPOTrainer")):

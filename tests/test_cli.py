@@ -9,6 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import yaml
 
 from trl_plus.cli import main
@@ -135,19 +136,18 @@ def test_train_writes_model_recipe_and_state(tmp_path):
 
 
 def test_train_runs_unchanged_under_accelerate_launch(tmp_path):
-    """Two CPU processes (DDP over gloo): one summary, one set of outputs, the same recipe."""
-    accelerate = Path(sys.executable).with_name("accelerate")
-    proc = subprocess.run(
-        [str(accelerate), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-         "--dynamo_backend", "no", "-m", "trl_plus", "train", "recipes/quickstart-tiny.yaml",
-         "--set", f"training.output_dir={tmp_path}", "--set", "training.max_steps=4", "--set", "data.eval=null",
-         "--set", "training.disable_tqdm=true"],
-        capture_output=True, text=True, cwd=ROOT, timeout=300,
-    )  # fmt: skip
+    """Two CPU processes (DDP over gloo): one summary, one set of outputs, the same recipe, and each step takes a
+    batch per process (``accelerate launch --cpu`` would start one process; ``--multi_gpu`` on a machine without
+    GPUs starts two, which trl-plus runs on the CPU)."""
+    from trl_plus.testing import launch
+
+    proc = launch("-m", "trl_plus", "train", "recipes/quickstart-tiny.yaml", "--set", f"training.output_dir={tmp_path}",
+                  "training.max_steps=4", "data.eval=null", "training.disable_tqdm=true")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("finished after 4 steps") == 1
     state = json.loads((tmp_path / "trainer_state.json").read_text())
     assert state["global_step"] == 4 and (tmp_path / "model.safetensors").exists()
+    assert state["epoch"] == pytest.approx(4 * 8 * 2 / 256)  # 4 steps × 8 rows × 2 processes of 256 rows
 
 
 def test_set_takes_several_values_after_one_flag_and_repeats():

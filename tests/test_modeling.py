@@ -78,3 +78,31 @@ def test_a_separate_reference_model_from_the_recipe(tmp_path):
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
     with torch.no_grad():
         assert abs(trainer.compute_loss(trainer.model, batch).item() - math.log(2)) > 1e-3
+
+
+def test_build_once_heals_a_half_copy_and_waits_for_the_process_that_writes_the_model(tmp_path):
+    """Once torch.distributed is up transformers writes model files on rank 0 only: another rank's build writes the
+    tokenizer alone, and must neither install that half copy nor keep one an older version left."""
+    import threading
+
+    from trl_plus.models.cache import build_once
+
+    def full(d):
+        d.mkdir()
+        (d / "config.json").write_text("{}")
+        (d / "tokenizer.json").write_text("{}")
+
+    def tokenizer_only(d):
+        d.mkdir()
+        (d / "tokenizer.json").write_text("{}")
+
+    half = tmp_path / "half"
+    tokenizer_only(half)
+    assert build_once(half, full) == str(half) and (half / "config.json").exists()
+
+    target = tmp_path / "waits"
+    writer = threading.Timer(0.6, lambda: full(target))
+    writer.start()
+    assert build_once(target, tokenizer_only) == str(target) and (target / "config.json").exists()
+    writer.join()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["half", "waits"]  # no temporary folder left

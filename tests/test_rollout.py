@@ -232,3 +232,19 @@ def test_the_example_recipe_of_an_online_method_runs(tmp_path, monkeypatch):
     with registered(OnlineDPOTest):
         result = train(str(tmp_path / "example.yaml"), ["training.max_steps=1", f"training.output_dir={tmp_path / 'run'}"])
     assert result.global_step == 1 and "rollout/reward" in result.metrics
+
+
+def test_a_step_whose_filters_leave_one_process_no_row_runs_on_both_processes(tmp_path):
+    """Two CPU processes under ``accelerate launch``; at step 2 process 0's make_examples returns nothing. Both
+    processes still run the step (no hang in the gradient all-reduce), on stand-in rows whose loss is multiplied
+    by 0, and end with the same parameters."""
+    import json
+
+    from trl_plus.testing import launch
+
+    proc = launch("tests/scripts/online_empty_step.py", str(tmp_path), timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["processes"] == 2
+    assert [e["rollout/empty"] for e in result["logs"]] == [0.0, 0.5, 0.0]  # the mean over the two processes
+    assert result["checksums"][0] == result["checksums"][1]  # DDP kept the processes in step

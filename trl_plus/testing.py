@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -174,13 +175,14 @@ def tiny_trainer(
     from datasets import Dataset
     from trl import DPOConfig
 
+    from .run.train import launched_without_gpus
     from .trainers.preference import PlusTrainer
 
     tokenizer = build_tokenizer()
     defaults = dict(
         output_dir=str(output_dir), max_steps=max_steps, learning_rate=learning_rate, per_device_train_batch_size=8,
         logging_steps=1, report_to="none", save_strategy="no", bf16=False, activation_checkpointing=False,
-        disable_tqdm=True, seed=0, dataloader_pin_memory=False,
+        disable_tqdm=True, seed=0, dataloader_pin_memory=False, use_cpu=launched_without_gpus(),
     )  # fmt: skip
     args = DPOConfig(**{**defaults, **(training or {})})  # training may override any of these (report_to too)
     dataset = Dataset.from_list(list(rows or preference_rows(32)))
@@ -328,6 +330,23 @@ def save_tiny_adapter(base_dir: str | Path, directory: str | Path, seed: int = 1
     config = LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", init_lora_weights=False)
     get_peft_model(base, config).save_pretrained(directory)
     return str(directory)
+
+
+def launch(*argv: str, processes: int = 2, timeout: float = 300):
+    """Run ``accelerate launch`` with ``processes`` CPU processes (DDP over gloo) on ``argv`` — a script and its
+    arguments, or ``"-m", "trl_plus", ...`` — from the repository root; return the finished
+    ``subprocess.CompletedProcess`` (text output). ``--multi_gpu`` is what starts several processes; on a machine
+    without GPUs trl-plus trains them on the CPU (``accelerate launch --cpu`` would start only one)."""
+    import subprocess
+    import sys
+
+    accelerate = Path(sys.executable).with_name("accelerate")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [str(accelerate), "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", *argv],
+        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=timeout, env=env,
+    )  # fmt: skip
 
 
 def cli(*argv: str) -> int:

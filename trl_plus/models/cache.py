@@ -38,16 +38,28 @@ def build_once(target: Path, build: Callable[[Path], None], marker: str = "confi
     """``target`` as a cached directory: when it lacks ``marker`` (``config.json``; a diffusers pipeline:
     ``model_index.json``), ``build(tmp)`` writes a sibling temporary
     directory that is then renamed into place, so concurrent processes (tests, ``accelerate launch``) never see
-    half a checkpoint; the first to finish wins. Returns ``str(target)``."""
+    half a checkpoint; the first to finish wins. A process whose build wrote no ``marker`` — transformers writes
+    model files on rank 0 only once ``torch.distributed`` is up — waits for another's copy. Returns ``str(target)``."""
     import shutil
+    import time
 
-    if not (target / marker).exists():
-        tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-        build(tmp)
-        try:
-            tmp.rename(target)
-        except OSError:  # another process won the race: keep its copy
-            shutil.rmtree(tmp, ignore_errors=True)
+    if (target / marker).exists():
+        return str(target)
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    build(tmp)
+    if not (tmp / marker).exists():  # not this process's to write: wait for the one that writes it
+        shutil.rmtree(tmp, ignore_errors=True)
+        for _ in range(1200):
+            if (target / marker).exists():
+                return str(target)
+            time.sleep(0.5)
+        raise TrlPlusError(f"{target}: no process wrote {marker} within 10 minutes: delete the folder and rerun")
+    if target.exists() and not (target / marker).exists():  # a half copy (older trl-plus): replace it
+        shutil.rmtree(target, ignore_errors=True)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process won the race: keep its copy
+        shutil.rmtree(tmp, ignore_errors=True)
     return str(target)
 
 

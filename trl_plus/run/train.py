@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -179,9 +180,20 @@ def training_args(recipe: Recipe, method, training: dict[str, Any], has_eval: bo
     if "bf16" not in training and "fp16" not in training:
         training["bf16"] = bf16_available()
     training.setdefault("dataloader_pin_memory", torch.cuda.is_available())
+    if launched_without_gpus():
+        training.setdefault("use_cpu", True)
     if has_eval:
         training.setdefault("eval_strategy", "steps")
     return DPOConfig(**training)
+
+
+def launched_without_gpus() -> bool:
+    """True in a process of ``accelerate launch --multi_gpu`` (or ``torchrun``) on a machine without GPUs: the run
+    needs ``use_cpu`` for DDP over gloo between the CPU processes (without it transformers starts each process as a
+    separate single-process run, measured with transformers 5)."""
+    import torch
+
+    return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def recipe_tokenizer(recipe: Recipe):

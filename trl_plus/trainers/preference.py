@@ -603,6 +603,8 @@ class PlusTrainer(GuardMixin, RolloutMixin, MetricsMixin, FrozenSourcesMixin, DP
         outputs = ctx.outputs
         result = self.method.loss(ctx)
         loss = result.loss
+        if getattr(self, "empty_step", False) and self.model.training:
+            loss = loss * 0.0  # stand-in rows (RolloutMixin._stand_in_rows): the step runs, nothing is learned
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
             self._metrics[mode]["aux_loss"].append(self._gathered_mean(outputs.aux_loss))

@@ -16,6 +16,9 @@ One stage, in :meth:`RolloutMixin._prepare_inputs`:
    re-tokenized text), texts, groups, sources, scores and EOS flags to :meth:`Method.make_examples`;
 4. the method's collator collates those rows, and the step runs as for offline data. The stage's figures are
    logged as ``rollout/*`` (``rollout/reward`` is the generation-side reward an online run improves).
+
+A step where the method's filters leave a process no row still runs there, on stand-in rows with its loss
+multiplied by 0 (``rollout/empty``): under ``accelerate launch`` the other processes wait for its gradients.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from accelerate.utils import is_peft_model
 from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import use_adapter
 
-from ..contract import Rollout, Rollouts, Scorer, check_decoding
+from ..contract import Method, Rollout, Rollouts, Scorer, check_decoding
 from ..data.collate import PROMPT_ROWS
 from ..errors import TrlPlusError
 from .adapters import REFERENCE_ADAPTER, active_adapter
@@ -67,12 +70,32 @@ class RolloutMixin:
     # -- the stage -------------------------------------------------------------------------------------------
     def _prepare_inputs(self, inputs):
         if isinstance(inputs, Mapping) and PROMPT_ROWS in inputs:
-            rows = self.method.make_examples(self.rollout_stage(inputs[PROMPT_ROWS]))
-            if not rows:  # every prompt's samples tied or were filtered: an empty step would hang other processes
-                raise TrlPlusError(f"method {self.method.name!r}: make_examples built no training row from this "
-                                   "batch's samples")  # fmt: skip
-            inputs = self.method_collator([dict(row) for row in rows])
+            rollouts = self.rollout_stage(inputs[PROMPT_ROWS])
+            rows = [dict(row) for row in self.method.make_examples(rollouts)]
+            self.empty_step = not rows
+            self.log_metric("rollout/empty", float(self.empty_step))  # every process logs: the mean is collective
+            if rows:
+                self._last_rows = rows
+            else:  # the method's filters left nothing: still run a step (see _stand_in_rows)
+                rows = self._stand_in_rows(rollouts)
+            inputs = self.method_collator(rows)
         return super()._prepare_inputs(inputs)
+
+    empty_step: bool = False  # this step's rows are stand-ins: its loss is multiplied by 0 (see _stand_in_rows)
+
+    def _stand_in_rows(self, rollouts: Rollouts) -> list[dict[str, Any]]:
+        """Rows for a step whose samples gave the method none (every pair filtered out, say). Skipping the step on
+        this process would hang the others in their gradient all-reduce under ``accelerate launch``, so the step runs
+        on stand-in rows — the last step's rows, or the core's best-vs-worst pairs of these samples — with its loss
+        multiplied by 0: the same forward and backward on every process, no gradient from this one
+        (``rollout/empty`` logs the share of such steps)."""
+        rows = getattr(self, "_last_rows", None)
+        if rows is None:
+            rows = [dict(row) for row in Method.make_examples(self.method, rollouts)]
+        if not rows:
+            raise TrlPlusError(f"method {self.method.name!r}: make_examples built no training row from the first "
+                               "step's samples, and one sample per prompt gives no stand-in pair: set rollout.n ≥ 2")
+        return rows
 
     def rollout_stage(self, prompt_rows: list[dict[str, Any]]) -> Rollouts:
         """Sample, decode and score completions of ``prompt_rows`` (as the prompt collator gives them)."""
