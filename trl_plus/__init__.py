@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from ._version import __version__  # noqa: F401 (re-exported)
 from .builtin.diffusion import DiffusionDPO, DiffusionDPOConfig
 from .builtin.dpo import DPO, DPOConfig, dpo_losses
+from .builtin.group import GRPO, GroupContext, GroupMethod
 from .builtin.metrics import pair_accuracy
 from .builtin.online import OnlineMethod
 from .builtin.sft import SFT
@@ -45,7 +46,7 @@ from .registry import get_method, get_registry
 from .trainers.frozen import REFERENCE_MODES, Teacher, resolve_reference_mode
 
 __all__ = [
-    "DPO", "DPOConfig", "DiffusionDPO", "DiffusionDPOConfig", "DiffusionMethod", "DiffusionTrainer", "FieldCollation",
+    "DPO", "DPOConfig", "GRPO", "GroupContext", "GroupMethod", "PlusGRPOTrainer", "DiffusionDPO", "DiffusionDPOConfig", "DiffusionMethod", "DiffusionTrainer", "FieldCollation",
     "FrozenOutputs", "IterationContext", "ListField", "LossContext", "LossOutput", "Method", "MethodConfig", "Metric", "ModelAlias", "Needs",
     "PairwiseCollator", "Paper", "PlusTrainer", "Rollout", "Rollouts", "PolicyOutputs", "REFERENCE_MODES", "Recipe", "SFT", "Sequence", "Scoring",
     "SequencesCollator", "Scorer", "Stage", "TAXONOMY", "Teacher", "TopK", "Inversion", "TrainResult", "TrlPlusError", "check_recipe",
@@ -74,12 +75,14 @@ if TYPE_CHECKING:
     from .run.train import TrainResult, train
     from .run.validate import check_recipe
     from .trainers.adapters import combine, trained_module
+    from .trainers.group import PlusGRPOTrainer
     from .trainers.preference import PlusTrainer
     from .trainers.stages import run_stages
 
 #: Names that need torch/TRL, imported on first access: name -> module.
 _LAZY = {
     "PlusTrainer": "trainers.preference",
+    "PlusGRPOTrainer": "trainers.group",
     "DiffusionTrainer": "diffusion.trainer",
     "Inversion": "diffusion.inversion",
     "Noised": "diffusion.scorer",

@@ -291,7 +291,9 @@ class Rollouts:
       :attr:`Rollout.sources` entry it came from;
     - ``scores`` ``[N, S]``: every scorer output (NaN: not applicable), ``weights`` ``[S]`` the recipe's weights;
     - ``eos`` ``[N]`` bool, ``lengths`` ``[N]`` completion tokens;
-    - ``columns``: the prompts' other data columns, repeated per row.
+    - ``columns``: the prompts' other data columns, repeated per row;
+    - ``old_token_logps`` ``[N, T]``: the sampling policy's per-token log-probs (right-padded), where a group
+      method ``wants_old_logps``.
     """
 
     prompt_ids: list[list[int]]
@@ -306,6 +308,7 @@ class Rollouts:
     lengths: torch.Tensor
     columns: Mapping[str, list] = field(default_factory=dict)
     score_names: tuple[str, ...] = ()
+    old_token_logps: torch.Tensor | None = None
 
     def reward(self) -> torch.Tensor:
         """``[N]`` the weighted sum of the scores, NaN outputs skipped (``nansum``; all NaN → 0)."""

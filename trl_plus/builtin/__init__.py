@@ -11,13 +11,16 @@ class BuiltinPlugin:
 
     @hookimpl
     def register_methods(self, register):
-        """The core's methods: ``dpo``, ``sft`` and, for diffusion models, ``diffusion-dpo`` and ``diffusion-sft``."""
+        """The core's methods: ``dpo``, ``sft``, ``grpo`` (TRL's GRPO, on PlusGRPOTrainer) and, for diffusion
+        models, ``diffusion-dpo`` and ``diffusion-sft``."""
         from .diffusion import DiffusionDPO, DiffusionSFT
         from .dpo import DPO
+        from .group import GRPO
         from .sft import SFT
 
         register(DPO)
         register(SFT)
+        register(GRPO)
         register(DiffusionDPO)
         register(DiffusionSFT)
 

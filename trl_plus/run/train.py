@@ -110,6 +110,8 @@ def build_trainer(recipe: Recipe, callbacks: list | None = None):
         trainer.stages = stages
         return trainer
 
+    if method.trainer == "group":
+        return build_group_trainer(recipe, method, training, train_dataset, eval_dataset, stages, callbacks)
     args = training_args(recipe, method, training, has_eval=eval_dataset is not None)
     tokenizer = recipe_tokenizer(recipe)
     check_chat_template(tokenizer, {"train": train_dataset, "eval": eval_dataset}, recipe, method)
@@ -165,18 +167,21 @@ def build_trainer(recipe: Recipe, callbacks: list | None = None):
     return trainer
 
 
-def training_args(recipe: Recipe, method, training: dict[str, Any], has_eval: bool = False):
-    """The run's ``trl.DPOConfig``: the recipe's ``training`` block (validated) over trl-plus's defaults (no
-    reports, checkpointing as ``model.gradient_checkpointing`` says, bf16 where the hardware has it)."""
+def training_args(recipe: Recipe, method, training: dict[str, Any], has_eval: bool = False, config_cls: Any = None):
+    """The run's ``trl.DPOConfig`` (or ``config_cls``: a group method's ``trl.GRPOConfig``): the recipe's
+    ``training`` block (validated) over trl-plus's defaults (no reports, checkpointing as
+    ``model.gradient_checkpointing`` says, bf16 where the hardware has it)."""
     import torch
     from trl import DPOConfig
+
+    config_cls = config_cls or DPOConfig
 
     training.setdefault("output_dir", default_output_dir(method))
     training.setdefault("report_to", "none")
     if recipe.model.gradient_checkpointing is not None:
         training["activation_checkpointing"] = recipe.model.gradient_checkpointing
     # TRL's default (on), passed under transformers' current name: DPOConfig's own default sets the deprecated one
-    training.setdefault("activation_checkpointing", DPOConfig.gradient_checkpointing)
+    training.setdefault("activation_checkpointing", config_cls.gradient_checkpointing)
     if "bf16" not in training and "fp16" not in training:
         training["bf16"] = bf16_available()
     training.setdefault("dataloader_pin_memory", torch.cuda.is_available())
@@ -184,7 +189,43 @@ def training_args(recipe: Recipe, method, training: dict[str, Any], has_eval: bo
         training.setdefault("use_cpu", True)
     if has_eval:
         training.setdefault("eval_strategy", "steps")
-    return DPOConfig(**training)
+    return config_cls(**training)
+
+
+def build_group_trainer(recipe: Recipe, method, training, train_dataset, eval_dataset, stages, callbacks):
+    """A group method's :class:`~trl_plus.PlusGRPOTrainer` from the recipe: ``training`` as a ``trl.GRPOConfig``,
+    the model (LoRA/QLoRA as the model block says), the rollout and its scorers. The reference, when the method's
+    ``beta`` > 0, is the adapter off (LoRA) or a frozen copy of the starting policy."""
+    from trl import GRPOConfig
+
+    if stages is not None or recipe.iterations is not None:
+        raise TrlPlusError(f"{recipe_source(recipe)}: method {method.name!r} is a group-RL method: it runs without "
+                           "stages: or iterations:")  # fmt: skip
+    if recipe.reference.mode not in ("auto", "model", "adapter") or recipe.reference.name_or_path:
+        raise TrlPlusError(f"{recipe_source(recipe)}: reference: a group method's reference is the starting policy (the "
+                           "adapter off, or a frozen copy): leave reference.mode at auto")  # fmt: skip
+    args = training_args(recipe, method, training, has_eval=eval_dataset is not None, config_cls=GRPOConfig)
+    tokenizer = recipe_tokenizer(recipe)
+    check_chat_template(tokenizer, {"train": train_dataset, "eval": eval_dataset}, recipe, method)
+    try:
+        check_lora_targets(recipe.model, resolve_model_path(recipe.model.name_or_path, recipe.model.gguf_file))
+    except TrlPlusError as exc:
+        raise TrlPlusError(f"{recipe_source(recipe)}: {exc}") from None
+    model = load_model(recipe.model, gradient_checkpointing=args.activation_checkpointing)
+    peft_config, lr_scales = peft_configs(recipe.model)
+    if lr_scales:
+        raise TrlPlusError(f"{recipe_source(recipe)}: model.adapters: a group method trains one adapter (model.lora)")
+    from ..trainers.group import PlusGRPOTrainer
+
+    try:
+        trainer = PlusGRPOTrainer(model, method=method, args=args, train_dataset=train_dataset,
+                                  eval_dataset=eval_dataset, processing_class=tokenizer, peft_config=peft_config,
+                                  callbacks=callbacks, nan=recipe.training.get("nan", "stop"),
+                                  **_online(recipe, method))  # fmt: skip
+    except TrlPlusError as exc:
+        raise TrlPlusError(f"{recipe_source(recipe)}: {exc}") from None
+    trainer.stages, trainer.iterations = None, None
+    return trainer
 
 
 def launched_without_gpus() -> bool:

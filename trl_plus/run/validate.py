@@ -145,7 +145,7 @@ def _check_range(key: str, value: Any, where: Callable[[str], str]) -> None:
 
 
 def validate_training(training: dict[str, Any], where: str | Callable[[str], str],
-                      config_cls: type | None = None) -> dict[str, Any]:  # fmt: skip
+                      config_cls: type | None = None, owned: dict[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
     """Check the ``training`` block against ``trl.DPOConfig`` (or another ``TrainingArguments`` dataclass,
     ``config_cls``: a diffusion run's ``DiffusionConfig``): names first (without importing TRL), then types and
     the ranges of counts and rates; return it with coerced values, the deprecated names of
@@ -168,9 +168,10 @@ def validate_training(training: dict[str, Any], where: str | Callable[[str], str
         from trl import DPOConfig
 
         fields = {f.name for f in dataclasses.fields(DPOConfig) if f.init}
+    owned = OWNED_TRAINING_KEYS if owned is None else owned
     for key in training:
-        if key in OWNED_TRAINING_KEYS:
-            raise TrlPlusError(f"{where('training.' + key)}: set by trl-plus; use {OWNED_TRAINING_KEYS[key]} instead")
+        if key in owned:
+            raise TrlPlusError(f"{where('training.' + key)}: set by trl-plus; use {owned[key]} instead")
         if key not in fields:
             raise TrlPlusError(f"{where('training.' + key)}: unknown key{did_you_mean(key, fields)}")
         name = RENAMED_TRAINING_KEYS.get(key, key)
@@ -220,10 +221,14 @@ def check_recipe(recipe: Recipe):
     build_rollout(recipe, method)
     plan_iterations(recipe, method)
     training = {k: v for k, v in recipe.training.items() if k not in RUN_TRAINING_KEYS}
-    config_cls = None
+    config_cls, owned = None, None
     if method.trainer == "diffusion":
         from ..diffusion.trainer import DiffusionConfig as config_cls
-    training = validate_training(training, lambda key: locate(recipe, key), config_cls)
+    elif method.trainer == "group":
+        from trl import GRPOConfig as config_cls
+
+        from ..trainers.group import OWNED_GROUP_KEYS as owned
+    training = validate_training(training, lambda key: locate(recipe, key), config_cls, owned)
     check_report_to(training.get("report_to"), lambda key: locate(recipe, key))
     resume = recipe.training.get("resume_from_checkpoint")  # true (the latest checkpoint) or a folder
     if not isinstance(resume, (bool, str, type(None))):

@@ -1,7 +1,7 @@
 """Trainers, one per trainer kind (``Method.trainer``). ``preference`` is :class:`~trl_plus.PlusTrainer` (TRL's
 ``DPOTrainer``); ``diffusion`` is :class:`~trl_plus.diffusion.trainer.DiffusionTrainer` (``transformers.Trainer``
-on a diffusers denoiser, the optional extra ``trl-plus[diffusion]``); the online and group-RL trainers will sit
-beside them, sharing ``frozen``.
+on a diffusers denoiser, the optional extra ``trl-plus[diffusion]``); ``group`` is
+:class:`~trl_plus.trainers.group.PlusGRPOTrainer` (TRL's ``GRPOTrainer``, for :class:`~trl_plus.GroupMethod` s).
 
 Light at import: :func:`trainer_class` imports a trainer (torch, TRL) only when asked for it.
 """
@@ -16,6 +16,7 @@ from ..errors import TrlPlusError
 TRAINER_KINDS = {
     "preference": "trl_plus.trainers.preference:PlusTrainer",
     "diffusion": "trl_plus.diffusion.trainer:DiffusionTrainer",
+    "group": "trl_plus.trainers.group:PlusGRPOTrainer",
 }
 #: Trainer kind -> (the module it needs beyond the core's dependencies, the install line of the optional extra).
 TRAINER_EXTRAS = {"diffusion": ("diffusers", 'pip install "trl-plus[diffusion]"')}
