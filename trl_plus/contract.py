@@ -919,6 +919,24 @@ class Scorer(Configured):
         scorer: its first output."""
         return self.score([prompt] * len(candidates), candidates, **columns)[:, 0]
 
+    def checked_scores(self, prompts: list, completions: list, **columns: list) -> torch.Tensor:
+        """:meth:`score` as a float64 ``[N, len(outputs)]`` tensor (a 1-D result of a one-output scorer is a column),
+        or a one-line error naming the scorer: one that raises, or returns another shape."""
+        import torch
+
+        try:
+            value = self.score(prompts, completions, **columns)
+        except Exception as exc:  # a scorer of a plugin: say which one failed, on how many rows
+            raise TrlPlusError(f"rollout.scorers: {self.name} failed on {len(completions)} completions: "
+                               f"{type(exc).__name__}: {exc}") from exc  # fmt: skip
+        value = torch.as_tensor(value, dtype=torch.float64)
+        if value.dim() == 1 and len(self.outputs) == 1:
+            value = value.unsqueeze(-1)
+        if tuple(value.shape) != (len(completions), len(self.outputs)):
+            raise TrlPlusError(f"rollout.scorers: {self.name} returned shape {tuple(value.shape)} for "
+                               f"{len(completions)} completions; expected ({len(completions)}, {len(self.outputs)})")
+        return value
+
     def reward_funcs(self) -> list[Callable[..., list[float]]]:
         """TRL-compatible reward functions (``GRPOTrainer(reward_funcs=...)``), one per output, called as
         ``f(prompts=, completions=, **columns)`` and returning one float per completion; the outputs of one batch
@@ -929,7 +947,7 @@ class Scorer(Configured):
             key = (id(prompts), id(completions), len(completions))
             if cache.get("key") != key:
                 wanted = {c: columns[c] for c in self.columns if c in columns}
-                cache["key"], cache["value"] = key, self.score(list(prompts), list(completions), **wanted)
+                cache["key"], cache["value"] = key, self.checked_scores(list(prompts), list(completions), **wanted)
             return cache["value"]
 
         def make(j: int, output: str) -> Callable[..., list[float]]:

@@ -204,7 +204,21 @@ def build_group_trainer(recipe: Recipe, method, training, train_dataset, eval_da
     if recipe.reference.mode not in ("auto", "model", "adapter") or recipe.reference.name_or_path:
         raise TrlPlusError(f"{recipe_source(recipe)}: reference: a group method's reference is the starting policy (the "
                            "adapter off, or a frozen copy): leave reference.mode at auto")  # fmt: skip
-    args = training_args(recipe, method, training, has_eval=eval_dataset is not None, config_cls=GRPOConfig)
+    from ..trainers.group import check_group_batch
+
+    online = _online(recipe, method)
+    n = online["rollout"].n
+    try:
+        check_group_batch(training.get("per_device_train_batch_size", GRPOConfig.per_device_train_batch_size),
+                          training.get("gradient_accumulation_steps", 1), int(os.environ.get("WORLD_SIZE", "1")),
+                          training.get("generation_batch_size"), training.get("steps_per_generation"), n)  # fmt: skip
+    except TrlPlusError as exc:
+        raise TrlPlusError(f"{recipe_source(recipe)}: {exc}") from None
+    training["num_generations"] = n  # TRL's GRPOConfig checks its batch arithmetic against it when built
+    try:
+        args = training_args(recipe, method, training, has_eval=eval_dataset is not None, config_cls=GRPOConfig)
+    except ValueError as exc:  # GRPOConfig's own checks (auto_find_batch_size, eval batch vs groups...)
+        raise TrlPlusError(f"{recipe_source(recipe)}: training: {str(exc).splitlines()[0]}") from None
     tokenizer = recipe_tokenizer(recipe)
     check_chat_template(tokenizer, {"train": train_dataset, "eval": eval_dataset}, recipe, method)
     try:
@@ -220,8 +234,7 @@ def build_group_trainer(recipe: Recipe, method, training, train_dataset, eval_da
     try:
         trainer = PlusGRPOTrainer(model, method=method, args=args, train_dataset=train_dataset,
                                   eval_dataset=eval_dataset, processing_class=tokenizer, peft_config=peft_config,
-                                  callbacks=callbacks, nan=recipe.training.get("nan", "stop"),
-                                  **_online(recipe, method))  # fmt: skip
+                                  callbacks=callbacks, nan=recipe.training.get("nan", "stop"), **online)  # fmt: skip
     except TrlPlusError as exc:
         raise TrlPlusError(f"{recipe_source(recipe)}: {exc}") from None
     trainer.stages, trainer.iterations = None, None

@@ -70,15 +70,22 @@ def grpo_args(args: GRPOConfig, rollout: Rollout, scorers: Sequence[tuple[Scorer
     args.generation_kwargs = {**(args.generation_kwargs or {}), **extra} or None
     args.reward_weights = [float(w) for scorer, w in scorers for _ in scorer.outputs]
     args.beta = float(beta)
-    if args.generation_batch_size is not None and args.generation_batch_size % rollout.n:
-        raise TrlPlusError(f"training.generation_batch_size: {args.generation_batch_size} completions is not a "
-                           f"multiple of rollout.n = {rollout.n} (a group would split)")  # fmt: skip
-    generation = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-    if args.generation_batch_size is None and args.steps_per_generation is None and generation % rollout.n:
+    check_group_batch(args.per_device_train_batch_size, args.gradient_accumulation_steps, args.world_size,
+                      args.generation_batch_size, args.steps_per_generation, rollout.n)  # fmt: skip
+
+
+def check_group_batch(per_device: int, accumulation: int, processes: int, generation_batch_size: int | None,
+                      steps_per_generation: int | None, n: int) -> None:  # fmt: skip
+    """A one-line error when a generation batch would not hold whole groups of ``n`` completions."""
+    if generation_batch_size is not None and generation_batch_size % n:
+        raise TrlPlusError(f"training.generation_batch_size: {generation_batch_size} completions is not a multiple of "
+                           f"rollout.n = {n} (a group would split)")  # fmt: skip
+    generation = per_device * (steps_per_generation or accumulation) * processes
+    if generation_batch_size is None and generation % n:
         raise TrlPlusError(
-            f"training.per_device_train_batch_size: {args.per_device_train_batch_size} × gradient_accumulation_steps"
-            f" {args.gradient_accumulation_steps} × {args.world_size} process(es) = {generation} completions per "
-            f"generation batch, not a multiple of rollout.n = {rollout.n}: it counts completions, not prompts"
+            f"training.per_device_train_batch_size: {per_device} × {'steps_per_generation' if steps_per_generation else 'gradient_accumulation_steps'} "
+            f"{steps_per_generation or accumulation} × {processes} process(es) = {generation} completions per generation "
+            f"batch, not a multiple of rollout.n = {n}: it counts completions, not prompts"
         )
 
 

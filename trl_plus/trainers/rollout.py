@@ -141,17 +141,7 @@ class RolloutMixin:
             if missing:
                 raise TrlPlusError(f"rollout.scorers: {scorer.name} reads the data column(s) {', '.join(missing)}, "
                                    "which the prompts lack")  # fmt: skip
-            try:
-                value = scorer.score(prompts, texts, **{c: columns[c] for c in scorer.columns})
-            except Exception as exc:  # a scorer of a plugin: say which one failed, on which rows
-                raise TrlPlusError(f"rollout.scorers: {scorer.name} failed on {len(texts)} completions: "
-                                   f"{type(exc).__name__}: {exc}") from exc  # fmt: skip
-            value = torch.as_tensor(value, dtype=torch.float64)
-            if value.dim() == 1 and len(scorer.outputs) == 1:
-                value = value.unsqueeze(-1)
-            if tuple(value.shape) != (len(texts), len(scorer.outputs)):
-                raise TrlPlusError(f"rollout.scorers: {scorer.name} returned shape {tuple(value.shape)} for "
-                                   f"{len(texts)} completions; expected ({len(texts)}, {len(scorer.outputs)})")
+            value = scorer.checked_scores(prompts, texts, **{c: columns[c] for c in scorer.columns})
             outputs.append(value)
             names += [f"{scorer.name}/{o}" if len(scorer.outputs) > 1 else scorer.name for o in scorer.outputs]
             weights += [weight] * len(scorer.outputs)
