@@ -156,3 +156,28 @@ def test_bad_iterations_blocks_are_one_line(tmp_path, monkeypatch):
     del recipe["rollout"]
     with pytest.raises(TrlPlusError, match=r"iterations: method 'dpo' trains on its data, it samples nothing"):
         check_recipe(load_recipe(recipe))
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_a_precomputed_reference_is_recomputed_per_iteration_and_trains_as_the_live_one(tmp_path, monkeypatch, lora):
+    """reference.mode: precomputed in an iterated run: each iteration's rows get the reference's log-probs once,
+    with the policy as it stands (adapter on), so no step runs a reference forward, and the curve equals the live
+    reference's (the frozen ref adapter, or the reference model)."""
+    from trl_plus import train
+    from trl_plus.trainers.frozen import REF_COLUMN
+    from trl_plus.trainers.preference import PlusTrainer
+
+    with registered(IterativeDPOTest):
+        live = train(iterated_recipe(tmp_path / "live", lora=lora, iterations={"count": 2}))
+        calls = []
+        original = PlusTrainer.reference_token_logps
+        monkeypatch.setattr(PlusTrainer, "reference_token_logps",
+                            lambda self, inputs: calls.append(REF_COLUMN in inputs) or original(self, inputs))
+        pre = train(iterated_recipe(tmp_path / "pre", lora=lora, iterations={"count": 2},
+                                    reference={"mode": "precomputed"}))  # fmt: skip
+    assert len(calls) == 8 and all(calls)  # every step read the precomputed columns: no reference forward
+    expected, got = losses(live.output_dir), losses(pre.output_dir)
+    assert [(t, s) for t, s, _ in got] == [(t, s) for t, s, _ in expected]
+    assert [loss for _, _, loss in got] == pytest.approx([loss for _, _, loss in expected], abs=1e-5)
+    for first in iteration_firsts(pre.output_dir):
+        assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)

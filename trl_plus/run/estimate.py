@@ -525,7 +525,8 @@ def estimate(recipe: Recipe, sequences: int | None = None, prompt_tokens: int = 
                    if "logits" in kinds and name in given and given[name].mode == "live"]  # fmt: skip
     lines += scored_logits_lines(shapes, tokens, method.needs, live_logits, "head" if checkpointing else "")
 
-    mode = resolve_reference_mode(method, recipe.reference.mode, spec.uses_lora, False)
+    mode = resolve_reference_mode(method, recipe.reference.mode, spec.uses_lora, False,
+                                  iterated=recipe.iterations is not None)  # fmt: skip
     if mode == "model":
         ref = recipe.reference
         ref_spec = spec

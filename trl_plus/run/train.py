@@ -121,7 +121,8 @@ def build_trainer(recipe: Recipe, callbacks: list | None = None):
         raise TrlPlusError(f"{recipe_source(recipe)}: {exc}") from None
     model = load_model(recipe.model, gradient_checkpointing=args.activation_checkpointing)
     peft_config, lr_scales = peft_configs(recipe.model)
-    mode = resolve_reference_mode(method, recipe.reference.mode, peft_config is not None, False)
+    mode = resolve_reference_mode(method, recipe.reference.mode, peft_config is not None, False,
+                                  iterated=recipe.iterations is not None)  # fmt: skip
     ref_model = None
     if mode == "model" or (mode == "precomputed" and recipe.reference.name_or_path):
         ref_spec = recipe.model

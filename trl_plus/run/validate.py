@@ -302,7 +302,7 @@ def check_recipe(recipe: Recipe):
         raise TrlPlusError(f"{source}: {exc}") from None
     try:  # the one copy of the reference-mode rules (the trainer applies the same function)
         resolve_reference_mode(method, recipe.reference.mode, is_peft=recipe.model.uses_lora,
-                               has_ref_model=False)  # fmt: skip
+                               has_ref_model=False, iterated=recipe.iterations is not None)  # fmt: skip
     except TrlPlusError as exc:
         raise TrlPlusError(f"{source}: {exc}") from None
     return method, training
@@ -673,13 +673,15 @@ def plan_iterations(recipe: Recipe, method):
     if recipe.stages is not None:
         raise TrlPlusError(f"{locate(recipe, 'iterations')}: a run has stages or iterations, not both")
     mode = resolve_reference_mode(method, recipe.reference.mode, recipe.model.uses_lora,
-                                  recipe.reference.name_or_path is not None)  # fmt: skip
+                                  recipe.reference.name_or_path is not None, iterated=True)  # fmt: skip
     if spec.reference == "previous" and mode == "none":
         raise TrlPlusError(f"{locate(recipe, 'iterations.reference')}: method {method.name!r} runs without a "
                            "reference, so none can be promoted; drop iterations.reference")  # fmt: skip
-    if mode == "precomputed":
-        raise TrlPlusError(f"{locate(recipe, 'reference.mode')}: iterations build new rows every iteration; use "
-                           "reference.mode: adapter (LoRA) or model, not precomputed")  # fmt: skip
+    if (mode == "precomputed" and spec.reference == "initial" and not recipe.model.uses_lora
+            and not recipe.reference.name_or_path):  # fmt: skip
+        raise TrlPlusError(f"{locate(recipe, 'reference.mode')}: precomputed with iterations.reference: initial and "
+                           "full fine-tuning needs the initial model after iteration 1: use model.lora, "
+                           "reference.name_or_path, or reference.mode: model")  # fmt: skip
     if len(spec.training) > spec.count:
         raise TrlPlusError(f"{locate(recipe, 'iterations.training')}: {len(spec.training)} entries for "
                            f"{spec.count} iterations (iterations.count)")  # fmt: skip

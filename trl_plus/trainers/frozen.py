@@ -21,8 +21,11 @@ REF_COLUMN = "ref_token_logps"
 HIDDEN_KINDS = ("logits", "hidden_states")
 
 
-def resolve_reference_mode(method: Method, mode: str, is_peft: bool, has_ref_model: bool) -> str:
-    """The concrete reference mode (``model``, ``adapter``, ``precomputed`` or ``none``) for a method and setup."""
+def resolve_reference_mode(method: Method, mode: str, is_peft: bool, has_ref_model: bool,
+                           iterated: bool = False) -> str:  # fmt: skip
+    """The concrete reference mode (``model``, ``adapter``, ``precomputed`` or ``none``) for a method and setup.
+    ``iterated``: the run's rows are fixed within each iteration (an ``iterations:`` block), so an online method's
+    reference may be precomputed per iteration."""
     if mode not in REFERENCE_MODES:
         raise TrlPlusError(f"reference.mode: {mode!r} is not one of {', '.join(REFERENCE_MODES)}")
     need = method.needs.reference
@@ -38,7 +41,7 @@ def resolve_reference_mode(method: Method, mode: str, is_peft: bool, has_ref_mod
         return "none"
     if mode == "auto":
         return "model" if has_ref_model or not is_peft else "adapter"
-    if mode == "precomputed" and not method.needs.precomputable_reference:
+    if mode == "precomputed" and not method.needs.precomputable_reference and not iterated:
         raise TrlPlusError(
             f"reference.mode: method {method.name!r} changes its sequences at every step, so reference log-probs "
             "precomputed before training cannot match them; use auto, model or adapter"

@@ -8,7 +8,10 @@ iteration ``t`` of ``count``,
 2. the replayed rows join them: ``replay[0]`` of iteration t−1's rows, ``replay[1]`` of t−2's, ... (drawn with
    the run's seed);
 3. with ``reference: previous`` the reference becomes a frozen copy of the policy (π_ref ← π_θ: a full copy or
-   the frozen ``ref`` adapter), so the iteration's first loss is the method's at policy = reference (ln 2 for DPO);
+   the frozen ``ref`` adapter; with ``reference.mode: precomputed`` its log-probs on the iteration's rows, computed
+   once with the policy as it stands, adapter on — the rows are fixed within an iteration, so this is exact and
+   saves the reference forward of every step), so the iteration's first loss is the method's at policy =
+   reference (ln 2 for DPO);
 4. one ``trainer.train()`` with a fresh optimiser and scheduler and the iteration's ``training`` overrides.
 
 Everything an iteration needs to be redone is under ``output_dir/iter-<t>/``: ``rows.jsonl`` (its own rows),
@@ -25,7 +28,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from accelerate.utils import gather_object
+from accelerate.utils import gather_object, is_peft_model
 
 from ..contract import IterationContext
 from ..data.collate import PromptCollator
@@ -78,6 +81,11 @@ def run_iterations(trainer: Any, plan: Any, resume: bool = False) -> None:
 
     if plan.reference == "previous" and trainer.reference_mode == "none":
         raise TrlPlusError(f"iterations.reference: method {trainer.method.name!r} has no reference to promote")
+    if (plan.reference == "initial" and trainer.reference_mode == "precomputed" and trainer.ref_model is None
+            and not is_peft_model(trainer.model)):  # fmt: skip
+        raise TrlPlusError("iterations.reference: initial with reference.mode: precomputed and full fine-tuning "
+                           "needs the initial model after iteration 1: use model.lora, reference.name_or_path, or "
+                           "reference.mode: model")  # fmt: skip
     prompts, root = trainer.train_dataset, trainer.args.output_dir
     collate = PromptCollator(getattr(trainer, "_prompt_columns", ("prompt",)))
     parts = iteration_prompts(len(prompts), plan.count, plan.prompts)
@@ -116,10 +124,13 @@ def run_iterations(trainer: Any, plan: Any, resume: bool = False) -> None:
                                    f"{len(parts[t])} prompts' samples (every sample tied?)")  # fmt: skip
             history.append(rows)
             dataset = Dataset.from_list(rows + [history[i][j] for i, j in replayed])
+            if trainer.reference_mode == "precomputed":  # rows are fixed within an iteration: one reference pass
+                dataset = trainer.reference_columns_for(dataset, initial=t == 0 or plan.reference == "initial")
+            elif t > 0 and plan.reference == "previous":
+                trainer.train_dataset = dataset
+                trainer.refresh_reference()
             trainer.train_dataset = dataset
             trainer._signature_columns = list(dataset.column_names)
-            if t > 0 and plan.reference == "previous":
-                trainer.refresh_reference()
             for key, value in {**base, **(plan.training[t] if t < len(plan.training) else {})}.items():
                 setattr(trainer.args, key, value)
             _fresh_optimizer(trainer)

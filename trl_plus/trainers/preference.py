@@ -174,8 +174,12 @@ class PlusTrainer(GuardMixin, RolloutMixin, MetricsMixin, FrozenSourcesMixin, DP
             tokenizer.pad_token = tokenizer.eos_token
 
         will_be_peft = peft_config is not None or (not isinstance(model, str) and is_peft_model(model))
+        spec = rollout or self.method.needs.rollout
+        per_iteration = spec is not None and spec.when == "iteration"
+        #: rows built per iteration by the driver (trl_plus.trainers.iterations), which precomputes their reference
+        self.rows_per_iteration = per_iteration
         self.reference_mode = resolve_reference_mode(
-            self.method, reference_mode, will_be_peft, has_ref_model=ref_model is not None
+            self.method, reference_mode, will_be_peft, has_ref_model=ref_model is not None, iterated=per_iteration
         )
         if self.reference_mode == "none" and ref_model is not None:
             raise TrlPlusError(f"method {self.method.name!r} runs without a reference; do not pass ref_model")
@@ -221,7 +225,7 @@ class PlusTrainer(GuardMixin, RolloutMixin, MetricsMixin, FrozenSourcesMixin, DP
             processing_class=processing_class, peft_config=peft_config, **kwargs,
         )  # fmt: skip
         self.precompute_ref_logps = args.precompute_ref_log_probs = self.reference_mode == "precomputed"
-        if self.precompute_ref_logps:
+        if self.precompute_ref_logps and not self.rows_per_iteration:
             self.ref_model = None  # its log-probs are in the dataset now: free the weights
         self.ld_alpha = None  # TRL's loss options are unused: the method owns the loss
         self.beta = getattr(self.method.config, "beta", None)
@@ -452,8 +456,23 @@ class PlusTrainer(GuardMixin, RolloutMixin, MetricsMixin, FrozenSourcesMixin, DP
         """TRL's hook for ``precompute_ref_log_probs``: the reference's columns from the column cache
         (:mod:`trl_plus.trainers.columns`), keyed by the data and the reference's identity, not by the run's
         arguments, so another ``output_dir``, learning rate or method reuses them."""
-        if self.reference_mode != "precomputed":
-            return dataset  # reference-free construction path (see __init__)
+        if self.reference_mode != "precomputed" or self.rows_per_iteration:
+            return dataset  # reference-free construction path (see __init__), or an iterated run's prompts
+        return self._precompute_ref_logps_now(dataset, name)
+
+    def reference_columns_for(self, dataset: Dataset, initial: bool) -> Dataset:
+        """``dataset`` (an iteration's rows) with precomputed reference columns (``reference.mode: precomputed``):
+        of the initial reference (``initial``: adapter off, or the reference model; cached like any precomputed
+        reference), or of the policy as it is now, adapter on (the reference promoted at an iteration's start)."""
+        if REF_COLUMN in dataset.column_names:
+            dataset = dataset.remove_columns(REF_COLUMN)
+        if initial:
+            return self._precompute_ref_logps_now(dataset, "train")
+        rows = self._frozen_columns(dataset, "train", "reference", {REF_COLUMN: "logps"},
+                                    lambda batch: {"logps": self.frozen_token_logps(self.model, batch)})
+        return dataset.add_column(REF_COLUMN, rows[REF_COLUMN])
+
+    def _precompute_ref_logps_now(self, dataset: Dataset, name: str) -> Dataset:
         model = self.ref_model or self.model
         adapter_off = self.ref_model is None and is_peft_model(self.model)
         identity = self.reference_identity or f"weights:{self._precompute_model_hash}"
