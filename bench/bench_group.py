@@ -16,25 +16,13 @@ import argparse
 import statistics
 import sys
 import tempfile
-import time
 import warnings
 
 import torch
+from bench_step_time import StepTimer  # (bench/ is on sys.path: python bench/<script>.py)
 from datasets import Dataset
-from transformers import TrainerCallback
 
 from trl_plus.models.tiny import build_model, build_tokenizer
-
-
-class Timer(TrainerCallback):
-    def __init__(self):
-        self.steps, self.start = [], None
-
-    def on_step_begin(self, args, state, control, **kw):
-        self.start = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kw):
-        self.steps.append(time.perf_counter() - self.start)
 
 
 def digits(prompts=None, completions=None, **_):
@@ -62,7 +50,7 @@ def run(args, which: str, prompts, out) -> list[float]:
     tokenizer = build_tokenizer()
     torch.manual_seed(0)
     model = build_model(tokenizer, hidden_size=args.hidden, num_layers=args.layers)
-    timer = Timer()
+    timer = StepTimer()
     dataset = Dataset.from_list(prompts)
     if which == "ours":
         scorer = get_registry().get_scorer("digits")

@@ -27,8 +27,8 @@ import time
 import warnings
 
 import torch
+from bench_step_time import StepTimer  # (bench/ is on sys.path: python bench/<script>.py)
 from datasets import Dataset
-from transformers import TrainerCallback
 
 from trl_plus import DPO, OnlineMethod, Paper
 from trl_plus.models.tiny import build_model, build_tokenizer
@@ -43,17 +43,6 @@ class BenchOnlineDPO(OnlineMethod, DPO):
 def digits(prompts=None, completions=None, **_):
     """The reward: digits in the completion."""
     return [float(sum(ch.isdigit() for ch in str(c))) for c in completions]
-
-
-class Timer(TrainerCallback):
-    def __init__(self):
-        self.steps, self.start = [], None
-
-    def on_step_begin(self, args, state, control, **kw):
-        self.start = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kw):
-        self.steps.append(time.perf_counter() - self.start)
 
 
 def timed(obj, name: str, bucket: list):
@@ -97,7 +86,7 @@ def run_ours(args, prompts, out):
                        learning_rate=1e-5, report_to="none", save_strategy="no", bf16=False, logging_steps=10**6,
                        activation_checkpointing=False, disable_tqdm=True, seed=0, dataloader_pin_memory=False)  # fmt: skip
     decoding = {"max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens, "temperature": 0.9}
-    timer, gen = Timer(), []
+    timer, gen = StepTimer(), []
     trainer = PlusTrainer(m, args=config, method=BenchOnlineDPO, train_dataset=Dataset.from_list(prompts),
                           processing_class=tok, scorers=[(scorer_cls(scorer_cls.Config()), 1.0)],
                           rollout=Rollout(n=2, decoding=decoding), callbacks=[timer])  # fmt: skip
@@ -116,7 +105,7 @@ def run_trl(args, prompts, out):
                              dataloader_pin_memory=False, max_new_tokens=args.new_tokens, temperature=0.9,
                              generation_kwargs={"min_new_tokens": args.new_tokens},
                              max_length=args.new_tokens + 64)  # fmt: skip
-    timer, gen = Timer(), []
+    timer, gen = StepTimer(), []
     trainer = OnlineDPOTrainer(m, reward_funcs=digits, args=config, train_dataset=Dataset.from_list(prompts),
                                processing_class=tok, callbacks=[timer])  # fmt: skip
     timed(trainer, "_generate", gen)
