@@ -309,6 +309,64 @@ class IterationsSpec(_Block):
     replay: list[Annotated[float, Field(ge=0, le=1)]] = Field(default_factory=list)
 
 
+class StopRule(_Block):
+    """Stop when a logged value reaches a bound: ``key`` (a training log entry, e.g. ``rollout/reward`` or
+    ``rewards/kitchen/team/mean``) ``at_least`` or ``at_most`` a number (exactly one)."""
+
+    key: str
+    at_least: float | None = None
+    at_most: float | None = None
+
+    @model_validator(mode="after")
+    def _one_bound(self) -> StopRule:
+        if (self.at_least is None) == (self.at_most is None):
+            raise ValueError("give exactly one of at_least and at_most")
+        return self
+
+    def reached(self, value: float) -> bool:
+        """Whether ``value`` satisfies the rule."""
+        return value >= self.at_least if self.at_least is not None else value <= self.at_most
+
+
+class PhaseSpec(_Block):
+    """One phase of a ``phases:`` round: a method (default: the recipe's) trained on the current policy with its own
+    ``method_args``, training data (``data``: a file or source; default: the recipe's ``data.train``), ``rollout``
+    and ``training`` overrides, stopped early by ``until`` (checked at every logged step)."""
+
+    name: str
+    method: str | None = None
+    method_args: dict[str, Any] = Field(default_factory=dict)
+    data: DataSource | None = None
+    rollout: RolloutSpec | None = None
+    training: dict[str, Any] = Field(default_factory=dict)
+    until: StopRule | None = None
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _a_path(cls, value: Any) -> Any:
+        return {"path": value} if isinstance(value, str) else value
+
+
+class PhasesSpec(_Block):
+    """Rounds of phases (EAR: one BC epoch on liked data, then RL until the return is back): each round runs
+    ``sequence`` in order on the policy the last phase left, under ``output_dir/round-<r>-<name>/``; ``until`` ends
+    the rounds early, checked on the last value of its key logged in the round; ``rounds`` caps them."""
+
+    rounds: PositiveInt = 1
+    sequence: list[PhaseSpec]
+    until: StopRule | None = None
+
+    @field_validator("sequence")
+    @classmethod
+    def _named_once(cls, value: list[PhaseSpec]) -> list[PhaseSpec]:
+        names = [p.name for p in value]
+        if not names:
+            raise ValueError("give at least one phase")
+        if len(set(names)) != len(names):
+            raise ValueError(f"phase names repeat: {names}")
+        return value
+
+
 class Recipe(_Block):
     """A whole run. ``training`` takes any ``trl.DPOConfig`` field except the loss fields the method owns."""
 
@@ -323,6 +381,7 @@ class Recipe(_Block):
     metrics: list[MetricSpec] = Field(default_factory=list)
     rollout: RolloutSpec | None = None
     iterations: IterationsSpec | None = None
+    phases: PhasesSpec | None = None
     training: dict[str, Any] = Field(default_factory=dict)
 
     _source: str = PrivateAttr("<recipe>")  # the file it came from

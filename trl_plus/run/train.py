@@ -95,9 +95,11 @@ class TrainResult:
         return "\n".join(lines)
 
 
-def build_trainer(recipe: Recipe, callbacks: list | None = None):
+def build_trainer(recipe: Recipe, callbacks: list | None = None, model: Any = None):
     """Everything ``train`` does before ``trainer.train()``: data, models, config, and the trainer of the method's
-    kind (``Method.trainer``; ``preference``: :class:`~trl_plus.PlusTrainer`)."""
+    kind (``Method.trainer``; ``preference``: :class:`~trl_plus.PlusTrainer`; ``group``:
+    :class:`~trl_plus.PlusGRPOTrainer`). ``model``: train this policy (a phase's: the previous phase's model, LoRA
+    and all) instead of loading ``recipe.model``."""
 
     method, training = check_recipe(recipe)
     trainer_cls = trainer_class(method)
@@ -111,7 +113,7 @@ def build_trainer(recipe: Recipe, callbacks: list | None = None):
         return trainer
 
     if method.trainer == "group":
-        return build_group_trainer(recipe, method, training, train_dataset, eval_dataset, stages, callbacks)
+        return build_group_trainer(recipe, method, training, train_dataset, eval_dataset, stages, callbacks, model)
     args = training_args(recipe, method, training, has_eval=eval_dataset is not None)
     tokenizer = recipe_tokenizer(recipe)
     check_chat_template(tokenizer, {"train": train_dataset, "eval": eval_dataset}, recipe, method)
@@ -119,8 +121,7 @@ def build_trainer(recipe: Recipe, callbacks: list | None = None):
         check_lora_targets(recipe.model, resolve_model_path(recipe.model.name_or_path, recipe.model.gguf_file))
     except TrlPlusError as exc:
         raise TrlPlusError(f"{recipe_source(recipe)}: {exc}") from None
-    model = load_model(recipe.model, gradient_checkpointing=args.activation_checkpointing)
-    peft_config, lr_scales = peft_configs(recipe.model)
+    model, peft_config, lr_scales = _policy(recipe, args, model)
     mode = resolve_reference_mode(method, recipe.reference.mode, peft_config is not None, False,
                                   iterated=recipe.iterations is not None)  # fmt: skip
     ref_model = None
@@ -193,7 +194,21 @@ def training_args(recipe: Recipe, method, training: dict[str, Any], has_eval: bo
     return config_cls(**training)
 
 
-def build_group_trainer(recipe: Recipe, method, training, train_dataset, eval_dataset, stages, callbacks):
+def _policy(recipe: Recipe, args, model: Any = None) -> tuple[Any, Any, Any]:
+    """``(model, peft_config, lr_scales)``: the recipe's model loaded (LoRA as configured), or ``model`` as given
+    (already wrapped in its adapters when it has any: no second wrap)."""
+    if model is None:
+        return (load_model(recipe.model, gradient_checkpointing=args.activation_checkpointing),
+                *peft_configs(recipe.model))  # fmt: skip
+    from accelerate.utils import is_peft_model
+
+    if is_peft_model(model):
+        return model, None, None
+    return model, *peft_configs(recipe.model)
+
+
+def build_group_trainer(recipe: Recipe, method, training, train_dataset, eval_dataset, stages, callbacks,
+                        model: Any = None):  # fmt: skip
     """A group method's :class:`~trl_plus.PlusGRPOTrainer` from the recipe: ``training`` as a ``trl.GRPOConfig``,
     the model (LoRA/QLoRA as the model block says), the rollout and its scorers. The reference, when the method's
     ``beta`` > 0, is the adapter off (LoRA) or a frozen copy of the starting policy."""
@@ -226,8 +241,7 @@ def build_group_trainer(recipe: Recipe, method, training, train_dataset, eval_da
         check_lora_targets(recipe.model, resolve_model_path(recipe.model.name_or_path, recipe.model.gguf_file))
     except TrlPlusError as exc:
         raise TrlPlusError(f"{recipe_source(recipe)}: {exc}") from None
-    model = load_model(recipe.model, gradient_checkpointing=args.activation_checkpointing)
-    peft_config, lr_scales = peft_configs(recipe.model)
+    model, peft_config, lr_scales = _policy(recipe, args, model)
     if lr_scales:
         raise TrlPlusError(f"{recipe_source(recipe)}: model.adapters: a group method trains one adapter (model.lora)")
     from ..trainers.group import PlusGRPOTrainer
@@ -322,6 +336,8 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None
         recipe = load_recipe(recipe, overrides)
     elif overrides:
         raise ValueError("overrides apply to a recipe file or dict, not to a Recipe object")
+    if recipe.phases is not None:
+        return train_phases(recipe)
     try:
         trainer = build_trainer(recipe)  # validates first: the resume target and the output folder's owner too
     except KeyboardInterrupt:  # while loading, or computing reference log-probs (reference.mode: precomputed)
@@ -386,6 +402,31 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | None = None
         plot=plot,
         metric_results=final_metrics,
     )
+
+
+def train_phases(recipe: Recipe) -> TrainResult:
+    """``train`` for a recipe with ``phases:`` (:mod:`trl_plus.run.phases`): every phase's recipe validated first,
+    the rounds run, the final policy, the tagged log, the model card and the curves written to ``output_dir``."""
+    from .phases import run_phases
+
+    if recipe.training.get("resume_from_checkpoint"):
+        raise TrlPlusError(f"{recipe_source(recipe)}: training.resume_from_checkpoint: a run with phases does not "
+                           "resume yet; each phase's folder (round-<r>-<name>/) holds its final weights")  # fmt: skip
+    check_recipe(recipe)  # every phase's recipe too
+    done = run_phases(recipe, build_trainer)
+    trainer = done["trainer"]
+    output_dir = trainer.args.output_dir
+    main_process = trainer.accelerator.is_main_process
+    trainer.save_model(output_dir)
+    if main_process:
+        resolved_text = yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+        (Path(output_dir) / RESOLVED_RECIPE).write_text(resolved_text)
+        trainer.state.save_to_json(str(Path(output_dir) / STATE_FILE))
+        complete_model_card(output_dir, recipe, resolved_text, None)
+        plot = str(plot_run(output_dir))
+    return TrainResult(output_dir=output_dir, is_main_process=main_process,
+                       global_step=done["steps"],
+                       metrics=last_metrics(done["log"]), plot=plot if main_process else None)  # fmt: skip
 
 
 def interrupted_before_training(recipe: Recipe) -> TrainResult:

@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
-from ..config import IterationsSpec, Recipe, explain, is_overridden, locate, recipe_source
+from ..config import IterationsSpec, PhaseSpec, Recipe, explain, is_overridden, locate, recipe_source
 from ..contract import check_decoding
 from ..data.lengths import dropped_message, fully_truncated, truncation_report
 from ..data.load import (
@@ -220,6 +220,8 @@ def check_recipe(recipe: Recipe):
     build_metrics(recipe, method)
     build_rollout(recipe, method)
     plan_iterations(recipe, method)
+    if recipe.phases is not None:
+        check_phases(recipe)
     training = {k: v for k, v in recipe.training.items() if k not in RUN_TRAINING_KEYS}
     config_cls, owned = None, None
     if method.trainer == "diffusion":
@@ -335,6 +337,41 @@ def build_metrics(recipe: Recipe, method=None, names: list[str] | None = None) -
                                        prefix=() if key.startswith("--") else (*key.split("."), "args"),
                                        model=metric_cls.Config)) from None  # fmt: skip
     return metrics
+
+
+def phase_recipe(recipe: Recipe, phase: PhaseSpec, output_dir: str | Path | None = None) -> Recipe:
+    """The recipe phase ``phase`` trains with: the run's, with the phase's method (its ``method_args`` alone when it
+    names another method, merged over the run's otherwise), data (``data.train``; no held-out split), rollout (the
+    phase's, else the run's when the phase's method samples) and ``training`` overrides."""
+    method = phase.method or recipe.method
+    args = dict(phase.method_args) if phase.method else {**recipe.method_args, **phase.method_args}
+    data = recipe.data.model_copy(update={"train": phase.data or recipe.data.train, "eval": None})
+    rollout = phase.rollout
+    if rollout is None and recipe.rollout is not None:
+        try:
+            samples = get_registry().get(method).needs.rollout is not None
+        except TrlPlusError:
+            samples = False  # an unknown method: check_recipe names it
+        rollout = recipe.rollout if samples else None
+    training = {**recipe.training, **phase.training}
+    if output_dir is not None:
+        training["output_dir"] = str(output_dir)
+    return recipe.model_copy(update={"method": method, "method_args": args, "data": data, "rollout": rollout,
+                                     "training": training, "phases": None})  # fmt: skip
+
+
+def check_phases(recipe: Recipe) -> None:
+    """Each phase's recipe validates (one line naming the phase), and a run with phases has no stages or
+    iterations of its own."""
+    plan = recipe.phases
+    if recipe.stages is not None or recipe.iterations is not None:
+        raise TrlPlusError(f"{recipe._source}: phases: a run has phases, or stages / iterations, not both")
+    for i, phase in enumerate(plan.sequence):
+        try:
+            check_recipe(phase_recipe(recipe, phase))
+        except TrlPlusError as exc:
+            raise TrlPlusError(f"{recipe._source}: phases.sequence.{i} ({phase.name}): "
+                               f"{str(exc).removeprefix(recipe._source + ': ')}") from None  # fmt: skip
 
 
 def build_rollout(recipe: Recipe, method) -> tuple[Any, list] | None:
