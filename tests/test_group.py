@@ -220,3 +220,25 @@ def test_two_processes_see_one_batch_and_give_one_processs_advantages(tmp_path):
         expected = (reward - reward.mean(1, keepdim=True)) / (reward.std(1, keepdim=True) + 1e-4)
         torch.testing.assert_close(torch.tensor(baseline, dtype=torch.float64), expected.reshape(-1),
                                    rtol=1e-5, atol=1e-5)  # fmt: skip
+
+
+def test_estimate_counts_completions_and_a_reference_only_for_beta(tmp_path):
+    from trl_plus.config import load_recipe
+    from trl_plus.run.estimate import estimate
+
+    plain = estimate(load_recipe("recipes/grpo.yaml"), prompt_tokens=32)
+    assert plain.setup["reference"] == "none" and plain.setup["tokens"].startswith("384 (8 × 1 × 48")
+    kl = estimate(load_recipe("recipes/grpo.yaml", ["method_args.beta=0.04"]))
+    assert kl.setup["reference"] == "model"
+
+
+def test_a_vector_scorer_takes_one_weight_per_output(tmp_path):
+    from trl_plus.config import load_recipe
+    from trl_plus.run.validate import check_recipe
+
+    recipe = tiny_recipe(tmp_path, "grpo", PROMPTS, rollout={"n": 4, "scorers": [
+        {"name": "length", "weight": [1.0, 0.5]}]}, training={"per_device_train_batch_size": 8})  # fmt: skip
+    with pytest.raises(TrlPlusError, match=r"rollout.scorers.0.weight: 2 weights for the 1 outputs of length"):
+        check_recipe(load_recipe(recipe))
+    scorer = digits()
+    assert scorer.output_weights(2.0) == [2.0] and scorer.output_weights([0.5]) == [0.5]

@@ -268,11 +268,12 @@ class MetricSpec(_Block):
 
 class ScorerSpec(_Block):
     """A scorer of an online run's samples (``trl-plus list --scorers``), its arguments and its weight in the
-    reward (the weighted sum of every scorer's outputs)."""
+    reward (the weighted sum of every scorer's outputs): one number for all its outputs, or a list with one per
+    output (a vector scorer: ``[1.0, 0.0]`` logs the second output without rewarding it)."""
 
     name: str
     args: dict[str, Any] = Field(default_factory=dict)
-    weight: float = 1.0
+    weight: float | list[float] = 1.0
 
 
 class RolloutSpec(_Block):

@@ -22,7 +22,7 @@ which holds what the trainer computed, so most plugin tests run on hand-made ten
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -918,6 +918,15 @@ class Scorer(Configured):
         """``[k]`` preference scores of ``candidates`` for one prompt (higher is better). Default, for a pointwise
         scorer: its first output."""
         return self.score([prompt] * len(candidates), candidates, **columns)[:, 0]
+
+    def output_weights(self, weight: float | Sequence[float]) -> list[float]:
+        """One weight per output: ``weight`` for each, or a list of them (one per output)."""
+        if isinstance(weight, (int, float)):
+            return [float(weight)] * len(self.outputs)
+        if len(weight) != len(self.outputs):
+            raise TrlPlusError(f"rollout.scorers: {len(weight)} weights for the {len(self.outputs)} outputs of "
+                               f"{self.name} ({', '.join(self.outputs)})")  # fmt: skip
+        return [float(w) for w in weight]
 
     def checked_scores(self, prompts: list, completions: list, **columns: list) -> torch.Tensor:
         """:meth:`score` as a float64 ``[N, len(outputs)]`` tensor (a 1-D result of a one-output scorer is a column),

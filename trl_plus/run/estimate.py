@@ -393,12 +393,13 @@ def scored_logits_lines(s: Shapes, tokens: int, needs: Any, live_logits: list[st
 
 
 def _training(recipe: Recipe) -> dict[str, Any]:
-    """The recipe's ``training`` block checked against ``trl.DPOConfig`` (keys part 1 of issue 16 adds are kept)."""
-    from .validate import RUN_TRAINING_KEYS, validate_training
+    """The recipe's ``training`` block checked against its method's config (``trl.DPOConfig``; a group method's
+    ``trl.GRPOConfig``); trl-plus's own keys are kept."""
+    from .validate import RUN_TRAINING_KEYS, training_schema, validate_training
 
     own = (*RUN_TRAINING_KEYS, "prefix_sharing", "packing")
     checked = validate_training({k: v for k, v in recipe.training.items() if k not in own},
-                                lambda key: locate(recipe, key))  # fmt: skip
+                                lambda key: locate(recipe, key), *training_schema(_method(recipe)))  # fmt: skip
     return {**checked, **{k: recipe.training[k] for k in own if k in recipe.training}}
 
 
@@ -465,6 +466,11 @@ def estimate(recipe: Recipe, sequences: int | None = None, prompt_tokens: int = 
     length = int(training.get("max_length") or DPOConfig.max_length or 1024)
     k = getattr(method, "sequences_per_example", 2)
     k_note = ""
+    if method.trainer == "group":  # rows are completions: prompt + max_new_tokens each, one sequence per row
+        rollout = method.needs.rollout.updated(recipe.rollout.model_dump(exclude_none=True, exclude={"scorers"})
+                                               if recipe.rollout else {})  # fmt: skip
+        k, length = 1, prompt_tokens + int(rollout.decoding.get("max_new_tokens", 256))
+        k_note = f" (completions: {prompt_tokens} prompt + {length - prompt_tokens} new tokens; --prompt-tokens)"
     if k is None:
         k, k_note = sequences or DEFAULT_VARIABLE_K, " (varies: assumed; --sequences)"
     sharing = bool(training.get("prefix_sharing"))
@@ -527,6 +533,8 @@ def estimate(recipe: Recipe, sequences: int | None = None, prompt_tokens: int = 
 
     mode = resolve_reference_mode(method, recipe.reference.mode, spec.uses_lora, False,
                                   iterated=recipe.iterations is not None)  # fmt: skip
+    if method.trainer == "group":  # GRPO's KL term alone needs a reference
+        mode = ("adapter" if spec.uses_lora else "model") if getattr(method.config, "beta", 0) > 0 else "none"
     if mode == "model":
         ref = recipe.reference
         ref_spec = spec

@@ -196,6 +196,23 @@ def validate_training(training: dict[str, Any], where: str | Callable[[str], str
     return out
 
 
+def training_schema(method) -> tuple[type | None, dict[str, str] | None]:
+    """``(config class, owned keys)`` a method's ``training`` block is checked against: ``trl.DPOConfig`` and
+    :data:`OWNED_TRAINING_KEYS` (``(None, None)``), a diffusion run's ``DiffusionConfig``, or a group method's
+    ``trl.GRPOConfig`` and the keys its rollout and scorers own."""
+    if method.trainer == "diffusion":
+        from ..diffusion.trainer import DiffusionConfig
+
+        return DiffusionConfig, None
+    if method.trainer == "group":
+        from trl import GRPOConfig
+
+        from ..trainers.group import OWNED_GROUP_KEYS
+
+        return GRPOConfig, OWNED_GROUP_KEYS
+    return None, None
+
+
 def check_recipe(recipe: Recipe):
     """Validate what depends on installed code: the method and its args, the training block, local paths.
 
@@ -223,14 +240,7 @@ def check_recipe(recipe: Recipe):
     if recipe.phases is not None:
         check_phases(recipe)
     training = {k: v for k, v in recipe.training.items() if k not in RUN_TRAINING_KEYS}
-    config_cls, owned = None, None
-    if method.trainer == "diffusion":
-        from ..diffusion.trainer import DiffusionConfig as config_cls
-    elif method.trainer == "group":
-        from trl import GRPOConfig as config_cls
-
-        from ..trainers.group import OWNED_GROUP_KEYS as owned
-    training = validate_training(training, lambda key: locate(recipe, key), config_cls, owned)
+    training = validate_training(training, lambda key: locate(recipe, key), *training_schema(method))
     check_report_to(training.get("report_to"), lambda key: locate(recipe, key))
     resume = recipe.training.get("resume_from_checkpoint")  # true (the latest checkpoint) or a folder
     if not isinstance(resume, (bool, str, type(None))):
@@ -415,10 +425,14 @@ def build_rollout(recipe: Recipe, method) -> tuple[Any, list] | None:
         except TrlPlusError as exc:
             raise TrlPlusError(f"{locate(recipe, key + '.name')}: {exc}") from None
         try:
-            scorers.append((cls(cls.Config(**item.args)), item.weight))
+            scorer = cls(cls.Config(**item.args))
         except ValidationError as exc:
             raise TrlPlusError(explain(exc, recipe_source(recipe), prefix=(*key.split("."), "args"),
                                        model=cls.Config)) from None  # fmt: skip
+        if isinstance(item.weight, list) and len(item.weight) != len(scorer.outputs):
+            raise TrlPlusError(f"{locate(recipe, key + '.weight')}: {len(item.weight)} weights for the "
+                               f"{len(scorer.outputs)} outputs of {item.name} ({', '.join(scorer.outputs)})")
+        scorers.append((scorer, item.weight))
     return rollout, scorers
 
 

@@ -68,7 +68,7 @@ def grpo_args(args: GRPOConfig, rollout: Rollout, scorers: Sequence[tuple[Scorer
         elif key != "do_sample":
             extra[key] = value
     args.generation_kwargs = {**(args.generation_kwargs or {}), **extra} or None
-    args.reward_weights = [float(w) for scorer, w in scorers for _ in scorer.outputs]
+    args.reward_weights = [w for scorer, weight in scorers for w in scorer.output_weights(weight)]
     args.beta = float(beta)
     check_group_batch(args.per_device_train_batch_size, args.gradient_accumulation_steps, args.world_size,
                       args.generation_batch_size, args.steps_per_generation, rollout.n)  # fmt: skip

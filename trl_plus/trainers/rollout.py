@@ -144,7 +144,7 @@ class RolloutMixin:
             value = scorer.checked_scores(prompts, texts, **{c: columns[c] for c in scorer.columns})
             outputs.append(value)
             names += [f"{scorer.name}/{o}" if len(scorer.outputs) > 1 else scorer.name for o in scorer.outputs]
-            weights += [weight] * len(scorer.outputs)
+            weights += scorer.output_weights(weight)
         return torch.cat(outputs, -1), tuple(names), torch.tensor(weights, dtype=torch.float64)
 
     def _column_completion(self, row: dict[str, Any], column: str) -> list[int]:
