@@ -226,6 +226,7 @@ def test_the_kl_penalty_is_off_on_each_generation_batchs_first_step_and_acts_lat
     assert [kl[0], kl[4], penalty[0], penalty[4]] == [0.0] * 4  # steps 1 and 5: new generations, ratio exactly 1
     later = [1, 2, 3, 5]
     assert max(penalty[i] for i in later) > 0 and max(kl[i] for i in later) > 1e-4, (kl, penalty)
+    assert all((p > 0) == (k > 1e-4) for k, p in zip(kl, penalty, strict=True))  # active exactly when K̂ > δ
 
 
 def test_a_binary_verifiers_pass_rate_rises(tmp_path, one_thread):
