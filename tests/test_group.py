@@ -10,10 +10,9 @@ import json
 
 import pytest
 import torch
-from datasets import Dataset
 
 from trl_plus import GRPO, GroupMethod, LossOutput, Paper, Rollout, Scorer, TrlPlusError, get_registry
-from trl_plus.testing import launch, tiny_recipe
+from trl_plus.testing import launch, tiny_group_trainer, tiny_recipe
 
 PROMPTS = [{"prompt": f"Count to {i}:"} for i in range(32)]
 FAST = Rollout(n=4, decoding={"max_new_tokens": 12, "temperature": 1.0})
@@ -25,19 +24,8 @@ def digits():
 
 
 def group_trainer(tmp_path, method=GRPO, steps=4, rollout=FAST, scorers=None, model=None, **training):
-    from trl import GRPOConfig
-
-    from trl_plus.models.tiny import build_model, build_tokenizer
-    from trl_plus.trainers.group import PlusGRPOTrainer
-
-    tokenizer = build_tokenizer()
-    defaults = dict(output_dir=str(tmp_path), max_steps=steps, learning_rate=1e-2, per_device_train_batch_size=8,
-                    logging_steps=1, report_to="none", save_strategy="no", bf16=False, disable_tqdm=True, seed=0,
-                    use_cpu=True, activation_checkpointing=False, dataloader_pin_memory=False)  # fmt: skip
-    args = GRPOConfig(**{**defaults, **training})
-    return PlusGRPOTrainer(model or build_model(tokenizer), method=method, args=args,
-                           train_dataset=Dataset.from_list(PROMPTS), processing_class=tokenizer,
-                           scorers=scorers or [(digits(), 1.0)], rollout=rollout)  # fmt: skip
+    return tiny_group_trainer(method, tmp_path, rows=PROMPTS, scorers=scorers, rollout=rollout, max_steps=steps,
+                              model=model, training=training)  # fmt: skip
 
 
 def curve(trainer) -> list[float]:

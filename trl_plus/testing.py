@@ -193,6 +193,48 @@ def tiny_trainer(
     )  # fmt: skip
 
 
+def tiny_group_trainer(
+    method: str | Method | type[Method],
+    output_dir: str | Path,
+    method_args: dict[str, Any] | None = None,
+    rows: Sequence[dict[str, Any]] | None = None,
+    scorers: Sequence[tuple[Any, Any]] | None = None,
+    rollout: Any = None,
+    max_steps: int = 8,
+    learning_rate: float = 1e-2,
+    training: dict[str, Any] | None = None,
+    model: Any = None,
+    **trainer_kwargs: Any,
+):
+    """A :class:`~trl_plus.PlusGRPOTrainer` for the group method ``method`` on the tiny offline model (seeded), not yet
+    trained: ``rows`` are prompts (default: 32 ``"Count to i:"``), ``scorers`` ``(Scorer, weight)`` pairs (default:
+    ``digits``), ``rollout`` a :class:`~trl_plus.Rollout` (default: 4 completions of 16 tokens at temperature 1),
+    ``training`` overrides ``trl.GRPOConfig`` fields (default batch: 8 completions = 2 prompts per step)."""
+    from datasets import Dataset
+    from trl import GRPOConfig
+
+    from .contract import Rollout
+    from .registry import get_registry
+    from .trainers.group import PlusGRPOTrainer
+
+    tokenizer = build_tokenizer()
+    defaults = dict(
+        output_dir=str(output_dir), max_steps=max_steps, learning_rate=learning_rate, per_device_train_batch_size=8,
+        logging_steps=1, report_to="none", save_strategy="no", bf16=False, activation_checkpointing=False,
+        disable_tqdm=True, seed=0, dataloader_pin_memory=False, use_cpu=True,
+    )  # fmt: skip
+    args = GRPOConfig(**{**defaults, **(training or {})})
+    if scorers is None:
+        digits = get_registry().get_scorer("digits")
+        scorers = [(digits(digits.Config()), 1.0)]
+    rows = rows if rows is not None else [{"prompt": f"Count to {i}:"} for i in range(32)]
+    return PlusGRPOTrainer(
+        build_model(tokenizer) if model is None else model, method=method, method_args=method_args, args=args,
+        train_dataset=Dataset.from_list(list(rows)), processing_class=tokenizer, scorers=scorers,
+        rollout=rollout or Rollout(n=4, decoding={"max_new_tokens": 16, "temperature": 1.0}), **trainer_kwargs,
+    )  # fmt: skip
+
+
 def train_tiny(method: str | Method | type[Method], output_dir: str | Path, **kwargs: Any):
     """Train ``method`` on the tiny offline model (:func:`tiny_trainer`'s arguments, ``max_steps`` default 8);
     return the trainer.

@@ -25,8 +25,18 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import Field
 
-from trl_plus import GroupContext, GroupMethod, LossOutput, MethodConfig, Needs, Paper, Rollout, Rollouts, hookimpl
-from trl_plus.errors import TrlPlusError
+from trl_plus import (
+    GroupContext,
+    GroupMethod,
+    LossOutput,
+    MethodConfig,
+    Needs,
+    Paper,
+    Rollout,
+    Rollouts,
+    TrlPlusError,
+    hookimpl,
+)
 
 __all__ = ["DRPO", "DRPOConfig", "coefficients", "drpo_objective", "kl_estimate", "kl_penalty", "length_weights"]
 
