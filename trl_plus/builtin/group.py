@@ -3,7 +3,7 @@ prompt, rewards from the recipe's scorers, advantages, a policy-gradient loss), 
 :class:`~trl_plus.trainers.group.PlusGRPOTrainer` on TRL's ``GRPOTrainer``, and the context their loss sees.
 
 A group method has two optional hooks; with neither it is TRL's GRPO as configured (``training.loss_type``,
-``scale_rewards``, ``epsilon``...):
+``scale_rewards``, ``epsilon``...), and a third for a method that is TRL's GRPO with some of its settings:
 
 - :meth:`GroupMethod.advantages` sees the **whole generation batch** (every process's rows gathered, identical on
   each process) as a :class:`~trl_plus.Rollouts` with the raw per-scorer scores, and returns ``[N]`` per-row or
@@ -11,6 +11,8 @@ A group method has two optional hooks; with neither it is TRL's GRPO as configur
   and splits it), so anything coupled within a group must become a per-row number here.
 - :meth:`GroupMethod.loss` gets this micro-batch's :class:`GroupContext` and returns a
   :class:`~trl_plus.LossOutput` in place of TRL's clipped surrogate.
+- :meth:`GroupMethod.grpo_config` adjusts TRL's ``GRPOConfig`` once, before TRL's trainer is built (e.g. mo-grpo's
+  ``multi_objective_aggregation`` and per-head reward weights).
 """
 
 from __future__ import annotations
@@ -103,6 +105,12 @@ class GroupMethod(Method):
         ``baseline``, TRL's (``[N]``: the weighted reward minus its group mean, scaled as ``scale_rewards`` says).
         ``rollouts.old_token_logps`` is ``[N, T]`` when the method ``wants_old_logps``."""
         return None
+
+    def grpo_config(self, args: Any) -> None:
+        """Adjust TRL's ``GRPOConfig`` ``args`` in place, once, before TRL's ``GRPOTrainer.__init__`` reads it: the
+        trainer has already written the rollout (``num_generations``, decoding), the scorers' ``reward_weights``
+        (one per scorer output, in order) and ``beta`` into it. Default: nothing. A method that owns a field
+        should refuse a ``training:`` value that contradicts its config rather than overwrite it silently."""
 
     def loss(self, ctx: GroupContext) -> LossOutput | None:  # type: ignore[override]
         """This micro-batch's loss, or ``None`` for TRL's ``loss_type`` surrogate on :meth:`advantages`."""
