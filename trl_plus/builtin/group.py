@@ -131,3 +131,51 @@ class GRPO(GroupMethod):
     summary = "Group Relative Policy Optimization: rewards minus the group mean, clipped surrogate (TRL's GRPO)"
     paper = Paper("DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language Models", "2402.03300")
     Config = GRPOConfig
+
+
+# -- frozen models for group methods (shared helpers: rto's π_dpo and π_ref) --------------------------------------
+
+
+def frozen_model(path: str, device: Any = None) -> Any:
+    """A frozen causal LM for a group method's own use (e.g. a token-reward source): a model folder, hub id or model
+    alias (``tiny-llama``), or a LoRA adapter folder on its base (``base_model_name_or_path``; ``with
+    model.disable_adapter():`` is then the base); eval mode, no grad, on ``device``. It must share the policy's
+    tokenizer: :func:`rollout_token_logps` feeds it the policy's token ids."""
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    from ..models.load import resolve_model_path
+    from .scorers import adapter_model
+
+    if (Path(path) / "adapter_config.json").is_file():
+        model = adapter_model(path, device=device)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(path)).eval()
+        if device is not None:
+            model.to(device)
+    return model.requires_grad_(False)
+
+
+def rollout_token_logps(model: Any, rollouts: Rollouts, batch_size: int = 8) -> torch.Tensor:
+    """``[N, T]`` float64 per-token log-probs (temperature 1, no grad) of each rollout's completion ids given its
+    prompt ids under ``model`` (``T`` = the longest completion; 0 past a completion's end), each row run unpadded on
+    the left (prompt from position 0, right padding)."""
+    device = next(model.parameters()).device
+    n, width = len(rollouts.completion_ids), max((len(c) for c in rollouts.completion_ids), default=0)
+    out = torch.zeros(n, width, dtype=torch.float64)
+    with torch.no_grad():
+        for start in range(0, n, batch_size):
+            rows = [list(p) + list(c) for p, c in zip(rollouts.prompt_ids[start : start + batch_size],
+                                                      rollouts.completion_ids[start : start + batch_size])]  # fmt: skip
+            length = max(len(r) for r in rows)
+            ids = torch.zeros(len(rows), length, dtype=torch.long)
+            mask = torch.zeros(len(rows), length, dtype=torch.long)
+            for i, row in enumerate(rows):
+                ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), 1
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1].float()
+            logps = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1)
+            for i in range(len(rows)):
+                p, c = len(rollouts.prompt_ids[start + i]), len(rollouts.completion_ids[start + i])
+                out[start + i, :c] = logps[i, p - 1 : p - 1 + c].double().cpu()
+    return out
