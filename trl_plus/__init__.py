@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from ._version import __version__  # noqa: F401 (re-exported)
 from .builtin.diffusion import DiffusionDPO, DiffusionDPOConfig
 from .builtin.dpo import DPO, DPOConfig, dpo_losses
-from .builtin.group import GRPO, GroupContext, GroupMethod, frozen_model, rollout_token_logps
+from .builtin.group import GRPO, GroupContext, GroupMethod, rollout_token_logps
 from .builtin.metrics import pair_accuracy
 from .builtin.online import OnlineMethod
 from .builtin.sft import SFT
@@ -69,6 +69,7 @@ if TYPE_CHECKING:
     from .diffusion.inversion import Inversion, ddim_invert, ddim_sample, guided_prediction, inversion_timesteps
     from .diffusion.scorer import Noised, ScoreOutput
     from .diffusion.trainer import DiffusionTrainer
+    from .models.load import frozen_model
     from .run.evaluate import evaluate
     from .run.generate import generate, load_run
     from .run.merge import merge_adapter
@@ -83,6 +84,7 @@ if TYPE_CHECKING:
 _LAZY = {
     "PlusTrainer": "trainers.preference",
     "PlusGRPOTrainer": "trainers.group",
+    "frozen_model": "models.load",
     "DiffusionTrainer": "diffusion.trainer",
     "Inversion": "diffusion.inversion",
     "Noised": "diffusion.scorer",

@@ -43,8 +43,8 @@ from trl_plus import (
 class RTOConfig(MethodConfig):
     """RTO's token-reward hyperparameters, the release's launcher values (``train_rto_llama_8b.sh``)."""
 
-    dpo_model: str = Field(description="π_dpo: a frozen DPO-trained model (folder, hub id, alias) or a LoRA adapter "
-                                       "folder on π_ref; must share the policy's tokenizer")  # fmt: skip
+    dpo_model: str | None = Field(None, description="π_dpo (required to train): a frozen DPO-trained model (folder, "
+                                  "hub id, alias) or a LoRA adapter folder on π_ref, sharing the policy's tokenizer")  # fmt: skip
     ref_model: str | None = Field(None, description="π_ref: the initial/SFT policy (the release's PPO reference); "
                                                     "None: dpo_model's adapter base with the adapter off")  # fmt: skip
     dpo_reward_scale: float = Field(0.05, ge=0, description="β1, scale of the DPO token reward (launcher 0.05)")
@@ -111,6 +111,10 @@ class RTO(GroupMethod):
         """Load π_dpo and π_ref (frozen) onto the trainer's device; TRL's own KL term stays off (``beta`` 0: the
         KL to π_ref is RTO's per-token reward)."""
         if self.dpo is None:
+            if self.config.dpo_model is None:
+                raise TrlPlusError("method_args.dpo_model: RTO needs π_dpo, a DPO-trained copy of the starting policy "
+                                   "(a model or LoRA adapter folder; e.g. runs/quickstart-tiny from trl-plus train "
+                                   "recipes/quickstart-tiny.yaml)")  # fmt: skip
             self.dpo = frozen_model(self.config.dpo_model, device=args.device)
         if self.ref is None and self.config.ref_model is not None:
             self.ref = frozen_model(self.config.ref_model, device=args.device)

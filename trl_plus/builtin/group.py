@@ -133,28 +133,7 @@ class GRPO(GroupMethod):
     Config = GRPOConfig
 
 
-# -- frozen models for group methods (shared helpers: rto's π_dpo and π_ref) --------------------------------------
-
-
-def frozen_model(path: str, device: Any = None) -> Any:
-    """A frozen causal LM for a group method's own use (e.g. a token-reward source): a model folder, hub id or model
-    alias (``tiny-llama``), or a LoRA adapter folder on its base (``base_model_name_or_path``; ``with
-    model.disable_adapter():`` is then the base); eval mode, no grad, on ``device``. It must share the policy's
-    tokenizer: :func:`rollout_token_logps` feeds it the policy's token ids."""
-    from pathlib import Path
-
-    from transformers import AutoModelForCausalLM
-
-    from ..models.load import resolve_model_path
-    from .scorers import adapter_model
-
-    if (Path(path) / "adapter_config.json").is_file():
-        model = adapter_model(path, device=device)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(path)).eval()
-        if device is not None:
-            model.to(device)
-    return model.requires_grad_(False)
+# -- frozen models' token log-probs for group methods (rto's π_dpo and π_ref; load them with trl_plus.frozen_model) --
 
 
 def rollout_token_logps(model: Any, rollouts: Rollouts, batch_size: int = 8) -> torch.Tensor:

@@ -15,9 +15,8 @@ from pydantic import ValidationError
 from trl import GRPOConfig
 from trl_plus_mo_grpo import MOGRPO, MOGRPOConfig
 
-from trl_plus import GRPO, Rollout, Scorer, TrlPlusError
+from trl_plus import GRPO, PlusGRPOTrainer, Rollout, Scorer, TrlPlusError
 from trl_plus.testing import build_model, build_tokenizer, registered
-from trl_plus.trainers.group import PlusGRPOTrainer
 
 ROOT = Path(__file__).resolve().parents[3]
 

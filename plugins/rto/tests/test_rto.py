@@ -17,9 +17,8 @@ from pydantic import ValidationError
 from trl import GRPOConfig
 from trl_plus_rto import RTO, RTOConfig, dpo_token_rewards, kl_token_rewards, returns_to_go
 
-from trl_plus import Rollout, Rollouts, TrlPlusError, get_registry, rollout_token_logps
+from trl_plus import PlusGRPOTrainer, Rollout, Rollouts, TrlPlusError, get_registry, rollout_token_logps
 from trl_plus.testing import build_model, build_tokenizer, registered, save_tiny_model, train_tiny
-from trl_plus.trainers.group import PlusGRPOTrainer
 
 ROOT = Path(__file__).resolve().parents[3]
 PROMPTS = [{"prompt": f"Count to {i}:"} for i in range(32)]
@@ -158,11 +157,13 @@ def test_config_errors(tmp_path, models):
     assert RTO(dpo_model="m").config.model_dump() == {"dpo_model": "m", "ref_model": None, "dpo_reward_scale": 0.05,
                                                       "dpo_reward_clip": 0.05, "kl_coef": 0.01, "gae_lambda": 0.95,
                                                       "token_baseline": "batch-mean", "batch_size": 8}  # fmt: skip
-    for bad in ({}, {"dpo_model": "m", "dpo_reward_clip": -0.1}, {"dpo_model": "m", "kl_coef": -1.0},
-                {"dpo_model": "m", "dpo_reward_scale": -0.05}, {"dpo_model": "m", "dpo_reward_scal": 0.1},
-                {"dpo_model": "m", "gae_lambda": 1.5}, {"dpo_model": "m", "token_baseline": "critic"}):
+    bad_configs = ({"dpo_reward_clip": -0.1}, {"kl_coef": -1.0}, {"dpo_reward_scale": -0.05},
+                   {"dpo_reward_scal": 0.1}, {"gae_lambda": 1.5}, {"token_baseline": "critic"})  # fmt: skip
+    for bad in bad_configs:
         with pytest.raises(ValidationError):
-            RTO(**bad)
+            RTO(dpo_model="m", **bad)
+    with pytest.raises(TrlPlusError, match="^method_args.dpo_model: RTO needs π_dpo"):
+        RTO().grpo_config(GRPOConfig(output_dir=str(tmp_path), use_cpu=True))
     with pytest.raises(TrlPlusError, match="^method_args.ref_model: dpo_model is a full model"):
         RTO(dpo_model=models[1]).grpo_config(GRPOConfig(output_dir=str(tmp_path), use_cpu=True))
 
