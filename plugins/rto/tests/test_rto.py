@@ -18,7 +18,7 @@ from trl import GRPOConfig
 from trl_plus_rto import RTO, RTOConfig, dpo_token_rewards, kl_token_rewards, returns_to_go
 
 from trl_plus import PlusGRPOTrainer, Rollout, Rollouts, TrlPlusError, get_registry, rollout_token_logps
-from trl_plus.testing import build_model, build_tokenizer, registered, save_tiny_model, train_tiny
+from trl_plus.testing import build_model, build_tokenizer, registered, save_tiny_adapter, save_tiny_model, train_tiny
 
 ROOT = Path(__file__).resolve().parents[3]
 PROMPTS = [{"prompt": f"Count to {i}:"} for i in range(32)]
@@ -120,6 +120,25 @@ def test_dpo_reward_is_zero_when_pi_dpo_is_pi_ref(models, tmp_path):
     off = RTO(dpo_model=dpo, ref_model=ref, kl_coef=0.0, dpo_reward_scale=0.0)  # β1 = 0: GRPO's advantages
     off.dpo, off.ref = trained.dpo, trained.ref
     assert off.advantages(batch, baseline).tolist() == [[0.7] * 4, [-0.7, -0.7, 0.0, 0.0]]
+
+
+def test_an_adapter_dpo_model_uses_its_base_as_pi_ref(models, tmp_path):
+    """dpo_model a LoRA adapter folder, ref_model null: π_ref is the adapter's base (adapter off, no second copy)."""
+    ref, _ = models
+    adapter = save_tiny_adapter(ref, tmp_path / "adapter")
+    method = RTO(dpo_model=adapter, kl_coef=0.0, dpo_reward_clip=0.0)
+    method.grpo_config(GRPOConfig(output_dir=str(tmp_path), use_cpu=True))
+    assert method.ref is None
+    batch = rollouts_of([[10, 11, 12, 13], [20, 21]], [1, 30, 31])
+    with_adapter = rollout_token_logps(method.dpo, batch)
+    with method.dpo.disable_adapter():
+        base = rollout_token_logps(method.dpo, batch)
+    separate = RTO(dpo_model=ref, ref_model=ref)  # the base loaded as a model of its own
+    separate.grpo_config(GRPOConfig(output_dir=str(tmp_path), use_cpu=True))
+    assert torch.allclose(base, rollout_token_logps(separate.ref, batch), atol=1e-6)
+    mask = torch.tensor([[1.0] * 4, [1.0, 1.0, 0.0, 0.0]], dtype=torch.float64)
+    expected = 0.05 * (with_adapter - base) * mask
+    assert expected.abs().max().item() > 1e-4 and torch.allclose(method.token_rewards(batch), expected, atol=1e-12)
 
 
 def test_per_token_advantages_reach_trls_loss(models, tmp_path):
