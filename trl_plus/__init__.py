@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from ._version import __version__  # noqa: F401 (re-exported)
 from .builtin.diffusion import DiffusionDPO, DiffusionDPOConfig
 from .builtin.dpo import DPO, DPOConfig, dpo_losses
-from .builtin.group import GRPO, GroupContext, GroupMethod
+from .builtin.group import GRPO, GroupContext, GroupMethod, rollout_token_logps
 from .builtin.metrics import pair_accuracy
 from .builtin.online import OnlineMethod
 from .builtin.sft import SFT
@@ -54,7 +54,7 @@ __all__ = [
     "ddim_invert", "ddim_sample", "guided_prediction", "inversion_timesteps", "Noised", "OnlineMethod", "ScoreOutput", "run_stages",
     "denoising_errors", "did_you_mean", "dpo_losses", "evaluate", "get_method", "get_registry", "hookimpl", "load_recipe",
     "merge_adapter", "method_collator", "pair_accuracy", "prompt_completion", "resolve_reference_mode", "tokenize_completions",
-    "train",
+    "train", "frozen_model", "rollout_token_logps",
 ]  # fmt: skip
 
 if TYPE_CHECKING:
@@ -69,6 +69,7 @@ if TYPE_CHECKING:
     from .diffusion.inversion import Inversion, ddim_invert, ddim_sample, guided_prediction, inversion_timesteps
     from .diffusion.scorer import Noised, ScoreOutput
     from .diffusion.trainer import DiffusionTrainer
+    from .models.load import frozen_model
     from .run.evaluate import evaluate
     from .run.generate import generate, load_run
     from .run.merge import merge_adapter
@@ -83,6 +84,7 @@ if TYPE_CHECKING:
 _LAZY = {
     "PlusTrainer": "trainers.preference",
     "PlusGRPOTrainer": "trainers.group",
+    "frozen_model": "models.load",
     "DiffusionTrainer": "diffusion.trainer",
     "Inversion": "diffusion.inversion",
     "Noised": "diffusion.scorer",

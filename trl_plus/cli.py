@@ -38,7 +38,7 @@ def _table(rows: list[list[str]], header: list[str], notes: list[str] | None = N
 
 def _paper_line(paper, width: int | None = None) -> str:
     """``arXiv ID  title``, the title cut with an ellipsis to ``width`` characters (``None``: whole)."""
-    line = f"arXiv {paper.arxiv}  {paper.title}"
+    line = f"{paper.where if paper.arxiv else (paper.venue or 'no arXiv')}  {paper.title}"
     return line if width is None or len(line) <= width else line[: width - 1].rstrip() + "…"
 
 

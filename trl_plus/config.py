@@ -527,6 +527,9 @@ def load_recipe(source: str | Path | dict[str, Any], overrides: list[str] | None
         named = isinstance(recipe.data.eval, dict)
         sources = [("data.train", recipe.data.train), *((f"data.eval.{n}" if named else "data.eval", spec)
                                                         for n, spec in recipe.data.eval_sets().items())]  # fmt: skip
+        if recipe.phases is not None:
+            sources += [(f"phases.sequence.{i}.data", phase.data) for i, phase in enumerate(recipe.phases.sequence)
+                        if phase.data is not None]  # fmt: skip
         for key, spec in sources:
             if not is_overridden(f"{key}.path", overridden):
                 spec.path = relative_to_recipe(spec.path, folder)

@@ -126,14 +126,29 @@ class MethodConfig(BaseModel):
 
 @dataclass(frozen=True)
 class Paper:
-    """The paper a method comes from."""
+    """The paper a method comes from: its arXiv id, or (a paper without one) ``arxiv=None`` and its ``venue`` and
+    ``url`` (e.g. an OpenReview page)."""
 
     title: str
-    arxiv: str
+    arxiv: str | None
     code: str | None = None  # official code repository, "owner/name"
+    venue: str | None = None
+    url: str | None = None
+
+    @property
+    def where(self) -> str:
+        """``arXiv <id>``, or the venue (and the page) of a paper without an arXiv id."""
+        if self.arxiv:
+            return f"arXiv {self.arxiv}"
+        return ", ".join(x for x in (self.venue, self.url) if x) or "no arXiv id"
+
+    @property
+    def link(self) -> str | None:
+        """The paper's page: its arXiv abstract, or ``url``."""
+        return f"https://arxiv.org/abs/{self.arxiv}" if self.arxiv else self.url
 
     def __str__(self) -> str:
-        return f"{self.title} (arXiv {self.arxiv})"
+        return f"{self.title} ({self.where})"
 
 
 @dataclass(frozen=True)

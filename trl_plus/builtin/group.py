@@ -3,7 +3,7 @@ prompt, rewards from the recipe's scorers, advantages, a policy-gradient loss), 
 :class:`~trl_plus.trainers.group.PlusGRPOTrainer` on TRL's ``GRPOTrainer``, and the context their loss sees.
 
 A group method has two optional hooks; with neither it is TRL's GRPO as configured (``training.loss_type``,
-``scale_rewards``, ``epsilon``...):
+``scale_rewards``, ``epsilon``...), and a third for a method that is TRL's GRPO with some of its settings:
 
 - :meth:`GroupMethod.advantages` sees the **whole generation batch** (every process's rows gathered, identical on
   each process) as a :class:`~trl_plus.Rollouts` with the raw per-scorer scores, and returns ``[N]`` per-row or
@@ -11,6 +11,8 @@ A group method has two optional hooks; with neither it is TRL's GRPO as configur
   and splits it), so anything coupled within a group must become a per-row number here.
 - :meth:`GroupMethod.loss` gets this micro-batch's :class:`GroupContext` and returns a
   :class:`~trl_plus.LossOutput` in place of TRL's clipped surrogate.
+- :meth:`GroupMethod.grpo_config` adjusts TRL's ``GRPOConfig`` once, before TRL's trainer is built (e.g. mo-grpo's
+  ``multi_objective_aggregation`` and per-head reward weights).
 """
 
 from __future__ import annotations
@@ -104,6 +106,12 @@ class GroupMethod(Method):
         ``rollouts.old_token_logps`` is ``[N, T]`` when the method ``wants_old_logps``."""
         return None
 
+    def grpo_config(self, args: Any) -> None:
+        """Adjust TRL's ``GRPOConfig`` ``args`` in place, once, before TRL's ``GRPOTrainer.__init__`` reads it: the
+        trainer has already written the rollout (``num_generations``, decoding), the scorers' ``reward_weights``
+        (one per scorer output, in order) and ``beta`` into it. Default: nothing. A method that owns a field
+        should refuse a ``training:`` value that contradicts its config rather than overwrite it silently."""
+
     def loss(self, ctx: GroupContext) -> LossOutput | None:  # type: ignore[override]
         """This micro-batch's loss, or ``None`` for TRL's ``loss_type`` surrogate on :meth:`advantages`."""
         return None
@@ -123,3 +131,30 @@ class GRPO(GroupMethod):
     summary = "Group Relative Policy Optimization: rewards minus the group mean, clipped surrogate (TRL's GRPO)"
     paper = Paper("DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language Models", "2402.03300")
     Config = GRPOConfig
+
+
+# -- frozen models' token log-probs for group methods (rto's π_dpo and π_ref; load them with trl_plus.frozen_model) --
+
+
+def rollout_token_logps(model: Any, rollouts: Rollouts, batch_size: int = 8) -> torch.Tensor:
+    """``[N, T]`` float64 per-token log-probs (temperature 1, no grad) of each rollout's completion ids given its
+    prompt ids under ``model`` (``T`` = the longest completion; 0 past a completion's end), each row run unpadded on
+    the left (prompt from position 0, right padding)."""
+    device = next(model.parameters()).device
+    n, width = len(rollouts.completion_ids), max((len(c) for c in rollouts.completion_ids), default=0)
+    out = torch.zeros(n, width, dtype=torch.float64)
+    with torch.no_grad():
+        for start in range(0, n, batch_size):
+            rows = [list(p) + list(c) for p, c in zip(rollouts.prompt_ids[start : start + batch_size],
+                                                      rollouts.completion_ids[start : start + batch_size])]  # fmt: skip
+            length = max(len(r) for r in rows)
+            ids = torch.zeros(len(rows), length, dtype=torch.long)
+            mask = torch.zeros(len(rows), length, dtype=torch.long)
+            for i, row in enumerate(rows):
+                ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), 1
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1].float()
+            logps = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1)
+            for i in range(len(rows)):
+                p, c = len(rollouts.prompt_ids[start + i]), len(rollouts.completion_ids[start + i])
+                out[start + i, :c] = logps[i, p - 1 : p - 1 + c].double().cpu()
+    return out

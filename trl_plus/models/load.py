@@ -194,3 +194,21 @@ def bf16_available() -> bool:
     import torch
 
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def frozen_model(path: str, device: Any = None) -> Any:
+    """A frozen causal LM for a group method's own use (e.g. a token-reward source): a model folder, hub id or model
+    alias (``tiny-llama``), or a LoRA adapter folder on its base (``base_model_name_or_path``; ``with
+    model.disable_adapter():`` is then the base); eval mode, no grad, on ``device``. For a group method's
+    :func:`~trl_plus.rollout_token_logps` it must share the policy's tokenizer (it is fed the policy's token ids)."""
+    from transformers import AutoModelForCausalLM
+
+    from ..builtin.scorers import adapter_model
+
+    if (Path(path) / "adapter_config.json").is_file():
+        model = adapter_model(path, device=device)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(path)).eval()
+        if device is not None:
+            model.to(device)
+    return model.requires_grad_(False)

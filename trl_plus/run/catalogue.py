@@ -58,8 +58,8 @@ def methods_markdown(registry: Registry) -> str:
     for name, cls in ordered(registry):
         folder = _plugin_folder(registry.sources[name])
         where = "built into the core" if folder is None else f"[plugins/{folder}](plugins/{folder})"
-        lines.append(f"| `{name}` | {cls.family} | {cls.needs.describe()} | {cls.paper.title} (arXiv "
-                     f"{cls.paper.arxiv}) | {where} |")  # fmt: skip
+        lines.append(f"| `{name}` | {cls.family} | {cls.needs.describe()} | {cls.paper.title} ({cls.paper.where}) "
+                     f"| {where} |")  # fmt: skip
     return "\n".join(lines)
 
 

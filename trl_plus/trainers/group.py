@@ -7,7 +7,8 @@ normalisers. This subclass adds trl-plus's side, in four places:
 1. ``__init__``: the method (registry, validated ``Config``), its ``Rollout`` (``n`` → ``num_generations``,
    ``decoding`` → ``max_completion_length`` / ``temperature`` / ``top_p`` / ... / ``generation_kwargs``), the
    recipe's scorers as TRL reward functions (each output one function; a vector scorer runs one forward per batch
-   for all of them) with their weights as ``reward_weights``, and the method's ``beta``. With ``beta > 0`` and no
+   for all of them) with their weights as ``reward_weights``, and the method's ``beta``; then the method's
+   :meth:`~trl_plus.GroupMethod.grpo_config` adjusts the ``GRPOConfig``. With ``beta > 0`` and no
    LoRA the reference is a frozen copy of the starting policy (or the ``ref_model`` given): TRL would reload one
    from ``config._name_or_path`` — impossible for a model built in memory, and a 16-bit copy of a 4-bit one.
 2. ``_calculate_rewards``: keeps the gathered ``[N, S]`` per-scorer scores (TRL's output drops them).
@@ -127,6 +128,7 @@ class PlusGRPOTrainer(GuardMixin, GRPOTrainer):
         args = args or GRPOConfig(f"runs/{self.method.name}")
         beta = float(getattr(self.method.config, "beta", 0.0))
         grpo_args(args, self.rollout, self.scorers, beta)
+        self.method.grpo_config(args)  # the method's own GRPOConfig settings (default: none)
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
         for scorer, _ in self.scorers:
             scorer.tokenizer = scorer.tokenizer or tokenizer

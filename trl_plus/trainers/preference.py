@@ -84,6 +84,11 @@ def paper_for_card(method: Method) -> dict[str, str | None]:
         return {}
     if paper.arxiv == DPOTrainer._paper["id"]:
         return {**DPOTrainer._paper, "title": paper.title}
+    if not paper.arxiv:
+        key = "".join(ch for ch in paper.title.split(":")[0].lower() if ch.isalnum())[:24]
+        citation = (f"@misc{{{key},\n    title         = {{{{{paper.title}}}}},\n"
+                    f"    howpublished  = {{{paper.venue or ''}}},\n    url           = {{{paper.url or ''}}},\n}}")
+        return {"title": paper.title, "id": None, "citation": citation}
     citation = (f"@misc{{arxiv{paper.arxiv},\n    title         = {{{{{paper.title}}}}},\n"
                 f"    eprint        = {{{paper.arxiv}}},\n    archivePrefix = {{arXiv}},\n"
                 f"    url           = {{https://arxiv.org/abs/{paper.arxiv}}},\n}}")  # fmt: skip
@@ -96,7 +101,8 @@ def method_section(method: Method) -> str:
              + (f": {method.summary.rstrip('.')}." if method.summary else ".")]  # fmt: skip
     paper = getattr(method, "paper", None)
     if paper is not None:
-        lines += ["", f"- Paper: [{paper.title}](https://arxiv.org/abs/{paper.arxiv}) (arXiv {paper.arxiv})"]
+        lines += ["", f"- Paper: [{paper.title}]({paper.link}) ({paper.where})" if paper.link else
+                  f"- Paper: {paper.title} ({paper.where})"]  # fmt: skip
         if paper.code:
             url = paper.code if "://" in paper.code else f"https://github.com/{paper.code}"
             lines.append(f"- Official code: [{paper.code}]({url})")
