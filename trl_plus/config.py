@@ -312,11 +312,13 @@ class IterationsSpec(_Block):
 
 class StopRule(_Block):
     """Stop when a logged value reaches a bound: ``key`` (a training log entry, e.g. ``rollout/reward`` or
-    ``rewards/kitchen/team/mean``) ``at_least`` or ``at_most`` a number (exactly one)."""
+    ``rewards/kitchen/team/mean``) ``at_least`` or ``at_most`` a number (exactly one); ``window``: the mean of its
+    last ``window`` logged values (one batch's value is noisy; 1: the last value alone)."""
 
     key: str
     at_least: float | None = None
     at_most: float | None = None
+    window: PositiveInt = 1
 
     @model_validator(mode="after")
     def _one_bound(self) -> StopRule:
@@ -324,8 +326,13 @@ class StopRule(_Block):
             raise ValueError("give exactly one of at_least and at_most")
         return self
 
-    def reached(self, value: float) -> bool:
-        """Whether ``value`` satisfies the rule."""
+    def reached(self, values: float | list[float]) -> bool:
+        """Whether the mean of the last ``window`` of ``values`` (logged in order; or one value) satisfies the rule;
+        fewer than ``window`` values never do."""
+        values = [values] if isinstance(values, (int, float)) else list(values)
+        if len(values) < self.window:
+            return False
+        value = sum(values[-self.window :]) / self.window
         return value >= self.at_least if self.at_least is not None else value <= self.at_most
 
 
@@ -351,7 +358,8 @@ class PhaseSpec(_Block):
 class PhasesSpec(_Block):
     """Rounds of phases (EAR: one BC epoch on liked data, then RL until the return is back): each round runs
     ``sequence`` in order on the policy the last phase left, under ``output_dir/round-<r>-<name>/``; ``until`` ends
-    the rounds early, checked on the last value of its key logged in the round; ``rounds`` caps them."""
+    the rounds early, checked on the values of its key logged in the round (the last ``window`` of them); ``rounds``
+    caps them."""
 
     rounds: PositiveInt = 1
     sequence: list[PhaseSpec]

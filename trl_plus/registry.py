@@ -26,7 +26,7 @@ REPOSITORY_PLUGINS = frozenset({
     "did", "dpo-survey", "more-is-less", "sft-fdiv",  # issue 13 (c): metric plugins, the survey taxonomy, a method
     "selm", "dno", "dpa",  # issue 14: iterated online methods
     "online-dpo", "xpo",  # issue 14: online methods
-    "disco", "drpo", "mo-grpo", "rto",  # issue 15: group-RL methods
+    "disco", "drpo", "mo-grpo", "rto", "hybrid-offline-online",  # issue 15: group-RL methods, phases
 })  # fmt: skip
 
 

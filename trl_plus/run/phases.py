@@ -33,11 +33,14 @@ class StopWhen(TrainerCallback):
     """Ends training at the first logged step whose ``rule.key`` satisfies ``rule``; remembers that step."""
 
     def __init__(self, rule: StopRule):
-        self.rule, self.stopped_at = rule, None
+        self.rule, self.stopped_at, self.values = rule, None, []
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         value = (logs or {}).get(self.rule.key)
-        if value is not None and self.stopped_at is None and self.rule.reached(float(value)):
+        if value is None or self.stopped_at is not None:
+            return
+        self.values.append(float(value))
+        if self.rule.reached(self.values):
             self.stopped_at = state.global_step
             control.should_training_stop = True
 
@@ -70,8 +73,8 @@ def run_phases(recipe: Recipe, build_trainer: Callable[..., Any]) -> dict[str, A
             steps += trainer.state.global_step
         log += round_log
         if plan.until is not None:
-            values = [e[plan.until.key] for e in round_log if plan.until.key in e]
-            if values and plan.until.reached(float(values[-1])):
+            values = [float(e[plan.until.key]) for e in round_log if plan.until.key in e]
+            if plan.until.reached(values):
                 stopped = True
                 break
     trainer.state.log_history = log
