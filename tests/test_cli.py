@@ -232,7 +232,7 @@ def test_list_json_show_json_and_plugins_give_tooling_the_same_facts(capsys):
     assert main(["plugins", "--json"]) == 0
     plugins = json.loads(capsys.readouterr().out)
     assert plugins[0]["distribution"] == "trl-plus" and plugins[0]["methods"] == [
-        "diffusion-dpo", "diffusion-sft", "dpo", "sft"]
+        "diffusion-dpo", "diffusion-sft", "dpo", "grpo", "sft"]
     assert "tiny-llama" in plugins[0]["model_aliases"]
     by_name = {p["distribution"]: p for p in plugins}
     assert by_name["trl-plus-simpo"]["methods"] == ["simpo"] and by_name["trl-plus-simpo"]["version"] == "0.1.0"

@@ -153,7 +153,7 @@ def test_a_method_of_a_trainer_kind_this_core_lacks_is_refused_at_validation(tmp
     with registered(Online):
         message = error_of(tmp_path, deep(BASE, method="future-online"))
         assert message.endswith("r.yaml: method: method 'future-online' runs on a 'online' trainer, which this "
-                                "trl-plus does not have (it has: preference, diffusion); upgrade trl-plus or the "
+                                "trl-plus does not have (it has: preference, diffusion, group); upgrade trl-plus or the "
                                 "plugin")  # fmt: skip
         with pytest.raises(TrlPlusError, match="runs on a 'online' trainer, not on PlusTrainer"):
             PlusTrainer("unused", method="future-online")

@@ -148,7 +148,7 @@ def test_the_venv_sees_the_wheels_and_the_outer_dependencies(wheel_env):
 
 
 #: The core's own methods, as `trl-plus list` shows them.
-BUILT_INS = {name: "(built-in)" for name in ("dpo", "sft", "diffusion-dpo", "diffusion-sft")}
+BUILT_INS = {name: "(built-in)" for name in ("dpo", "sft", "grpo", "diffusion-dpo", "diffusion-sft")}
 
 
 def test_installed_command_lists_trains_and_forgets_an_uninstalled_plugin(wheel_env):

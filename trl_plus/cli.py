@@ -97,7 +97,7 @@ def cmd_list(args: argparse.Namespace) -> int:
                 for name, cls in methods]  # fmt: skip
         print(_table(rows, [*header, "paper"]))
     else:  # the paper on a line of its own under each method; needs wrapped; the distribution without its plugin
-        rows = [[name, cls.family, textwrap.fill(_needs(cls), 30, break_on_hyphens=False),
+        rows = [[name, cls.family, textwrap.fill(_needs(cls), 26, break_on_hyphens=False),
                  _distribution(registry.sources[name])] for name, cls in methods]  # fmt: skip
         notes = ["paper", *(_paper_line(cls.paper, LIST_WIDTH - 2) for _, cls in methods)]
         print(_table(rows, header, notes))

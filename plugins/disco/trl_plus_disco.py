@@ -22,9 +22,8 @@ batch the softmax weights stay those of π_old (the official code recomputes the
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-import torch
 from pydantic import Field
 
 from trl_plus import (
@@ -39,6 +38,9 @@ from trl_plus import (
     TrlPlusError,
     hookimpl,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["DisCO", "DisCOConfig", "coefficients", "disco_objective", "kl_estimate", "kl_penalty",
            "negative_weights", "split"]  # fmt: skip
@@ -77,6 +79,8 @@ def split(rewards: torch.Tensor, threshold: float = 0.5) -> tuple[torch.Tensor, 
 
 def negative_weights(scores: torch.Tensor, negative: torch.Tensor, tau: float, variant: str = "disco") -> torch.Tensor:
     """``[Q, n]`` p_j = ∂(τ log mean_{j∈N} exp(s_j/τ))/∂s_j = softmax_{j∈N}(s_j/τ) (disco-b: 1/|N|); 0 off N."""
+    import torch
+
     if variant == "disco-b":
         return negative.to(scores.dtype) / negative.sum(-1, keepdim=True).clamp(min=1)
     logits = (scores.detach() / tau).masked_fill(~negative, float("-inf"))
@@ -84,15 +88,19 @@ def negative_weights(scores: torch.Tensor, negative: torch.Tensor, tau: float, v
     return torch.where(negative, weights, torch.zeros_like(weights)).nan_to_num(0.0)
 
 
-def uniform_positive_weights(positive: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """``[Q, n]`` 1/|P| on the positives (DisCO's mean over positives), 0 elsewhere."""
-    return positive.to(dtype) / positive.sum(-1, keepdim=True).clamp(min=1)
+def uniform_positive_weights(positive: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``[Q, n]`` 1/|P| on the positives (DisCO's mean over positives), 0 elsewhere (float64 by default)."""
+    import torch
+
+    return positive.to(dtype or torch.float64) / positive.sum(-1, keepdim=True).clamp(min=1)
 
 
 def coefficients(scores: torch.Tensor, rewards: torch.Tensor, tau: float = 10.0, variant: str = "disco",
                  threshold: float = 0.5, positive_weights: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """``[Q, n]`` c_o = Q·∂J/∂s_o: the positives' weights (1/|P|, or ``positive_weights`` normalised within P: DRPO)
     minus the negatives' p_j; 0 in invalid groups."""
+    import torch
+
     positive, negative, valid = split(rewards, threshold)
     if positive_weights is None:
         positive_weights = uniform_positive_weights(positive, scores.dtype)
@@ -105,6 +113,8 @@ def disco_objective(scores: torch.Tensor, rewards: torch.Tensor, tau: float = 10
     """J = (1/Q) Σ_{valid q} [Σ_{i∈P} w_i s_i − τ log mean_{j∈N} exp(s_j/τ)] of ``[Q, n]`` scores (differentiable;
     the true log-mean-exp, where the official code's S/sg(S) has value ≈ 1 and the same gradient); ``w`` = 1/|P|
     or ``positive_weights`` (normalised within P)."""
+    import torch
+
     positive, negative, valid = split(rewards, threshold)
     if positive_weights is None:
         positive_weights = uniform_positive_weights(positive, scores.dtype)
@@ -123,6 +133,8 @@ def kl_estimate(token_logps: torch.Tensor, old_token_logps: torch.Tensor, mask: 
                 kl_type: str = "kl") -> torch.Tensor:  # fmt: skip
     """K̂: the token mean over every completion token of the batch of log π_old − log π_θ (``kl``), plus
     π_θ/π_old − 1 per token (``low_var_kl``), as the official code's ``ppo_kl``."""
+    import torch
+
     x = old_token_logps - token_logps
     per_token = x if kl_type == "kl" else x + torch.exp(-x) - 1
     return (per_token * mask).sum() / mask.sum().clamp(min=1)
@@ -142,6 +154,8 @@ class DisCO(GroupMethod):
     in :meth:`advantages`, the un-clipped discriminative score and the squared-hinge KL to π_old in :meth:`loss`."""
 
     name = "disco"
+    taxonomy = {"data.feedback": "point", "data.granularity": "sentence", "learning.paradigm": "online",
+                "constraint.reference": "reference-free", "property": (), "scope": "text", "source": "inferred"}  # fmt: skip
     summary = "positives' score above negatives' (log-mean-exp over negatives), squared-hinge KL to π_old, no clipping"
     paper = Paper("DisCO: Reinforcing Large Reasoning Models with Discriminative Constrained Optimization",
                   "2505.12366", code="Optimization-AI/DisCO")  # fmt: skip
@@ -164,6 +178,8 @@ class DisCO(GroupMethod):
 
     def grouped(self, rollouts: Rollouts) -> tuple[int, int]:
         """``(Q, n)`` of the group-major generation batch (every group the same size, as TRL samples them)."""
+        import torch
+
         total, q = len(rollouts.completion_ids), rollouts.num_groups
         n = total // max(q, 1)
         if q * n != total or not torch.equal(rollouts.group.cpu(), torch.arange(total) // n):
@@ -173,6 +189,8 @@ class DisCO(GroupMethod):
 
     def sampling_scores(self, rollouts: Rollouts) -> torch.Tensor:
         """``[N]`` s(o) under the sampling policy: the token mean of ``old_token_logps`` (logL), 1 (Lratio)."""
+        import torch
+
         lengths = rollouts.lengths.to(torch.float64)
         if self.config.score == "Lratio":
             return torch.ones_like(lengths)
@@ -186,6 +204,8 @@ class DisCO(GroupMethod):
     def advantages(self, rollouts: Rollouts, baseline: torch.Tensor) -> torch.Tensor:
         """``[N]`` n·c_o from whole groups (c_o as :func:`coefficients`, p_j from the sampling policy's scores), so
         that :meth:`loss`'s mean over rows is DisCO's mean over questions."""
+        import torch
+
         q, n = self.grouped(rollouts)
         cfg = self.config
         rewards = rollouts.reward().to(torch.float64).view(q, n)
@@ -200,6 +220,8 @@ class DisCO(GroupMethod):
 
     def scores(self, ctx: GroupContext, old: torch.Tensor) -> torch.Tensor:
         """``[M]`` s(o) under the current policy (with grad): token-mean log-prob, or token-mean π_θ/π_old."""
+        import torch
+
         if self.config.score == "logL":
             return ctx.sequence_logps()
         ratio = torch.exp((ctx.token_logps - old) * ctx.mask)

@@ -20,9 +20,8 @@ This file repeats the few DisCO functions it needs (a plugin imports only ``trl_
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-import torch
 from pydantic import Field
 
 from trl_plus import (
@@ -37,6 +36,9 @@ from trl_plus import (
     TrlPlusError,
     hookimpl,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["DRPO", "DRPOConfig", "coefficients", "drpo_objective", "kl_estimate", "kl_penalty", "length_weights"]
 
@@ -77,6 +79,8 @@ def length_weights(lengths: torch.Tensor, positive: torch.Tensor, length_lambda:
                    reward: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """``[Q, n]`` w̃ = softmax over each group's positives of ρ/λ, ρ = 1 − L/L_max (or the given ``reward``); 0 off
     P. λ = inf: 1/|P| exactly."""
+    import torch
+
     rho = 1 - lengths.to(torch.float64) / max_length if reward is None else reward.to(torch.float64)
     logits = torch.zeros_like(rho) if math.isinf(length_lambda) else rho / length_lambda
     weights = torch.softmax(logits.masked_fill(~positive, float("-inf")), dim=-1)
@@ -86,6 +90,8 @@ def length_weights(lengths: torch.Tensor, positive: torch.Tensor, length_lambda:
 def coefficients(scores: torch.Tensor, rewards: torch.Tensor, positive_weights: torch.Tensor, tau: float = 10.0,
                  threshold: float = 0.5) -> torch.Tensor:  # fmt: skip
     """``[Q, n]`` c_o = Q·∂J/∂s_o: w̃_i on positives, −softmax_{j∈N}(s_j/τ) on negatives, 0 in invalid groups."""
+    import torch
+
     positive, negative, valid = split(rewards, threshold)
     logits = (scores.detach() / tau).masked_fill(~negative, float("-inf"))
     p = torch.where(negative, torch.softmax(logits, dim=-1), torch.zeros_like(scores)).nan_to_num(0.0)
@@ -97,6 +103,8 @@ def drpo_objective(scores: torch.Tensor, rewards: torch.Tensor, positive_weights
                    threshold: float = 0.5) -> torch.Tensor:  # fmt: skip
     """J = (1/Q) Σ_{valid q} [Σ_{i∈P} w̃_i s_i − τ log mean_{j∈N} exp(s_j/τ)] (differentiable in ``scores``; the true
     log-mean-exp, where the official S/sg(S) has value ≈ 1 and the same gradient)."""
+    import torch
+
     positive, negative, valid = split(rewards, threshold)
     positive_term = (positive_weights.to(scores.dtype) * positive * scores).sum(-1)
     logits = (scores / tau).masked_fill(~negative, float("-inf"))
@@ -109,6 +117,8 @@ def kl_estimate(token_logps: torch.Tensor, old_token_logps: torch.Tensor, mask: 
                 kl_type: str = "kl") -> torch.Tensor:  # fmt: skip
     """K̂: the token mean over the batch's completion tokens of log π_old − log π_θ (``kl``), plus π_θ/π_old − 1
     per token (``low_var_kl``), as the official ``ppo_kl``."""
+    import torch
+
     x = old_token_logps - token_logps
     per_token = x if kl_type == "kl" else x + torch.exp(-x) - 1
     return (per_token * mask).sum() / mask.sum().clamp(min=1)
@@ -126,6 +136,8 @@ class DRPO(GroupMethod):
     """DRPO on the recipe's binary verifier (see the module docstring)."""
 
     name = "drpo"
+    taxonomy = {"data.feedback": "point", "data.granularity": "sentence", "learning.paradigm": "online",
+                "constraint.reference": "reference-free", "property": (), "scope": "text", "source": "inferred"}  # fmt: skip
     summary = "DisCO with correct rollouts re-weighted by a length reward normalised within the correct ones only"
     paper = Paper("DRPO: Efficient Reasoning via Decoupled Reward Policy Optimization", "2510.04474",
                   code="Optimization-AI/DRPO")  # fmt: skip
@@ -142,10 +154,14 @@ class DRPO(GroupMethod):
 
     def positive_reward(self, rollouts: Rollouts) -> torch.Tensor:
         """``[N]`` ρ(o), the preference reward of a positive: 1 − L/L_max (override for another preference)."""
+        import torch
+
         return 1 - rollouts.lengths.to(torch.float64) / self.config.max_length
 
     def grouped(self, rollouts: Rollouts) -> tuple[int, int]:
         """``(Q, n)`` of the group-major generation batch (every group the same size, as TRL samples them)."""
+        import torch
+
         total, q = len(rollouts.completion_ids), rollouts.num_groups
         n = total // max(q, 1)
         if q * n != total or not torch.equal(rollouts.group.cpu(), torch.arange(total) // n):
@@ -156,6 +172,8 @@ class DRPO(GroupMethod):
     def advantages(self, rollouts: Rollouts, baseline: torch.Tensor) -> torch.Tensor:
         """``[N]`` n·c_o from whole groups (w̃ from the lengths, p_j from the sampling policy's token-mean
         log-probs), so that :meth:`loss`'s mean over rows is DRPO's mean over questions."""
+        import torch
+
         q, n = self.grouped(rollouts)
         cfg = self.config
         if rollouts.old_token_logps is None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import random
 from typing import Any, ClassVar
 
-import torch
 from pydantic import Field
 
 from trl_plus import GroupMethod, MethodConfig, Needs, Paper, Rollout, Scorer, hookimpl
@@ -72,7 +71,9 @@ class KitchenScorer(Scorer):
     outputs = ("team", "preference")
     columns = ("partner",)
 
-    def score(self, prompts: list, completions: list, partner: list) -> torch.Tensor:
+    def score(self, prompts: list, completions: list, partner: list) -> Any:
+        import torch
+
         return torch.tensor([outcome(str(c), p) for c, p in zip(completions, partner, strict=True)],
                             dtype=torch.float64)  # fmt: skip
 
@@ -88,6 +89,8 @@ class EAR(GroupMethod):
     in alternation by a recipe's ``phases:`` block: see ``recipes/hybrid-offline-online.yaml``."""
 
     name = "hybrid-offline-online"
+    taxonomy = {"data.feedback": "point", "data.granularity": "turn", "learning.paradigm": "online",
+                "constraint.reference": "fixed", "property": (), "scope": "agent", "source": "inferred"}  # fmt: skip
     family = "policy-rl"
     summary = "EAR: one BC epoch on liked trajectories, then RL recovery until the team return is back (phases:)"
     paper = Paper("Learning Preferences without Interaction for Cooperative AI: A Hybrid Offline-Online Approach",

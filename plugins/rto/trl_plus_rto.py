@@ -21,9 +21,8 @@ value loss — an RL loop TRL no longer has (see the README). π_dpo and π_ref 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
 from pydantic import Field
 
 from trl_plus import (
@@ -38,6 +37,9 @@ from trl_plus import (
     hookimpl,
     rollout_token_logps,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 
 class RTOConfig(MethodConfig):
@@ -75,6 +77,8 @@ def kl_token_rewards(old_logps: torch.Tensor, ref_logps: torch.Tensor, mask: tor
 def returns_to_go(rewards: torch.Tensor, mask: torch.Tensor, lam: float = 1.0) -> torch.Tensor:
     """``Σ_{k ≥ t} λ^(k−t) r_k`` per token: GAE(γ = 1, λ) with V ≡ 0 (no critic; λ = 1: the plain return-to-go),
     0 where ``mask`` is 0."""
+    import torch
+
     rewards = rewards * mask
     out = torch.zeros_like(rewards)
     running = torch.zeros_like(rewards[:, 0])
@@ -92,7 +96,8 @@ class RTO(GroupMethod):
     family = "policy-rl"
     summary = "GRPO advantage + return-to-go of clipped per-token DPO rewards β1·log(π_dpo/π_ref) (rto-lite)"
     taxonomy = {"data.feedback": "point", "data.granularity": "token", "learning.paradigm": "online",
-                "constraint.reference": "fixed", "property": (), "scope": "text", "source": "inferred"}  # fmt: skip
+                "constraint.reference": "fixed", "property": (), "scope": "text", "survey": ("token",),
+                "source": "survey"}  # fmt: skip
     paper = Paper("DPO Meets PPO: Reinforced Token Optimization for RLHF", "2404.18922", code="zkshan2002/RTO")
     needs = Needs(reference="yes", precomputable_reference=False,
                   rollout=Rollout(n=8, decoding={"max_new_tokens": 64, "temperature": 1.0}))  # fmt: skip
@@ -133,6 +138,8 @@ class RTO(GroupMethod):
 
     def token_rewards(self, rollouts: Rollouts) -> torch.Tensor:
         """``[N, T]`` RTO's per-token reward r^dpo_t + r^kl_t (0 past each completion's end)."""
+        import torch
+
         dpo, ref = self.token_logps(rollouts)
         mask = (torch.arange(dpo.size(1)) < rollouts.lengths[:, None]).double()
         c = self.config
@@ -143,6 +150,8 @@ class RTO(GroupMethod):
 
     def advantages(self, rollouts: Rollouts, baseline: torch.Tensor) -> torch.Tensor:
         """``A_it = A_i + Σ_{k≥t} r_ik``: TRL's sequence advantage plus the token rewards' return-to-go."""
+        import torch
+
         r = self.token_rewards(rollouts)
         mask = (torch.arange(r.size(1)) < rollouts.lengths[:, None]).double()
         returns = returns_to_go(r, mask, self.config.gae_lambda)

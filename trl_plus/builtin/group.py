@@ -18,12 +18,14 @@ A group method has two optional hooks; with neither it is TRL's GRPO as configur
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-import torch
 from pydantic import Field
 
 from ..contract import LossOutput, Method, MethodConfig, Needs, Paper, Rollout, Rollouts
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -60,6 +62,8 @@ class GroupContext:
 
     def ratio(self, level: Literal["token", "sequence"] = "token") -> torch.Tensor:
         """π_θ / π_old: ``[M, T]`` per token, or ``[M]`` per sequence (exp of the token-mean log-ratio, GSPO's)."""
+        import torch
+
         log_ratio = (self.token_logps - self.old_token_logps) * self.mask
         if level == "token":
             return torch.exp(log_ratio)
@@ -131,6 +135,8 @@ class GRPO(GroupMethod):
     summary = "Group Relative Policy Optimization: rewards minus the group mean, clipped surrogate (TRL's GRPO)"
     paper = Paper("DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language Models", "2402.03300")
     Config = GRPOConfig
+    taxonomy = {"data.feedback": "point", "data.granularity": "sentence", "learning.paradigm": "online",
+                "constraint.reference": "fixed", "property": (), "scope": "text", "source": "inferred"}  # fmt: skip
 
 
 # -- frozen models' token log-probs for group methods (rto's π_dpo and π_ref; load them with trl_plus.frozen_model) --
@@ -140,6 +146,8 @@ def rollout_token_logps(model: Any, rollouts: Rollouts, batch_size: int = 8) -> 
     """``[N, T]`` float64 per-token log-probs (temperature 1, no grad) of each rollout's completion ids given its
     prompt ids under ``model`` (``T`` = the longest completion; 0 past a completion's end), each row run unpadded on
     the left (prompt from position 0, right padding)."""
+    import torch
+
     device = next(model.parameters()).device
     n, width = len(rollouts.completion_ids), max((len(c) for c in rollouts.completion_ids), default=0)
     out = torch.zeros(n, width, dtype=torch.float64)

@@ -376,9 +376,10 @@ def check_phases(recipe: Recipe) -> None:
     plan = recipe.phases
     if recipe.stages is not None or recipe.iterations is not None:
         raise TrlPlusError(f"{recipe._source}: phases: a run has phases, or stages / iterations, not both")
+    root = Path(recipe.training.get("output_dir") or f"runs/{recipe.method}")
     for i, phase in enumerate(plan.sequence):
-        try:
-            check_recipe(phase_recipe(recipe, phase))
+        try:  # (in its round-1 folder: the run's own folder belongs to the run's method)
+            check_recipe(phase_recipe(recipe, phase, root / f"round-1-{phase.name}"))
         except TrlPlusError as exc:
             raise TrlPlusError(f"{recipe._source}: phases.sequence.{i} ({phase.name}): "
                                f"{str(exc).removeprefix(recipe._source + ': ')}") from None  # fmt: skip
