@@ -524,6 +524,18 @@ def tiny_model_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture
+def one_thread():
+    """One intra-op torch thread for the test (restored after): the tiny model gains nothing from more, and a
+    training test stays fast on a machine busy with other tests."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def preference_file(tmp_path) -> str:
     """A jsonl file of 32 synthetic prompt/chosen/rejected rows."""
     return write_jsonl(preference_rows(32), tmp_path / "prefs.jsonl")

@@ -115,13 +115,7 @@ def build_trainer(recipe: Recipe, callbacks: list | None = None, model: Any = No
     if method.trainer == "group":
         return build_group_trainer(recipe, method, training, train_dataset, eval_dataset, stages, callbacks, model)
     args = training_args(recipe, method, training, has_eval=eval_dataset is not None)
-    tokenizer = recipe_tokenizer(recipe)
-    check_chat_template(tokenizer, {"train": train_dataset, "eval": eval_dataset}, recipe, method)
-    try:
-        check_lora_targets(recipe.model, resolve_model_path(recipe.model.name_or_path, recipe.model.gguf_file))
-    except TrlPlusError as exc:
-        raise TrlPlusError(f"{recipe_source(recipe)}: {exc}") from None
-    model, peft_config, lr_scales = _policy(recipe, args, model)
+    tokenizer, model, peft_config, lr_scales = _policy(recipe, method, args, train_dataset, eval_dataset, model)
     mode = resolve_reference_mode(method, recipe.reference.mode, peft_config is not None, False,
                                   iterated=recipe.iterations is not None)  # fmt: skip
     ref_model = None
@@ -194,17 +188,24 @@ def training_args(recipe: Recipe, method, training: dict[str, Any], has_eval: bo
     return config_cls(**training)
 
 
-def _policy(recipe: Recipe, args, model: Any = None) -> tuple[Any, Any, Any]:
-    """``(model, peft_config, lr_scales)``: the recipe's model loaded (LoRA as configured), or ``model`` as given
-    (already wrapped in its adapters when it has any: no second wrap)."""
+def _policy(recipe: Recipe, method, args, train_dataset, eval_dataset, model: Any = None) -> tuple[Any, ...]:
+    """``(tokenizer, model, peft_config, lr_scales)`` of every trainer kind: the tokenizer (its chat template checked
+    against the data), the recipe's model loaded (its LoRA targets checked, LoRA as configured), or ``model`` as
+    given (a phase's policy: already wrapped in its adapters when it has any, no second wrap)."""
+    tokenizer = recipe_tokenizer(recipe)
+    check_chat_template(tokenizer, {"train": train_dataset, "eval": eval_dataset}, recipe, method)
     if model is None:
-        return (load_model(recipe.model, gradient_checkpointing=args.activation_checkpointing),
+        try:
+            check_lora_targets(recipe.model, resolve_model_path(recipe.model.name_or_path, recipe.model.gguf_file))
+        except TrlPlusError as exc:
+            raise TrlPlusError(f"{recipe_source(recipe)}: {exc}") from None
+        return (tokenizer, load_model(recipe.model, gradient_checkpointing=args.activation_checkpointing),
                 *peft_configs(recipe.model))  # fmt: skip
     from accelerate.utils import is_peft_model
 
     if is_peft_model(model):
-        return model, None, None
-    return model, *peft_configs(recipe.model)
+        return tokenizer, model, None, None
+    return tokenizer, model, *peft_configs(recipe.model)
 
 
 def build_group_trainer(recipe: Recipe, method, training, train_dataset, eval_dataset, stages, callbacks,
@@ -235,13 +236,7 @@ def build_group_trainer(recipe: Recipe, method, training, train_dataset, eval_da
         args = training_args(recipe, method, training, has_eval=eval_dataset is not None, config_cls=GRPOConfig)
     except ValueError as exc:  # GRPOConfig's own checks (auto_find_batch_size, eval batch vs groups...)
         raise TrlPlusError(f"{recipe_source(recipe)}: training: {str(exc).splitlines()[0]}") from None
-    tokenizer = recipe_tokenizer(recipe)
-    check_chat_template(tokenizer, {"train": train_dataset, "eval": eval_dataset}, recipe, method)
-    try:
-        check_lora_targets(recipe.model, resolve_model_path(recipe.model.name_or_path, recipe.model.gguf_file))
-    except TrlPlusError as exc:
-        raise TrlPlusError(f"{recipe_source(recipe)}: {exc}") from None
-    model, peft_config, lr_scales = _policy(recipe, args, model)
+    tokenizer, model, peft_config, lr_scales = _policy(recipe, method, args, train_dataset, eval_dataset, model)
     if lr_scales:
         raise TrlPlusError(f"{recipe_source(recipe)}: model.adapters: a group method trains one adapter (model.lora)")
     from ..trainers.group import PlusGRPOTrainer

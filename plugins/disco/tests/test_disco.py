@@ -189,15 +189,6 @@ def test_config_validation():
     assert not hasattr(DisCOConfig(), "beta")  # no reference model: TRL's beta stays 0
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: the tiny model gains nothing from more, and the runs stay fast on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def trainer(tmp_path, steps: int, batch: int, **extra):
     regex = get_registry().get_scorer("regex")
     return tiny_group_trainer(DisCO, tmp_path, max_steps=steps, scorers=[(regex(regex.Config(pattern="7")), 1.0)],

@@ -179,15 +179,6 @@ def test_config_validation():
     assert DRPOConfig(length_lambda=math.inf).length_lambda == math.inf
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: the tiny model gains nothing from more, and the run stays fast on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_a_binary_verifiers_pass_rate_rises(tmp_path, one_thread):
     regex = get_registry().get_scorer("regex")
     trainer = tiny_group_trainer(DRPO, tmp_path, method_args={"max_length": 16}, max_steps=20,

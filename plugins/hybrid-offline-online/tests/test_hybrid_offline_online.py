@@ -9,7 +9,6 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 from trl_plus_hybrid_offline_online import PARTNERS, KitchenScorer, kitchen_prompts, liked_trajectories, outcome
 
 from trl_plus import SFT, get_method, get_registry
@@ -49,16 +48,11 @@ def test_the_partner_pool_is_fixed_and_the_shipped_data_are_the_generators():
     assert [json.loads(x) for x in (data / "kitchen_liked.jsonl").read_text().splitlines()] == liked
 
 
-def test_the_recipes_schedule_alternates_one_bc_epoch_and_recovery(tmp_path):
+def test_the_recipes_schedule_alternates_one_bc_epoch_and_recovery(tmp_path, one_thread):
     from trl_plus import train
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the tiny model gains nothing from more; a busy machine slows it less
-    try:
-        result = train(ROOT / "recipes/hybrid-offline-online.yaml", [f"training.output_dir={tmp_path}",
-                                                                     "phases.rounds=2", "training.disable_tqdm=true"])
-    finally:
-        torch.set_num_threads(threads)
+    result = train(ROOT / "recipes/hybrid-offline-online.yaml", [f"training.output_dir={tmp_path}", "phases.rounds=2",
+                                                                 "training.disable_tqdm=true"])  # fmt: skip
     log = json.loads((tmp_path / "trainer_state.json").read_text())["log_history"]
     for r in (1, 2):
         bc = [e for e in log if e["round"] == r and e["phase"] == "bc" and "loss" in e]
