@@ -578,6 +578,17 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(AttributeError, OSError):  # nor fail again when Python flushes stdout at exit
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, as a shell reports a command whose pipe closed
+    finally:
+        end_process_group()
+
+
+def end_process_group() -> None:
+    """Under ``accelerate launch``: destroy the process group before Python exits. Left to interpreter shutdown,
+    gloo's worker threads can be torn down while joinable and abort a finished run ("terminate called without an
+    active exception", exit -6; seen once in CI on a loaded 2-core machine)."""
+    torch = sys.modules.get("torch")  # a command that never imported torch (``trl-plus list``) has nothing to end
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

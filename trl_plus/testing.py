@@ -378,15 +378,20 @@ def launch(*argv: str, processes: int = 2, timeout: float = 300):
     """Run ``accelerate launch`` with ``processes`` CPU processes (DDP over gloo) on ``argv`` — a script and its
     arguments, or ``"-m", "trl_plus", ...`` — from the repository root; return the finished
     ``subprocess.CompletedProcess`` (text output). ``--multi_gpu`` is what starts several processes; on a machine
-    without GPUs trl-plus trains them on the CPU (``accelerate launch --cpu`` would start only one)."""
+    without GPUs trl-plus trains them on the CPU (``accelerate launch --cpu`` would start only one). Each launch
+    takes a free port of its own: tests run in parallel would otherwise all bind accelerate's default 29500."""
+    import socket
     import subprocess
     import sys
 
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     accelerate = Path(sys.executable).with_name("accelerate")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(
         [str(accelerate), "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", *argv],
+         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port), *argv],
         capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=timeout, env=env,
     )  # fmt: skip
 

@@ -12,6 +12,7 @@ from datasets import Dataset
 from trl import GRPOConfig
 
 from trl_plus import GroupMethod, Paper, Rollout, get_registry
+from trl_plus.cli import end_process_group
 from trl_plus.models.tiny import build_model, build_tokenizer
 from trl_plus.trainers.group import PlusGRPOTrainer
 
@@ -48,3 +49,4 @@ def main(output_dir: str) -> None:
 if __name__ == "__main__":
     torch.set_num_threads(1)
     main(sys.argv[1])
+    end_process_group()

@@ -10,6 +10,7 @@ import sys
 import torch
 
 from trl_plus import DPO, OnlineMethod, Paper, Rollout, get_registry
+from trl_plus.cli import end_process_group
 from trl_plus.testing import registered, tiny_trainer, training_logs
 
 TRAINER = []
@@ -47,3 +48,4 @@ def main(output_dir: str) -> None:
 if __name__ == "__main__":
     torch.set_num_threads(1)
     main(sys.argv[1])
+    end_process_group()
