@@ -13,13 +13,15 @@ from typing import TYPE_CHECKING, Any
 from ._version import __version__  # noqa: F401 (re-exported)
 from .builtin.diffusion import DiffusionDPO, DiffusionDPOConfig
 from .builtin.dpo import DPO, DPOConfig, dpo_losses
-from .builtin.group import GRPO, GroupContext, GroupMethod, rollout_token_logps
+from .builtin.group import GRPO, GroupContext, GroupMethod, rollout_token_logps, turn_sums
 from .builtin.metrics import pair_accuracy
 from .builtin.online import OnlineMethod
 from .builtin.sft import SFT
 from .config import Recipe, load_recipe
 from .contract import (
     TAXONOMY,
+    Environment,
+    EnvironmentConfig,
     FrozenOutputs,
     IterationContext,
     ListField,
@@ -46,7 +48,7 @@ from .registry import get_method, get_registry
 from .trainers.frozen import REFERENCE_MODES, Teacher, resolve_reference_mode
 
 __all__ = [
-    "DPO", "DPOConfig", "GRPO", "GroupContext", "GroupMethod", "PlusGRPOTrainer", "DiffusionDPO", "DiffusionDPOConfig", "DiffusionMethod", "DiffusionTrainer", "FieldCollation",
+    "DPO", "DPOConfig", "Environment", "EnvironmentConfig", "GRPO", "GroupContext", "GroupMethod", "PlusGRPOTrainer", "DiffusionDPO", "DiffusionDPOConfig", "DiffusionMethod", "DiffusionTrainer", "FieldCollation",
     "FrozenOutputs", "IterationContext", "ListField", "LossContext", "LossOutput", "Method", "MethodConfig", "Metric", "ModelAlias", "Needs",
     "PairwiseCollator", "Paper", "PlusTrainer", "Rollout", "Rollouts", "PolicyOutputs", "REFERENCE_MODES", "Recipe", "SFT", "Sequence", "Scoring",
     "SequencesCollator", "Scorer", "Stage", "TAXONOMY", "Teacher", "TopK", "Inversion", "TrainResult", "TrlPlusError", "check_recipe",
@@ -54,7 +56,7 @@ __all__ = [
     "ddim_invert", "ddim_sample", "guided_prediction", "inversion_timesteps", "Noised", "OnlineMethod", "ScoreOutput", "run_stages",
     "denoising_errors", "did_you_mean", "dpo_losses", "evaluate", "get_method", "get_registry", "hookimpl", "load_recipe",
     "merge_adapter", "method_collator", "pair_accuracy", "prompt_completion", "resolve_reference_mode", "tokenize_completions",
-    "train", "frozen_model", "rollout_token_logps",
+    "train", "frozen_model", "rollout_token_logps", "turn_sums",
 ]  # fmt: skip
 
 if TYPE_CHECKING:

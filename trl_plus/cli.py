@@ -75,9 +75,9 @@ def cmd_list(args: argparse.Namespace) -> int:
     if args.by:
         print(taxonomy_groups(registry, args.by))
         return 0
-    if args.metrics or args.scorers:
-        table = registry.metrics if args.metrics else registry.scorers
-        kind = "metric" if args.metrics else "scorer"
+    if args.metrics or args.scorers or args.environments:
+        kind = "metric" if args.metrics else "scorer" if args.scorers else "environment"
+        table = {"metric": registry.metrics, "scorer": registry.scorers, "environment": registry.environments}[kind]
         rows = [[name, textwrap.fill(cls.summary, 60), _distribution(registry.component_sources[kind, name])]
                 for name, cls in sorted(table.items())]  # fmt: skip
         print(_table(rows, [kind, "what it gives", "from"]))
@@ -451,6 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "constraint.reference, property, ...: the survey's vocabulary)")
     p.add_argument("--metrics", action="store_true", help="the metrics (trl-plus eval --metric, recipe metrics:)")
     p.add_argument("--scorers", action="store_true", help="the scorers (trl-plus score --scorer)")
+    p.add_argument("--environments", action="store_true",
+                   help="the multi-turn environments (recipe rollout.environment)")  # fmt: skip
     p.set_defaults(func=cmd_list)
     p = sub.add_parser("plugins", parents=[common],
                        help="installed plugin distributions, versions, what each registers")  # fmt: skip

@@ -276,10 +276,19 @@ class ScorerSpec(_Block):
     weight: float | list[float] = 1.0
 
 
+class EnvironmentSpec(_Block):
+    """A multi-turn environment the rollouts play (``trl-plus list --environments``) and its arguments
+    (``max_turns`` and the environment's own)."""
+
+    name: str
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
 class RolloutSpec(_Block):
     """An online method's sampling (its ``Needs.rollout`` by default): completions per prompt and source, the
     sources (``policy``, ``reference``, ``column:<name>``), decoding settings (``transformers.GenerationConfig``
-    fields, merged over the method's) and the scorers that rank them."""
+    fields, merged over the method's), the scorers that rank them and, for a group method, the multi-turn
+    ``environment`` each sample plays as an episode."""
 
     n: PositiveInt | None = None
     sources: list[str] | None = None
@@ -287,6 +296,7 @@ class RolloutSpec(_Block):
     decoding: dict[str, Any] = Field(default_factory=dict)
     missing_eos_penalty: Annotated[float, Field(ge=0)] | None = None  # subtracted from samples without EOS (TRL)
     scorers: list[ScorerSpec] = Field(default_factory=list)
+    environment: EnvironmentSpec | None = None
 
 
 class IterationsSpec(_Block):

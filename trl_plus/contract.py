@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import pluggy
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import TrlPlusError, did_you_mean
 
@@ -107,6 +107,15 @@ def register_scorers(register: Callable[[type[Scorer]], None]) -> None:
 
     Call ``register(ScorerClass)`` once per scorer, with a subclass of :class:`trl_plus.Scorer`. A name registered
     twice is an error naming both sources. The return value is ignored.
+    """
+
+
+@hookspec
+def register_environments(register: Callable[[type[Environment]], None]) -> None:
+    """Register multi-turn text environments a group method's rollouts play (the recipe's ``rollout.environment``).
+
+    Call ``register(EnvironmentClass)`` once per environment, with a subclass of :class:`trl_plus.Environment`. A
+    name registered twice is an error naming both sources. The return value is ignored.
     """
 
 
@@ -247,6 +256,9 @@ class Rollout:
       ``top_k``, ``do_sample``...).
     - ``missing_eos_penalty``: subtracted from the reward of every sample that ends without EOS (TRL's
       ``missing_eos_penalty``; ``None``: off), applied by the stage before any method sees the samples.
+    - ``environment``: an :class:`Environment` (built from the recipe's ``rollout.environment``) that turns each
+      sample into a multi-turn episode (group methods; ``decoding.max_new_tokens`` is then per turn); ``None``: one
+      completion per sample.
     """
 
     n: int = 2
@@ -254,6 +266,7 @@ class Rollout:
     when: Literal["step", "iteration"] = "step"
     decoding: Mapping[str, Any] = field(default_factory=lambda: {"max_new_tokens": 64, "temperature": 0.9})
     missing_eos_penalty: float | None = None
+    environment: Environment | None = None
 
     def updated(self, fields: Mapping[str, Any]) -> Rollout:
         """This rollout with the recipe's ``rollout:`` fields (``decoding`` merged over this one's)."""
@@ -308,7 +321,10 @@ class Rollouts:
     - ``eos`` ``[N]`` bool, ``lengths`` ``[N]`` completion tokens;
     - ``columns``: the prompts' other data columns, repeated per row;
     - ``old_token_logps`` ``[N, T]``: the sampling policy's per-token log-probs (right-padded), where a group
-      method ``wants_old_logps``.
+      method ``wants_old_logps``;
+    - ``turn_ids`` ``[N, T]`` (long): in a multi-turn episode (``Rollout.environment``), the turn (0, 1, ...) of each
+      completion token the policy wrote, −1 on the environment's observation tokens and past the end; ``None``
+      for single-turn rollouts. The episodes' records (:meth:`Environment.outcome`) are ``columns["episode"]``.
     """
 
     prompt_ids: list[list[int]]
@@ -324,6 +340,7 @@ class Rollouts:
     columns: Mapping[str, list] = field(default_factory=dict)
     score_names: tuple[str, ...] = ()
     old_token_logps: torch.Tensor | None = None
+    turn_ids: torch.Tensor | None = None
 
     def reward(self) -> torch.Tensor:
         """``[N]`` the weighted sum of the scores, NaN outputs skipped (``nansum``; all NaN → 0)."""
@@ -982,6 +999,49 @@ class Scorer(Configured):
             return reward
 
         return [make(j, output) for j, output in enumerate(self.outputs)]
+
+
+class EnvironmentConfig(MethodConfig):
+    """An environment's settings; every environment has ``max_turns`` (subclass this for more)."""
+
+    max_turns: int = Field(4, ge=1, le=64, description="the episode ends after this many of the policy's turns")
+
+
+class Environment(Configured):
+    """A multi-turn text environment: a group method's rollout (``rollout.environment: {name: NAME, ...}``) becomes
+    an episode — the policy writes a turn (up to ``decoding.max_new_tokens`` tokens, sampled as in any rollout),
+    the environment answers with an observation, and so on until it ends the episode or ``max_turns`` is reached.
+
+    The observations are tokens of the completion that the loss never sees (TRL's ``env_mask`` → ``tool_mask``);
+    every token the policy wrote carries its turn in ``Rollouts.turn_ids`` / ``GroupContext.turn_ids``. The
+    environment's record of each finished episode (:meth:`outcome`) reaches the scorers as the column
+    ``episode`` (a scorer with ``columns = ("episode",)`` reads it: an environment's outcome is rewarded that way).
+
+    One instance plays every episode of a run; the per-episode state is what :meth:`reset` returns. With a chat
+    model (conversational prompts) an observation is a ``user`` message of the chat template; with text prompts
+    its plain tokens.
+
+    Class attributes: ``name``, ``summary``, ``Config`` (an :class:`EnvironmentConfig`), ``columns`` (the data
+    columns :meth:`reset` reads).
+    """
+
+    name: ClassVar[str]
+    summary: ClassVar[str] = ""
+    Config: ClassVar[type[MethodConfig]] = EnvironmentConfig
+    columns: ClassVar[tuple[str, ...]] = ()
+
+    def reset(self, prompt: Any, **columns: Any) -> Any:
+        """A new episode's state for ``prompt`` (text or chat messages) and the row's ``columns``."""
+        raise NotImplementedError(f"environment {self.name!r} does not implement reset()")
+
+    def step(self, state: Any, action: str) -> str | None:
+        """The observation after the policy's turn ``action`` (its decoded text), or ``None``: the episode is over.
+        Called for every turn, the last one included (its observation is then dropped)."""
+        raise NotImplementedError(f"environment {self.name!r} does not implement step()")
+
+    def outcome(self, state: Any) -> dict[str, Any]:
+        """The finished episode's record (JSON-like): the scorers' ``episode`` column. Default: empty."""
+        return {}
 
 
 @dataclass(frozen=True)

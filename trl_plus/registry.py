@@ -12,7 +12,7 @@ from importlib.metadata import entry_points
 import pluggy
 
 from .builtin import BuiltinPlugin
-from .contract import Method, Metric, ModelAlias, Scorer
+from .contract import Environment, Method, Metric, ModelAlias, Scorer
 from .errors import TrlPlusError, did_you_mean
 
 ENTRY_POINT_GROUP = "trl_plus"
@@ -26,7 +26,7 @@ REPOSITORY_PLUGINS = frozenset({
     "did", "dpo-survey", "more-is-less", "sft-fdiv",  # issue 13 (c): metric plugins, the survey taxonomy, a method
     "selm", "dno", "dpa",  # issue 14: iterated online methods
     "online-dpo", "xpo",  # issue 14: online methods
-    "disco", "drpo", "mo-grpo", "rto", "hybrid-offline-online",  # issue 15: group-RL methods, phases
+    "disco", "drpo", "mo-grpo", "rto", "hybrid-offline-online", "oprl", "deep-research-survey",  # issue 15: group-RL methods, phases
 })  # fmt: skip
 
 
@@ -77,6 +77,7 @@ class Registry:
     commands: dict[str, PluginCommand] = field(default_factory=dict)  # "sail localize" -> its command
     metrics: dict[str, type[Metric]] = field(default_factory=dict)
     scorers: dict[str, type[Scorer]] = field(default_factory=dict)
+    environments: dict[str, type[Environment]] = field(default_factory=dict)
     component_sources: dict[tuple[str, str], str] = field(default_factory=dict)  # ("metric", name) -> its plugin
     plugin_manager: pluggy.PluginManager | None = None
 
@@ -137,6 +138,8 @@ class Registry:
             register=lambda m: self._register_component("metric", m, Metric, self.metrics, source))
         caller("register_scorers", others)(
             register=lambda m: self._register_component("scorer", m, Scorer, self.scorers, source))
+        caller("register_environments", others)(
+            register=lambda m: self._register_component("environment", m, Environment, self.environments, source))
 
     def remove_plugin(self, name: str) -> None:
         """Unregister a plugin and forget the methods and aliases it registered (used by tests)."""
@@ -150,7 +153,7 @@ class Registry:
             self.aliases.pop(alias)
         for command in [c for c, v in self.commands.items() if v.source == name or v.source.endswith(f"({name})")]:
             self.commands.pop(command)
-        for kind, table in (("metric", self.metrics), ("scorer", self.scorers)):
+        for kind, table in (("metric", self.metrics), ("scorer", self.scorers), ("environment", self.environments)):
             for key in [k for k, v in self.component_sources.items()
                         if k[0] == kind and (v == name or v.endswith(f"({name})"))]:  # fmt: skip
                 table.pop(key[1], None)
@@ -188,6 +191,10 @@ class Registry:
     def get_scorer(self, name: str) -> type[Scorer]:
         """The scorer class registered under ``name``; an unknown name lists the nearest ones."""
         return self._component("scorer", name, self.scorers, "trl-plus list --scorers")
+
+    def get_environment(self, name: str) -> type[Environment]:
+        """The environment class registered under ``name``; an unknown name lists the nearest ones."""
+        return self._component("environment", name, self.environments, "trl-plus list --environments")
 
     def _component(self, kind: str, name: str, table: dict, listing: str) -> type:
         if name in table:

@@ -97,9 +97,11 @@ def logits_head(logits):
 
 
 @contextlib.contextmanager
-def registered(*methods: type[Method], name: str = "test-plugin", commands: Sequence[tuple] = ()) -> Iterator[None]:
-    """Register ``methods`` (and ``commands``: ``(name, help, add_arguments, run)`` tuples, as the
-    ``register_commands`` hook takes them) as if a plugin called ``name`` had, and unregister them afterwards."""
+def registered(*methods: type[Method], name: str = "test-plugin", commands: Sequence[tuple] = (),
+               environments: Sequence[type] = ()) -> Iterator[None]:  # fmt: skip
+    """Register ``methods`` (``commands``: ``(name, help, add_arguments, run)`` tuples, as the
+    ``register_commands`` hook takes them; ``environments``: :class:`~trl_plus.Environment` classes) as if a
+    plugin called ``name`` had, and unregister them afterwards."""
 
     class _Plugin:
         @hookimpl
@@ -111,6 +113,11 @@ def registered(*methods: type[Method], name: str = "test-plugin", commands: Sequ
         def register_commands(self, register):
             for command in commands:
                 register(*command)
+
+        @hookimpl
+        def register_environments(self, register):
+            for environment in environments:
+                register(environment)
 
     registry = get_registry()
     registry.add_plugin(_Plugin(), name=name, source=name)

@@ -42,6 +42,14 @@ class BuiltinPlugin:
             register(scorer)
 
     @hookimpl
+    def register_environments(self, register):
+        """The core's environment ``turns`` (a multi-turn test game)."""
+        from .environments import ENVIRONMENTS
+
+        for environment in ENVIRONMENTS:
+            register(environment)
+
+    @hookimpl
     def register_model_aliases(self, register):
         """The core's model aliases: ``tiny-llama`` (offline, for tests), ``smollm2-135m-instruct`` (a real
         pretrained model from PyPI, for the quickstart and benchmarks) and the tiny offline diffusion pipelines

@@ -42,7 +42,9 @@ class GroupContext:
       :meth:`share` of per-row terms sums, over the micro-batches of one update, to their mean;
     - ``step_in_generation``: 0 on the micro-batches of the first optimiser step after a generation, then 1, 2...
       (``steps_per_generation`` / ``num_iterations`` reuse one generation batch for several updates);
-    - ``batch``: the micro-batch's other fields (the row-level values :meth:`GroupMethod.advantages` left).
+    - ``batch``: the micro-batch's other fields (the row-level values :meth:`GroupMethod.advantages` left);
+    - ``turn_ids`` ``[M, T]`` (multi-turn episodes only): the turn of each policy token, −1 elsewhere (the
+      environment's observation tokens, which ``mask`` already leaves out).
     """
 
     token_logps: torch.Tensor
@@ -54,24 +56,45 @@ class GroupContext:
     step_in_generation: int = 0
     ref_token_logps: torch.Tensor | None = None
     batch: dict[str, Any] = field(default_factory=dict)
+    turn_ids: torch.Tensor | None = None
 
     def sequence_logps(self, mean: bool = True) -> torch.Tensor:
         """``[M]`` the policy's log-probability of each completion: the token mean (``mean=True``) or sum."""
         total = (self.token_logps * self.mask).sum(-1)
         return total / self.mask.sum(-1).clamp(min=1) if mean else total
 
-    def ratio(self, level: Literal["token", "sequence"] = "token") -> torch.Tensor:
-        """π_θ / π_old: ``[M, T]`` per token, or ``[M]`` per sequence (exp of the token-mean log-ratio, GSPO's)."""
+    def ratio(self, level: Literal["token", "sequence", "turn"] = "token") -> torch.Tensor:
+        """π_θ / π_old: ``[M, T]`` per token; ``[M]`` per sequence (exp of the token-mean log-ratio, GSPO's); or
+        ``[M, K]`` per turn of a multi-turn episode (exp of the turn's summed log-ratio: the probability ratio of
+        the whole turn, OPRL's; 1 where a row has fewer than ``K`` turns)."""
         import torch
 
         log_ratio = (self.token_logps - self.old_token_logps) * self.mask
         if level == "token":
             return torch.exp(log_ratio)
+        if level == "turn":
+            if self.turn_ids is None:
+                raise ValueError("ratio('turn') needs multi-turn episodes (rollout.environment)")
+            return torch.exp(turn_sums(log_ratio, self.turn_ids)[0])
         return torch.exp(log_ratio.sum(-1) / self.mask.sum(-1).clamp(min=1))
 
     def share(self, per_row: torch.Tensor) -> torch.Tensor:
         """``per_row.sum() / rows_per_update``: this micro-batch's share of the update's mean over rows."""
         return per_row.sum() / self.rows_per_update
+
+
+def turn_sums(values: torch.Tensor, turn_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-turn sums of per-token ``values`` ``[N, T]`` over the tokens of each turn (``turn_ids`` ``[N, T]``, −1:
+    no turn): ``([N, K] sums, [N, K] bool: the row has that turn)``, ``K`` the most turns of any row (at least 1)."""
+    import torch
+
+    inside = turn_ids >= 0
+    turns = int(turn_ids.max().item()) + 1 if inside.any() else 1
+    index = turn_ids.clamp(min=0)
+    sums = torch.zeros(values.size(0), turns, dtype=values.dtype, device=values.device)
+    sums = sums.scatter_add(1, index, values * inside)
+    counts = torch.zeros(values.size(0), turns, dtype=torch.long, device=values.device)
+    return sums, counts.scatter_add(1, index, inside.long()) > 0
 
 
 class GroupMethod(Method):
@@ -120,6 +143,20 @@ class GroupMethod(Method):
         """This micro-batch's loss, or ``None`` for TRL's ``loss_type`` surrogate on :meth:`advantages`."""
         return None
 
+    def attach(self, trainer: Any) -> None:
+        """Called once, when the trainer is built (the policy already wrapped by PEFT, before training): where a
+        method sets up what it trains beside the policy, e.g. OPRL's process reward model as
+        ``trainer.add_trainable_adapter("prm", ...)``. Default: nothing."""
+
+    def log(self, values: dict[str, float]) -> None:
+        """Figures to log from :meth:`advantages` (e.g. ``{"prm/loss": 0.69}``): the trainer logs them with this
+        generation batch's metrics."""
+        self.__dict__.setdefault("_logged", {}).update(values)
+
+    def pop_logged(self) -> dict[str, float]:
+        """What :meth:`log` collected since the last call (the trainer's)."""
+        return self.__dict__.pop("_logged", {})
+
 
 class GRPOConfig(MethodConfig):
     """GRPO's KL coefficient (TRL's ``GRPOConfig.beta``; its default 0: no reference)."""
@@ -142,16 +179,19 @@ class GRPO(GroupMethod):
 # -- frozen models' token log-probs for group methods (rto's π_dpo and π_ref; load them with trl_plus.frozen_model) --
 
 
-def rollout_token_logps(model: Any, rollouts: Rollouts, batch_size: int = 8) -> torch.Tensor:
-    """``[N, T]`` float64 per-token log-probs (temperature 1, no grad) of each rollout's completion ids given its
-    prompt ids under ``model`` (``T`` = the longest completion; 0 past a completion's end), each row run unpadded on
-    the left (prompt from position 0, right padding)."""
+def rollout_token_logps(model: Any, rollouts: Rollouts, batch_size: int = 8, grad: bool = False) -> torch.Tensor:
+    """``[N, T]`` float64 per-token log-probs (temperature 1) of each rollout's completion ids given its prompt ids
+    under ``model`` (``T`` = the longest completion; 0 past a completion's end), each row run unpadded on the left
+    (prompt from position 0, right padding). ``grad=True`` keeps the graph (a trainable adapter's loss, e.g.
+    OPRL's process reward model); the default runs under ``no_grad``."""
+    import contextlib
+
     import torch
 
     device = next(model.parameters()).device
     n, width = len(rollouts.completion_ids), max((len(c) for c in rollouts.completion_ids), default=0)
-    out = torch.zeros(n, width, dtype=torch.float64)
-    with torch.no_grad():
+    rows_out = []
+    with contextlib.nullcontext() if grad else torch.no_grad():
         for start in range(0, n, batch_size):
             rows = [list(p) + list(c) for p, c in zip(rollouts.prompt_ids[start : start + batch_size],
                                                       rollouts.completion_ids[start : start + batch_size])]  # fmt: skip
@@ -164,5 +204,6 @@ def rollout_token_logps(model: Any, rollouts: Rollouts, batch_size: int = 8) -> 
             logps = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1)
             for i in range(len(rows)):
                 p, c = len(rollouts.prompt_ids[start + i]), len(rollouts.completion_ids[start + i])
-                out[start + i, :c] = logps[i, p - 1 : p - 1 + c].double().cpu()
-    return out
+                row = logps[i, p - 1 : p - 1 + c].double().cpu()
+                rows_out.append(torch.nn.functional.pad(row, (0, width - c)))
+    return torch.stack(rows_out) if rows_out else torch.zeros(0, width, dtype=torch.float64)

@@ -421,20 +421,37 @@ def build_rollout(recipe: Recipe, method) -> tuple[Any, list] | None:
     scorers = []
     for i, item in enumerate(spec.scorers):
         key = f"rollout.scorers.{i}"
-        try:
-            cls = registry.get_scorer(item.name)
-        except TrlPlusError as exc:
-            raise TrlPlusError(f"{locate(recipe, key + '.name')}: {exc}") from None
-        try:
-            scorer = cls(cls.Config(**item.args))
-        except ValidationError as exc:
-            raise TrlPlusError(explain(exc, recipe_source(recipe), prefix=(*key.split("."), "args"),
-                                       model=cls.Config)) from None  # fmt: skip
+        scorer = _configured(recipe, key, registry.get_scorer, item.name, item.args)
         if isinstance(item.weight, list) and len(item.weight) != len(scorer.outputs):
             raise TrlPlusError(f"{locate(recipe, key + '.weight')}: {len(item.weight)} weights for the "
                                f"{len(scorer.outputs)} outputs of {item.name} ({', '.join(scorer.outputs)})")
         scorers.append((scorer, item.weight))
+    if spec.environment is not None:
+        rollout = rollout.updated({"environment": build_environment(recipe, method, spec.environment)})
     return rollout, scorers
+
+
+def build_environment(recipe: Recipe, method, spec) -> Any:
+    """The recipe's ``rollout.environment`` as a configured :class:`~trl_plus.Environment`, checked in one line."""
+    key = "rollout.environment"
+    if method.trainer != "group":
+        raise TrlPlusError(f"{locate(recipe, key)}: multi-turn episodes are played by group methods (PlusGRPOTrainer); "
+                           f"{method.name!r} runs on the {method.trainer!r} trainer")  # fmt: skip
+    return _configured(recipe, key, get_registry().get_environment, spec.name, spec.args)
+
+
+def _configured(recipe: Recipe, key: str, lookup: Callable[[str], Any], name: str, args: dict) -> Any:
+    """A registered scorer or environment (``lookup``: the registry's getter) built from its recipe block at ``key``
+    (``name``, ``args``): an unknown name or a bad argument is one line naming the key."""
+    try:
+        cls = lookup(name)
+    except TrlPlusError as exc:
+        raise TrlPlusError(f"{locate(recipe, key + '.name')}: {exc}") from None
+    try:
+        return cls(cls.Config(**args))
+    except ValidationError as exc:
+        raise TrlPlusError(explain(exc, recipe_source(recipe), prefix=(*key.split("."), "args"),
+                                   model=cls.Config)) from None  # fmt: skip
 
 
 def _named_metric(name: str, recipe: Recipe) -> tuple[str, dict]:

@@ -186,3 +186,83 @@ def copy_adapter(model: Any, source: str, target: str) -> None:
     for name, parameter in model.named_parameters():
         if f".{target}." in name:
             parameter.requires_grad_(False)
+
+
+class TrainableAdapter:
+    """A second trainable LoRA adapter on the policy's base with its own AdamW (OPRL's process reward model): made
+    by ``PlusGRPOTrainer.add_trainable_adapter``, which saves it in every checkpoint and restores it on resume.
+
+    It starts as a copy of adapter ``source`` (the policy's: a model initialised from the policy) and stays out of
+    the policy's optimiser and DDP (``requires_grad`` off) except inside :meth:`training`, where it is the active
+    adapter and the only one with gradients. Its forward and backward are its own (a mixed graph gives the
+    adapter that is not active at ``backward()`` no gradient). Every process runs it on the same gathered batch,
+    so the copies stay identical without an all-reduce.
+    """
+
+    def __init__(self, model: Any, name: str, *, lr: float, source: str = "default", weight_decay: float = 0.0,
+                 max_grad_norm: float | None = 1.0) -> None:  # fmt: skip
+        import torch
+
+        copy_adapter(model, source, name)
+        self.model, self.name, self.source, self.max_grad_norm = model, name, source, max_grad_norm
+        self.parameters = [p for _, p in adapter_parameters(model, name)]
+        self.optimizer = torch.optim.AdamW(self.parameters, lr=lr, weight_decay=weight_decay)
+        self.steps = 0
+
+    @contextlib.contextmanager
+    def training(self) -> Iterator[None]:
+        """Inside: this adapter applies and has gradients; the others' ``requires_grad`` is off and restored."""
+        others = [(p, p.requires_grad) for p in self.model.parameters()]
+        for p, _ in others:
+            p.requires_grad_(False)
+        for p in self.parameters:
+            p.requires_grad_(True)
+        try:
+            with active_adapter(self.model, self.name):
+                yield
+        finally:
+            for p, flag in others:
+                p.requires_grad_(flag)
+            for p in self.parameters:
+                p.requires_grad_(False)
+
+    def step(self, loss: Any) -> float:
+        """Backward ``loss`` (computed inside :meth:`training`), clip, one optimiser step; the gradient norm."""
+        import torch
+
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.max_grad_norm or float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps += 1
+        return float(norm)
+
+    def save(self, folder: str) -> None:
+        """Its weights and optimiser state under ``folder/trainable-<name>/``."""
+        from pathlib import Path
+
+        import torch
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        target = Path(folder) / f"trainable-{self.name}"
+        target.mkdir(parents=True, exist_ok=True)
+        weights = get_peft_model_state_dict(self.model, adapter_name=self.name)
+        save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(target / "adapter.safetensors"))
+        torch.save({"optimizer": self.optimizer.state_dict(), "steps": self.steps}, target / "optimizer.pt")
+
+    def load(self, folder: str) -> None:
+        """Restore what :meth:`save` wrote in ``folder``."""
+        from pathlib import Path
+
+        import torch
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        source = Path(folder) / f"trainable-{self.name}"
+        if not (source / "adapter.safetensors").is_file():
+            raise FileNotFoundError(f"{folder} holds no trainable adapter {self.name!r} ({source})")
+        set_peft_model_state_dict(self.model, load_file(str(source / "adapter.safetensors")), adapter_name=self.name)
+        state = torch.load(source / "optimizer.pt", weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.steps = state["steps"]

@@ -22,12 +22,18 @@ normalisers. This subclass adds trl-plus's side, in four places:
 
 ``rollout/reward`` (the weighted reward of the generation batch) is logged as for every online method, beside
 TRL's ``reward``, ``rewards/<scorer>/mean`` and the rest.
+
+With ``rollout.environment`` each sample is a multi-turn episode, played through TRL's ``rollout_func`` by
+:mod:`trl_plus.trainers.episodes`; the per-token turn ids ride with the rows into the micro-batches
+(``output["turn_ids"]``). A method that trains a second module beside the policy gets a LoRA adapter with its own
+optimiser from :meth:`PlusGRPOTrainer.add_trainable_adapter` (in its ``attach`` hook), checkpointed with the run.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -135,15 +141,52 @@ class PlusGRPOTrainer(GuardMixin, GRPOTrainer):
         reward_funcs = [fn for scorer, _ in self.scorers for fn in scorer.reward_funcs()]
         self._gathered_scores: torch.Tensor | None = None
         self._generation_step = 0  # micro-steps since the last generation
+        self._episode_rows: list[dict[str, Any]] = []  # the generation batch's rows, for the environment's reset
+        if self.rollout.environment is not None:
+            if kwargs.get("rollout_func") is not None:
+                raise TrlPlusError("rollout.environment plays the episodes through TRL's rollout_func: pass one of "
+                                   "them, not both")  # fmt: skip
+            kwargs["rollout_func"] = self._play_episodes
         with contextlib.ExitStack() as stack:
             if beta > 0 and not is_peft_model(model) and kwargs.get("peft_config") is None:
                 reference = ref_model if ref_model is not None else copy.deepcopy(model)
                 stack.enter_context(_reference_from(reference.eval().requires_grad_(False)))
+            # trl-plus owns its use of TRL's experimental rollout_func (episodes.py, pinned by tests): no warning
+            stack.enter_context(warnings.catch_warnings())
+            warnings.filterwarnings("ignore", message="You are using 'rollout_func'")
             super().__init__(model, reward_funcs=reward_funcs, args=args, processing_class=processing_class,
                              **kwargs)  # fmt: skip
         self._tag_names = [*getattr(self, "_tag_names", []), "trl-plus", self.method.name]
         for scorer, _ in self.scorers:
             scorer.device = scorer.device or self.accelerator.device
+        self.trainable_adapters: dict[str, Any] = {}
+        self.method.attach(self)
+
+    def add_trainable_adapter(self, name: str, *, lr: float, **kwargs: Any):
+        """A :class:`~trl_plus.trainers.adapters.TrainableAdapter` ``name`` on the policy's base (a copy of its
+        adapter, with its own optimiser at ``lr``), saved in each checkpoint and restored on resume. The policy must
+        be a LoRA model (``model.lora`` in a recipe, ``peft_config`` here)."""
+        from .adapters import TrainableAdapter
+
+        if not is_peft_model(self.model):
+            raise TrlPlusError(f"method {self.method.name!r} trains a second adapter ({name!r}) on the policy's base: "
+                               "the policy needs LoRA (model.lora in the recipe)")  # fmt: skip
+        if name in self.trainable_adapters or name in self.model.peft_config:
+            raise TrlPlusError(f"method {self.method.name!r}: the policy already has an adapter {name!r}")
+        adapter = TrainableAdapter(self.model, name, lr=lr, source=self.model.active_adapter, **kwargs)
+        self.trainable_adapters[name] = adapter
+        return adapter
+
+    def _save_optimizer_and_scheduler(self, output_dir):
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.args.should_save:
+            for adapter in self.trainable_adapters.values():
+                adapter.save(output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        for adapter in self.trainable_adapters.values():
+            adapter.load(resume_from_checkpoint)
 
     # -- rewards and advantages ------------------------------------------------------------------------------
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
@@ -153,8 +196,22 @@ class PlusGRPOTrainer(GuardMixin, GRPOTrainer):
             raise TrlPlusError(f"rollout.scorers: {str(exc).splitlines()[0]}") from None
         return self._gathered_scores
 
+    def _play_episodes(self, prompts: list, trainer: Any) -> dict[str, Any]:
+        """TRL's ``rollout_func``: one episode of the rollout's environment per prompt (``trainer`` is ``self``)."""
+        from .episodes import play
+
+        return play(self, self.rollout.environment, prompts, self._episode_rows)
+
     def _generate_and_score_completions(self, inputs):
+        self._episode_rows = inputs
         output = super()._generate_and_score_completions(inputs)
+        if self.rollout.environment is not None:  # per-token turns travel with the rows into the micro-batches
+            width = output["completion_ids"].size(1)
+            turns = torch.full((len(inputs), width), -1, dtype=torch.long)
+            for i, row in enumerate(inputs):
+                ids = row["turn_ids"][:width]
+                turns[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            output["turn_ids"] = turns.to(output["completion_ids"].device)
         mode = "train" if self.model.training else "eval"
         scores = self._gathered_scores.double().cpu()
         weights = torch.tensor(self.reward_weights.tolist(), dtype=torch.float64)
@@ -182,6 +239,9 @@ class PlusGRPOTrainer(GuardMixin, GRPOTrainer):
         n_local = output["completion_ids"].size(0)
         baseline = self.accelerator.gather(output["advantages"]).double().cpu()
         value = self.method.advantages(rollouts, baseline)
+        mode = "train" if self.model.training else "eval"
+        for key, figure in self.method.pop_logged().items():
+            self._metrics[mode][key].append(float(figure))
         if value is None:
             return output["advantages"]
         value = torch.as_tensor(value)
@@ -205,7 +265,7 @@ class PlusGRPOTrainer(GuardMixin, GRPOTrainer):
                                                           output["prompt_mask"].bool().cpu(), strict=True)]  # fmt: skip
         prompts = [x["prompt"] for x in inputs]
         texts = self.processing_class.batch_decode(output["completion_ids"], skip_special_tokens=True)
-        keys = [k for k in inputs[0] if k not in ("prompt", "completion", "completion_ids", "prompt_ids")]
+        keys = [k for k in inputs[0] if k not in ("prompt", "completion", "completion_ids", "prompt_ids", "turn_ids")]
         local = {"ids": ids, "prompt_ids": prompt_ids, "prompts": prompts, "texts": texts,
                  "columns": {k: [x[k] for x in inputs] for k in keys}}  # fmt: skip
         if self.accelerator.num_processes > 1:
@@ -217,6 +277,10 @@ class PlusGRPOTrainer(GuardMixin, GRPOTrainer):
         old = output.get("old_per_token_logps")
         if old is not None:
             old = self.accelerator.gather(self.accelerator.pad_across_processes(old, dim=1)).double().cpu()
+        turns = output.get("turn_ids")
+        if turns is not None:
+            turns = self.accelerator.pad_across_processes(turns, dim=1, pad_index=-1)
+            turns = self.accelerator.gather(turns).cpu()
         n = self.num_generations if self.model.training else self.num_generations_eval
         return Rollouts(
             prompt_ids=local["prompt_ids"], completion_ids=local["ids"], prompts=local["prompts"],
@@ -225,6 +289,7 @@ class PlusGRPOTrainer(GuardMixin, GRPOTrainer):
             eos=torch.tensor([bool(c) and c[-1] in eos_ids for c in local["ids"]]),
             lengths=torch.tensor([len(c) for c in local["ids"]], dtype=torch.float64),
             columns=local["columns"], score_names=tuple(self.reward_func_names), old_token_logps=old,
+            turn_ids=turns,
         )  # fmt: skip
 
     def _eos_token_ids(self) -> list[int]:
@@ -252,13 +317,13 @@ class PlusGRPOTrainer(GuardMixin, GRPOTrainer):
         old = inputs.get("old_per_token_logps")
         accumulation = self.current_gradient_accumulation_steps
         known = {"prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages", "num_items_in_batch",
-                 "old_per_token_logps", "ref_per_token_logps"}  # fmt: skip
+                 "old_per_token_logps", "ref_per_token_logps", "turn_ids", "tool_mask"}  # fmt: skip
         ctx = GroupContext(
             token_logps=token_logps, old_token_logps=token_logps.detach() if old is None else old, mask=mask,
             advantages=inputs["advantages"], config=self.method.config,
             rows_per_update=completion_ids.size(0) * accumulation,
             step_in_generation=self._generation_step // accumulation,
-            ref_token_logps=inputs.get("ref_per_token_logps"),
+            ref_token_logps=inputs.get("ref_per_token_logps"), turn_ids=inputs.get("turn_ids"),
             batch={k: v for k, v in inputs.items() if k not in known},
         )  # fmt: skip
         result = self.method.loss(ctx)
