@@ -202,7 +202,7 @@ class DeepResearchSurvey(GRPO):
     summary = "the survey's agentic-search recipe: GRPO over multi-turn search episodes, outcome + format rewards"
     paper = Paper("Reinforcement Learning Foundations for Deep Research Systems: A Survey", "2509.06733")
     taxonomy = {"data.feedback": "point", "data.granularity": "turn", "learning.paradigm": "online",
-                "constraint.reference": "reference-free", "property": (), "scope": "agent", "source": "inferred"}  # fmt: skip
+                "constraint.reference": "fixed", "property": (), "scope": "agent", "source": "inferred"}  # fmt: skip
     needs = Needs(reference="optional", precomputable_reference=False,
                   rollout=Rollout(n=8, decoding={"max_new_tokens": 128, "temperature": 1.0}))  # fmt: skip
     data_fields: ClassVar[tuple[str, ...]] = ("prompt", "answer")

@@ -163,7 +163,7 @@ def test_the_prm_adapter_gets_gradients_only_in_its_own_step(tmp_path, one_threa
     assert all(e["prm/pairs"] > 0 for e in logs) and all("prm/loss" in e for e in logs)
 
 
-def test_a_checkpoint_holds_the_prm_and_restores_it(tmp_path, one_thread):
+def test_a_checkpoint_holds_the_prm_and_a_resume_restores_it(tmp_path, one_thread):
     t = trainer(tmp_path / "a")
     t.args.save_strategy, t.args.save_steps = "steps", 2
     t.train()
@@ -176,6 +176,9 @@ def test_a_checkpoint_holds_the_prm_and_restores_it(tmp_path, one_thread):
         if ".prm." in name:
             assert torch.equal(p, trained[name]), name
     assert fresh.trainable_adapters["prm"].steps == 2
+    resumed = trainer(tmp_path / "a", steps=3)  # the trainer's resume path restores the PRM, then steps it once
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+    assert resumed.state.global_step == 3 and resumed.trainable_adapters["prm"].steps == 3
 
 
 def test_without_lora_one_line_says_the_prm_needs_it(tmp_path):
