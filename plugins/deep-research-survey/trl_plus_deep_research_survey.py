@@ -40,7 +40,7 @@ from trl_plus import (
 )
 
 __all__ = ["CORPUS", "DeepResearchSurvey", "OfflineSearch", "Research", "normalize_answer", "parse_action",
-           "search", "token_f1"]  # fmt: skip
+           "search", "token_f1", "words_of"]  # fmt: skip
 
 #: The shipped corpus: short encyclopaedia-style documents the shipped questions need (``recipes/data``).
 CORPUS: tuple[dict[str, str], ...] = (
@@ -90,16 +90,21 @@ def parse_action(text: str) -> tuple[str, str] | None:
     return (match.group(1).lower(), match.group(2)) if match else None
 
 
-def search(corpus: tuple[dict[str, str], ...] | list[dict[str, str]], query: str) -> str | None:
+def words_of(corpus: tuple[dict[str, str], ...] | list[dict[str, str]]) -> list[set[str]]:
+    """Each document's normalised words (title and text), for :func:`search`."""
+    return [set(normalize_answer(f"{doc['title']} {doc['text']}").split()) for doc in corpus]
+
+
+def search(corpus: tuple[dict[str, str], ...] | list[dict[str, str]], query: str,
+           words: list[set[str]] | None = None) -> str | None:  # fmt: skip
     """The document (``"title: text"``) sharing the most normalised words with ``query`` (ties: the first), or
-    ``None`` when none shares any."""
-    words = set(normalize_answer(query).split())
-    best, best_overlap = None, 0
-    for doc in corpus:
-        overlap = len(words & set(normalize_answer(f"{doc['title']} {doc['text']}").split()))
-        if overlap > best_overlap:
-            best, best_overlap = doc, overlap
-    return None if best is None else f"{best['title']}: {best['text']}"
+    ``None`` when none shares any; ``words``: :func:`words_of` the corpus, computed once by the environment."""
+    wanted = set(normalize_answer(query).split())
+    overlaps = [len(wanted & doc_words) for doc_words in (words if words is not None else words_of(corpus))]
+    best = max(range(len(overlaps)), key=lambda i: (overlaps[i], -i), default=None)
+    if best is None or overlaps[best] == 0:
+        return None
+    return f"{corpus[best]['title']}: {corpus[best]['text']}"
 
 
 # -- the environment ----------------------------------------------------------------------------------------------
@@ -123,6 +128,7 @@ class OfflineSearch(Environment):
     def __init__(self, config: Any = None, **kwargs: Any):
         super().__init__(config, **kwargs)
         self.corpus = CORPUS if self.config.corpus is None else self._read(self.config.corpus)
+        self.words = words_of(self.corpus)  # normalised once, not per search
 
     @staticmethod
     def _read(path: str) -> list[dict[str, str]]:
@@ -151,7 +157,7 @@ class OfflineSearch(Environment):
             state["answer"] = argument
             return None
         state["searches"].append(argument)
-        found = search(self.corpus, argument)
+        found = search(self.corpus, argument, self.words)
         return "\n" + (found or "no results")[: self.config.max_observation_chars] + "\n"
 
     def outcome(self, state: dict[str, Any]) -> dict[str, Any]:

@@ -180,14 +180,17 @@ class OPRL(GroupMethod):
     def __init__(self, config: Any = None, **kwargs: Any):
         super().__init__(config, **kwargs)
         self.prm: Any = None  # the trainer's TrainableAdapter "prm", made by attach()
+        self.group_trainer: Any = None  # the PlusGRPOTrainer (not `trainer`: that is the trainer kind)
 
     def attach(self, trainer: Any) -> None:
         """The PRM: a copy of the policy's adapter (π_φ initialised from the policy) with its own AdamW."""
+        self.group_trainer = trainer
         self.prm = trainer.add_trainable_adapter("prm", lr=self.config.prm_lr)
 
-    def _turn_logps(self, rollouts: Rollouts, turns: torch.Tensor, grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """``([N, K] per-turn sums, [N] trajectory sums)`` of the model's log-probs as it is now (the active adapter),
-        without dropout."""
+    def _turn_logps(self, rollouts: Rollouts, turns: torch.Tensor,
+                    grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+        """``([N, K] per-turn sums, [N, K] the row has the turn, [N] trajectory sums)`` of the model's log-probs as it
+        is now (the active adapter), without dropout."""
         model = self.prm.model
         was_training = model.training
         model.eval()
@@ -195,8 +198,8 @@ class OPRL(GroupMethod):
             tokens = rollout_token_logps(model, rollouts, grad=grad)
         finally:
             model.train(was_training)
-        per_turn, _ = turn_sums(tokens, turns)
-        return per_turn, (tokens * (turns >= 0)).sum(-1)
+        per_turn, present = turn_sums(tokens, turns)
+        return per_turn, present, (tokens * (turns >= 0)).sum(-1)
 
     def advantages(self, rollouts: Rollouts, baseline: torch.Tensor) -> torch.Tensor:
         """``[N, T]`` A on each action token (0 on observations): π_θold's and the PRM's turn log-probs, the PRM's
@@ -208,25 +211,25 @@ class OPRL(GroupMethod):
         cfg = self.config
         width = max((len(c) for c in rollouts.completion_ids), default=0)
         turns = action_turns(rollouts.turn_ids, rollouts.lengths, width)
-        old_turn, old_traj = self._turn_logps(rollouts, turns, grad=False)  # the policy that sampled
+        rewards = rollouts.reward().to(torch.float64)
+        pairs = prm_pairs(rewards, rollouts.group, cfg.pair_margin, cfg.max_pairs_per_task)
+        logged = {"prm/pairs": float(len(pairs))}
+        old_turn, present, old_traj = self._turn_logps(rollouts, turns, grad=False)  # the policy that sampled
         with self.prm.training():
-            prm_turn, prm_traj = self._turn_logps(rollouts, turns, grad=True)
-            rewards = rollouts.reward().to(torch.float64)
-            pairs = prm_pairs(rewards, rollouts.group, cfg.pair_margin, cfg.max_pairs_per_task)
-            logged = {"prm/pairs": float(len(pairs))}
+            prm_turn, _, prm_traj = self._turn_logps(rollouts, turns, grad=True)
             if pairs:
                 loss = prm_loss(prm_traj, old_traj, pairs, cfg.beta)
                 logged |= {"prm/loss": loss.item(), "prm/grad_norm": self.prm.step(loss)}
             if cfg.step_reward_after_prm_update:
-                prm_turn, _ = self._turn_logps(rollouts, turns, grad=False)
-        _, present = turn_sums(torch.ones(len(rollouts.completion_ids), width, dtype=torch.float64), turns)
+                prm_turn, _, _ = self._turn_logps(rollouts, turns, grad=False)
         r_step = step_rewards(prm_turn.detach(), old_turn, cfg.beta)
         a_episode = episode_advantages(rewards, rollouts.group)
         a_step = step_advantages(r_step, present, rollouts.group)
         per_turn = combined_advantages(a_episode, a_step, present, cfg.alpha)
         logged |= {"oprl/step_reward": r_step[present].mean().item(),
                    "oprl/step_reward_std": r_step[present].std().item() if present.sum() > 1 else 0.0}  # fmt: skip
-        self.log(logged)
+        for name, value in logged.items():
+            self.group_trainer.log_metric(name, value)
         return per_turn.gather(1, turns.clamp(min=0)) * (turns >= 0)
 
     def loss(self, ctx: GroupContext) -> LossOutput:

@@ -146,16 +146,9 @@ class GroupMethod(Method):
     def attach(self, trainer: Any) -> None:
         """Called once, when the trainer is built (the policy already wrapped by PEFT, before training): where a
         method sets up what it trains beside the policy, e.g. OPRL's process reward model as
-        ``trainer.add_trainable_adapter("prm", ...)``. Default: nothing."""
-
-    def log(self, values: dict[str, float]) -> None:
-        """Figures to log from :meth:`advantages` (e.g. ``{"prm/loss": 0.69}``): the trainer logs them with this
-        generation batch's metrics."""
-        self.__dict__.setdefault("_logged", {}).update(values)
-
-    def pop_logged(self) -> dict[str, float]:
-        """What :meth:`log` collected since the last call (the trainer's)."""
-        return self.__dict__.pop("_logged", {})
+        ``trainer.add_trainable_adapter("prm", ...)``, or keeps ``trainer`` to log figures from :meth:`advantages`
+        (``trainer.log_metric``; keep it under another name than ``trainer``, the class attribute naming the
+        trainer kind). Default: nothing."""
 
 
 class GRPOConfig(MethodConfig):

@@ -204,7 +204,7 @@ class TrainableAdapter:
         import torch
 
         copy_adapter(model, source, name)
-        self.model, self.name, self.source, self.max_grad_norm = model, name, source, max_grad_norm
+        self.model, self.name, self.max_grad_norm = model, name, max_grad_norm
         self.parameters = [p for _, p in adapter_parameters(model, name)]
         self.optimizer = torch.optim.AdamW(self.parameters, lr=lr, weight_decay=weight_decay)
         self.steps = 0

@@ -20,6 +20,7 @@ turn and the prompt.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from ..contract import Environment
@@ -37,22 +38,31 @@ def _call(environment: Environment, what: str, turn: int | None, prompt: Any, fn
                            f"{str(prompt)[:60]!r}: {type(exc).__name__}: {exc}") from exc  # fmt: skip
 
 
-def observation_ids(tokenizer: Any, text: str, conversational: bool) -> list[int]:
-    """The token ids of an observation: with a chat model, ``text`` as a ``user`` message followed by the
-    assistant's generation prompt (the template's own tokens, as the difference of two renderings); else its
-    plain tokens."""
+def observation_encoder(tokenizer: Any, conversational: bool) -> Callable[[str], list[int]]:
+    """``text -> token ids`` of an observation: with a chat model, ``text`` as a ``user`` message followed by the
+    assistant's generation prompt (the template's own tokens, as the difference of two renderings, the fixed one
+    rendered once); else its plain tokens."""
     if not conversational:
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
+        return lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
     before = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
     prefix = tokenizer.apply_chat_template(before, tokenize=True, return_dict=False)
-    full = tokenizer.apply_chat_template([*before, {"role": "user", "content": text}], tokenize=True,
-                                         add_generation_prompt=True, return_dict=False)  # fmt: skip
     eos = tokenizer.eos_token_id  # the assistant's turn ends at its EOS, which the policy wrote itself
     cut = max((i + 1 for i, t in enumerate(prefix) if t == eos), default=len(prefix))
-    if full[:cut] != prefix[:cut]:
-        raise TrlPlusError("rollout.environment: the chat template renders a conversation's start differently once "
-                           "a user message follows; observations cannot be appended as tokens")  # fmt: skip
-    return list(full[cut:])
+
+    def encode(text: str) -> list[int]:
+        full = tokenizer.apply_chat_template([*before, {"role": "user", "content": text}], tokenize=True,
+                                             add_generation_prompt=True, return_dict=False)  # fmt: skip
+        if full[:cut] != prefix[:cut]:
+            raise TrlPlusError("rollout.environment: the chat template renders a conversation's start differently "
+                               "once a user message follows; observations cannot be appended as tokens")  # fmt: skip
+        return list(full[cut:])
+
+    return encode
+
+
+def observation_ids(tokenizer: Any, text: str, conversational: bool) -> list[int]:
+    """The token ids of one observation (:func:`observation_encoder`)."""
+    return observation_encoder(tokenizer, conversational)(text)
 
 
 def play(trainer: Any, environment: Environment, prompts: list, rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -61,7 +71,7 @@ def play(trainer: Any, environment: Environment, prompts: list, rows: list[dict[
 
     tokenizer = trainer.processing_class
     tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
-    conversational = is_conversational({"prompt": prompts[0]})
+    encode = observation_encoder(tokenizer, is_conversational({"prompt": prompts[0]}))
     prompt_ids, _, _ = trainer._tokenize_prompts(prompts)
     states = []
     for prompt, row in zip(prompts, rows, strict=True):
@@ -95,7 +105,7 @@ def play(trainer: Any, environment: Environment, prompts: list, rows: list[dict[
             observation = _call(environment, "step", turn, prompts[i], environment.step, states[i], text)
             if observation is None or turn == last:
                 continue
-            ids = observation_ids(tokenizer, str(observation), conversational)
+            ids = encode(str(observation))
             completion[i] += ids
             env_mask[i] += [0] * len(ids)
             turn_ids[i] += [-1] * len(ids)

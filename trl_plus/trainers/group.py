@@ -46,6 +46,7 @@ from ..contract import Rollout, Rollouts, Scorer, check_decoding
 from ..errors import TrlPlusError
 from . import resolve_method
 from .guard import GuardMixin
+from .metrics import gathered_mean
 
 #: ``rollout.decoding`` keys with a ``GRPOConfig`` field of their own (the rest go to ``generation_kwargs``).
 DECODING_FIELDS = {"max_new_tokens": "max_completion_length", "temperature": "temperature", "top_p": "top_p",
@@ -239,9 +240,6 @@ class PlusGRPOTrainer(GuardMixin, GRPOTrainer):
         n_local = output["completion_ids"].size(0)
         baseline = self.accelerator.gather(output["advantages"]).double().cpu()
         value = self.method.advantages(rollouts, baseline)
-        mode = "train" if self.model.training else "eval"
-        for key, figure in self.method.pop_logged().items():
-            self._metrics[mode][key].append(float(figure))
         if value is None:
             return output["advantages"]
         value = torch.as_tensor(value)
@@ -330,8 +328,12 @@ class PlusGRPOTrainer(GuardMixin, GRPOTrainer):
         if result is None:
             raise TrlPlusError(f"method {self.method.name!r}: loss() returned None for some batches only; return a "
                                "LossOutput always, or do not override loss()")  # fmt: skip
-        mode = "train" if self.model.training else "eval"
         for key, value in result.metrics.items():
-            value = torch.as_tensor(value, dtype=torch.float32, device=self.accelerator.device).detach()
-            self._metrics[mode][key].append(self.accelerator.gather(value.reshape(1)).mean().item())
+            self.log_metric(key, value)
         return result.loss
+
+    def log_metric(self, name: str, value: Any) -> None:
+        """Log ``value`` (a number or 0-d tensor) as ``name`` with the next logged step, averaged over processes (so
+        every process calls it: a method's :meth:`~trl_plus.GroupMethod.advantages` or :meth:`loss`) and over the
+        calls since the last log — as ``PlusTrainer.log_metric``."""
+        self._metrics["train" if self.model.training else "eval"][name].append(gathered_mean(self.accelerator, value))
