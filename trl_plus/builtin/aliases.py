@@ -48,3 +48,13 @@ def tiny_sd3_alias(cache_dir: Path) -> str:
 
     require_diffusers("model alias 'tiny-sd3'")
     return build_once(Path(cache_dir) / "models" / "tiny-sd3-v1", save_tiny_sd3, marker="model_index.json")
+
+
+def tiny_digits_alias(cache_dir: Path) -> str:
+    """Build (once) and return the ``tiny-digits`` pipeline folder: the real-image quickstart's untrained 8×8×1
+    pixel-space UNet with a frozen random text encoder (seed 0; see :mod:`trl_plus.diffusion.digits`)."""
+    from ..diffusion.digits import save_digits_pipeline
+    from ..diffusion.method import require_diffusers
+
+    require_diffusers("model alias 'tiny-digits'")
+    return build_once(Path(cache_dir) / "models" / "tiny-digits-v1", save_digits_pipeline, marker="model_index.json")

@@ -248,6 +248,11 @@ def _lora_mixin(denoiser):
     return SD3LoraLoaderMixin, "transformer"
 
 
+def denoiser_subfolder(denoiser) -> str:
+    """The pipeline subfolder a denoiser lives in (``unet`` or ``transformer``)."""
+    return _lora_mixin(denoiser)[1]
+
+
 def save_denoiser(denoiser, output_dir: str | Path) -> None:
     """The trained weights in ``output_dir``: a LoRA as ``pytorch_lora_weights.safetensors`` in diffusers' format
     (``pipeline.load_lora_weights(output_dir)`` reads it); a fully trained denoiser as its own folder
@@ -262,6 +267,34 @@ def save_denoiser(denoiser, output_dir: str | Path) -> None:
         mixin.save_lora_weights(str(output_dir), **{f"{prefix}_lora_layers": layers})
     else:
         denoiser.save_pretrained(str(Path(output_dir) / prefix))
+
+
+def complete_pipeline(source: str | Path, output_dir: str | Path, denoiser: str) -> bool:
+    """Make ``output_dir`` (holding a fully trained ``<denoiser>/``) a pipeline folder a recipe can name as
+    ``model.name_or_path``: ``model_index.json`` and every other component folder of the ``source`` pipeline, hard
+    linked where the file system allows (no copy of a large VAE or text encoder), else copied. Returns whether it did
+    (``False`` when ``source`` is not a pipeline folder)."""
+    import os
+    import shutil
+
+    source, output_dir = Path(source), Path(output_dir)
+    index_file = source / "model_index.json"
+    if not index_file.is_file():
+        return False
+
+    def link(src, dst):
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    index = json.loads(index_file.read_text())
+    for name, value in index.items():
+        if name == denoiser or not (isinstance(value, list) and value[0]) or not (source / name).is_dir():
+            continue
+        shutil.copytree(source / name, output_dir / name, copy_function=link, dirs_exist_ok=True)
+    shutil.copy2(index_file, output_dir / "model_index.json")
+    return True
 
 
 def load_denoiser_weights(denoiser, folder: str | Path) -> None:

@@ -31,7 +31,9 @@ from ..trainers.metrics import append_pair_metrics, gathered_mean
 from .data import GROUP, NUM_SEQUENCES, PROMPT_IDS, X0, load_image
 from .models import (
     DiffusionBundle,
+    complete_pipeline,
     denoiser_kind,
+    denoiser_subfolder,
     has_lora,
     load_denoiser_weights,
     save_denoiser,
@@ -337,6 +339,16 @@ class DiffusionTrainer(GuardMixin, Trainer):
         os.makedirs(output_dir, exist_ok=True)
         save_denoiser(self.accelerator.unwrap_model(self.model), output_dir)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """transformers' save; the final save of a fully trained denoiser (not a checkpoint, not a LoRA) also
+        completes ``output_dir`` into a pipeline folder (:func:`~trl_plus.diffusion.models.complete_pipeline`), so the
+        next stage's recipe names it as ``model.name_or_path`` (the quickstart's SFT reference)."""
+        super().save_model(output_dir, _internal_call)
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        if _internal_call or has_lora(unwrapped) or not self.is_world_process_zero() or not self.bundle.name:
+            return
+        complete_pipeline(self.bundle.name, output_dir or self.args.output_dir, denoiser_subfolder(unwrapped))
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
         """Resume: the weights :meth:`_save` wrote (optimizer, scheduler and RNG states are transformers')."""
