@@ -53,13 +53,14 @@ class BuiltinPlugin:
     def register_model_aliases(self, register):
         """The core's model aliases: ``tiny-llama`` (offline, for tests), ``smollm2-135m-instruct`` (a real
         pretrained model from PyPI, for the quickstart and benchmarks) and the tiny offline diffusion pipelines
-        ``tiny-sd`` and ``tiny-sd3``."""
+        ``tiny-sd``, ``tiny-sd3`` and ``tiny-wan``."""
         from .aliases import (
             SMOLLM2_PIP,
             smollm2_alias,
             tiny_llama_alias,
             tiny_sd3_alias,
             tiny_sd_alias,
+            tiny_wan_alias,
         )
 
         register(ModelAlias("tiny-llama", "random 2-layer Llama (hidden 64) + char tokenizer, offline", tiny_llama_alias))
@@ -75,3 +76,6 @@ class BuiltinPlugin:
                                        "offline; needs trl-plus[diffusion]", tiny_sd_alias))  # fmt: skip
         register(ModelAlias("tiny-sd3", "random SD3-shaped pipeline (1-layer transformer, flow matching; 16x16), "
                                         "offline; needs trl-plus[diffusion]", tiny_sd3_alias))  # fmt: skip
+        register(ModelAlias("tiny-wan", "random Wan-shaped video pipeline (1-layer WanTransformer3DModel, Wan VAE, "
+                                        "UMT5; flow matching), offline; needs trl-plus[diffusion]",
+                            tiny_wan_alias))  # fmt: skip

@@ -48,3 +48,12 @@ def tiny_sd3_alias(cache_dir: Path) -> str:
 
     require_diffusers("model alias 'tiny-sd3'")
     return build_once(Path(cache_dir) / "models" / "tiny-sd3-v1", save_tiny_sd3, marker="model_index.json")
+
+
+def tiny_wan_alias(cache_dir: Path) -> str:
+    """Build (once) and return the ``tiny-wan`` pipeline folder (seed 0; see :mod:`trl_plus.diffusion.tiny`)."""
+    from ..diffusion.method import require_diffusers
+    from ..diffusion.tiny import save_tiny_wan
+
+    require_diffusers("model alias 'tiny-wan'")
+    return build_once(Path(cache_dir) / "models" / "tiny-wan-v1", save_tiny_wan, marker="model_index.json")
