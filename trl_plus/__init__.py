@@ -54,6 +54,7 @@ __all__ = [
     "SequencesCollator", "Scorer", "Stage", "TAXONOMY", "Teacher", "TopK", "Inversion", "TrainResult", "TrlPlusError", "check_recipe",
     "combine", "generate", "load_run", "trained_module",
     "ddim_invert", "ddim_sample", "guided_prediction", "inversion_timesteps", "Noised", "OnlineMethod", "ScoreOutput", "run_stages",
+    "LatentCollator", "load_latent", "segment_ids",
     "denoising_errors", "did_you_mean", "dpo_losses", "evaluate", "get_method", "get_registry", "hookimpl", "load_recipe",
     "merge_adapter", "method_collator", "pair_accuracy", "prompt_completion", "resolve_reference_mode", "tokenize_completions",
     "train", "frozen_model", "rollout_token_logps", "turn_sums",
@@ -68,6 +69,7 @@ if TYPE_CHECKING:
         method_collator,
         prompt_completion,
     )
+    from .diffusion.data import LatentCollator, load_latent, segment_ids
     from .diffusion.inversion import Inversion, ddim_invert, ddim_sample, guided_prediction, inversion_timesteps
     from .diffusion.scorer import Noised, ScoreOutput
     from .diffusion.trainer import DiffusionTrainer
@@ -91,6 +93,9 @@ _LAZY = {
     "Inversion": "diffusion.inversion",
     "Noised": "diffusion.scorer",
     "ScoreOutput": "diffusion.scorer",
+    "LatentCollator": "diffusion.data",
+    "load_latent": "diffusion.data",
+    "segment_ids": "diffusion.data",
     "ddim_invert": "diffusion.inversion",
     "ddim_sample": "diffusion.inversion",
     "guided_prediction": "diffusion.inversion",

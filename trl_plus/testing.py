@@ -458,15 +458,19 @@ def tiny_text_encoder(pooled: bool = False, length: int = 16, hidden: int = 32, 
 def tiny_diffusion_bundle(target: str = "epsilon", lora: bool = False, nf4: bool = False, seed: int = 0):
     """A :class:`~trl_plus.diffusion.models.DiffusionBundle` without a pipeline: the ``tiny-sd`` UNet with a DDPM
     scheduler (``target`` ``epsilon`` / ``v_prediction`` / ``sample``) or, for ``flow``, the ``tiny-sd3`` transformer
-    with a flow-matching scheduler; ``nf4``: its transformer-block linears 4-bit (the CPU swap); ``lora``: r = 4 on
-    the attention projections. Text: :func:`tiny_text_encoder` (``pooled`` for ``flow``)."""
+    with a flow-matching scheduler; ``video``: the ``tiny-wan`` transformer (latents ``[4, F, 8, 8]``) with an
+    unshifted flow-matching scheduler (timestep = 1000·σ); ``nf4``: its transformer-block linears 4-bit (the CPU
+    swap); ``lora``: r = 4 on the attention projections. Text: :func:`tiny_text_encoder` (``pooled`` for ``flow``)."""
     from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
     from .config import LoraSpec
     from .diffusion.models import DiffusionBundle, add_lora, quantize_nf4
-    from .diffusion.tiny import tiny_sd3_transformer, tiny_unet
+    from .diffusion.tiny import tiny_sd3_transformer, tiny_unet, tiny_wan_transformer
 
-    if target == "flow":
+    if target == "video":
+        denoiser = tiny_wan_transformer(seed=seed)
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+    elif target == "flow":
         denoiser = tiny_sd3_transformer(seed=seed)
         scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
     else:
@@ -486,7 +490,8 @@ def tiny_diffusion_trainer(method: Any, output_dir: str | Path, *, target: str =
                            **trainer_kwargs: Any):  # fmt: skip
     """A :class:`~trl_plus.diffusion.trainer.DiffusionTrainer` for ``method`` on :func:`tiny_diffusion_bundle` and
     ``rows`` (default: 8 random pairs of 8x8x4 latents), not yet trained; seeded (every call builds the same
-    weights and draws). ``training`` overrides ``DiffusionConfig`` fields."""
+    weights and draws; ``target="video"``: the ``tiny-wan`` transformer, rows of 4x4x8x8 video latents by default).
+    ``training`` overrides ``DiffusionConfig`` fields."""
     import torch
 
     from .diffusion.trainer import DiffusionConfig, DiffusionTrainer
@@ -497,8 +502,10 @@ def tiny_diffusion_trainer(method: Any, output_dir: str | Path, *, target: str =
                     disable_tqdm=True, seed=0, use_cpu=not torch.cuda.is_available(), dataloader_pin_memory=False)
     args = DiffusionConfig(**{**defaults, **(training or {})})
     encode = tiny_text_encoder(pooled=target == "flow", hidden=64 if target == "flow" else 32)
+    if rows is None:
+        rows = diffusion_rows(shape=(4, 4, 8, 8)) if target == "video" else diffusion_rows()
     return DiffusionTrainer(bundle, args, method=method, method_args=method_args, reference_mode=reference_mode,
-                            train_dataset=list(rows if rows is not None else diffusion_rows()), encode_prompts=encode,
+                            train_dataset=list(rows), encode_prompts=encode,
                             **trainer_kwargs)  # fmt: skip
 
 

@@ -53,7 +53,8 @@ class BuiltinPlugin:
     def register_model_aliases(self, register):
         """The core's model aliases: ``tiny-llama`` (offline, for tests), ``smollm2-135m-instruct`` (a real
         pretrained model from PyPI, for the quickstart and benchmarks) and the tiny offline diffusion pipelines
-        ``tiny-sd``, ``tiny-sd3`` and ``tiny-digits`` (the real-image quickstart's untrained pixel-space UNet)."""
+        ``tiny-sd``, ``tiny-sd3``, ``tiny-wan`` and ``tiny-digits`` (the real-image quickstart's untrained pixel-space
+        UNet)."""
         from .aliases import (
             SMOLLM2_PIP,
             smollm2_alias,
@@ -61,6 +62,7 @@ class BuiltinPlugin:
             tiny_llama_alias,
             tiny_sd3_alias,
             tiny_sd_alias,
+            tiny_wan_alias,
         )
 
         register(ModelAlias("tiny-llama", "random 2-layer Llama (hidden 64) + char tokenizer, offline", tiny_llama_alias))
@@ -79,3 +81,6 @@ class BuiltinPlugin:
         register(ModelAlias("tiny-digits", "untrained pixel-space UNet for 8x8 grey digits (no VAE, random CLIP), "
                                            "the real-image quickstart's; needs trl-plus[diffusion]",
                             tiny_digits_alias))  # fmt: skip
+        register(ModelAlias("tiny-wan", "random Wan-shaped video pipeline (1-layer WanTransformer3DModel, Wan VAE, "
+                                        "UMT5; flow matching), offline; needs trl-plus[diffusion]",
+                            tiny_wan_alias))  # fmt: skip

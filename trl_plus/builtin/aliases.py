@@ -58,3 +58,12 @@ def tiny_digits_alias(cache_dir: Path) -> str:
 
     require_diffusers("model alias 'tiny-digits'")
     return build_once(Path(cache_dir) / "models" / "tiny-digits-v1", save_digits_pipeline, marker="model_index.json")
+
+
+def tiny_wan_alias(cache_dir: Path) -> str:
+    """Build (once) and return the ``tiny-wan`` pipeline folder (seed 0; see :mod:`trl_plus.diffusion.tiny`)."""
+    from ..diffusion.method import require_diffusers
+    from ..diffusion.tiny import save_tiny_wan
+
+    require_diffusers("model alias 'tiny-wan'")
+    return build_once(Path(cache_dir) / "models" / "tiny-wan-v1", save_tiny_wan, marker="model_index.json")

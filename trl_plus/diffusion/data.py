@@ -5,6 +5,12 @@ other columns for other shapes (``DiffusionMethod.image_fields``). ``data.<split
 official Pick-a-Pic convention (``label_0``: 1 = the first image wins, 0 = the second wins, 0.5 = a tie): 0 swaps the
 pair; ties are dropped (``data.ties: drop``, the official choice) or kept as soft labels (``keep_as_soft``: the
 batch field ``label`` = 0.5, cDPO-style smoothing by methods that read it).
+
+Ready latents: a path ending in ``.pt`` / ``.npy`` / ``.safetensors`` (:data:`LATENT_SUFFIXES`) is a latent file —
+one tensor ``[C, h, w]`` (an image) or ``[C, F, h, w]`` (a video: F latent frames), already scaled/normalised as
+the pipeline's denoiser sees latents (a ``.safetensors`` file holds it under the key ``latents``). It is used as
+x0 as it is (no VAE); the rows' checks load it (shape, finite values, one shape for the split) before any model
+loads. Video methods score per segment of latent frames (:func:`segment_ids`, ``Scoring.segments``).
 """
 
 from __future__ import annotations
@@ -19,6 +25,61 @@ from ..errors import TrlPlusError
 X0, PROMPT_IDS, GROUP, NUM_SEQUENCES = "x0", "prompt_ids", "group", "num_sequences"
 #: An image column's batch field for soft labels (``ties: keep_as_soft``): 1.0 = decisive, 0.5 = a tie.
 SOFT_LABEL = "label"
+
+
+#: Suffixes of ready-latent files (read by :func:`load_latent`).
+LATENT_SUFFIXES = (".pt", ".npy", ".safetensors")
+
+
+def is_latent_file(path: str | Path) -> bool:
+    """Whether ``path`` names a ready-latent file (by its suffix, :data:`LATENT_SUFFIXES`)."""
+    return str(path).lower().endswith(LATENT_SUFFIXES)
+
+
+def load_latent(path: str | Path):
+    """The float32 tensor of a latent file (``.pt``: ``torch.save`` of one tensor, read with ``weights_only``;
+    ``.npy``; ``.safetensors``: the tensor under the key ``latents``). ``ValueError`` with the reason when the file
+    holds something else."""
+    import torch
+
+    path = str(path)
+    if path.lower().endswith(".npy"):
+        import numpy as np
+
+        value = torch.from_numpy(np.load(path, allow_pickle=False))
+    elif path.lower().endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        state = load_file(path)
+        if "latents" not in state:
+            raise ValueError(f"holds no tensor named 'latents' (keys: {', '.join(state) or 'none'})")
+        value = state["latents"]
+    else:
+        value = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+        raise ValueError(f"holds {type(value).__name__ if not isinstance(value, torch.Tensor) else value.dtype}, not "
+                         "one float tensor")  # fmt: skip
+    if value.dim() not in (3, 4):
+        raise ValueError(f"holds a tensor of shape {tuple(value.shape)}; expected [C, h, w] or [C, F, h, w]")
+    if not bool(torch.isfinite(value).all()):
+        raise ValueError("holds NaN or infinite values")
+    return value.float()
+
+
+def segment_ids(num_frames: int, lengths: list[int] | None = None, segment_frames: int | None = None) -> list[int]:
+    """Each latent frame's segment id (a list of ``num_frames`` ints): consecutive segments of the given
+    ``lengths`` (latent frames each; they must add up to ``num_frames``), or of ``segment_frames`` frames each with
+    a shorter last one (⌈F/s⌉ segments). ``ValueError`` naming the mismatch."""
+    if lengths is None:
+        if not segment_frames or segment_frames < 1:
+            raise ValueError("give segment lengths or a segment length >= 1 in latent frames")
+        return [f // segment_frames for f in range(num_frames)]
+    if any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in lengths):
+        raise ValueError(f"segment lengths must be positive integers (latent frames), got {lengths!r}")
+    if sum(lengths) != num_frames:
+        raise ValueError(f"segment lengths {lengths} add up to {sum(lengths)} latent frames, but the latents have "
+                         f"{num_frames}")  # fmt: skip
+    return [index for index, n in enumerate(lengths) for _ in range(n)]
 
 
 def _image_size(path: Path) -> tuple[int, int] | None:
@@ -48,6 +109,7 @@ def check_image_rows(dataset: Any, method: Any, recipe: Any, split: str) -> Any:
         rows = apply_labels(rows, spec.label, recipe.data.ties, method, source, data_file)
     resolution = getattr(recipe.model, "resolution", None)
     first_size: tuple[tuple[int, int], int, str] | None = None
+    first_shape: tuple[tuple[int, ...], str] | None = None
     for index, row in enumerate(rows):
         for name in method.image_fields:
             values = row[name] if isinstance(row[name], list) else [row[name]]
@@ -61,6 +123,21 @@ def check_image_rows(dataset: Any, method: Any, recipe: Any, split: str) -> Any:
                 if not path.is_file():
                     raise TrlPlusError(f"{source}: {_rows([row.get('_row', index)], data_file)}: {name}: no such image "
                                        f"file: {path}")  # fmt: skip
+                if is_latent_file(path):
+                    try:
+                        shape = tuple(load_latent(path).shape)
+                    except Exception as exc:  # noqa: BLE001 - any unreadable file: one line naming it
+                        why = str(exc) if isinstance(exc, ValueError) else f"cannot be read ({type(exc).__name__})"
+                        raise TrlPlusError(f"{source}: {_rows([row.get('_row', index)], data_file)}: {name}: latent "
+                                           f"file {path} {why.splitlines()[0]}") from None  # fmt: skip
+                    if first_shape is None:
+                        first_shape = (shape, str(path))
+                    elif shape != first_shape[0]:
+                        raise TrlPlusError(f"{source}: {_rows([row.get('_row', index)], data_file)}: {name}: latent "
+                                           f"file {path} has shape {list(shape)} but {first_shape[1]} has "
+                                           f"{list(first_shape[0])}: a split's latents need one shape")  # fmt: skip
+                    resolved.append(str(path))
+                    continue
                 size = _image_size(path)
                 if size is None:
                     raise TrlPlusError(f"{source}: {_rows([row.get('_row', index)], data_file)}: {name}: {path} is not "
@@ -74,6 +151,9 @@ def check_image_rows(dataset: Any, method: Any, recipe: Any, split: str) -> Any:
                         "different sizes need model.resolution (they are resized and center-cropped to it)")
                 resolved.append(str(path))
             row[name] = resolved if isinstance(row[name], list) else resolved[0]
+    if first_shape is not None and first_size is not None:
+        raise TrlPlusError(f"{source}: mixes latent files ({first_shape[1]}) and images ({first_size[2]}): give one "
+                           "kind per split")  # fmt: skip
     for row in rows:
         row.pop("_row", None)
     return Dataset.from_list(rows) if rows else dataset.select([])
@@ -128,10 +208,11 @@ class LatentCollator:
     """Prepared examples (``{"x0": [K, ...] latents or {"mean", "std"}, "prompt_id": int, fields...}``) -> a batch:
     ``x0`` ``[K*B, ...]`` ordered sequence-major (``[img0 ex1..exB, img1 ex1..]``, as the text trainer's rows),
     ``prompt_ids`` ``[B]``, ``group`` ``[K*B]`` (each row's example), ``num_sequences`` K, and ``fields`` as float
-    tensors ``[B]`` (a list per row: ``[B, L]``). Latents stored as a distribution (``mean``/``std``) are sampled by the scorer, per step."""
+    tensors ``[B]`` (a list per row: ``[B, L]``), and the ``segments`` field (``Scoring.segments``) as ``[B, F]`` long.
+    Latents stored as a distribution (``mean``/``std``) are sampled by the scorer, per step."""
 
-    def __init__(self, fields: tuple[str, ...] = ()):
-        self.fields = tuple(fields)
+    def __init__(self, fields: tuple[str, ...] = (), segments: str | None = None):
+        self.fields, self.segments = tuple(fields), segments
 
     def __call__(self, examples: list[dict]) -> dict:
         import torch
@@ -153,4 +234,6 @@ class LatentCollator:
         batch[NUM_SEQUENCES] = k
         for name in self.fields + ((SOFT_LABEL,) if SOFT_LABEL in examples[0] else ()):
             batch[name] = torch.tensor([e[name] for e in examples], dtype=torch.float32)  # [B] or [B, K] lists
+        if self.segments is not None:  # [B, F] segment id per latent frame (Scoring.segments)
+            batch[self.segments] = torch.tensor([e[self.segments] for e in examples], dtype=torch.long)
         return batch

@@ -39,24 +39,31 @@ class Scoring:
       refused before any model loads);
     - ``share_timestep`` / ``share_noise``: the K images of one example get the same t / the same ε (Diffusion-DPO
       shares both; RankDPO t only; DSO neither ε);
-    - caption dropout is always shared by the example's images (both members of a pair drop their prompt).
+    - caption dropout is always shared by the example's images (both members of a pair drop their prompt);
+    - ``segments``: per-segment scores of video latents ``[C, F, h, w]`` (DenseDPO): the name of an example field
+      holding each latent frame's segment id (a list of F ints, 0..S−1; −1 leaves a frame out, see
+      :func:`~trl_plus.diffusion.data.segment_ids`), collated to ``[B, F]``; the loss then receives ℓ ``[K, B, S]``
+      (element means over each segment's frames) with ``mask`` 1 where a segment has frames, and
+      ``ctx.outputs.mse`` ``[K*B, S]``. ``None`` (the default): one score per image.
     """
 
     targets: tuple[str, ...] = TARGETS
     share_timestep: bool = True
     share_noise: bool = True
+    segments: str | None = None
 
 
 def denoising_errors(ctx: Any) -> tuple[Any, Any]:
     """``([K, B] policy errors ē (with grad), [K, B] reference errors or None)`` of a diffusion loss context: the
     scorer's raw element-mean errors (``ctx.outputs.mse`` / ``ref_mse``, whatever ``training.weighting`` is), or, for
     a hand-made context without outputs, ē = −ℓ/½ (the default weight) from ``ctx.logps()`` / ``ctx.ref_logps()``.
-    For losses printed on raw errors (DSO's mean(e⁺ − e⁻), RankDPO's s = e_θ − e_ref, an SFT term)."""
+    For losses printed on raw errors (DSO's mean(e⁺ − e⁻), RankDPO's s = e_θ − e_ref, an SFT term). Per-segment
+    scores (``Scoring.segments``): ``[K, B, S]``."""
     outputs = ctx.outputs
     shape = ctx.token_logps.shape[:2]
     if outputs is not None and getattr(outputs, "mse", None) is not None:
-        ref = outputs.ref_mse
-        return outputs.mse.view(shape), None if ref is None else ref.view(shape)
+        ref, grid = outputs.ref_mse, (*shape, *outputs.mse.shape[1:])
+        return outputs.mse.view(grid), None if ref is None else ref.view(grid)
     return -2 * ctx.logps(), None if ctx.ref_token_logps is None else -2 * ctx.ref_logps()
 
 
@@ -114,4 +121,4 @@ class DiffusionMethod(Method):
         """The collator of prepared examples (default: K images per example stacked sequence-major)."""
         from .data import LatentCollator
 
-        return LatentCollator(self.batch_fields)
+        return LatentCollator(self.batch_fields, segments=self.scoring.segments)

@@ -23,11 +23,15 @@ logger = logging.getLogger(__name__)
 DENOISERS = {
     "UNet2DConditionModel": "unet",
     "SD3Transformer2DModel": "sd3",
+    "WanTransformer3DModel": "wan",
 }
 #: The LoRA targets of diffusers' training examples (Diffusion-DPO, DreamBooth): the attention projections.
 ATTENTION_PROJECTIONS = ["to_q", "to_k", "to_v", "to_out.0"]
 #: Flow-matching schedulers (target: the flow velocity ε − x0).
 FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
+#: The ``prediction_type`` of multistep samplers run on flow sigmas (Wan's ``UniPCMultistepScheduler``): the model
+#: predicts the flow velocity; training draws from a :func:`training_scheduler` instead.
+FLOW_PREDICTION = "flow_prediction"
 LORA_FILE = "pytorch_lora_weights.safetensors"
 #: Pipelines whose denoiser class is supported but whose conditioning trl-plus does not build yet.
 UNSUPPORTED_PIPELINES = {
@@ -55,7 +59,7 @@ def pipeline_facts(path: str | Path, denoiser: str | None = None, scheduler: str
     index_file = folder / "model_index.json"
     if not index_file.is_file():
         raise TrlPlusError(f"model.name_or_path: {folder} has no model_index.json, so it is not a diffusers pipeline "
-                           "folder (give the folder pipeline.save_pretrained wrote, or an alias: tiny-sd, tiny-sd3)")
+                           "folder (give the folder pipeline.save_pretrained wrote, or an alias: tiny-sd, tiny-sd3, tiny-wan)")
     index = json.loads(index_file.read_text())
     names = [n for n in ("unet", "transformer") if isinstance(index.get(n), list) and index[n][0]]
     if denoiser is None:
@@ -74,6 +78,7 @@ def pipeline_facts(path: str | Path, denoiser: str | None = None, scheduler: str
     scheduler_config = json.loads(scheduler_file.read_text())
     scheduler_class = scheduler_config.get("_class_name", "?")
     prediction = "flow" if scheduler_class in FLOW_SCHEDULERS else scheduler_config.get("prediction_type", "epsilon")
+    prediction = "flow" if prediction == FLOW_PREDICTION else prediction
     pipeline_class = index.get("_class_name", "?")
     if pipeline_class in UNSUPPORTED_PIPELINES:
         raise TrlPlusError(f"model.name_or_path: {folder} is a {pipeline_class}: {UNSUPPORTED_PIPELINES[pipeline_class]}")
@@ -96,13 +101,17 @@ def denoiser_kind(model) -> str:
 
 
 def denoise(model, x_t, timesteps, cond: dict[str, Any]):
-    """The denoiser's prediction for ``x_t`` ``[N, C, h, w]`` at model ``timesteps`` ``[N]`` under ``cond``
-    (``text`` ``[N, L, H]``; SD3: ``pooled`` ``[N, D]``; SDXL UNets: ``added`` = ``added_cond_kwargs``), shaped like
-    ``x_t``. UNet2DCondition takes the DDPM index, SD3 1000·σ (the scheduler's timesteps table)."""
+    """The denoiser's prediction for ``x_t`` ``[N, C, h, w]`` (Wan: video latents ``[N, C, F, h, w]``) at model
+    ``timesteps`` ``[N]`` under ``cond`` (``text`` ``[N, L, H]``; SD3: ``pooled`` ``[N, D]``; SDXL UNets: ``added`` =
+    ``added_cond_kwargs``), shaped like ``x_t``. UNet2DCondition takes the DDPM index; SD3 and Wan 1000·σ (the
+    flow scheduler's timesteps table: WanPipeline passes ``scheduler.timesteps`` entries, one per video; Wan's
+    text is the UMT5 sequence, no pooled vector)."""
     kind = denoiser_kind(model)
     if kind == "unet":
         return model(x_t, timesteps, encoder_hidden_states=cond["text"], added_cond_kwargs=cond.get("added"),
                      return_dict=False)[0]  # fmt: skip
+    if kind == "wan":
+        return model(hidden_states=x_t, timestep=timesteps, encoder_hidden_states=cond["text"], return_dict=False)[0]
     return model(hidden_states=x_t, timestep=timesteps, encoder_hidden_states=cond["text"],
                  pooled_projections=cond["pooled"], return_dict=False)[0]  # fmt: skip
 
@@ -164,8 +173,21 @@ def load_diffusion(spec, path: str, *, trainable: bool = True) -> DiffusionBundl
         add_lora(denoiser, spec.lora)
     elif not trainable:
         denoiser.requires_grad_(False).eval()
-    scheduler = copy.deepcopy(pipeline.scheduler)
+    scheduler = training_scheduler(copy.deepcopy(pipeline.scheduler))
     return DiffusionBundle(denoiser, scheduler, vae, pipeline, quantization, spec.lora is not None, str(path))
+
+
+def training_scheduler(scheduler):
+    """The scheduler the scorer draws from: ``scheduler`` itself, except a multistep sampler on flow sigmas
+    (``prediction_type: flow_prediction``, as Wan's ``UniPCMultistepScheduler``), whose σ/timestep tables exist only
+    after ``set_timesteps``: it becomes the ``FlowMatchEulerDiscreteScheduler`` of the same training steps and
+    shift (``flow_shift``), timestep = 1000·σ as WanPipeline feeds the transformer."""
+    if type(scheduler).__name__ in FLOW_SCHEDULERS or scheduler.config.get("prediction_type") != FLOW_PREDICTION:
+        return scheduler
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=scheduler.config.num_train_timesteps,
+                                           shift=scheduler.config.get("flow_shift") or 1.0)
 
 
 def quantize_denoiser(denoiser, path: str, facts: PipelineFacts, spec) -> tuple[Any, str]:
@@ -241,11 +263,12 @@ def has_lora(denoiser) -> bool:
 
 
 def _lora_mixin(denoiser):
-    from diffusers.loaders import SD3LoraLoaderMixin, StableDiffusionLoraLoaderMixin
+    from diffusers.loaders import SD3LoraLoaderMixin, StableDiffusionLoraLoaderMixin, WanLoraLoaderMixin
 
-    if denoiser_kind(denoiser) == "unet":
+    kind = denoiser_kind(denoiser)
+    if kind == "unet":
         return StableDiffusionLoraLoaderMixin, "unet"
-    return SD3LoraLoaderMixin, "transformer"
+    return (WanLoraLoaderMixin if kind == "wan" else SD3LoraLoaderMixin), "transformer"
 
 
 def denoiser_subfolder(denoiser) -> str:

@@ -9,6 +9,12 @@ forms x_t and the target from the scheduler — DDPM-style ``add_noise`` with ta
 Timesteps: ``uniform`` (over the scheduler's training steps), ``logit_normal`` / ``mode`` (diffusers'
 ``compute_density_for_timestep_sampling``, u·N indexing the scheduler's tables, as diffusers' SD3 example) or
 ``stratified`` (one u per stratum of [0, 1) over the batch, shuffled).
+
+Reduction: ē is the element mean over all latent dims, in fp32. Per segment (video methods, DenseDPO): when the
+:class:`Noised` carries ``segments`` ``[N, F]`` — each latent frame's segment id 0..S−1 (−1: not scored; frames on
+dim 2 of ``[N, C, F, h, w]``) — ē is ``[N, S]``, the element mean over the latent frames of each segment, ℓ too,
+and the score's ``mask`` is 1 where a segment has frames (``Scoring.segments`` names the batch field the trainer
+reads them from). Without segments (the default) everything is ``[N]`` / ``[N, 1]`` as before.
 """
 
 from __future__ import annotations
@@ -44,13 +50,15 @@ class Noised:
     noise: torch.Tensor
     t: torch.Tensor
     sigma: torch.Tensor | None = None
+    segments: torch.Tensor | None = None  # [N, F] segment id per latent frame (−1: unscored): per-segment errors
 
 
 @dataclass
 class ScoreOutput:
     """What the scorer gives the loss (``ctx.outputs``): ``logps`` ``[N, 1]`` ℓ of the policy (with grad), ``mask``
     ones, ``ref_logps`` the reference's (no grad; ``None`` without a reference), the raw errors ``mse`` /
-    ``ref_mse`` ``[N]`` and the :class:`Noised` inputs."""
+    ``ref_mse`` ``[N]`` and the :class:`Noised` inputs. With per-segment scoring (``noised.segments``) ``logps`` /
+    ``ref_logps`` / ``mse`` / ``ref_mse`` are ``[N, S]`` and ``mask`` is 1 where a segment has latent frames."""
 
     logps: torch.Tensor
     mask: torch.Tensor
@@ -151,16 +159,22 @@ class DenoisingScorer:
     # -- scoring --------------------------------------------------------------------------------------------
     @staticmethod
     def errors(model, noised: Noised, cond: dict[str, Any]) -> torch.Tensor:
-        """``[N]`` ē: the element mean of (prediction − target)² per row, in fp32."""
+        """``[N]`` ē: the element mean of (prediction − target)² per row, in fp32 (fp64 for a float64 model;
+        ``[N, S]`` per-segment means when ``noised.segments`` is set: :func:`segment_means`)."""
         prediction = denoise(model, noised.x_t, noised.timesteps, cond)
-        squared = (prediction.float() - noised.target.float()) ** 2
+        dtype = torch.promote_types(prediction.dtype, torch.float32)
+        squared = (prediction.to(dtype) - noised.target.to(dtype)) ** 2
+        if noised.segments is not None:
+            return segment_means(squared, noised.segments)[0]
         return squared.reshape(squared.size(0), -1).mean(1)
 
     def score(self, model, x0: torch.Tensor, group: torch.Tensor, num_groups: int, cond: dict[str, Any],
-              reference=None, generator=None) -> ScoreOutput:  # fmt: skip
+              reference=None, generator=None, segments: torch.Tensor | None = None) -> ScoreOutput:  # fmt: skip
         """The policy's ℓ (with grad) and, when ``reference(noised, cond) -> [N] errors`` is given, the
-        reference's, on one draw of (t, ε)."""
-        return self.score_noised(model, self.forward_noise(x0, group, num_groups, generator), cond, reference)
+        reference's, on one draw of (t, ε); ``segments`` ``[N, F]``: per-segment scores (see the module doc)."""
+        noised = self.forward_noise(x0, group, num_groups, generator)
+        noised.segments = segments
+        return self.score_noised(model, noised, cond, reference)
 
     def score_noised(self, model, noised: Noised, cond: dict[str, Any], reference=None) -> ScoreOutput:
         """The policy's ℓ = −w·ē (with grad) and the reference's (no grad) on given inputs and targets (a method
@@ -170,6 +184,33 @@ class DenoisingScorer:
         if reference is not None:
             with torch.no_grad():
                 ref_mse = reference(noised, cond).detach()
+        if noised.segments is not None:  # [N, S]: one weight per row, a mask for segments without frames
+            weight, mask = noised.weight.unsqueeze(-1), segment_mask(noised.segments, mse.size(1)).to(mse.dtype)
+            ref_logps = None if ref_mse is None else -(weight * ref_mse)
+            return ScoreOutput(-(weight * mse), mask, ref_logps, mse, ref_mse, noised)
         logps = -(noised.weight * mse).unsqueeze(-1)
         ref_logps = None if ref_mse is None else -(noised.weight * ref_mse).unsqueeze(-1)
         return ScoreOutput(logps, torch.ones_like(logps), ref_logps, mse, ref_mse, noised)
+
+
+def segment_mask(segments: torch.Tensor, num_segments: int | None = None) -> torch.Tensor:
+    """``[N, S]`` bool: which segments of each row have latent frames (``segments`` ``[N, F]`` ids, −1 unscored)."""
+    count = int(segments.max()) + 1 if num_segments is None else num_segments
+    return (segments.unsqueeze(-1) == torch.arange(count, device=segments.device)).any(1)
+
+
+def segment_means(squared: torch.Tensor, segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``([N, S] element means of squared errors over the latent frames of each segment, [N, S] bool mask)`` for
+    video errors ``squared`` ``[N, C, F, h, w]`` and ``segments`` ``[N, F]`` (segment id per frame, −1: left out;
+    S = the largest id + 1; a segment without frames gets 0 and mask False). Every frame holds C·h·w elements, so
+    the mean over a segment's elements is the mean of its frames' means."""
+    if squared.dim() < 3 or squared.size(2) != segments.size(1):
+        raise TrlPlusError(f"per-segment scores need latents [N, C, F, ...] with F = {segments.size(1)} latent frames "
+                           f"(the segments' length); got latents of shape {tuple(squared.shape)}")  # fmt: skip
+    n, frames = squared.shape[0], squared.shape[2]
+    per_frame = squared.transpose(1, 2).reshape(n, frames, -1).mean(2)  # [N, F]
+    segments = segments.to(per_frame.device)
+    count = int(segments.max()) + 1
+    onehot = (segments.unsqueeze(-1) == torch.arange(count, device=segments.device)).to(per_frame.dtype)  # [N, F, S]
+    sizes = onehot.sum(1)
+    return torch.einsum("nf,nfs->ns", per_frame, onehot) / sizes.clamp(min=1), sizes > 0

@@ -1,8 +1,11 @@
-"""Tiny offline diffusion pipelines built from configs (seeded): what the ``tiny-sd`` and ``tiny-sd3`` model aliases
-build. 16x16 RGB images, a 2-level VAE (8x8x4 latents), a 2-layer CLIP text encoder (hidden 32, 16 positions) with
+"""Tiny offline diffusion pipelines built from configs (seeded): what the ``tiny-sd``, ``tiny-sd3`` and ``tiny-wan``
+model aliases build. 16x16 RGB images, a 2-level VAE (8x8x4 latents), a 2-layer CLIP text encoder (hidden 32, 16 positions) with
 the character tokenizer of ``tiny-llama``; ``tiny-sd``: a (8, 16)-channel UNet2DConditionModel and a 1000-step
 DDPM scheduler (ε-prediction); ``tiny-sd3``: a 1-layer SD3Transformer2DModel, two CLIP encoders (no T5) and a
-flow-matching Euler scheduler (shift 3)."""
+flow-matching Euler scheduler (shift 3); ``tiny-wan``: a 1-layer WanTransformer3DModel (19,296 parameters, the
+DenseDPO card's CPU fixture), a 2-level AutoencoderKLWan (4 latent channels; 1 + 4k frames of 16x16 RGB -> 1 + k
+latent frames of 8x8), a 1-layer UMT5 text encoder (hidden 32) with the same character tokenizer and a
+flow-matching Euler scheduler without shift (timestep = 1000·σ)."""
 
 from __future__ import annotations
 
@@ -88,5 +91,43 @@ def save_tiny_sd3(directory: str | Path, seed: int = 0) -> str:
                                         text_encoder_2=second, tokenizer_2=tokenizer, text_encoder_3=None,
                                         tokenizer_3=None,
                                         scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0))
+    pipeline.save_pretrained(str(directory))
+    return str(directory)
+
+
+def tiny_wan_transformer(in_channels: int = 4, seed: int = 0):
+    """The ``tiny-wan`` denoiser: a 1-layer WanTransformer3DModel (patch (1, 2, 2), 2 heads of 12, text dim 32;
+    19,296 parameters, the DenseDPO card's CPU fixture) on video latents ``[N, C, F, h, w]`` (seeded)."""
+    import torch
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                 in_channels=in_channels, out_channels=in_channels, text_dim=32, freq_dim=256,
+                                 ffn_dim=32, num_layers=1, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                                 rope_max_seq_len=32)  # fmt: skip
+
+
+def save_tiny_wan(directory: str | Path, seed: int = 0) -> str:
+    """Write the ``tiny-wan`` pipeline (``WanPipeline``: transformer, VAE, UMT5 text encoder, scheduler) to
+    ``directory``."""
+    import torch
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from ..models.tiny import build_tokenizer
+
+    transformer = tiny_wan_transformer(seed=seed)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1], num_res_blocks=1, temperal_downsample=[True],
+                           latents_mean=[0.0] * 4, latents_std=[1.0] * 4)  # fmt: skip
+    tokenizer = build_tokenizer()
+    tokenizer.model_max_length = TEXT_POSITIONS
+    config = UMT5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2,
+                        relative_attention_num_buckets=8, pad_token_id=tokenizer.pad_token_id,
+                        eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    pipeline = WanPipeline(tokenizer=tokenizer, text_encoder=UMT5EncoderModel(config), vae=vae,
+                           scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0),
+                           transformer=transformer)  # fmt: skip
     pipeline.save_pretrained(str(directory))
     return str(directory)

@@ -28,7 +28,7 @@ from ..trainers import resolve_method
 from ..trainers.frozen import resolve_reference_mode
 from ..trainers.guard import GuardMixin
 from ..trainers.metrics import append_pair_metrics, gathered_mean
-from .data import GROUP, NUM_SEQUENCES, PROMPT_IDS, X0, load_image
+from .data import GROUP, NUM_SEQUENCES, PROMPT_IDS, X0, is_latent_file, load_image, load_latent
 from .models import (
     DiffusionBundle,
     complete_pipeline,
@@ -155,7 +155,8 @@ class DiffusionTrainer(GuardMixin, Trainer):
         if rows is None:
             return None
         rows = rows.to_list() if hasattr(rows, "to_list") else list(rows)
-        fields = (*self.method.batch_fields, "label")
+        segments = self.method.scoring.segments
+        fields = (*self.method.batch_fields, "label", *((segments,) if segments else ()))
         examples = []
         for row in rows:
             example = {"prompt_id": self.prompt_id(row.get("prompt", ""))}
@@ -169,7 +170,10 @@ class DiffusionTrainer(GuardMixin, Trainer):
     @torch.no_grad()
     def encode_images(self, paths: list[str]):
         """The K images of one example as latents: ``{"mean", "std"}`` ``[K, c, h, w]`` of the VAE's latent
-        distribution (scaled: (z − shift)·scale), or pixels ``[K, C, H, W]`` in [-1, 1] without a VAE."""
+        distribution (scaled: (z − shift)·scale), or pixels ``[K, C, H, W]`` in [-1, 1] without a VAE; latent files
+        (:func:`~trl_plus.diffusion.data.load_latent`) are stacked as they are."""
+        if paths and all(is_latent_file(p) for p in paths):  # ready latents ([C, h, w] / videos [C, F, h, w])
+            return torch.stack([load_latent(p) for p in paths])
         vae = self.bundle.vae
         channels = 3 if vae is not None else self.bundle.denoiser.config.in_channels
         pixels = torch.stack([load_image(p, self.resolution, channels) for p in paths])
@@ -206,7 +210,12 @@ class DiffusionTrainer(GuardMixin, Trainer):
         if pipeline is None:
             raise TrlPlusError("a DiffusionBundle without a pipeline needs encode_prompts (prompts -> embeddings)")
         device = next(pipeline.text_encoder.parameters()).device
-        if denoiser_kind(self.bundle.denoiser) == "sd3":
+        if denoiser_kind(self.bundle.denoiser) == "wan":  # UMT5 hidden states, padded with zeros past each prompt
+            def encode(prompts):
+                text, _ = pipeline.encode_prompt(prompts, do_classifier_free_guidance=False, device=device,
+                                                 max_sequence_length=pipeline.tokenizer.model_max_length)
+                return {"text": text}
+        elif denoiser_kind(self.bundle.denoiser) == "sd3":
             positions = pipeline.tokenizer.model_max_length
 
             def encode(prompts):
@@ -251,7 +260,10 @@ class DiffusionTrainer(GuardMixin, Trainer):
         dtype = self.denoiser_dtype(model)
         cond = self.conditioning(prompt_ids, group, dtype, x0.device)
         reference = None if self.reference_mode == "none" else self.reference_errors
-        return self.scorer.score(model, x0.to(dtype), group, prompt_ids.size(0), cond, reference, generator)
+        segments = self.method.scoring.segments
+        segments = None if segments is None else inputs[segments][group.to(inputs[segments].device)]
+        return self.scorer.score(model, x0.to(dtype), group, prompt_ids.size(0), cond, reference, generator,
+                                 segments=segments)  # fmt: skip
 
     def reference_errors(self, noised, cond) -> torch.Tensor:
         """``[N]`` the reference's errors on the policy's x_t: the adapter switched off (no second copy of the base
@@ -313,9 +325,10 @@ class DiffusionTrainer(GuardMixin, Trainer):
     def _log_step_metrics(self, mode: str, ctx: LossContext, result, score: ScoreOutput) -> None:
         metrics = self._metrics[mode]
         append_pair_metrics(metrics, ctx.logps(), result.rewards, self._gathered_mean)
-        metrics["mse/policy"].append(self._gathered_mean(score.mse))
+        scored = score.mask.bool() if score.mse.dim() == 2 else slice(None)  # per-segment: the segments with frames
+        metrics["mse/policy"].append(self._gathered_mean(score.mse[scored]))
         if score.ref_mse is not None:
-            metrics["mse/reference"].append(self._gathered_mean(score.ref_mse))
+            metrics["mse/reference"].append(self._gathered_mean(score.ref_mse[scored]))
         metrics["timestep/mean"].append(self._gathered_mean(score.noised.timesteps.float()))
         for name, value in result.metrics.items():
             metrics[name].append(self._gathered_mean(value))
