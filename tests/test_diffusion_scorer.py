@@ -280,7 +280,8 @@ def test_the_latent_budget_switches_path_at_the_threshold_with_the_same_latents(
 
     latents = [trainer.clean_latents(diffusion_batch(trainer), seeded(2)) for trainer in trainers.values()]
     assert latents[0].shape == (6, 4, 8, 8)
-    assert torch.allclose(latents[0], latents[1], atol=1e-5, rtol=0)  # one batched encode vs one per example
+    # one batched VAE encode against one per example: 0.0 apart on the CPU; a GPU kernel may differ by a few ulps
+    assert torch.allclose(latents[0], latents[1], atol=1e-5, rtol=0)
 
 
 def test_flips_use_the_encoding_of_the_flipped_image_cached_or_on_the_fly(tmp_path):
