@@ -53,7 +53,7 @@ __all__ = [
     "PairwiseCollator", "Paper", "PlusTrainer", "Rollout", "Rollouts", "PolicyOutputs", "REFERENCE_MODES", "Recipe", "SFT", "Sequence", "Scoring",
     "SequencesCollator", "Scorer", "Stage", "TAXONOMY", "Teacher", "TopK", "Inversion", "TrainResult", "TrlPlusError", "check_recipe",
     "combine", "generate", "load_run", "trained_module",
-    "ddim_invert", "ddim_sample", "guided_prediction", "inversion_timesteps", "Noised", "OnlineMethod", "ScoreOutput", "run_stages",
+    "ddim_invert", "ddim_sample", "flow_elbo_factor", "guided_prediction", "inversion_timesteps", "Noised", "OnlineMethod", "ScoreOutput", "run_stages",
     "LatentCollator", "load_latent", "segment_ids",
     "denoising_errors", "did_you_mean", "dpo_losses", "evaluate", "get_method", "get_registry", "hookimpl", "load_recipe",
     "merge_adapter", "method_collator", "pair_accuracy", "prompt_completion", "resolve_reference_mode", "tokenize_completions",
@@ -71,7 +71,7 @@ if TYPE_CHECKING:
     )
     from .diffusion.data import LatentCollator, load_latent, segment_ids
     from .diffusion.inversion import Inversion, ddim_invert, ddim_sample, guided_prediction, inversion_timesteps
-    from .diffusion.scorer import Noised, ScoreOutput
+    from .diffusion.scorer import Noised, ScoreOutput, flow_elbo_factor
     from .diffusion.trainer import DiffusionTrainer
     from .models.load import frozen_model
     from .run.evaluate import evaluate
@@ -96,6 +96,7 @@ _LAZY = {
     "LatentCollator": "diffusion.data",
     "load_latent": "diffusion.data",
     "segment_ids": "diffusion.data",
+    "flow_elbo_factor": "diffusion.scorer",
     "ddim_invert": "diffusion.inversion",
     "ddim_sample": "diffusion.inversion",
     "guided_prediction": "diffusion.inversion",

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import (
     BaseModel,
+    ByteSize,
     ConfigDict,
     Field,
     PositiveInt,
@@ -108,10 +109,20 @@ class SchedulerSpec(_Block):
 
 
 class CacheSpec(_Block):
-    """What a diffusion run caches: text embeddings per unique prompt (always), VAE latents (``auto``: in memory)."""
+    """What a diffusion run caches: text embeddings per unique prompt (always) and the VAE latents: ``auto`` keeps
+    them in memory while the run's images fit ``latents_budget`` (bytes, or a size such as ``4GiB``, ``500MB``) and
+    else re-encodes every batch; ``true`` / ``false`` force one path (:mod:`trl_plus.diffusion.latents`)."""
 
     text: bool = True
     latents: Literal["auto"] | bool = "auto"
+    latents_budget: ByteSize = Field(ByteSize(4 * 1024**3), gt=0)
+
+    @field_validator("latents", mode="before")
+    @classmethod
+    def _latents(cls, value: Any) -> Any:
+        if value != "auto" and not isinstance(value, bool):
+            raise ValueError("expected auto, true or false")
+        return value
 
 
 #: The ``model`` keys of a diffusion pipeline (``model.kind: diffusion``), refused on a causal LM.

@@ -8,7 +8,10 @@ squared velocity error (ℓ = −½·e, the trainer's scorer):
 
 with a constant β_t = β (the paper's recommendation, flow_grpo's code) or the ELBO weighting β_t = β·(1 − t)²
 (``beta_schedule: elbo``, t = σ; the paper's ablation, reported to reward-hack). The constant form is
-``diffusion-dpo`` on a flow-matching scheduler; this plugin pins the flow target and the schedule option.
+``diffusion-dpo`` on a flow-matching scheduler; this plugin pins the flow target and the schedule option. The
+weighting itself lives in the core: ``beta_schedule: elbo`` equals ``beta_schedule: constant`` with the core's
+``training.weighting: flow_elbo`` (ℓ = −½(1 − σ)²·e; t and ε are shared by the pair), which any diffusion method can
+use; do not set both (that weights by (1 − t)⁴).
 """
 
 from __future__ import annotations
@@ -37,12 +40,14 @@ class FlowDPOConfig(DiffusionDPOConfig):
 
 
 def elbo_factors(ctx: LossContext):
-    """``[B]`` (1 − t)² per pair, t = σ of the pair's shared draw (``ctx.outputs.noised.sigma``; rows 0..B−1 are the
-    winners)."""
+    """``[B]`` (1 − t)² per pair (the core's :func:`~trl_plus.flow_elbo_factor`), t = σ of the pair's shared draw
+    (``ctx.outputs.noised.sigma``; rows 0..B−1 are the winners)."""
+    from trl_plus import flow_elbo_factor  # torch-heavy: imported when a loss runs
+
     sigma = ctx.outputs.noised.sigma
     if sigma is None:
         raise ValueError("beta_schedule: elbo needs a flow-matching scheduler (σ per draw)")
-    return (1 - sigma[: ctx.batch_size].to(ctx.token_logps.dtype)) ** 2
+    return flow_elbo_factor(sigma[: ctx.batch_size].to(ctx.token_logps.dtype))
 
 
 class FlowDPO(DiffusionDPO):

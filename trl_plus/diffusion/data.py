@@ -209,7 +209,9 @@ class LatentCollator:
     ``x0`` ``[K*B, ...]`` ordered sequence-major (``[img0 ex1..exB, img1 ex1..]``, as the text trainer's rows),
     ``prompt_ids`` ``[B]``, ``group`` ``[K*B]`` (each row's example), ``num_sequences`` K, and ``fields`` as float
     tensors ``[B]`` (a list per row: ``[B, L]``), and the ``segments`` field (``Scoring.segments``) as ``[B, F]`` long.
-    Latents stored as a distribution (``mean``/``std``) are sampled by the scorer, per step."""
+    Latents stored as a distribution (``mean``/``std``, and ``flip_mean``/``flip_std`` with flips on) are sampled by
+    the scorer, per step; ``{"image_id": [K]}`` (images encoded on the fly) becomes ``x0_image_id`` ``[K*B]``: every
+    ``x0`` key is stacked the same way."""
 
     def __init__(self, fields: tuple[str, ...] = (), segments: str | None = None):
         self.fields, self.segments = tuple(fields), segments
@@ -223,7 +225,7 @@ class LatentCollator:
             for key in first:
                 stacked = torch.stack([e["x0"][key] for e in examples], 1)  # [K, B, ...]
                 batch[f"{X0}_{key}"] = stacked.reshape(-1, *stacked.shape[2:])
-            k = first["mean"].size(0)
+            k = next(iter(first.values())).size(0)  # mean/std (a cached distribution) or image_id (on the fly)
         else:
             stacked = torch.stack([e["x0"] for e in examples], 1)
             batch[X0] = stacked.reshape(-1, *stacked.shape[2:])

@@ -5,10 +5,17 @@ forms x_t and the target from the scheduler — DDPM-style ``add_noise`` with ta
 ``get_velocity`` (``v_prediction``) or x0 (``sample``); flow matching x_t = (1 − σ)·x0 + σ·ε with target ε − x0
 (``flow``) — and scores ℓ = −w(t)·ē, ē the element mean of (prediction − target)² in fp32. w = ½ by default
 (``half``: with it the text DPO loss at the official β is the official Diffusion-DPO loss), 1 (``unit``),
-½·SNR(t) (``snr``) or ½·min(SNR, γ)/SNR (``min_snr``, ε; /(SNR + 1) for v: diffusers' min-SNR weighting).
+½·SNR(t) (``snr``), ½·min(SNR, γ)/SNR (``min_snr``, ε; /(SNR + 1) for v: diffusers' min-SNR weighting) or, for
+flow models, ½·(1 − σ)² (``flow_elbo``: ε − ε̂ = (1 − σ)·(v − v̂), so ℓ is −½ of the ε-error, the ELBO weighting of the
+Flow-DPO paper's β_t = β(1 − t)² ablation).
 Timesteps: ``uniform`` (over the scheduler's training steps), ``logit_normal`` / ``mode`` (diffusers'
-``compute_density_for_timestep_sampling``, u·N indexing the scheduler's tables, as diffusers' SD3 example) or
-``stratified`` (one u per stratum of [0, 1) over the batch, shuffled).
+``compute_density_for_timestep_sampling``, u·N indexing the scheduler's tables, as diffusers' SD3 example),
+``stratified`` (one u per stratum of [0, 1) over the batch, shuffled) or ``range`` (uniform over the training steps
+whose model timestep lies in ``timestep_range`` [lo, hi): DDPM the index itself, e.g. [0, 200) for an SDXL refiner;
+flow models 1000·σ, the scheduler's timesteps table).
+
+:func:`check_scoring_options` checks these options (and ``draws``, ``flip``) in a recipe's ``training`` block before
+any model loads.
 
 Reduction: ē is the element mean over all latent dims, in fp32. Per segment (video methods, DenseDPO): when the
 :class:`Noised` carries ``segments`` ``[N, F]`` — each latent frame's segment id 0..S−1 (−1: not scored; frames on
@@ -27,8 +34,60 @@ import torch
 from ..errors import TrlPlusError
 from .models import FLOW_SCHEDULERS, denoise
 
-TIMESTEP_SAMPLING = ("uniform", "logit_normal", "mode", "stratified")
-WEIGHTINGS = ("half", "unit", "snr", "min_snr")
+TIMESTEP_SAMPLING = ("uniform", "logit_normal", "mode", "stratified", "range")
+WEIGHTINGS = ("half", "unit", "snr", "min_snr", "flow_elbo")
+#: Weightings defined by a DDPM noise schedule / by the flow interpolation only.
+DDPM_WEIGHTINGS, FLOW_WEIGHTINGS = ("snr", "min_snr"), ("flow_elbo",)
+#: Horizontal flips of the training images: none, one per example (its K images flip together) or one per image
+#: (the official Diffusion-DPO ``train.py``: ``RandomHorizontalFlip`` inside each image's transform).
+FLIPS = ("none", "shared", "independent")
+
+
+def check_scoring_options(options: dict[str, Any], where=lambda key: key) -> None:
+    """One line naming the ``training`` field and what it allows, for the scorer's options of a recipe (or a
+    :class:`~trl_plus.diffusion.trainer.DiffusionConfig`): ``timestep_sampling``, ``timestep_range`` (with
+    ``range`` only: [lo, hi), 0 <= lo < hi), ``weighting``, ``flip``, ``draws`` (a positive integer).
+    ``where(key)`` says where the error points (``recipe.yaml: training.key``)."""
+    sampling = options.get("timestep_sampling", "uniform")
+    if sampling not in TIMESTEP_SAMPLING:
+        raise TrlPlusError(f"{where('training.timestep_sampling')}: {sampling!r} is not one of "
+                           f"{', '.join(TIMESTEP_SAMPLING)}")  # fmt: skip
+    bounds = options.get("timestep_range")
+    if sampling == "range":
+        if bounds is None or len(bounds) != 2 or not 0 <= bounds[0] < bounds[1]:
+            raise TrlPlusError(f"{where('training.timestep_range')}: timestep_sampling: range draws t uniformly in "
+                               f"[lo, hi); give timestep_range: [lo, hi] with 0 <= lo < hi (model timesteps: the "
+                               f"DDPM index, 1000·σ for flow models), got {bounds!r}")  # fmt: skip
+    elif bounds is not None:
+        raise TrlPlusError(f"{where('training.timestep_range')}: used only with timestep_sampling: range (it is "
+                           f"{sampling})")  # fmt: skip
+    weighting = options.get("weighting", "half")
+    if weighting not in WEIGHTINGS:
+        raise TrlPlusError(f"{where('training.weighting')}: {weighting!r} is not one of {', '.join(WEIGHTINGS)}")
+    flip = options.get("flip", "none")
+    if flip not in FLIPS:
+        raise TrlPlusError(f"{where('training.flip')}: {flip!r} is not one of {', '.join(FLIPS)}")
+    draws = options.get("draws", 1)
+    if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
+        raise TrlPlusError(f"{where('training.draws')}: the (t, ε) draws per example must be a positive integer, got "
+                           f"{draws!r}")  # fmt: skip
+
+
+def check_weighting(weighting: str, target: str, where: str = "training.weighting") -> None:
+    """A weighting the scheduler's target can carry: SNR weightings need a DDPM noise schedule, ``flow_elbo`` the
+    flow interpolation."""
+    if target == "flow" and weighting in DDPM_WEIGHTINGS:
+        raise TrlPlusError(f"{where}: {weighting} is defined by a DDPM noise schedule; a flow-matching scheduler has "
+                           "none (use half, unit or flow_elbo)")  # fmt: skip
+    if target != "flow" and weighting in FLOW_WEIGHTINGS:
+        raise TrlPlusError(f"{where}: {weighting} weights the flow velocity error by (1 − σ)²; the scheduler predicts "
+                           f"{target}, not a flow (use half, unit, snr or min_snr)")  # fmt: skip
+
+
+def flow_elbo_factor(sigma: torch.Tensor) -> torch.Tensor:
+    """(1 − σ)²: the factor between the ε-error and the flow velocity error of x_t = (1 − σ)·x0 + σ·ε
+    (``weighting: flow_elbo`` is ½ of it; Flow-DPO's ``beta_schedule: elbo`` scales β by it)."""
+    return (1 - sigma) ** 2
 
 
 def scheduler_target(scheduler) -> str:
@@ -74,21 +133,28 @@ class DenoisingScorer:
 
     def __init__(self, scheduler, *, target: str = "auto", timestep_sampling: str = "uniform", logit_mean: float = 0.0,
                  logit_std: float = 1.0, mode_scale: float = 1.29, weighting: str = "half", snr_gamma: float = 5.0,
-                 share_timestep: bool = True, share_noise: bool = True):  # fmt: skip
-        if timestep_sampling not in TIMESTEP_SAMPLING:
-            raise TrlPlusError(f"training.timestep_sampling: {timestep_sampling!r} is not one of "
-                               f"{', '.join(TIMESTEP_SAMPLING)}")  # fmt: skip
-        if weighting not in WEIGHTINGS:
-            raise TrlPlusError(f"training.weighting: {weighting!r} is not one of {', '.join(WEIGHTINGS)}")
+                 share_timestep: bool = True, share_noise: bool = True,
+                 timestep_range: tuple[float, float] | None = None):  # fmt: skip
+        check_scoring_options({"timestep_sampling": timestep_sampling, "weighting": weighting,
+                               "timestep_range": timestep_range})  # fmt: skip
         self.scheduler = scheduler
         self.target = scheduler_target(scheduler) if target == "auto" else target
-        if self.target == "flow" and weighting in ("snr", "min_snr"):
-            raise TrlPlusError(f"training.weighting: {weighting} is defined by a DDPM noise schedule; a flow-matching "
-                               "scheduler has none (use half or unit)")  # fmt: skip
+        check_weighting(weighting, self.target)
         self.timestep_sampling, self.weighting, self.snr_gamma = timestep_sampling, weighting, snr_gamma
         self.logit_mean, self.logit_std, self.mode_scale = logit_mean, logit_std, mode_scale
         self.share_timestep, self.share_noise = share_timestep, share_noise
         self.num_train_timesteps = scheduler.config.num_train_timesteps
+        self.range_steps = None if timestep_range is None else self._range_steps(*timestep_range)
+
+    def _range_steps(self, low: float, high: float) -> torch.Tensor:
+        """The scheduler indices whose model timestep lies in [low, high) (``timestep_sampling: range``)."""
+        steps = torch.arange(self.num_train_timesteps)
+        values = steps.float() if self.target != "flow" else self.scheduler.timesteps[steps].float()
+        kept = steps[(values >= low) & (values < high)]
+        if kept.numel() == 0:
+            raise TrlPlusError(f"training.timestep_range: [{low}, {high}) holds none of the scheduler's training "
+                               f"timesteps ({float(values.min()):g} to {float(values.max()):g})")  # fmt: skip
+        return kept
 
     # -- drawing ------------------------------------------------------------------------------------------------
     def _uniform01(self, n: int, generator) -> torch.Tensor:
@@ -103,6 +169,11 @@ class DenoisingScorer:
     def sample_timesteps(self, n: int, generator=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``(model timesteps, scheduler index t, σ or None)`` for ``n`` draws (on the CPU)."""
         steps = self.num_train_timesteps
+        if self.timestep_sampling == "range":  # uniform over the allowed training steps
+            index = self.range_steps[torch.randint(0, self.range_steps.numel(), (n,), generator=generator)]
+            if self.target != "flow":
+                return index, index, None
+            return self.scheduler.timesteps[index].float(), index, self.scheduler.sigmas[index].float()
         if self.target != "flow":
             if self.timestep_sampling == "uniform":  # the official draw: an integer in [0, N)
                 t = torch.randint(0, steps, (n,), generator=generator)
@@ -145,9 +216,11 @@ class DenoisingScorer:
         return Noised(x_t, timesteps, target, weight, noise, t, None if sigma is None else sigma.to(device))
 
     def weights(self, t: torch.Tensor) -> torch.Tensor:
-        """``[N]`` w(t) of ℓ = −w·ē (fp32)."""
+        """``[N]`` w(t) of ℓ = −w·ē (fp32) at scheduler indices ``t``."""
         if self.weighting in ("half", "unit"):
             return torch.full(t.shape, 0.5 if self.weighting == "half" else 1.0, dtype=torch.float32)
+        if self.weighting == "flow_elbo":
+            return 0.5 * flow_elbo_factor(self.scheduler.sigmas[t.cpu()].float())
         from diffusers.training_utils import compute_snr
 
         snr = compute_snr(self.scheduler, t.cpu())

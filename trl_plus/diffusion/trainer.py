@@ -1,11 +1,13 @@
 """``DiffusionTrainer``: a ``transformers.Trainer`` (accelerate, accumulation, schedulers, checkpoints, resume,
 callbacks) driving a diffusers denoiser with a trl-plus method's loss.
 
-One step: the collator stacks the K images of B examples ``[K*B, ...]`` (latents cached once; a VAE latent
-distribution is sampled at every step, as the official scripts do); the scorer draws (t, ε) — shared within an
-example when the method says so — and scores the policy (with grad) and the reference (adapter off, a frozen
-copy, or none) on the same x_t; ``method.loss(LossContext)`` receives ℓ ``[K, B, 1]``. Text embeddings are computed
-once per unique prompt (the empty prompt, for caption dropout, included) and the text encoders are then freed.
+One step: the collator stacks the K images of B examples ``[K*B, ...]`` (latents cached once, or re-encoded every
+batch beyond ``model.cache.latents_budget``; a VAE latent distribution is sampled at every step, as the official
+scripts do); each example is repeated ``training.draws`` times; images are flipped when ``training.flip`` says so;
+the scorer draws (t, ε) — shared within an example when the method says so — and scores the policy (with grad) and
+the reference (adapter off, a frozen copy, or none) on the same x_t; ``method.loss(LossContext)`` receives ℓ
+``[K, B, 1]``. Text embeddings are computed once per unique prompt (the empty prompt, for caption dropout, included)
+and the text encoders are then freed. Latent caching, flips and draws: :mod:`trl_plus.diffusion.latents`.
 """
 
 from __future__ import annotations
@@ -29,6 +31,16 @@ from ..trainers.frozen import resolve_reference_mode
 from ..trainers.guard import GuardMixin
 from ..trainers.metrics import append_pair_metrics, gathered_mean
 from .data import GROUP, NUM_SEQUENCES, PROMPT_IDS, X0, is_latent_file, load_image, load_latent
+from .latents import (
+    DEFAULT_LATENT_BUDGET,
+    IMAGE_ID,
+    MEMORY,
+    draw_flips,
+    flip_rows,
+    plan_latent_cache,
+    repeat_draws,
+    tensor_bytes,
+)
 from .models import (
     DiffusionBundle,
     complete_pipeline,
@@ -38,7 +50,7 @@ from .models import (
     load_denoiser_weights,
     save_denoiser,
 )
-from .scorer import DenoisingScorer, ScoreOutput
+from .scorer import DenoisingScorer, ScoreOutput, check_scoring_options
 
 logger = logging.getLogger(__name__)
 
@@ -48,23 +60,29 @@ class DiffusionConfig(TrainingArguments):
     """``TrainingArguments`` plus the scorer's fields (the recipe's ``training`` block of a diffusion run); the
     defaults are the official Diffusion-DPO code's, except ``caption_dropout`` (official: 0.2, set in the recipe)."""
 
-    timestep_sampling: Literal["uniform", "logit_normal", "mode", "stratified"] = field(
-        default="uniform", metadata={"help": "how t is drawn (flow models: logit_normal)"})
+    timestep_sampling: Literal["uniform", "logit_normal", "mode", "stratified", "range"] = field(
+        default="uniform", metadata={"help": "how t is drawn (flow models: logit_normal; range: in timestep_range)"})
+    timestep_range: list[float] | None = field(
+        default=None, metadata={"help": "range: [lo, hi) in model timesteps (DDPM index; flow: 1000·σ)"})
     logit_mean: float = field(default=0.0, metadata={"help": "logit_normal: mean"})
     logit_std: float = field(default=1.0, metadata={"help": "logit_normal: standard deviation"})
     mode_scale: float = field(default=1.29, metadata={"help": "mode sampling: scale (SD3)"})
-    weighting: Literal["half", "unit", "snr", "min_snr"] = field(
+    weighting: Literal["half", "unit", "snr", "min_snr", "flow_elbo"] = field(
         default="half", metadata={"help": "w(t) in ℓ = −w·ē (half makes β the official one)"})
     snr_gamma: float = field(default=5.0, metadata={"help": "min_snr: γ"})
     caption_dropout: float = field(default=0.0, metadata={"help": "probability an example's prompt is empty"})
     share_timestep: bool | None = field(default=None, metadata={"help": "override the method's t sharing"})
     share_noise: bool | None = field(default=None, metadata={"help": "override the method's ε sharing"})
+    flip: Literal["none", "shared", "independent"] = field(
+        default="none", metadata={"help": "random horizontal flips in training: per example or per image"})
+    draws: int = field(default=1, metadata={"help": "independent (t, ε) draws per example, each its own loss term"})
     remove_unused_columns: bool = False
 
     def __post_init__(self):
         super().__post_init__()
         if not 0 <= self.caption_dropout < 1:
             raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        check_scoring_options(vars(self))
 
 
 class DiffusionTrainer(GuardMixin, Trainer):
@@ -76,13 +94,16 @@ class DiffusionTrainer(GuardMixin, Trainer):
     ``encode_prompts(list[str]) -> {"text": [P, L, H], "pooled": [P, D] | absent}`` replaces the pipeline's text
     encoders (a bundle without a pipeline needs it). ``reference_mode``: ``auto`` (LoRA: adapter off; else a
     frozen copy; reference-free methods: none), ``adapter``, ``model`` or ``none``. ``resolution``: images are
-    resized and center-cropped to it.
+    resized and center-cropped to it. ``latent_cache`` (``auto`` / ``True`` / ``False``) and ``latent_budget``
+    (bytes): where the images' latents live (``model.cache.latents`` / ``latents_budget``;
+    :func:`~trl_plus.diffusion.latents.plan_latent_cache`), the decision kept as ``self.latent_cache``.
     """
 
     def __init__(self, bundle: DiffusionBundle, args: DiffusionConfig | None = None, *,
                  method: str | Method | type[Method] = "diffusion-dpo", method_args: Mapping[str, Any] | None = None,
                  reference_mode: str = "auto", ref_model=None, train_dataset=None, eval_dataset=None,
-                 encode_prompts=None, resolution: int | None = None, data_collator=None, **kwargs):  # fmt: skip
+                 encode_prompts=None, resolution: int | None = None, data_collator=None,
+                 latent_cache: str | bool = "auto", latent_budget: int = DEFAULT_LATENT_BUDGET, **kwargs):  # fmt: skip
         self.method = resolve_method(method, method_args)
         if self.method.trainer != "diffusion":
             raise TrlPlusError(f"method {self.method.name!r} runs on a {self.method.trainer!r} trainer, not on "
@@ -104,14 +125,19 @@ class DiffusionTrainer(GuardMixin, Trainer):
             logit_std=args.logit_std, mode_scale=args.mode_scale, weighting=args.weighting, snr_gamma=args.snr_gamma,
             share_timestep=scoring.share_timestep if args.share_timestep is None else args.share_timestep,
             share_noise=scoring.share_noise if args.share_noise is None else args.share_noise,
+            timestep_range=args.timestep_range,
         )  # fmt: skip
         if self.scorer.target not in scoring.targets:
             raise TrlPlusError(f"method {self.method.name!r} trains {' / '.join(scoring.targets)} targets, but the "
                                f"scheduler ({type(bundle.scheduler).__name__}) predicts {self.scorer.target}")
         self.resolution = resolution
+        self.flip = args.flip
         self._prompts: dict[str, int] = {"": 0}  # the empty prompt first: caption dropout
-        train_examples = self.prepare_examples(train_dataset)
-        eval_examples = self.prepare_examples(eval_dataset)
+        self._images: list[str] = []  # the image files of examples encoded on the fly (x0 {"image_id": [K]})
+        train_rows, eval_rows = _as_rows(train_dataset), _as_rows(eval_dataset)
+        self.latent_cache = self.plan_latents([*(train_rows or ()), *(eval_rows or ())], latent_cache, latent_budget)
+        train_examples = self.prepare_examples(train_rows)
+        eval_examples = self.prepare_examples(eval_rows)
         self.text_cache = self.encode_text(list(self._prompts), encode_prompts)
         self.release_text_encoders()
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
@@ -139,22 +165,40 @@ class DiffusionTrainer(GuardMixin, Trainer):
         bundle = load_diffusion(recipe.model, resolve_model_path(recipe.model.name_or_path))
         if bundle.quantization:
             logger.warning(f"model.quantization: 4-bit denoiser through the {bundle.quantization} path")
+        cache = recipe.model.cache
+        latents = {} if cache is None else {"latent_cache": cache.latents, "latent_budget": int(cache.latents_budget)}
         return cls(bundle, args, method=method, reference_mode=recipe.reference.mode, train_dataset=train_dataset,
                    eval_dataset=eval_dataset, resolution=recipe.model.resolution, callbacks=callbacks,
-                   nan=recipe.training.get("nan", "stop"))  # fmt: skip
+                   nan=recipe.training.get("nan", "stop"), **latents)  # fmt: skip
 
     # -- data -------------------------------------------------------------------------------------------------
     def prompt_id(self, prompt: str) -> int:
         """The row of ``prompt`` in the text cache (registered on first sight)."""
         return self._prompts.setdefault(prompt, len(self._prompts))
 
+    def plan_latents(self, rows: list[dict], setting: str | bool, budget: int) -> dict[str, Any]:
+        """Where the latents of ``rows`` (train and eval) live: in memory or re-encoded every batch
+        (:func:`~trl_plus.diffusion.latents.plan_latent_cache`; ``auto`` measures one image's encoding), logged."""
+        pending = [row for row in rows if "x0" not in row]
+        images = sum(len(self.method.images(row)) for row in pending)
+        measured = None
+        if setting == "auto" and images:
+            measured = tensor_bytes(self.encode_images(self.method.images(pending[0])[:1]))
+        plan = plan_latent_cache(setting, images, measured, budget)
+        if images:
+            (logger.info if plan["mode"] == MEMORY else logger.warning)(plan["message"])
+        return plan
+
     def prepare_examples(self, rows) -> list[dict] | None:
-        """Rows -> examples ``{"x0": [K, ...] | {"mean", "std"}, "prompt_id", fields...}``: images loaded once
-        (resized to ``resolution``) and encoded by the VAE into its latent distribution, scaled (and shifted)
-        as the pipeline's latents; without a VAE the pixels are the latents."""
+        """Rows -> examples ``{"x0": [K, ...] | {"mean", "std"(, "flip_mean", "flip_std")} | {"image_id": [K]},
+        "prompt_id", fields...}``: images loaded once (resized to ``resolution``) and encoded by the VAE into its
+        latent distribution, scaled (and shifted) as the pipeline's latents — or, when ``self.latent_cache`` says
+        on-the-fly, only indexed (:meth:`clean_latents` encodes them each batch); without a VAE the pixels are the
+        latents."""
         if rows is None:
             return None
-        rows = rows.to_list() if hasattr(rows, "to_list") else list(rows)
+        rows = _as_rows(rows)
+        in_memory = self.latent_cache["mode"] == MEMORY
         segments = self.method.scoring.segments
         fields = (*self.method.batch_fields, "label", *((segments,) if segments else ()))
         examples = []
@@ -163,25 +207,52 @@ class DiffusionTrainer(GuardMixin, Trainer):
             for key, text in self.method.extra_prompts(row).items():  # further prompts the loss conditions on
                 example[key] = self.prompt_id(text)
             example.update({name: row[name] for name in fields if name in row})
-            example["x0"] = row["x0"] if "x0" in row else self.encode_images(self.method.images(row))
+            if "x0" in row:
+                example["x0"] = row["x0"]
+            elif in_memory or all(is_latent_file(p) for p in self.method.images(row)):  # ready latents: as they are
+                example["x0"] = self.encode_images(self.method.images(row))
+            else:
+                example["x0"] = {IMAGE_ID: self.image_ids(self.method.images(row))}
             examples.append(example)
         return examples
 
+    def image_ids(self, paths: list[str]) -> torch.Tensor:
+        """``[K]`` the indices of ``paths`` in the trainer's list of images encoded on the fly (appended)."""
+        start = len(self._images)
+        self._images.extend(paths)
+        return torch.arange(start, start + len(paths))
+
+    def load_pixels(self, paths: list[str]) -> torch.Tensor:
+        """``[K, C, H, W]`` images in [-1, 1], resized and center-cropped to ``resolution`` (RGB for a VAE, else the
+        denoiser's channels)."""
+        channels = 3 if self.bundle.vae is not None else self.bundle.denoiser.config.in_channels
+        return torch.stack([load_image(p, self.resolution, channels) for p in paths])
+
     @torch.no_grad()
-    def encode_images(self, paths: list[str]):
-        """The K images of one example as latents: ``{"mean", "std"}`` ``[K, c, h, w]`` of the VAE's latent
-        distribution (scaled: (z − shift)·scale), or pixels ``[K, C, H, W]`` in [-1, 1] without a VAE; latent files
-        (:func:`~trl_plus.diffusion.data.load_latent`) are stacked as they are."""
-        if paths and all(is_latent_file(p) for p in paths):  # ready latents ([C, h, w] / videos [C, F, h, w])
-            return torch.stack([load_latent(p) for p in paths])
+    def encode_pixels(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{"mean", "std"}`` ``[N, c, h, w]`` (fp32, CPU) of the VAE's latent distribution of ``pixels``, scaled
+        (and shifted) as the pipeline's latents: (z − shift)·scale."""
         vae = self.bundle.vae
-        channels = 3 if vae is not None else self.bundle.denoiser.config.in_channels
-        pixels = torch.stack([load_image(p, self.resolution, channels) for p in paths])
-        if vae is None:
-            return pixels
         dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
         scale, shift = vae.config.scaling_factor, vae.config.get("shift_factor") or 0.0
         return {"mean": ((dist.mean - shift) * scale).float().cpu(), "std": (dist.std * scale).float().cpu()}
+
+    def encode_images(self, paths: list[str]):
+        """The K images of one example as latents: ``{"mean", "std"}`` ``[K, c, h, w]`` of the VAE's latent
+        distribution (:meth:`encode_pixels`) and, with ``training.flip`` on, ``flip_mean`` / ``flip_std`` of the
+        mirrored images (a flipped latent is not the encoding of the flipped image); pixels ``[K, C, H, W]`` in
+        [-1, 1] without a VAE (flipped exactly at each step); latent files
+        (:func:`~trl_plus.diffusion.data.load_latent`) are stacked as they are."""
+        if paths and all(is_latent_file(p) for p in paths):  # ready latents ([C, h, w] / videos [C, F, h, w])
+            return torch.stack([load_latent(p) for p in paths])
+        pixels = self.load_pixels(paths)
+        if self.bundle.vae is None:
+            return pixels
+        latents = self.encode_pixels(pixels)
+        if self.flip != "none":
+            flipped = self.encode_pixels(pixels.flip(-1))
+            latents.update(flip_mean=flipped["mean"], flip_std=flipped["std"])
+        return latents
 
     @torch.no_grad()
     def encode_text(self, prompts: list[str], encode_prompts=None) -> dict[str, torch.Tensor]:
@@ -230,10 +301,29 @@ class DiffusionTrainer(GuardMixin, Trainer):
 
     # -- the step ---------------------------------------------------------------------------------------------
     def clean_latents(self, inputs: Mapping[str, Any], generator=None) -> torch.Tensor:
-        """``[K*B, ...]`` the batch's clean latents x0 (a cached VAE latent distribution sampled with ``generator``)."""
-        if X0 in inputs:
-            return inputs[X0]
-        mean, std = inputs[f"{X0}_mean"], inputs[f"{X0}_std"]
+        """``[K*B, ...]`` the batch's clean latents x0: a VAE latent distribution — cached, or encoded now from the
+        image files — sampled with ``generator``; in training with ``training.flip`` on, the flipped images'
+        (:func:`~trl_plus.diffusion.latents.draw_flips` draws first, with the same generator)."""
+        flips = None
+        if self.flip != "none" and self.model.training:
+            flips = draw_flips(inputs[GROUP], inputs[PROMPT_IDS].size(0), self.flip, generator)
+        if X0 in inputs:  # pixels or ready latents: flipped as tensors
+            return flip_rows(inputs[X0], flips)
+        if f"{X0}_{IMAGE_ID}" in inputs:
+            ids = inputs[f"{X0}_{IMAGE_ID}"]
+            pixels = flip_rows(self.load_pixels([self._images[i] for i in ids.tolist()]), flips)
+            if self.bundle.vae is None:
+                return pixels.to(ids.device)
+            dist = {key: value.to(ids.device) for key, value in self.encode_pixels(pixels).items()}
+            mean, std = dist["mean"], dist["std"]
+        else:
+            mean, std = inputs[f"{X0}_mean"], inputs[f"{X0}_std"]
+            if flips is not None and f"{X0}_flip_mean" in inputs:  # the cached encodings of the flipped images
+                where = flips.to(mean.device).view(-1, *([1] * (mean.dim() - 1)))
+                mean = torch.where(where, inputs[f"{X0}_flip_mean"], mean)
+                std = torch.where(where, inputs[f"{X0}_flip_std"], std)
+            elif flips is not None:  # ready latent distributions without flipped encodings
+                mean, std = flip_rows(mean, flips), flip_rows(std, flips)
         noise = torch.randn(mean.shape, generator=generator, dtype=torch.float32).to(mean.device, mean.dtype)
         return mean + std * noise
 
@@ -286,6 +376,11 @@ class DiffusionTrainer(GuardMixin, Trainer):
             yield unwrapped
         finally:
             unwrapped.enable_adapters()
+
+    def _prepare_inputs(self, inputs):
+        """transformers' device placement, then every example repeated ``training.draws`` times (each copy its own
+        (t, ε) and its own term of the loss: :func:`~trl_plus.diffusion.latents.repeat_draws`)."""
+        return repeat_draws(super()._prepare_inputs(inputs), self.args.draws)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The method's loss on the scorer's ℓ ``[K, B, 1]`` (metrics logged with the text trainer's names)."""
@@ -366,3 +461,10 @@ class DiffusionTrainer(GuardMixin, Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
         """Resume: the weights :meth:`_save` wrote (optimizer, scheduler and RNG states are transformers')."""
         load_denoiser_weights(self.accelerator.unwrap_model(model or self.model), resume_from_checkpoint)
+
+
+def _as_rows(rows) -> list[dict] | None:
+    """A ``datasets.Dataset`` or an iterable of dicts as a list of dicts (``None`` stays ``None``)."""
+    if rows is None:
+        return None
+    return rows.to_list() if hasattr(rows, "to_list") else list(rows)

@@ -479,10 +479,13 @@ def check_model_kind(recipe: Recipe, method) -> None:
 def check_diffusion_model(recipe: Recipe, method, training: dict[str, Any]) -> None:
     """A diffusion recipe's pipeline, read from its JSON files only (an alias is built first; a hub name is left to
     the loader): the folder is a pipeline, the denoiser class is one trl-plus drives, and the scheduler's
-    prediction target is one the method can train (and ``training.weighting`` can weight)."""
+    prediction target is one the method can train (and ``training.weighting`` can weight); the scorer's options of
+    ``training`` (:func:`~trl_plus.diffusion.scorer.check_scoring_options`) for any pipeline, a hub name's too."""
     from ..diffusion.models import check_denoiser_class, pipeline_facts
+    from ..diffusion.scorer import check_scoring_options, check_weighting
     from ..models.load import resolve_model_path
 
+    check_scoring_options(training, lambda key: locate(recipe, key))
     spec = recipe.model
     path = spec.name_or_path
     if path not in get_registry().aliases and not looks_local(path):
@@ -502,9 +505,10 @@ def check_diffusion_model(recipe: Recipe, method, training: dict[str, Any]) -> N
         raise TrlPlusError(f"{locate(recipe, 'model.scheduler')}: the scheduler of {path} ({facts.scheduler_class}) "
                            f"predicts {facts.prediction_type}, which method {method.name!r} cannot train (it takes "
                            f"{' / '.join(targets)} targets)")  # fmt: skip
-    if facts.prediction_type == "flow" and training.get("weighting") in ("snr", "min_snr"):
-        raise TrlPlusError(f"{locate(recipe, 'training.weighting')}: {training['weighting']} weights by a DDPM noise "
-                           f"schedule; the flow-matching scheduler of {path} has none (use half or unit)")
+    try:
+        check_weighting(training.get("weighting", "half"), facts.prediction_type, locate(recipe, "training.weighting"))
+    except TrlPlusError as exc:
+        raise TrlPlusError(f"{exc} (the scheduler of {path})") from None
 
 
 def check_policy_adapters(recipe: Recipe, method) -> None:

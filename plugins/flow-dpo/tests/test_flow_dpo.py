@@ -54,3 +54,18 @@ def test_step_one_is_log2_and_equals_diffusion_dpo_on_the_same_draws(tmp_path):
         runs[name] = [log["loss"] for log in training_logs(trainer)]
     assert runs["flow-dpo"][0] == pytest.approx(math.log(2), abs=1e-7)
     assert runs["flow-dpo"] == runs["diffusion-dpo"] and runs["flow-dpo"][-1] != pytest.approx(math.log(2))
+
+
+def test_elbo_schedule_equals_the_core_flow_elbo_weighting_on_the_same_draws(tmp_path):
+    """β·(1 − t)² in the loss is the core's ``training.weighting: flow_elbo`` (ℓ = −½(1 − σ)²·e) under a constant β:
+    t is shared by the pair, so the factor moves out of the margin."""
+    from trl_plus.testing import diffusion_batch, diffusion_loss, perturb
+
+    losses = []
+    for method_args, training in (({"beta": 500, "beta_schedule": "elbo"}, {}),
+                                  ({"beta": 500}, {"weighting": "flow_elbo"})):  # fmt: skip
+        trainer = tiny_diffusion_trainer("flow-dpo", tmp_path / str(len(losses)), target="flow",
+                                         method_args=method_args, training=training)  # fmt: skip
+        perturb(trainer.model, scale=0.01)  # policy ≠ the frozen reference
+        losses.append(diffusion_loss(trainer, diffusion_batch(trainer), seed=3).loss.item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6) and losses[0] != pytest.approx(math.log(2), abs=1e-3)
