@@ -179,7 +179,8 @@ class DiffusionTrainer(GuardMixin, Trainer):
 
     @torch.no_grad()
     def encode_text(self, prompts: list[str], encode_prompts=None) -> dict[str, torch.Tensor]:
-        """The text cache: each unique prompt encoded once (``text`` ``[P, L, H]``, SD3 ``pooled`` ``[P, D]``)."""
+        """The text cache: each unique prompt encoded once (``text`` ``[P, L, H]``, SD3 and Flux ``pooled`` ``[P, D]``;
+        Flux: the tokens from T5, the pooled text from CLIP, as ``FluxPipeline.encode_prompt``)."""
         if encode_prompts is None:
             encode_prompts = self._pipeline_encoder()
         cache = {}
@@ -204,7 +205,14 @@ class DiffusionTrainer(GuardMixin, Trainer):
         if pipeline is None:
             raise TrlPlusError("a DiffusionBundle without a pipeline needs encode_prompts (prompts -> embeddings)")
         device = next(pipeline.text_encoder.parameters()).device
-        if denoiser_kind(self.bundle.denoiser) == "sd3":
+        kind = denoiser_kind(self.bundle.denoiser)
+        if kind == "flux":  # the tokens from T5 (tokenizer_2's length), the pooled text from CLIP
+            positions = pipeline.tokenizer_2.model_max_length
+
+            def encode(prompts):
+                text, pooled, _ = pipeline.encode_prompt(prompts, None, device=device, max_sequence_length=positions)
+                return {"text": text, "pooled": pooled}
+        elif kind == "sd3":
             positions = pipeline.tokenizer.model_max_length
 
             def encode(prompts):
