@@ -34,6 +34,8 @@ ATTENTION_PROJECTIONS = ["to_q", "to_k", "to_v", "to_out.0"]
 #: Flow-matching schedulers (target: the flow velocity ε − x0).
 FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
 LORA_FILE = "pytorch_lora_weights.safetensors"
+#: The parameters a method added to the denoiser (``DiffusionMethod.prepare_denoiser``), by their parameter names.
+METHOD_WEIGHTS_FILE = "method_weights.safetensors"
 #: Pipelines whose denoiser class is supported but whose conditioning trl-plus does not build yet.
 UNSUPPORTED_PIPELINES = {
     "StableDiffusionXLPipeline": "its UNet needs pooled text embeddings and time_ids (added_cond_kwargs), which "
@@ -316,3 +318,30 @@ def load_denoiser_weights(denoiser, folder: str | Path) -> None:
     for file in weights:
         state.update(load_file(str(file)))
     denoiser.load_state_dict(state)
+
+
+def save_added_parameters(denoiser, names: list[str], output_dir: str | Path) -> None:
+    """The parameters ``names`` of ``denoiser`` (a method's added modules) as ``method_weights.safetensors``."""
+    from safetensors.torch import save_file
+
+    parameters = dict(denoiser.named_parameters())
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    save_file({name: parameters[name].detach().cpu().contiguous() for name in names},
+              str(Path(output_dir) / METHOD_WEIGHTS_FILE))  # fmt: skip
+
+
+def load_added_parameters(denoiser, names: list[str], folder: str | Path) -> None:
+    """Load what :func:`save_added_parameters` wrote into ``denoiser``; one line when the file lacks a parameter."""
+    import torch
+    from safetensors.torch import load_file
+
+    path = Path(folder) / METHOD_WEIGHTS_FILE
+    state = load_file(str(path)) if path.is_file() else {}
+    missing = [name for name in names if name not in state]
+    if missing:
+        raise TrlPlusError(f"{path}: lacks the method's parameters {', '.join(missing[:3])}"
+                           f"{' ...' if len(missing) > 3 else ''} (a checkpoint of another method or setup?)")
+    parameters = dict(denoiser.named_parameters())
+    with torch.no_grad():
+        for name in names:
+            parameters[name].copy_(state[name])

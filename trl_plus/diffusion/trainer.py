@@ -6,6 +6,11 @@ distribution is sampled at every step, as the official scripts do); the scorer d
 example when the method says so — and scores the policy (with grad) and the reference (adapter off, a frozen
 copy, or none) on the same x_t; ``method.loss(LossContext)`` receives ℓ ``[K, B, 1]``. Text embeddings are computed
 once per unique prompt (the empty prompt, for caption dropout, included) and the text encoders are then freed.
+
+A method may add trainable modules of its own to the denoiser and condition it on batch fields beyond the prompt
+(``DiffusionMethod.prepare_denoiser`` / ``additions_off`` / ``extra_conditioning``): the added parameters train (the
+base frozen or under LoRA), are saved as ``method_weights.safetensors`` and resumed, and the ``adapter`` reference is
+the denoiser with them (and its LoRA) switched off.
 """
 
 from __future__ import annotations
@@ -33,7 +38,9 @@ from .models import (
     DiffusionBundle,
     denoiser_kind,
     has_lora,
+    load_added_parameters,
     load_denoiser_weights,
+    save_added_parameters,
     save_denoiser,
 )
 from .scorer import DenoisingScorer, ScoreOutput
@@ -89,13 +96,6 @@ class DiffusionTrainer(GuardMixin, Trainer):
             args = DiffusionConfig(f"runs/{self.method.name}", report_to="none", use_cpu=not torch.cuda.is_available())
         self.bundle = bundle
         denoiser = bundle.denoiser
-        self.reference_mode = resolve_reference_mode(self.method, reference_mode, has_lora(denoiser),
-                                                     has_ref_model=ref_model is not None)  # fmt: skip
-        if self.reference_mode == "none" and ref_model is not None:
-            raise TrlPlusError(f"method {self.method.name!r} runs without a reference; do not pass ref_model")
-        if self.reference_mode == "model" and ref_model is None:
-            ref_model = copy.deepcopy(denoiser).eval().requires_grad_(False)  # the initial policy, frozen
-        self.ref_model = ref_model
         scoring = self.method.scoring
         self.scorer = DenoisingScorer(
             bundle.scheduler, timestep_sampling=args.timestep_sampling, logit_mean=args.logit_mean,
@@ -110,6 +110,15 @@ class DiffusionTrainer(GuardMixin, Trainer):
         self._prompts: dict[str, int] = {"": 0}  # the empty prompt first: caption dropout
         train_examples = self.prepare_examples(train_dataset)
         eval_examples = self.prepare_examples(eval_dataset)
+        self.added_parameters = self.add_method_modules(denoiser, train_examples)
+        self.reference_mode = resolve_reference_mode(self.method, reference_mode,
+                                                     has_lora(denoiser) or bool(self.added_parameters),
+                                                     has_ref_model=ref_model is not None)  # fmt: skip
+        if self.reference_mode == "none" and ref_model is not None:
+            raise TrlPlusError(f"method {self.method.name!r} runs without a reference; do not pass ref_model")
+        if self.reference_mode == "model" and ref_model is None:
+            ref_model = copy.deepcopy(denoiser).eval().requires_grad_(False)  # the initial policy, frozen
+        self.ref_model = ref_model
         self.text_cache = self.encode_text(list(self._prompts), encode_prompts)
         self.release_text_encoders()
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
@@ -140,6 +149,21 @@ class DiffusionTrainer(GuardMixin, Trainer):
         return cls(bundle, args, method=method, reference_mode=recipe.reference.mode, train_dataset=train_dataset,
                    eval_dataset=eval_dataset, resolution=recipe.model.resolution, callbacks=callbacks,
                    nan=recipe.training.get("nan", "stop"))  # fmt: skip
+
+    def add_method_modules(self, denoiser, examples) -> list[str]:
+        """The method's own modules on the denoiser (``DiffusionMethod.prepare_denoiser``): the names of the added
+        parameters, trained in fp32; refused when the base would train in full beside them (it would not be saved)."""
+        names = list(self.method.prepare_denoiser(denoiser, examples or []))
+        if not names:
+            return names
+        parameters = dict(denoiser.named_parameters())
+        for name in names:
+            parameters[name].data = parameters[name].data.float()
+            parameters[name].requires_grad_(True)
+        if not has_lora(denoiser) and any(p.requires_grad for n, p in parameters.items() if n not in names):
+            raise TrlPlusError(f"method {self.method.name!r} adds its own modules to the denoiser and trains only them "
+                               "(or them and a LoRA): its prepare_denoiser must freeze the base")  # fmt: skip
+        return names
 
     # -- data -------------------------------------------------------------------------------------------------
     def prompt_id(self, prompt: str) -> int:
@@ -255,7 +279,8 @@ class DiffusionTrainer(GuardMixin, Trainer):
             drop = torch.rand(prompt_ids.shape, generator=generator) < dropout
             prompt_ids = torch.where(drop.to(prompt_ids.device), torch.zeros_like(prompt_ids), prompt_ids)
         dtype = self.denoiser_dtype(model)
-        cond = self.conditioning(prompt_ids, group, dtype, x0.device)
+        cond = self.method.extra_conditioning(self, inputs, self.conditioning(prompt_ids, group, dtype, x0.device),
+                                              generator)  # fmt: skip
         reference = None if self.reference_mode == "none" else self.reference_errors
         return self.scorer.score(model, x0.to(dtype), group, prompt_ids.size(0), cond, reference, generator)
 
@@ -267,19 +292,23 @@ class DiffusionTrainer(GuardMixin, Trainer):
 
     @contextlib.contextmanager
     def reference_denoiser(self):
-        """The reference as a denoiser, for the ``with`` block: the frozen copy, or the policy with its adapter
-        switched off (switched back on afterwards). Call it under ``torch.no_grad()``."""
+        """The reference as a denoiser, for the ``with`` block: the frozen copy, or the policy with its adapter and
+        the method's added modules switched off (switched back on afterwards). Call it under ``torch.no_grad()``."""
         if self.reference_mode == "none":
             raise TrlPlusError(f"method {self.method.name!r} runs without a reference")
         if self.ref_model is not None:
             yield self.ref_model
             return
         unwrapped = self.accelerator.unwrap_model(self.model)
-        unwrapped.disable_adapters()
+        lora = has_lora(unwrapped)
+        if lora:
+            unwrapped.disable_adapters()
         try:
-            yield unwrapped
+            with self.method.additions_off(unwrapped):
+                yield unwrapped
         finally:
-            unwrapped.enable_adapters()
+            if lora:
+                unwrapped.enable_adapters()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The method's loss on the scorer's ℓ ``[K, B, 1]`` (metrics logged with the text trainer's names)."""
@@ -343,9 +372,17 @@ class DiffusionTrainer(GuardMixin, Trainer):
 
         output_dir = output_dir or self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
-        save_denoiser(self.accelerator.unwrap_model(self.model), output_dir)
+        denoiser = self.accelerator.unwrap_model(self.model)
+        if has_lora(denoiser) or not self.added_parameters:  # a method's modules on a frozen base: them alone
+            save_denoiser(denoiser, output_dir)
+        if self.added_parameters:
+            save_added_parameters(denoiser, self.added_parameters, output_dir)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
         """Resume: the weights :meth:`_save` wrote (optimizer, scheduler and RNG states are transformers')."""
-        load_denoiser_weights(self.accelerator.unwrap_model(model or self.model), resume_from_checkpoint)
+        denoiser = self.accelerator.unwrap_model(model or self.model)
+        if has_lora(denoiser) or not self.added_parameters:
+            load_denoiser_weights(denoiser, resume_from_checkpoint)
+        if self.added_parameters:
+            load_added_parameters(denoiser, self.added_parameters, resume_from_checkpoint)
