@@ -132,7 +132,7 @@ def test_two_users_with_opposite_preferences_learn_opposite_margins(tmp_path, on
     rows = [dict(row, user_embedding=users[0]) for row in pairs]
     rows += [dict(row, user_embedding=users[1], x0=row["x0"].flip(0)) for row in pairs]  # user 2: B chosen
     evaluation = [dict(row, user_embedding=u) for u in users for row in pairs]  # A first for both users
-    trainer = tiny_diffusion_trainer("ppd", tmp_path, rows=rows, batch_size=8, max_steps=30, learning_rate=3e-3,
+    trainer = tiny_diffusion_trainer("ppd", tmp_path, rows=rows, batch_size=8, max_steps=30, learning_rate=3e-2,
                                      method_args={"beta": 500.0})  # fmt: skip
 
     def margins():
@@ -147,12 +147,12 @@ def test_two_users_with_opposite_preferences_learn_opposite_margins(tmp_path, on
                 reward = (score.logps - score.ref_logps).view(2, 8)
                 total += (reward[0] - reward[1]) / 8
         trainer.model.train()
-        return total[:4].mean().item(), total[4:].mean().item()
+        return total[:4], total[4:]
 
-    assert margins() == (0.0, 0.0)
+    assert all(bool((m == 0).all()) for m in margins())
     trainer.train()
-    first, second = margins()
-    assert first > 0 > second, (first, second)
+    first, second = margins()  # measured: means 7.8e-4 and −2.2e-4 (ℓ units), per pair user 1 − user 2 ≥ 1.8e-4
+    assert first.mean() > 0 > second.mean() and bool((first > second).all()), (first, second)
 
 
 @pytest.mark.parametrize("bad, expected", [
