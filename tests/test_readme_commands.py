@@ -53,7 +53,7 @@ def trl_plus_args(command: str) -> list[str] | None:
 
 def is_tiny(args: list[str]) -> bool:
     parsed = build_parser().parse_args(args)
-    return load_recipe(parsed.recipe, parsed.set).model.name_or_path in ("tiny-llama", "tiny-sd", "tiny-sd3")
+    return load_recipe(parsed.recipe, parsed.set).model.name_or_path in ("tiny-llama", "tiny-sd", "tiny-sd3", "tiny-flux", "tiny-wan")
 
 
 def stand_in_data(args: list[str], readme: Path) -> list[str]:

@@ -135,8 +135,8 @@ class ModelSpec(_Block):
     ``gguf_file`` loads a GGUF file (a name inside ``name_or_path``, or a path to the file): it is dequantised once
     into a plain trainable checkpoint, cached by the file's hash (``$TRL_PLUS_CACHE/gguf``) and reused.
 
-    ``kind: diffusion`` makes it a diffusers pipeline folder (or alias: ``tiny-sd``, ``tiny-sd3``) whose
-    ``denoiser`` (subfolder: ``unet`` / ``transformer``, read from ``model_index.json`` by default) trains;
+    ``kind: diffusion`` makes it a diffusers pipeline folder (or alias: ``tiny-sd``, ``tiny-sd3``, ``tiny-flux``)
+    whose ``denoiser`` (subfolder: ``unet`` / ``transformer``, read from ``model_index.json`` by default) trains;
     ``dtype``, ``quantization`` and ``lora`` are the denoiser's; ``resolution`` resizes and center-crops images.
     """
 

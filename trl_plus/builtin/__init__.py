@@ -53,12 +53,13 @@ class BuiltinPlugin:
     def register_model_aliases(self, register):
         """The core's model aliases: ``tiny-llama`` (offline, for tests), ``smollm2-135m-instruct`` (a real
         pretrained model from PyPI, for the quickstart and benchmarks) and the tiny offline diffusion pipelines
-        ``tiny-sd``, ``tiny-sd3``, ``tiny-wan`` and ``tiny-digits`` (the real-image quickstart's untrained pixel-space
-        UNet)."""
+        ``tiny-sd``, ``tiny-sd3``, ``tiny-flux``, ``tiny-wan`` and ``tiny-digits`` (the real-image quickstart's
+        untrained pixel-space UNet)."""
         from .aliases import (
             SMOLLM2_PIP,
             smollm2_alias,
             tiny_digits_alias,
+            tiny_flux_alias,
             tiny_llama_alias,
             tiny_sd3_alias,
             tiny_sd_alias,
@@ -78,6 +79,8 @@ class BuiltinPlugin:
                                        "offline; needs trl-plus[diffusion]", tiny_sd_alias))  # fmt: skip
         register(ModelAlias("tiny-sd3", "random SD3-shaped pipeline (1-layer transformer, flow matching; 16x16), "
                                         "offline; needs trl-plus[diffusion]", tiny_sd3_alias))  # fmt: skip
+        register(ModelAlias("tiny-flux", "random Flux-shaped pipeline (1+1-block transformer, CLIP + T5, flow "
+                                         "matching; 16x16), offline; needs trl-plus[diffusion]", tiny_flux_alias))  # fmt: skip
         register(ModelAlias("tiny-digits", "untrained pixel-space UNet for 8x8 grey digits (no VAE, random CLIP), "
                                            "the real-image quickstart's; needs trl-plus[diffusion]",
                             tiny_digits_alias))  # fmt: skip

@@ -67,3 +67,12 @@ def tiny_wan_alias(cache_dir: Path) -> str:
 
     require_diffusers("model alias 'tiny-wan'")
     return build_once(Path(cache_dir) / "models" / "tiny-wan-v1", save_tiny_wan, marker="model_index.json")
+
+
+def tiny_flux_alias(cache_dir: Path) -> str:
+    """Build (once) and return the ``tiny-flux`` pipeline folder (seed 0; see :mod:`trl_plus.diffusion.tiny`)."""
+    from ..diffusion.method import require_diffusers
+    from ..diffusion.tiny import save_tiny_flux
+
+    require_diffusers("model alias 'tiny-flux'")
+    return build_once(Path(cache_dir) / "models" / "tiny-flux-v1", save_tiny_flux, marker="model_index.json")

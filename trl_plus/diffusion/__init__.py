@@ -7,10 +7,11 @@ default, so the unchanged ``dpo`` loss with the official β (5000) is the offici
 
 - :mod:`.method` (light, no torch): :class:`DiffusionMethod`, :class:`Scoring`, the install line of the extra;
 - :mod:`.data`: image rows (paths checked before any model loads), labels and ties, the latent collator;
-- :mod:`.models`: pipeline folders, ``denoise()`` per denoiser class, LoRA, the CPU NF4 swap, saving LoRA;
+- :mod:`.models`: pipeline folders, ``denoise()`` per denoiser class (UNet, SD3, Flux), LoRA, the CPU NF4 swap,
+  saving LoRA;
 - :mod:`.scorer`: the :class:`~trl_plus.diffusion.scorer.DenoisingScorer` (targets, timesteps, sharing, weights);
 - :mod:`.inversion`: deterministic DDIM inversion (optional ReNoise averaging) and the matching DDIM sampler;
-- :mod:`.tiny`: the offline ``tiny-sd`` / ``tiny-sd3`` / ``tiny-wan`` pipelines;
+- :mod:`.tiny`: the offline ``tiny-sd`` / ``tiny-sd3`` / ``tiny-flux`` / ``tiny-wan`` pipelines;
 - :mod:`.trainer`: ``DiffusionConfig`` and ``DiffusionTrainer`` (``transformers.Trainer``), trainer kind ``diffusion``.
 
 This package's ``__init__`` imports nothing: diffusers and torch load only when a diffusion run needs them.

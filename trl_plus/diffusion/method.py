@@ -3,6 +3,7 @@ trainer kind) and :class:`Scoring` (what its denoising scores share and predict)
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -76,7 +77,10 @@ class DiffusionMethod(Method):
     (a :class:`~trl_plus.diffusion.scorer.ScoreOutput`). ``data_fields`` are image paths relative to the data file.
 
     Hooks beyond :class:`~trl_plus.Method`'s: :meth:`examples` (rows -> the images of each example; K images, index
-    0 the preferred one) and :meth:`prepare_split` (the image checks run before any model loads).
+    0 the preferred one) and :meth:`prepare_split` (the image checks run before any model loads); for a method that
+    conditions the denoiser on more than the prompt through modules of its own (PPD's user branch, an image-prompt
+    adapter): :meth:`prepare_denoiser` (add and size the trainable modules), :meth:`additions_off` (the reference
+    without them) and :meth:`extra_conditioning` (per-row conditioning from batch fields, for ``denoise()``).
     """
 
     trainer: ClassVar[str] = "diffusion"
@@ -116,6 +120,28 @@ class DiffusionMethod(Method):
         trainer holds it (with grad); ``generator``: the draws' generator (``None`` in training, seeded in evaluation).
         The trainer's pieces are public: ``clean_latents``, ``conditioning``, ``scorer``, ``reference_errors``."""
         return None
+
+    def prepare_denoiser(self, denoiser: Any, examples: Any) -> list[str]:
+        """Add the method's own trainable modules to ``denoiser`` and return the names (as ``named_parameters`` gives
+        them) of the parameters it added (default: none). The trainer calls it once, after preparing the training
+        ``examples`` (so the modules can be sized from the data) and before the reference and the optimizer exist.
+        The added parameters train, are saved in every checkpoint and the output as ``method_weights.safetensors``
+        (a LoRA, if any, beside them; a frozen base is not saved) and are loaded on resume; with added parameters
+        the reference mode ``auto`` is ``adapter``: the denoiser inside :meth:`additions_off` (and its LoRA off).
+        A method that adds parameters must leave the base frozen or under LoRA (the trainer refuses otherwise)."""
+        return []
+
+    def additions_off(self, denoiser: Any) -> Any:
+        """A context manager in which ``denoiser`` acts without the modules :meth:`prepare_denoiser` added (the
+        reference of ``adapter`` mode); default: nothing to switch off."""
+        return contextlib.nullcontext()
+
+    def extra_conditioning(self, trainer: Any, inputs: Any, cond: dict[str, Any], generator: Any = None) -> dict:
+        """Per-row conditioning beyond the prompt's, for ``denoise()``: ``cond`` (the text cache's rows, one per image
+        row) extended from the batch ``inputs`` (e.g. ``added``: a UNet's ``added_cond_kwargs`` with IP-Adapter-style
+        ``image_embeds``). The policy and the reference receive the same ``cond``; ``generator``: the draws' generator
+        (``None`` in training). Default: ``cond`` unchanged."""
+        return cond
 
     def batch_collator(self) -> Any:
         """The collator of prepared examples (default: K images per example stacked sequence-major)."""

@@ -1,5 +1,6 @@
 """Diffusion pipelines as trl-plus loads them: a pipeline folder (or alias) -> a :class:`DiffusionBundle`; the
-denoiser adapters of :func:`denoise`; LoRA on the attention projections through diffusers' ``add_adapter``; 4-bit
+denoiser adapters of :func:`denoise` (UNet2DCondition, SD3, Flux: packed 2x2 latent patches as tokens with their
+position ids, σ as the timestep, the guidance embedding of guidance-distilled transformers); LoRA on the attention projections through diffusers' ``add_adapter``; 4-bit
 NF4 (diffusers' ``BitsAndBytesConfig`` on a GPU, :func:`quantize_nf4` on a CPU, where diffusers refuses); the LoRA
 saved in diffusers' format, so ``pipeline.load_lora_weights`` reads it.
 
@@ -23,8 +24,12 @@ logger = logging.getLogger(__name__)
 DENOISERS = {
     "UNet2DConditionModel": "unet",
     "SD3Transformer2DModel": "sd3",
+    "FluxTransformer2DModel": "flux",
     "WanTransformer3DModel": "wan",
 }
+#: The guidance scale a guidance-distilled Flux transformer (``guidance_embeds``) is trained with when the
+#: conditioning names none (diffusers' DreamBooth Flux LoRA example's ``--guidance_scale`` default).
+FLUX_TRAINING_GUIDANCE = 3.5
 #: The LoRA targets of diffusers' training examples (Diffusion-DPO, DreamBooth): the attention projections.
 ATTENTION_PROJECTIONS = ["to_q", "to_k", "to_v", "to_out.0"]
 #: Flow-matching schedulers (target: the flow velocity ε − x0).
@@ -33,6 +38,8 @@ FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteSche
 #: predicts the flow velocity; training draws from a :func:`training_scheduler` instead.
 FLOW_PREDICTION = "flow_prediction"
 LORA_FILE = "pytorch_lora_weights.safetensors"
+#: The parameters a method added to the denoiser (``DiffusionMethod.prepare_denoiser``), by their parameter names.
+METHOD_WEIGHTS_FILE = "method_weights.safetensors"
 #: Pipelines whose denoiser class is supported but whose conditioning trl-plus does not build yet.
 UNSUPPORTED_PIPELINES = {
     "StableDiffusionXLPipeline": "its UNet needs pooled text embeddings and time_ids (added_cond_kwargs), which "
@@ -59,7 +66,8 @@ def pipeline_facts(path: str | Path, denoiser: str | None = None, scheduler: str
     index_file = folder / "model_index.json"
     if not index_file.is_file():
         raise TrlPlusError(f"model.name_or_path: {folder} has no model_index.json, so it is not a diffusers pipeline "
-                           "folder (give the folder pipeline.save_pretrained wrote, or an alias: tiny-sd, tiny-sd3, tiny-wan)")
+                           "folder (give the folder pipeline.save_pretrained wrote, or an alias: tiny-sd, tiny-sd3, "
+                           "tiny-flux, tiny-wan)")  # fmt: skip
     index = json.loads(index_file.read_text())
     names = [n for n in ("unet", "transformer") if isinstance(index.get(n), list) and index[n][0]]
     if denoiser is None:
@@ -102,18 +110,45 @@ def denoiser_kind(model) -> str:
 
 def denoise(model, x_t, timesteps, cond: dict[str, Any]):
     """The denoiser's prediction for ``x_t`` ``[N, C, h, w]`` (Wan: video latents ``[N, C, F, h, w]``) at model
-    ``timesteps`` ``[N]`` under ``cond`` (``text`` ``[N, L, H]``; SD3: ``pooled`` ``[N, D]``; SDXL UNets: ``added`` =
-    ``added_cond_kwargs``), shaped like ``x_t``. UNet2DCondition takes the DDPM index; SD3 and Wan 1000·σ (the
-    flow scheduler's timesteps table: WanPipeline passes ``scheduler.timesteps`` entries, one per video; Wan's
-    text is the UMT5 sequence, no pooled vector)."""
+    ``timesteps`` ``[N]`` under ``cond`` (``text`` ``[N, L, H]``; SD3 and Flux: ``pooled`` ``[N, D]``; UNets: ``added``
+    = ``added_cond_kwargs``, e.g. SDXL's or an IP-Adapter-style branch's ``image_embeds``; Flux: ``guidance`` ``[N]`` or
+    a number), shaped like ``x_t``. UNet2DCondition takes the DDPM index; SD3 and Wan 1000·σ (the flow scheduler's
+    timesteps table: WanPipeline passes ``scheduler.timesteps`` entries, one per video; Wan's text is the UMT5
+    sequence, no pooled vector); Flux σ."""
     kind = denoiser_kind(model)
     if kind == "unet":
         return model(x_t, timesteps, encoder_hidden_states=cond["text"], added_cond_kwargs=cond.get("added"),
                      return_dict=False)[0]  # fmt: skip
+    if kind == "flux":
+        return _denoise_flux(model, x_t, timesteps, cond)
     if kind == "wan":
         return model(hidden_states=x_t, timestep=timesteps, encoder_hidden_states=cond["text"], return_dict=False)[0]
     return model(hidden_states=x_t, timestep=timesteps, encoder_hidden_states=cond["text"],
                  pooled_projections=cond["pooled"], return_dict=False)[0]  # fmt: skip
+
+
+def _denoise_flux(model, x_t, timesteps, cond: dict[str, Any]):
+    """Flux as diffusers' ``FluxPipeline`` and DreamBooth Flux example call it: ``x_t`` packed into 2x2 patches
+    ``[N, h/2·w/2, 4C]`` with their (0, row, column) position ids, text ids all zero, timestep σ = timesteps / 1000,
+    guidance ``cond["guidance"]`` (default :data:`FLUX_TRAINING_GUIDANCE`) when the config has the guidance
+    embedding; the packed prediction is unpacked to ``[N, C, h, w]``."""
+    import torch
+    from diffusers import FluxPipeline
+
+    n, c, h, w = x_t.shape
+    if h % 2 or w % 2:
+        raise TrlPlusError(f"a Flux transformer packs 2x2 latent patches: latents {h}x{w} must have even sides "
+                           "(set model.resolution to a multiple of 2x the VAE's downsampling)")  # fmt: skip
+    packed = FluxPipeline._pack_latents(x_t, n, c, h, w)
+    img_ids = FluxPipeline._prepare_latent_image_ids(n, h // 2, w // 2, x_t.device, x_t.dtype)
+    txt_ids = torch.zeros(cond["text"].shape[1], 3, device=x_t.device, dtype=x_t.dtype)
+    guidance = None
+    if model.config.guidance_embeds:
+        guidance = torch.as_tensor(cond.get("guidance", FLUX_TRAINING_GUIDANCE), dtype=x_t.dtype, device=x_t.device)
+        guidance = guidance.expand(n) if guidance.dim() == 0 else guidance
+    out = model(hidden_states=packed, timestep=timesteps / 1000, guidance=guidance, encoder_hidden_states=cond["text"],
+                pooled_projections=cond["pooled"], txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
+    return FluxPipeline._unpack_latents(out, h, w, 1)
 
 
 @dataclass
@@ -263,12 +298,17 @@ def has_lora(denoiser) -> bool:
 
 
 def _lora_mixin(denoiser):
-    from diffusers.loaders import SD3LoraLoaderMixin, StableDiffusionLoraLoaderMixin, WanLoraLoaderMixin
+    from diffusers.loaders import (
+        FluxLoraLoaderMixin,
+        SD3LoraLoaderMixin,
+        StableDiffusionLoraLoaderMixin,
+        WanLoraLoaderMixin,
+    )
 
     kind = denoiser_kind(denoiser)
     if kind == "unet":
         return StableDiffusionLoraLoaderMixin, "unet"
-    return (WanLoraLoaderMixin if kind == "wan" else SD3LoraLoaderMixin), "transformer"
+    return {"flux": FluxLoraLoaderMixin, "wan": WanLoraLoaderMixin}.get(kind, SD3LoraLoaderMixin), "transformer"
 
 
 def denoiser_subfolder(denoiser) -> str:
@@ -338,3 +378,30 @@ def load_denoiser_weights(denoiser, folder: str | Path) -> None:
     for file in weights:
         state.update(load_file(str(file)))
     denoiser.load_state_dict(state)
+
+
+def save_added_parameters(denoiser, names: list[str], output_dir: str | Path) -> None:
+    """The parameters ``names`` of ``denoiser`` (a method's added modules) as ``method_weights.safetensors``."""
+    from safetensors.torch import save_file
+
+    parameters = dict(denoiser.named_parameters())
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    save_file({name: parameters[name].detach().cpu().contiguous() for name in names},
+              str(Path(output_dir) / METHOD_WEIGHTS_FILE))  # fmt: skip
+
+
+def load_added_parameters(denoiser, names: list[str], folder: str | Path) -> None:
+    """Load what :func:`save_added_parameters` wrote into ``denoiser``; one line when the file lacks a parameter."""
+    import torch
+    from safetensors.torch import load_file
+
+    path = Path(folder) / METHOD_WEIGHTS_FILE
+    state = load_file(str(path)) if path.is_file() else {}
+    missing = [name for name in names if name not in state]
+    if missing:
+        raise TrlPlusError(f"{path}: lacks the method's parameters {', '.join(missing[:3])}"
+                           f"{' ...' if len(missing) > 3 else ''} (a checkpoint of another method or setup?)")
+    parameters = dict(denoiser.named_parameters())
+    with torch.no_grad():
+        for name in names:
+            parameters[name].copy_(state[name])

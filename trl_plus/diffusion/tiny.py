@@ -1,11 +1,14 @@
-"""Tiny offline diffusion pipelines built from configs (seeded): what the ``tiny-sd``, ``tiny-sd3`` and ``tiny-wan``
-model aliases build. 16x16 RGB images, a 2-level VAE (8x8x4 latents), a 2-layer CLIP text encoder (hidden 32, 16 positions) with
-the character tokenizer of ``tiny-llama``; ``tiny-sd``: a (8, 16)-channel UNet2DConditionModel and a 1000-step
-DDPM scheduler (ε-prediction); ``tiny-sd3``: a 1-layer SD3Transformer2DModel, two CLIP encoders (no T5) and a
-flow-matching Euler scheduler (shift 3); ``tiny-wan``: a 1-layer WanTransformer3DModel (19,296 parameters, the
-DenseDPO card's CPU fixture), a 2-level AutoencoderKLWan (4 latent channels; 1 + 4k frames of 16x16 RGB -> 1 + k
-latent frames of 8x8), a 1-layer UMT5 text encoder (hidden 32) with the same character tokenizer and a
-flow-matching Euler scheduler without shift (timestep = 1000·σ)."""
+"""Tiny offline diffusion pipelines built from configs (seeded): what the ``tiny-sd``, ``tiny-sd3``, ``tiny-flux`` and
+``tiny-wan`` model aliases build. 16x16 RGB images, a 2-level VAE (8x8x4 latents), a 2-layer CLIP text encoder (hidden
+32, 16 positions) with the character tokenizer of ``tiny-llama``; ``tiny-sd``: a (8, 16)-channel UNet2DConditionModel
+and a 1000-step DDPM scheduler (ε-prediction); ``tiny-sd3``: a 1-layer SD3Transformer2DModel, two CLIP encoders (no
+T5) and a flow-matching Euler scheduler (shift 3); ``tiny-flux``: a FluxTransformer2DModel with one double- and one
+single-stream block (16 input channels: packed 2x2 patches of the 4-channel latents; no guidance embedding), the CLIP
+encoder for the pooled text and a 1-layer T5 encoder (d_model 32) for the text tokens, both with the character
+tokenizer, and the flow-matching Euler scheduler with FLUX.1's dynamic shifting; ``tiny-wan``: a 1-layer
+WanTransformer3DModel (19,296 parameters, the DenseDPO card's CPU fixture), a 2-level AutoencoderKLWan (4 latent
+channels; 1 + 4k frames of 16x16 RGB -> 1 + k latent frames of 8x8), a 1-layer UMT5 text encoder (hidden 32) with the
+same character tokenizer and a flow-matching Euler scheduler without shift (timestep = 1000·σ)."""
 
 from __future__ import annotations
 
@@ -59,6 +62,31 @@ def tiny_sd3_transformer(in_channels: int = 4, sample_size: int = 8, seed: int =
     return SD3Transformer2DModel(sample_size=sample_size, patch_size=2, in_channels=in_channels, num_layers=1,
                                  attention_head_dim=8, num_attention_heads=2, joint_attention_dim=64,
                                  caption_projection_dim=16, pooled_projection_dim=64, out_channels=in_channels)
+
+
+def tiny_flux_transformer(latent_channels: int = 4, seed: int = 0, guidance_embeds: bool = False):
+    """The ``tiny-flux`` denoiser: FluxTransformer2DModel, 1 double- + 1 single-stream block, 2 heads of 16 (rope axes
+    4/4/8), text 32 (T5) and pooled 32 (CLIP); ``guidance_embeds``: a guidance-distilled variant (FLUX.1-dev)."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(patch_size=1, in_channels=4 * latent_channels, num_layers=1, num_single_layers=1,
+                                  attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                  pooled_projection_dim=32, guidance_embeds=guidance_embeds, axes_dims_rope=(4, 4, 8))
+
+
+def _tiny_t5():
+    from transformers import T5Config, T5EncoderModel
+
+    from ..models.tiny import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    tokenizer.model_max_length = TEXT_POSITIONS
+    config = T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                      decoder_start_token_id=tokenizer.pad_token_id)  # fmt: skip
+    return tokenizer, T5EncoderModel(config)
 
 
 def save_tiny_sd(directory: str | Path, seed: int = 0, prediction_type: str = "epsilon") -> str:
@@ -129,5 +157,25 @@ def save_tiny_wan(directory: str | Path, seed: int = 0) -> str:
     pipeline = WanPipeline(tokenizer=tokenizer, text_encoder=UMT5EncoderModel(config), vae=vae,
                            scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0),
                            transformer=transformer)  # fmt: skip
+    pipeline.save_pretrained(str(directory))
+    return str(directory)
+
+
+def save_tiny_flux(directory: str | Path, seed: int = 0, guidance_embeds: bool = False) -> str:
+    """Write the ``tiny-flux`` pipeline (``FluxPipeline``: CLIP for the pooled text, T5 for the tokens) to
+    ``directory``."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    transformer = tiny_flux_transformer(seed=seed, guidance_embeds=guidance_embeds)
+    torch.manual_seed(seed + 1)
+    vae = _vae(shift_factor=0.1, scaling_factor=1.5)
+    tokenizer, (clip,) = _text_parts(projection=False)
+    tokenizer_2, t5 = _tiny_t5()
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                                base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                                max_image_seq_len=4096)  # fmt: skip
+    pipeline = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=tokenizer, text_encoder_2=t5,
+                            tokenizer_2=tokenizer_2, transformer=transformer)  # fmt: skip
     pipeline.save_pretrained(str(directory))
     return str(directory)

@@ -8,6 +8,11 @@ the scorer draws (t, ε) — shared within an example when the method says so �
 the reference (adapter off, a frozen copy, or none) on the same x_t; ``method.loss(LossContext)`` receives ℓ
 ``[K, B, 1]``. Text embeddings are computed once per unique prompt (the empty prompt, for caption dropout, included)
 and the text encoders are then freed. Latent caching, flips and draws: :mod:`trl_plus.diffusion.latents`.
+
+A method may add trainable modules of its own to the denoiser and condition it on batch fields beyond the prompt
+(``DiffusionMethod.prepare_denoiser`` / ``additions_off`` / ``extra_conditioning``): the added parameters train (the
+base frozen or under LoRA), are saved as ``method_weights.safetensors`` and resumed, and the ``adapter`` reference is
+the denoiser with them (and its LoRA) switched off.
 """
 
 from __future__ import annotations
@@ -47,7 +52,9 @@ from .models import (
     denoiser_kind,
     denoiser_subfolder,
     has_lora,
+    load_added_parameters,
     load_denoiser_weights,
+    save_added_parameters,
     save_denoiser,
 )
 from .scorer import DenoisingScorer, ScoreOutput, check_scoring_options
@@ -112,13 +119,6 @@ class DiffusionTrainer(GuardMixin, Trainer):
             args = DiffusionConfig(f"runs/{self.method.name}", report_to="none", use_cpu=not torch.cuda.is_available())
         self.bundle = bundle
         denoiser = bundle.denoiser
-        self.reference_mode = resolve_reference_mode(self.method, reference_mode, has_lora(denoiser),
-                                                     has_ref_model=ref_model is not None)  # fmt: skip
-        if self.reference_mode == "none" and ref_model is not None:
-            raise TrlPlusError(f"method {self.method.name!r} runs without a reference; do not pass ref_model")
-        if self.reference_mode == "model" and ref_model is None:
-            ref_model = copy.deepcopy(denoiser).eval().requires_grad_(False)  # the initial policy, frozen
-        self.ref_model = ref_model
         scoring = self.method.scoring
         self.scorer = DenoisingScorer(
             bundle.scheduler, timestep_sampling=args.timestep_sampling, logit_mean=args.logit_mean,
@@ -138,6 +138,15 @@ class DiffusionTrainer(GuardMixin, Trainer):
         self.latent_cache = self.plan_latents([*(train_rows or ()), *(eval_rows or ())], latent_cache, latent_budget)
         train_examples = self.prepare_examples(train_rows)
         eval_examples = self.prepare_examples(eval_rows)
+        self.added_parameters = self.add_method_modules(denoiser, train_examples)
+        self.reference_mode = resolve_reference_mode(self.method, reference_mode,
+                                                     has_lora(denoiser) or bool(self.added_parameters),
+                                                     has_ref_model=ref_model is not None)  # fmt: skip
+        if self.reference_mode == "none" and ref_model is not None:
+            raise TrlPlusError(f"method {self.method.name!r} runs without a reference; do not pass ref_model")
+        if self.reference_mode == "model" and ref_model is None:
+            ref_model = copy.deepcopy(denoiser).eval().requires_grad_(False)  # the initial policy, frozen
+        self.ref_model = ref_model
         self.text_cache = self.encode_text(list(self._prompts), encode_prompts)
         self.release_text_encoders()
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
@@ -170,6 +179,21 @@ class DiffusionTrainer(GuardMixin, Trainer):
         return cls(bundle, args, method=method, reference_mode=recipe.reference.mode, train_dataset=train_dataset,
                    eval_dataset=eval_dataset, resolution=recipe.model.resolution, callbacks=callbacks,
                    nan=recipe.training.get("nan", "stop"), **latents)  # fmt: skip
+
+    def add_method_modules(self, denoiser, examples) -> list[str]:
+        """The method's own modules on the denoiser (``DiffusionMethod.prepare_denoiser``): the names of the added
+        parameters, trained in fp32; refused when the base would train in full beside them (it would not be saved)."""
+        names = list(self.method.prepare_denoiser(denoiser, examples or []))
+        if not names:
+            return names
+        parameters = dict(denoiser.named_parameters())
+        for name in names:
+            parameters[name].data = parameters[name].data.float()
+            parameters[name].requires_grad_(True)
+        if not has_lora(denoiser) and any(p.requires_grad for n, p in parameters.items() if n not in names):
+            raise TrlPlusError(f"method {self.method.name!r} adds its own modules to the denoiser and trains only them "
+                               "(or them and a LoRA): its prepare_denoiser must freeze the base")  # fmt: skip
+        return names
 
     # -- data -------------------------------------------------------------------------------------------------
     def prompt_id(self, prompt: str) -> int:
@@ -256,7 +280,8 @@ class DiffusionTrainer(GuardMixin, Trainer):
 
     @torch.no_grad()
     def encode_text(self, prompts: list[str], encode_prompts=None) -> dict[str, torch.Tensor]:
-        """The text cache: each unique prompt encoded once (``text`` ``[P, L, H]``, SD3 ``pooled`` ``[P, D]``)."""
+        """The text cache: each unique prompt encoded once (``text`` ``[P, L, H]``, SD3 and Flux ``pooled`` ``[P, D]``;
+        Flux: the tokens from T5, the pooled text from CLIP, as ``FluxPipeline.encode_prompt``)."""
         if encode_prompts is None:
             encode_prompts = self._pipeline_encoder()
         cache = {}
@@ -281,12 +306,19 @@ class DiffusionTrainer(GuardMixin, Trainer):
         if pipeline is None:
             raise TrlPlusError("a DiffusionBundle without a pipeline needs encode_prompts (prompts -> embeddings)")
         device = next(pipeline.text_encoder.parameters()).device
-        if denoiser_kind(self.bundle.denoiser) == "wan":  # UMT5 hidden states, padded with zeros past each prompt
+        kind = denoiser_kind(self.bundle.denoiser)
+        if kind == "wan":  # UMT5 hidden states, padded with zeros past each prompt
             def encode(prompts):
                 text, _ = pipeline.encode_prompt(prompts, do_classifier_free_guidance=False, device=device,
                                                  max_sequence_length=pipeline.tokenizer.model_max_length)
                 return {"text": text}
-        elif denoiser_kind(self.bundle.denoiser) == "sd3":
+        elif kind == "flux":  # the tokens from T5 (tokenizer_2's length), the pooled text from CLIP
+            positions = pipeline.tokenizer_2.model_max_length
+
+            def encode(prompts):
+                text, pooled, _ = pipeline.encode_prompt(prompts, None, device=device, max_sequence_length=positions)
+                return {"text": text, "pooled": pooled}
+        elif kind == "sd3":
             positions = pipeline.tokenizer.model_max_length
 
             def encode(prompts):
@@ -348,7 +380,8 @@ class DiffusionTrainer(GuardMixin, Trainer):
             drop = torch.rand(prompt_ids.shape, generator=generator) < dropout
             prompt_ids = torch.where(drop.to(prompt_ids.device), torch.zeros_like(prompt_ids), prompt_ids)
         dtype = self.denoiser_dtype(model)
-        cond = self.conditioning(prompt_ids, group, dtype, x0.device)
+        cond = self.method.extra_conditioning(self, inputs, self.conditioning(prompt_ids, group, dtype, x0.device),
+                                              generator)  # fmt: skip
         reference = None if self.reference_mode == "none" else self.reference_errors
         segments = self.method.scoring.segments
         segments = None if segments is None else inputs[segments][group.to(inputs[segments].device)]
@@ -363,19 +396,23 @@ class DiffusionTrainer(GuardMixin, Trainer):
 
     @contextlib.contextmanager
     def reference_denoiser(self):
-        """The reference as a denoiser, for the ``with`` block: the frozen copy, or the policy with its adapter
-        switched off (switched back on afterwards). Call it under ``torch.no_grad()``."""
+        """The reference as a denoiser, for the ``with`` block: the frozen copy, or the policy with its adapter and
+        the method's added modules switched off (switched back on afterwards). Call it under ``torch.no_grad()``."""
         if self.reference_mode == "none":
             raise TrlPlusError(f"method {self.method.name!r} runs without a reference")
         if self.ref_model is not None:
             yield self.ref_model
             return
         unwrapped = self.accelerator.unwrap_model(self.model)
-        unwrapped.disable_adapters()
+        lora = has_lora(unwrapped)
+        if lora:
+            unwrapped.disable_adapters()
         try:
-            yield unwrapped
+            with self.method.additions_off(unwrapped):
+                yield unwrapped
         finally:
-            unwrapped.enable_adapters()
+            if lora:
+                unwrapped.enable_adapters()
 
     def _prepare_inputs(self, inputs):
         """transformers' device placement, then every example repeated ``training.draws`` times (each copy its own
@@ -445,7 +482,11 @@ class DiffusionTrainer(GuardMixin, Trainer):
 
         output_dir = output_dir or self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
-        save_denoiser(self.accelerator.unwrap_model(self.model), output_dir)
+        denoiser = self.accelerator.unwrap_model(self.model)
+        if has_lora(denoiser) or not self.added_parameters:  # a method's modules on a frozen base: them alone
+            save_denoiser(denoiser, output_dir)
+        if self.added_parameters:
+            save_added_parameters(denoiser, self.added_parameters, output_dir)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
@@ -460,7 +501,11 @@ class DiffusionTrainer(GuardMixin, Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
         """Resume: the weights :meth:`_save` wrote (optimizer, scheduler and RNG states are transformers')."""
-        load_denoiser_weights(self.accelerator.unwrap_model(model or self.model), resume_from_checkpoint)
+        denoiser = self.accelerator.unwrap_model(model or self.model)
+        if has_lora(denoiser) or not self.added_parameters:
+            load_denoiser_weights(denoiser, resume_from_checkpoint)
+        if self.added_parameters:
+            load_added_parameters(denoiser, self.added_parameters, resume_from_checkpoint)
 
 
 def _as_rows(rows) -> list[dict] | None:

@@ -469,7 +469,7 @@ def check_model_kind(recipe: Recipe, method) -> None:
     if diffusion_method and recipe.model.kind != "diffusion":
         raise TrlPlusError(f"{locate(recipe, 'model.kind')}: method {method.name!r} trains diffusion models: set "
                            "model.kind: diffusion and model.name_or_path to a diffusers pipeline folder (or an alias: "
-                           "tiny-sd, tiny-sd3)")  # fmt: skip
+                           "tiny-sd, tiny-sd3, tiny-flux)")  # fmt: skip
     if not diffusion_method and recipe.model.kind == "diffusion":
         raise TrlPlusError(f"{locate(recipe, 'method')}: method {method.name!r} trains language models (its trainer "
                            f"is {method.trainer!r}), but model.kind is diffusion: use a diffusion method "
