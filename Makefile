@@ -6,7 +6,7 @@ VENV ?= .venv
 PLUGINS := $(foreach p,$(sort $(wildcard plugins/*/pyproject.toml)),-e $(dir $(p)))
 BIN := $(VENV)/bin
 
-.PHONY: setup quickstart test bench
+.PHONY: setup quickstart quickstart-diffusion test bench
 
 $(BIN)/trl-plus: pyproject.toml $(wildcard plugins/*/pyproject.toml)
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,15 @@ setup: $(BIN)/trl-plus
 
 quickstart: setup
 	$(BIN)/trl-plus train recipes/quickstart.yaml
+
+# The real-image diffusion quickstart: the scikit-learn wheel's digits -> diffusion-sft (the reference) ->
+# diffusion-dpo (more ink preferred) -> the before/after table and a PNG grid of same-seed samples.
+DIGITS := runs/quickstart-diffusion
+quickstart-diffusion: setup
+	$(BIN)/python -m trl_plus.diffusion.digits data $(DIGITS)/data
+	$(BIN)/trl-plus train recipes/quickstart-diffusion-sft.yaml
+	$(BIN)/trl-plus train recipes/quickstart-diffusion.yaml
+	$(BIN)/python -m trl_plus.diffusion.digits report $(DIGITS)/sft $(DIGITS)/dpo $(DIGITS)/data
 
 test: setup
 	$(BIN)/python -m pytest -q -n auto

@@ -229,6 +229,39 @@ def test_train_runs_a_diffusion_recipe_end_to_end(tmp_path):
     assert {"mse/policy", "mse/reference", "rewards/accuracies"} <= set(result.metrics)
 
 
+def test_train_prints_the_held_out_table_and_eval_repeats_it(tmp_path):
+    """A diffusion recipe with data.eval ends with the before/after table (implicit-reward accuracy exactly 0.5
+    before: the same seeded draws for policy and reference), and ``trl-plus eval`` of the run gives the same after
+    figures from the saved LoRA."""
+    from trl_plus import train
+    from trl_plus.run.evaluate import evaluate
+
+    data = write_pairs(tmp_path / "data")
+    recipe = recipe_dict(data, tmp_path / "run", lora={"r": 4, "alpha": 4, "dropout": 0.0})
+    recipe["data"]["eval"] = {"path": data, "label": "label_0"}
+    recipe["training"].update(max_steps=3, learning_rate=3e-2, eval_strategy="no")
+    result = train(recipe)
+    report = result.evaluation
+    assert report.before["reward_accuracy"] == 0.5 and report.before["reward_margin"] == 0.0
+    assert report.after["reward_margin"] != 0.0 and "normalized_likelihood_accuracy" not in report.after
+    table = report.table()
+    assert "images: log-prob = ℓ = −w·ē" in table and "tokens" not in table
+    again = evaluate(tmp_path / "run")
+    for key in ("reward_accuracy", "reward_margin", "logps/chosen", "logps/rejected"):
+        assert again.before[key] == pytest.approx(report.before[key], abs=1e-6)
+        assert again.after[key] == pytest.approx(report.after[key], rel=1e-5, abs=1e-7)
+    from trl_plus.run.compare import compare_runs
+
+    recipe["method_args"] = {"beta": 2500}
+    recipe["training"]["output_dir"] = str(tmp_path / "run-2500")
+    train(recipe)
+    comparison = compare_runs([str(tmp_path / "run"), str(tmp_path / "run-2500")])
+    assert list(comparison.reports) == ["diffusion-dpo β=5000", "diffusion-dpo β=2500"]
+    assert comparison.reports["diffusion-dpo β=5000"].after["reward_margin"] == pytest.approx(report.after["reward_margin"],
+                                                                                       rel=1e-5)  # fmt: skip
+    assert "images: log-prob" in comparison.table()
+
+
 def test_sd3_pipeline_alias_scores_with_the_flow_target(tmp_path):
     from trl_plus.run.train import build_trainer
 

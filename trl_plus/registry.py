@@ -27,6 +27,7 @@ REPOSITORY_PLUGINS = frozenset({
     "selm", "dno", "dpa",  # issue 14: iterated online methods
     "online-dpo", "xpo",  # issue 14: online methods
     "disco", "drpo", "mo-grpo", "rto", "hybrid-offline-online", "oprl", "deep-research-survey",  # issue 15: group-RL methods, phases
+    "densedpo", "ppd",  # issue 21: video latents, a user-conditioned branch
 })  # fmt: skip
 
 

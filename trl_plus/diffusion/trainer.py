@@ -151,6 +151,7 @@ class DiffusionTrainer(GuardMixin, Trainer):
         self.release_text_encoders()
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._eval_generator: torch.Generator | None = None
+        self._policy_only = False  # pair_scores: the scorer skips the reference
         super().__init__(model=denoiser, args=args, data_collator=data_collator or self.method.batch_collator(),
                          train_dataset=train_examples, eval_dataset=eval_examples, **kwargs)  # fmt: skip
         if self.ref_model is not None:
@@ -382,7 +383,7 @@ class DiffusionTrainer(GuardMixin, Trainer):
         dtype = self.denoiser_dtype(model)
         cond = self.method.extra_conditioning(self, inputs, self.conditioning(prompt_ids, group, dtype, x0.device),
                                               generator)  # fmt: skip
-        reference = None if self.reference_mode == "none" else self.reference_errors
+        reference = None if self.reference_mode == "none" or self._policy_only else self.reference_errors
         segments = self.method.scoring.segments
         segments = None if segments is None else inputs[segments][group.to(inputs[segments].device)]
         return self.scorer.score(model, x0.to(dtype), group, prompt_ids.size(0), cond, reference, generator,
@@ -449,6 +450,46 @@ class DiffusionTrainer(GuardMixin, Trainer):
             return super().evaluate(*args, **kwargs)
         finally:
             self._eval_generator = None
+
+    @staticmethod
+    def are_pairs(examples) -> bool:
+        """Whether prepared ``examples`` are pairs (K = 2 images each), the shape :meth:`pair_scores` scores."""
+        if not examples:
+            return False
+        first = examples[0]["x0"]
+        return (next(iter(first.values())) if isinstance(first, dict) else first).size(0) == 2
+
+    @torch.no_grad()
+    def pair_scores(self, examples=None, draws: int = 8, batch_size: int | None = None):
+        """The held-out table's scores (:class:`~trl_plus.run.evaluate.PairScores`, ``lengths`` ``None``) of the
+        current denoiser on ``examples`` (default: the eval set): each pair's ℓ = −w·ē of its two images, averaged
+        over ``draws`` draws of (t, ε) shared by the pair and seeded by ``args.seed`` — the same draws at every call,
+        so scores before and after training compare on identical noise. ``None`` when the examples are not pairs
+        (K ≠ 2: lists, single images). On one process (``trl-plus train`` calls it on the main process's view)."""
+        from ..run.evaluate import PairScores
+
+        examples = self.eval_dataset if examples is None else examples
+        if not self.are_pairs(examples):
+            return None
+        model = self.accelerator.unwrap_model(self.model)
+        was_training = model.training
+        model.eval()
+        generator = torch.Generator().manual_seed(self.args.seed)
+        size = batch_size or self.args.per_device_eval_batch_size
+        rows = []
+        self._policy_only = True  # the table compares the policy with itself before training: no reference forward
+        try:
+            for start in range(0, len(examples), size):
+                batch = Trainer._prepare_inputs(self, self.data_collator(examples[start:start + size]))
+                b = batch[PROMPT_IDS].size(0)
+                total = torch.zeros(2, b, dtype=torch.float64)
+                for _ in range(draws):
+                    total += self.score(model, batch, generator).logps.view(2, b, -1).sum(-1).double().cpu()
+                rows.append((total / draws).T)
+        finally:
+            model.train(was_training)
+            self._policy_only = False
+        return PairScores(torch.cat(rows), None)
 
     # -- metrics ----------------------------------------------------------------------------------------------
     def _gathered_mean(self, value) -> float:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..config import load_recipe
 from ..errors import TrlPlusError
-from .evaluate import EvalReport, evaluate
+from .evaluate import IMAGE_NOTE, EvalReport, evaluate
 from .rundir import RESOLVED_RECIPE
 
 #: The compared figures: key in the report's "after" column, label, format.
@@ -43,11 +43,18 @@ class Comparison:
         lengths = next(iter(self.reports.values())).lengths
         lines = [f"held-out pairs: {int(lengths['pairs'])} from {self.source} (reference = each run's model before "
                  "training)", f"{'':36}" + "".join(f"{n:>{width}}" for n in names)]  # fmt: skip
+        images = "chosen_tokens" not in lengths  # a diffusion comparison: no lengths, small ℓ
         for key, label, fmt in ROWS:
+            fmt = "{:.5f}" if images and key.startswith("logps/") else fmt
             cells = [fmt.format(r.after[key]) if r.after and key in r.after else "-" for r in self.reports.values()]
+            if images and key == "normalized_likelihood_accuracy":
+                continue
             lines.append(f"{label:36}" + "".join(f"{c:>{width}}" for c in cells))
-        lines.append(f"lengths: chosen {lengths['chosen_tokens']:.1f}, rejected {lengths['rejected_tokens']:.1f} "
-                     "tokens on average (the same pairs for every run)")  # fmt: skip
+        if images:
+            lines.append(IMAGE_NOTE)
+        else:
+            lines.append(f"lengths: chosen {lengths['chosen_tokens']:.1f}, rejected {lengths['rejected_tokens']:.1f} "
+                         "tokens on average (the same pairs for every run)")  # fmt: skip
         return "\n".join(lines)
 
     def plot(self, path: str | Path) -> str:

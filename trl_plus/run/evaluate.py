@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..builtin.metrics import length_figures, pair_figures
-from ..config import load_recipe
+from ..config import load_recipe, recipe_source
 from ..data.collate import PairwiseCollator
 from ..data.load import load_preferences
 from ..data.tokenize import tokenize_pair
@@ -35,10 +35,11 @@ from .rundir import RESOLVED_RECIPE, check_run_owner, trained_model_path
 
 @dataclass
 class PairScores:
-    """Per-pair sequence log-probs of one model: ``logps[i] = (ℓ(chosen), ℓ(rejected))``, ``lengths`` likewise."""
+    """Per-pair sequence log-probs of one model: ``logps[i] = (ℓ(chosen), ℓ(rejected))``, ``lengths`` likewise
+    (``None`` for images: a diffusion run's ℓ = −w·ē per image, :meth:`DiffusionTrainer.pair_scores`)."""
 
     logps: Any  # torch.Tensor [N, 2], float64
-    lengths: Any  # torch.Tensor [N, 2], float64
+    lengths: Any  # torch.Tensor [N, 2], float64, or None
 
 
 def _tokenized_pairs(dataset, tokenizer) -> list[dict]:
@@ -96,12 +97,18 @@ def score_pairs(
 
 def pair_metrics(scores: PairScores, reference: PairScores | None = None, beta: float = 0.1) -> dict[str, float]:
     """The held-out metrics of one model (see the module docstring); reward metrics only with a ``reference``."""
-    return pair_figures(scores.logps[:, 0], scores.logps[:, 1], scores.lengths,
-                        None if reference is None else reference.logps, beta)  # fmt: skip
+    lengths = scores.lengths if scores.lengths is not None else scores.logps.new_ones(scores.logps.shape)
+    figures = pair_figures(scores.logps[:, 0], scores.logps[:, 1], lengths,
+                           None if reference is None else reference.logps, beta)  # fmt: skip
+    if scores.lengths is None:  # images: no length to normalise by
+        figures.pop("normalized_likelihood_accuracy")
+    return figures
 
 
 def length_stats(scores: PairScores) -> dict[str, float]:
-    """Completion lengths of the pairs, in tokens."""
+    """Completion lengths of the pairs, in tokens (only the pair count for images)."""
+    if scores.lengths is None:
+        return {"pairs": float(scores.logps.size(0))}
     return length_figures(scores.lengths)
 
 
@@ -116,6 +123,11 @@ ROWS = (
 )
 
 
+#: What a diffusion run's held-out table means (it has no lengths).
+IMAGE_NOTE = ("images: log-prob = ℓ = −w·ē (the denoising score) averaged over the same seeded (t, ε) draws for both "
+              "images of a pair and for both models")
+
+
 def format_report(columns: dict[str, dict[str, float]], lengths: dict[str, float], beta: float, source: str) -> str:
     """A plain-text table: one row per metric, one column per model state (``before``, ``after``)."""
     names = list(columns)
@@ -123,14 +135,19 @@ def format_report(columns: dict[str, dict[str, float]], lengths: dict[str, float
         f"held-out pairs: {int(lengths['pairs'])} from {source}  (β = {beta:g}; reference = the model before training)",
         f"{'':32}" + "".join(f"{n:>10}" for n in names),
     ]
+    images = "chosen_tokens" not in lengths
     for key, label, fmt in ROWS:
+        fmt = "{:.5f}" if images and key.startswith("logps/") else fmt  # ℓ = −w·ē is small
         if any(key in columns[n] for n in names):
             lines.append(f"{label:32}" + "".join(f"{fmt.format(columns[n][key]) if key in columns[n] else '-':>10}"
                                                  for n in names))  # fmt: skip
-    lines.append(
-        f"lengths: chosen {lengths['chosen_tokens']:.1f} tokens, rejected {lengths['rejected_tokens']:.1f} tokens on "
-        f"average; chosen is longer in {100 * lengths['chosen_longer']:.0f}% of pairs"
-    )
+    if "chosen_tokens" in lengths:
+        lines.append(
+            f"lengths: chosen {lengths['chosen_tokens']:.1f} tokens, rejected {lengths['rejected_tokens']:.1f} tokens "
+            f"on average; chosen is longer in {100 * lengths['chosen_longer']:.0f}% of pairs"
+        )
+    else:
+        lines.append(IMAGE_NOTE)
     return "\n".join(lines)
 
 
@@ -161,10 +178,14 @@ class EvalReport:
         ]
         for key, label, fmt in ROWS:
             if any(key in c for c in columns.values()):
+                if "chosen_tokens" not in self.lengths and key.startswith("logps/"):
+                    fmt = "{:.5f}"  # images: ℓ = −w·ē is small
                 cells = [fmt.format(c[key]) if key in c else "-" for c in columns.values()]
                 name = "↳ " + label.strip() if label.startswith(" ") else label  # a sub-row of the one above
                 lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lengths = self.lengths
+        if "chosen_tokens" not in lengths:
+            return "\n".join([*lines, "", IMAGE_NOTE + "."])
         lines += ["", f"Completion lengths: chosen {lengths['chosen_tokens']:.1f} tokens, rejected "
                   f"{lengths['rejected_tokens']:.1f} tokens on average; chosen is longer in "
                   f"{100 * lengths['chosen_longer']:.0f}% of pairs."]  # fmt: skip
@@ -223,6 +244,10 @@ def evaluate(
     path = data or (spec.path if spec else None)
     if path is None:
         raise TrlPlusError(f"{recipe_file}: data.eval: no held-out pairs; add data.eval.path or pass --data FILE")
+    if recipe.model.kind == "diffusion":
+        if data:
+            recipe = load_recipe(recipe_file, [*(overrides or []), f"data.eval.path={data}"])
+        return evaluate_diffusion(recipe, run_dir, limit, batch_size)
     where = f"{recipe_file}: data.eval"
     columns = spec.columns if spec and not data else {}
     dataset = load_preferences(path, spec.split if spec else "train", limit or (spec.limit if spec else None), where,
@@ -251,6 +276,32 @@ def evaluate(
         after = score_pairs(model, tokenizer, dataset, batch_size=batch_size, max_length=max_length,
                             desc="Scoring held-out pairs (after)")  # fmt: skip
     return report_from_scores(before, after, recipe_beta(recipe), str(path))
+
+
+def evaluate_diffusion(recipe, run_dir: Path, limit: int | None = None, batch_size: int | None = None) -> EvalReport:
+    """:func:`evaluate` for a diffusion recipe: the held-out pairs' denoising scores
+    (:meth:`~trl_plus.diffusion.trainer.DiffusionTrainer.pair_scores`, the same seeded draws for both models) of the
+    recipe's pipeline ("before") and of the weights ``run_dir`` holds ("after": a LoRA, a fully trained denoiser, a
+    method's added modules), through the trainer the recipe builds."""
+    from ..diffusion.models import LORA_FILE, METHOD_WEIGHTS_FILE
+    from ..diffusion.trainer import DiffusionTrainer
+    from .validate import check_recipe, load_split
+
+    method, training = check_recipe(recipe)
+    rows = load_split(recipe, method, "eval")
+    if limit:
+        rows = rows.select(range(min(limit, len(rows))))
+    trainer = DiffusionTrainer.from_recipe(recipe, method, {**training, "report_to": "none"}, eval_dataset=rows)
+    if not trainer.are_pairs(trainer.eval_dataset):
+        raise TrlPlusError(f"{recipe_source(recipe)}: data.eval: trl-plus eval scores pairs of images; "
+                           f"{recipe.method}'s rows are not pairs")  # fmt: skip
+    before = trainer.pair_scores(batch_size=batch_size)
+    after = None
+    weights = [LORA_FILE, METHOD_WEIGHTS_FILE, "unet/config.json", "transformer/config.json"]
+    if run_dir and any((Path(run_dir) / name).exists() for name in weights):
+        trainer._load_from_checkpoint(str(run_dir))
+        after = trainer.pair_scores(batch_size=batch_size)
+    return report_from_scores(before, after, recipe_beta(recipe), str(recipe.data.primary_eval.path))
 
 
 # -- metrics (trl-plus eval --metric) ------------------------------------------------------------------------------

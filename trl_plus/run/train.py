@@ -443,8 +443,12 @@ def _recipe_files(recipe: Recipe) -> list[str]:
 def _held_out_scorer(recipe: Recipe, trainer):
     """A function scoring the recipe's held-out pairs with the trainer's current model, or ``None`` when the recipe
     has no ``data.eval`` (or ``data.report: false``, or the eval data are not prompt/chosen/rejected pairs)."""
-    if recipe.data.eval is None or not recipe.data.report or not hasattr(trainer, "_tokenizer"):
-        return None  # (a diffusion run evaluates through the trainer's own eval loop)
+    if recipe.data.eval is None or not recipe.data.report:
+        return None
+    if hasattr(trainer, "pair_scores"):  # a diffusion run: its own seeded denoising scores of the eval pairs
+        return trainer.pair_scores if trainer.are_pairs(trainer.eval_dataset) else None
+    if not hasattr(trainer, "_tokenizer"):
+        return None
     spec = recipe.data.primary_eval
     dataset = load_split(recipe, trainer.method, "eval")
     if not {"chosen", "rejected"} <= set(dataset.column_names):
