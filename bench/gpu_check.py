@@ -7,7 +7,8 @@ next to ``trl-plus estimate``'s prediction for the same setup.
 It builds the model from a config with random weights, saves it (safetensors, bf16) with the character tokenizer of
 ``trl_plus.testing``, and loads it as every run does: 4-bit NF4, double quantisation, bf16 compute, LoRA r 16 on all
 linear layers, activation checkpointing, batch 1 pair. Each configuration of :data:`CONFIGURATIONS` is a recipe
-(its ``training`` extras merged in: plain, prefix sharing, prefix sharing + packing). It prints, per configuration, ``torch.cuda.max_memory_allocated``, the median step time (first step left out),
+(its ``training`` extras merged in: plain, prefix sharing, prefix sharing + packing, and on a GPU the last with
+FlexAttention's block-sparse mask). It prints, per configuration, ``torch.cuda.max_memory_allocated``, the median step time (first step left out),
 tokens/s, the ratio to TRL and the estimate (allocated peak and card total).
 """
 
@@ -27,8 +28,12 @@ CONFIGURATIONS = [
     ("PlusTrainer dpo, plain", "plus", {}),
     ("PlusTrainer dpo, prefix sharing", "plus", {"prefix_sharing": True}),
     ("PlusTrainer dpo, prefix sharing + packing", "plus", {"prefix_sharing": True, "packing": True}),
+    ("PlusTrainer dpo, sharing + packing, FlexAttention", "plus",
+     {"prefix_sharing": True, "packing": True, "model.attn_implementation": "flex_attention"}),
     ("trl.DPOTrainer", "trl", {}),
 ]
+#: Configurations the CPU path (``--tiny``) skips: torch has no FlexAttention backward on a CPU.
+GPU_ONLY = {"PlusTrainer dpo, sharing + packing, FlexAttention"}
 MISTRAL_7B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                   intermediate_size=14336, vocab_size=32000)  # fmt: skip
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
@@ -84,8 +89,10 @@ def recipe_for(model_dir: str, data: str, output_dir: str, steps: int, seq_len: 
                      "gradient_accumulation_steps": 1, "max_length": seq_len, "activation_checkpointing": True,
                      "learning_rate": 5e-6, "logging_steps": 1, "save_strategy": "no", "report_to": "none",
                      "disable_tqdm": True, "seed": 0,
-                     **({"dataloader_num_workers": 0} if tiny else {}), **extra},
-    }  # fmt: skip
+                     **({"dataloader_num_workers": 0} if tiny else {}),
+                     **{k: v for k, v in extra.items() if not k.startswith("model.")}},
+    } | {"model": {"name_or_path": model_dir, "dtype": "bfloat16", "quantization": QUANTIZATION, "lora": LORA,
+                   **{k[len("model."):]: v for k, v in extra.items() if k.startswith("model.")}}}  # fmt: skip
 
 
 class StepTimer:
@@ -182,12 +189,12 @@ def report(results: dict[str, dict]) -> str:
     """The results as a table, with each configuration's step time as a ratio to TRL's."""
     trl = results.get("trl.DPOTrainer", {}).get("step_s")
     gib = 1024**3
-    lines = [f"{'configuration':<34} {'peak GiB':>8} {'est. GiB':>8} {'card GiB':>8} {'step s':>8} "
+    lines = [f"{'configuration':<50} {'peak GiB':>8} {'est. GiB':>8} {'card GiB':>8} {'step s':>8} "
              f"{'tokens/s':>9} {'/ TRL':>6}"]  # fmt: skip
     for name, r in results.items():
         peak = f"{r['peak_bytes'] / gib:.2f}" if r["peak_bytes"] is not None else "n/a"
         ratio = f"{r['step_s'] / trl:.3f}" if trl else "-"
-        lines.append(f"{name:<34} {peak:>8} {r['predicted_allocated_bytes'] / gib:>8.2f} "
+        lines.append(f"{name:<50} {peak:>8} {r['predicted_allocated_bytes'] / gib:>8.2f} "
                      f"{r['predicted_total_bytes'] / gib:>8.2f} {r['step_s']:>8.3f} {r['tokens_per_s']:>9.0f} "
                      f"{ratio:>6}")  # fmt: skip
     lines.append("peak: torch.cuda.max_memory_allocated; est.: trl-plus estimate's allocated peak; card: its total "
@@ -221,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
         data = write_jsonl(pair_rows(seq_len, steps * 2), root / "pairs.jsonl")
         results = {}
         for i, (name, kind, extra) in enumerate(CONFIGURATIONS):
+            if name in GPU_ONLY and not cuda:
+                print(f"{name}: skipped (GPU only)", flush=True)
+                continue
             recipe = recipe_for(model_dir, data, str(root / f"run-{i}"), steps, seq_len, extra, args.tiny)
             results[name] = run(name, kind, recipe, cuda)
             print(f"{name}: {results[name]}", flush=True)

@@ -191,3 +191,35 @@ def test_a_4bit_qlora_policy_through_sharing(tmp_path):
     torch.testing.assert_close(logps(shared, b), logps(plain, a), atol=1e-5, rtol=0)
     with torch.no_grad():
         torch.testing.assert_close(shared.reference_token_logps(b), plain.reference_token_logps(a), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_flex_attention_block_mask_gives_the_plain_log_probs(tmp_path, packing, monkeypatch):
+    """A FlexAttention model (``attn_implementation: flex_attention``) gets the shared layout's mask as a BlockMask
+    with the dense mask's rule: the same per-token log-probs as the plain rows (1e-5, float32). On a CPU, FlexAttention
+    runs forward only and uncompiled here (torch has no CPU backward; compiling costs ~40 s), so this checks the mask,
+    not the GPU kernel's speed."""
+    from torch.nn.attention.flex_attention import create_mask, flex_attention
+    from transformers.integrations.flex_attention import WrappedFlexAttention
+
+    from trl_plus.data.sharing import uses_flex_attention
+
+    monkeypatch.setattr(WrappedFlexAttention, "__call__", lambda self: flex_attention)  # eager: no compile
+    plain, shared = pair(tmp_path, packing=packing)
+    a, b = first_batch(plain, 8), first_batch(shared, 8)
+    layout = shared.shared_layout(b)
+    dense, blocks = layout.attention_mask, layout.block_mask()
+    rows, width = layout.example.shape
+    assert torch.equal(create_mask(blocks.mask_mod, rows, 1, width, width, device="cpu"), dense)  # the same rule
+    shared.model.config._attn_implementation = "flex_attention"
+    assert uses_flex_attention(shared.model)
+    torch.testing.assert_close(logps(shared, b), logps(plain, a), atol=1e-5, rtol=0)
+
+
+def test_flex_attention_refuses_to_train_on_a_cpu(tmp_path):
+    from trl_plus import TrlPlusError
+
+    model = tiny_trainer("dpo", tmp_path / "probe").model
+    model.config._attn_implementation = "flex_attention"
+    with pytest.raises(TrlPlusError, match="flex_attention trains on a GPU only"):
+        tiny_trainer("dpo", tmp_path / "flex", model=model)

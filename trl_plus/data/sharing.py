@@ -10,6 +10,10 @@ frankxwang/dpo-prefix-sharing), generalised to any K and to any rows, so every m
   different tokens are predicted by K copies of the same context, not by one position with K targets);
 - positions restart at S in every rest (``position_ids``), and a 4-D boolean attention mask lets a token see its own
   block's shared part and the earlier tokens of its own rest only, never another rest nor another example's block;
+- the mask is a dense 4-D boolean tensor for sdpa / eager attention, or, for a model loaded with
+  ``model.attn_implementation: flex_attention`` (PyTorch's FlexAttention; GPUs: torch has no FlexAttention backward
+  on a CPU), a block-sparse ``BlockMask`` built from the same rule (:meth:`SharedBatch.block_mask`). Flash-attention's
+  varlen kernels take block-diagonal masks only, so they cannot express a rest that sees its shared prefix;
 - the policy, the reference and the teacher run on the shared layout through TRL's fused LM head with
   ``shift_labels`` (each position's own target, ``-100`` where nothing is scored, so the head projects only scored
   positions); :meth:`SharedBatch.gather` puts the per-position values back into the plain ``[N, T]`` layout, so the
@@ -77,10 +81,27 @@ class SharedBatch:
         visible = (self.segment.unsqueeze(1) == 0) | (self.segment.unsqueeze(2) == self.segment.unsqueeze(1))
         return (causal & same_example & visible).unsqueeze(1)
 
-    def model_inputs(self) -> dict[str, torch.Tensor]:
-        """The keyword arguments of the forward (fused LM head: ``fused_lm_head=True`` is the caller's)."""
-        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask,
+    def block_mask(self):
+        """:attr:`attention_mask` as a FlexAttention ``BlockMask`` (``torch.nn.attention.flex_attention``): the same
+        rule as a ``mask_mod`` over ``example`` / ``segment``, so the kernel skips the blocks where nothing is
+        visible (other examples of a packed row, another rest) instead of reading an ``[R, 1, L, L]`` mask."""
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        example, segment = self.example, self.segment
+
+        def visible(b, h, q, kv):
+            return (kv <= q) & (example[b, q] == example[b, kv]) & (
+                (segment[b, kv] == 0) | (segment[b, q] == segment[b, kv]))
+
+        rows, width = example.shape
+        return create_block_mask(visible, B=rows, H=None, Q_LEN=width, KV_LEN=width, device=example.device)
+
+    def model_inputs(self, flex: bool = False) -> dict[str, torch.Tensor]:
+        """The keyword arguments of the forward (fused LM head: ``fused_lm_head=True`` is the caller's); ``flex``: the
+        mask as a :meth:`block_mask`, for a model loaded with ``attn_implementation: flex_attention``."""
+        return {"input_ids": self.input_ids, "attention_mask": self.block_mask() if flex else self.attention_mask,
                 "position_ids": self.position_ids, "shift_labels": self.shift_labels}  # fmt: skip
+
 
     def gather(self, values: torch.Tensor) -> torch.Tensor:
         """``[R, L]`` per-position values of the shared rows -> ``[N, T]`` in the plain layout (zero where unscored);
@@ -88,6 +109,11 @@ class SharedBatch:
         flat = torch.cat([values.reshape(-1), values.new_zeros(1)])
         return flat[self.index]
 
+
+def uses_flex_attention(model) -> bool:
+    """Whether ``model`` (a PEFT wrapper included) runs FlexAttention (``attn_implementation: flex_attention``)."""
+    config = getattr(model, "config", None)
+    return getattr(config, "_attn_implementation", None) == "flex_attention"
 
 def example_groups(batch: dict, num_sequences: int) -> list[list[int]]:
     """The rows of each example of a collated batch: sequence-major (``[seq0_ex1..seq0_exB, seq1_ex1..]``), or placed

@@ -47,7 +47,7 @@ from ..data.load import (
     prepare_rows,
     quiet_progress,
 )
-from ..data.sharing import SHARED, SharedBatch, share_prefixes
+from ..data.sharing import SHARED, SharedBatch, share_prefixes, uses_flex_attention
 from ..errors import TrlPlusError
 from ..models.load import bf16_available, resolve_model_path
 from . import resolve_method
@@ -192,6 +192,9 @@ class PlusTrainer(GuardMixin, RolloutMixin, MetricsMixin, FrozenSourcesMixin, DP
         if self.reference_mode == "model" and ref_model is None and not isinstance(model, str):
             ref_model = copy.deepcopy(model).eval().requires_grad_(False)  # the initial policy, frozen
         model, peft_config = self._prepare_policy(model, peft_config, adapter_lr_scales, args)
+        if uses_flex_attention(model) and (args.use_cpu or not torch.cuda.is_available()):
+            raise TrlPlusError("model.attn_implementation: flex_attention trains on a GPU only (torch has no "
+                               "FlexAttention backward on a CPU); on a CPU keep the default (sdpa)")  # fmt: skip
         self._check_teachers(teachers, teacher_model, will_be_peft)
         self.reference_identity = reference_identity
         # full logits or hidden states are the plain rows' (a method or a live teacher that reads them keeps the
@@ -390,7 +393,8 @@ class PlusTrainer(GuardMixin, RolloutMixin, MetricsMixin, FrozenSourcesMixin, DP
             labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
             outputs = model(**self._model_kwargs(inputs), **kwargs, labels=labels, use_cache=False, fused_lm_head=True)
             return outputs.log_probs[:, -seq_len:], outputs
-        outputs = model(**shared.model_inputs(), **kwargs, use_cache=False, fused_lm_head=True)
+        outputs = model(**shared.model_inputs(flex=uses_flex_attention(model)), **kwargs, use_cache=False,
+                        fused_lm_head=True)  # fmt: skip
         for name in ("log_probs", "entropy", "mean_logits", "is_top1"):
             if getattr(outputs, name, None) is not None:
                 setattr(outputs, name, shared.gather(getattr(outputs, name)))
