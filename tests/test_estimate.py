@@ -176,6 +176,36 @@ def test_the_7b_qlora_dpo_goal_setup(mistral_dir, offline):
     assert result.verdicts()[12] and not result.verdicts()[8]
 
 
+def test_upcast_false_meets_the_10_gb_goal(mistral_dir, offline):
+    """``quantization.upcast: false`` keeps the unquantised weights (and so the residual stream) in bf16: the goal
+    of ≤ 10 GB on the card for the 7B QLoRA DPO recipe at 2,048 tokens, batch 1, checkpointing."""
+    sets = [f"model.name_or_path={mistral_dir}", "training.max_length=2048", "training.per_device_train_batch_size=1"]
+    upcast = estimate(load_recipe(ROOT / "recipes/dpo.yaml", sets))
+    kept = estimate(load_recipe(ROOT / "recipes/dpo.yaml", [*sets, "model.quantization.upcast=false"]))
+    assert line(kept, "activations: checkpoints") == 32 * 4096 * 4096 * 2  # bf16 residual stream
+    rest = 2 * 32000 * 4096 + 65 * 4096  # embeddings + lm_head, 65 norms: 2 bytes instead of 4
+    assert line(upcast, "base weights") - line(kept, "base weights") == 2 * rest
+    assert kept.total <= 10 * 1000**3 < upcast.total
+
+
+def test_upcast_false_loads_a_trainable_4bit_model_in_its_dtype(tmp_path):
+    """The loader's two 4-bit preparations: peft's (float32 norms/embeddings) and upcast: false (bf16 kept); both
+    freeze the base and feed gradients to the inputs of checkpointed layers."""
+    import torch
+
+    from trl_plus.config import ModelSpec, QuantizationSpec
+    from trl_plus.models.load import load_model
+
+    for upcast, dtype in ((True, torch.float32), (False, torch.bfloat16)):
+        spec = ModelSpec(name_or_path="tiny-llama", dtype="bfloat16",
+                         quantization=QuantizationSpec(compute_dtype="bfloat16", upcast=upcast))  # fmt: skip
+        model = load_model(spec)
+        norms = [p for n, p in model.named_parameters() if "norm" in n]
+        assert norms and all(p.dtype == dtype and not p.requires_grad for p in norms), upcast
+        assert model.get_input_embeddings().weight.dtype == dtype
+        assert model.is_gradient_checkpointing
+
+
 def test_checkpointing_and_a_reference_copy_change_what_they_should(mistral_dir, offline):
     base = {"name_or_path": mistral_dir, "dtype": "bfloat16"}
     on = estimate(load_recipe(recipe(base, {"activation_checkpointing": True})))

@@ -41,6 +41,11 @@ class QuantizationSpec(_Block):
     quant_type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = True
     compute_dtype: Dtype = "bfloat16"
+    #: peft's ``prepare_model_for_kbit_training`` casts the weights it does not quantise (embeddings, norms,
+    #: ``lm_head``) to float32, which also makes the residual stream float32 (twice the activations). ``false`` keeps
+    #: them in the model's dtype (QLoRA's LoRA-only gradients are unaffected; norms then compute in bf16): a 7B DPO
+    #: recipe at 2,048 tokens drops from 10.9 to under 10 GB predicted (``trl-plus estimate``).
+    upcast: bool = True
 
 
 def parse_layers(value: Any) -> Any:

@@ -105,7 +105,8 @@ def load_model(
 
     ``trainable=False`` loads a frozen copy (reference or teacher): no LoRA, eval mode, no grads. With
     quantization the base weights are 4-bit NF4 and, for training, prepared with peft's
-    ``prepare_model_for_kbit_training``. LoRA itself is applied by the trainer (``peft_config``) so that TRL's
+    ``prepare_model_for_kbit_training`` (``quantization.upcast: false``: the same without its float32 cast of the
+    unquantised weights). LoRA itself is applied by the trainer (``peft_config``) so that TRL's
     QLoRA handling (bf16 adapters, adapter-off reference) applies.
     """
     import torch
@@ -133,10 +134,15 @@ def load_model(
         model.eval()
         model.requires_grad_(False)
         return model
-    if quantization is not None and quantization.load_in_4bit:
+    if quantization is not None and quantization.load_in_4bit and quantization.upcast:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    elif quantization is not None and quantization.load_in_4bit:  # peft's preparation without the float32 cast
+        model.requires_grad_(False)
+        if gradient_checkpointing:
+            model.enable_input_require_grads()
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     quantized = quantization is not None and quantization.load_in_4bit
     if not torch.cuda.is_available() and spec.dtype == "auto" and model.dtype == torch.bfloat16 and not quantized:
         model = model.float()  # CPU: bf16 weights train slowly and imprecisely; use float32

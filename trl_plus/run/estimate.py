@@ -8,7 +8,8 @@ counts are exact. Each line of the breakdown states its rule; the constants are 
   0.5 byte per weight, plus its quant state: one absmax per block of 64 weights (float32; with double quantisation
   uint8, plus one float32 absmax per 256 of those, a float32 offset and a 256-entry float32 code) and the 16-entry
   float32 NF4/FP4 code. Embeddings, norms, biases and ``lm_head`` are not quantised, and peft's
-  ``prepare_model_for_kbit_training`` (which trl-plus calls for a trainable 4-bit model) casts them to float32.
+  ``prepare_model_for_kbit_training`` (which trl-plus calls for a trainable 4-bit model) casts them to float32
+  (``quantization.upcast: false`` keeps them in the model's dtype, and the residual stream with them).
 - **LoRA**: peft's own count (``get_peft_model`` on the meta model); TRL casts a quantised model's adapters to
   bfloat16.
 - **gradients**: one per trainable parameter, in its dtype.
@@ -214,7 +215,7 @@ def weight_bytes(model, spec: ModelSpec | Any, config, trainable: bool) -> tuple
     quantized = sum(quantized_weight_bytes(m.weight.numel(), quant) for n, m in model.named_modules() if n in targets)
     packed = {id(m.weight) for n, m in model.named_modules() if n in targets}
     rest = sum(p.numel() for p in model.parameters() if id(p) not in packed)
-    rest_dtype = "float32" if trainable else dtype  # prepare_model_for_kbit_training upcasts them
+    rest_dtype = "float32" if trainable and quant.upcast else dtype  # prepare_model_for_kbit_training upcasts them
     note = (f"{len(targets)} Linear 4-bit {quant.quant_type}{' + double quant' if quant.double_quant else ''}; "
             f"{rest / 1e6:.0f} M other in {rest_dtype}")  # fmt: skip
     return quantized, rest * DTYPE_BYTES[rest_dtype], note
@@ -487,7 +488,8 @@ def estimate(recipe: Recipe, sequences: int | None = None, prompt_tokens: int = 
     compute = DTYPE_BYTES[quant.compute_dtype if quant and quant.compute_dtype != "auto" else dtype]
     fp16_or_bf16 = training.get("bf16", True) or training.get("fp16", False)
     compute = compute if fp16_or_bf16 or quant else DTYPE_BYTES[dtype]
-    act = 4 if quant else DTYPE_BYTES[dtype]  # 4-bit: the upcast norms/embeddings carry a float32 residual stream
+    # 4-bit: the upcast norms/embeddings carry a float32 residual stream (``quantization.upcast: false``: the dtype's)
+    act = 4 if quant and quant.upcast else DTYPE_BYTES[dtype]
 
     lines: list[Line] = []
     quantized, rest, note = weight_bytes(model, spec, config, trainable=True)
