@@ -138,3 +138,23 @@ def test_bad_latent_files_are_one_line_before_any_model_loads(tmp_path, monkeypa
         build_trainer(load_recipe(video_recipe(data, tmp_path / "run")))
     message = str(info.value)
     assert expected in message and "row 2" in message and "pairs.jsonl" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("kind", ["wan", "flux"])
+def test_the_cpu_nf4_swap_reaches_every_transformer_block(kind):
+    """4-bit on a CPU quantizes the blocks' linears of Wan (``blocks.N``) and Flux (double- and single-stream) too,
+    not only the ``transformer_blocks`` of UNets and SD3."""
+    import bitsandbytes as bnb
+
+    from trl_plus.diffusion.models import quantize_nf4
+    from trl_plus.diffusion.tiny import tiny_flux_transformer, tiny_wan_transformer
+
+    model = tiny_wan_transformer() if kind == "wan" else tiny_flux_transformer()
+    blocks = "blocks." if kind == "wan" else "transformer_blocks"
+    expected = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+                and (n.startswith(blocks) if kind == "wan" else blocks in n)]  # fmt: skip
+    assert expected and quantize_nf4(model) == len(expected)
+    swapped = {n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert swapped == set(expected)
+    if kind == "flux":
+        assert any(n.startswith("single_transformer_blocks") for n in swapped)

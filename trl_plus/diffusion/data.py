@@ -121,7 +121,8 @@ def check_image_rows(dataset: Any, method: Any, recipe: Any, split: str) -> Any:
                 path = Path(value).expanduser()
                 path = path if path.is_absolute() else base / path
                 if not path.is_file():
-                    raise TrlPlusError(f"{source}: {_rows([row.get('_row', index)], data_file)}: {name}: no such image "
+                    what = "latent" if is_latent_file(path) else "image"
+                    raise TrlPlusError(f"{source}: {_rows([row.get('_row', index)], data_file)}: {name}: no such {what} "
                                        f"file: {path}")  # fmt: skip
                 if is_latent_file(path):
                     try:

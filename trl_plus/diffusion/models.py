@@ -251,15 +251,27 @@ def quantize_denoiser(denoiser, path: str, facts: PipelineFacts, spec) -> tuple[
     return denoiser, "cpu-nf4-swap"
 
 
-def quantize_nf4(model, compute_dtype=None, quant_type: str = "nf4", inside: str = "transformer_blocks") -> int:
-    """Swap every ``nn.Linear`` whose name contains ``inside`` for a bitsandbytes ``Linear4bit`` holding the same
-    weight quantized (``Params4bit``, on the CPU): the CPU path of a 4-bit denoiser. Returns how many it swapped."""
+#: Where a denoiser's transformer blocks live, by module-name prefix or part: UNet attentions, SD3 and Flux
+#: (``transformer_blocks``, ``single_transformer_blocks``), Wan (``blocks.N``).
+TRANSFORMER_BLOCKS = ("transformer_blocks", "blocks.")
+
+
+def _in_blocks(name: str, inside: str | tuple[str, ...]) -> bool:
+    parts = (inside,) if isinstance(inside, str) else inside
+    return any(name.startswith(part) if part.endswith(".") else part in name for part in parts)
+
+
+def quantize_nf4(model, compute_dtype=None, quant_type: str = "nf4",
+                 inside: str | tuple[str, ...] = TRANSFORMER_BLOCKS) -> int:  # fmt: skip
+    """Swap every ``nn.Linear`` inside the denoiser's transformer blocks (``inside``: name parts, or prefixes when
+    they end with ".") for a bitsandbytes ``Linear4bit`` holding the same weight quantized (``Params4bit``, on the
+    CPU): the CPU path of a 4-bit denoiser. Returns how many it swapped."""
     import bitsandbytes as bnb
     import torch
 
     compute_dtype = compute_dtype or torch.float32
     targets = [(name, module) for name, module in model.named_modules()
-               if isinstance(module, torch.nn.Linear) and inside in name]  # fmt: skip
+               if isinstance(module, torch.nn.Linear) and _in_blocks(name, inside)]  # fmt: skip
     for name, linear in targets:
         quantized = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
                                       compute_dtype=compute_dtype, quant_type=quant_type)  # fmt: skip

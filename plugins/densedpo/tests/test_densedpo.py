@@ -172,7 +172,7 @@ def test_rows_of_latent_files_get_their_segments(tmp_path):
     (lambda rows: rows[0].update(labels=[1, -1, 1]), {}, "row 1: 3 labels for 2 segments"),
     (lambda rows: rows[2].update(segments=[3, 4]), {}, "row 3: segments: segment lengths [3, 4] add up to 7"),
     (None, {"segment_frames": 3}, "row 1: 2 labels for 3 segments"),
-    (lambda rows: rows[0].update(video_1=rows[0]["video_1"] + ".missing.pt"), {}, "no such image file"),
+    (lambda rows: rows[0].update(video_1=rows[0]["video_1"] + ".missing.pt"), {}, "no such latent file"),
 ], ids=["label-value", "label-count", "segment-sum", "segment-frames", "missing-file"])  # fmt: skip
 def test_bad_rows_are_one_line(tmp_path, edit, args, expected):
     with pytest.raises(TrlPlusError) as info:
