@@ -54,7 +54,7 @@ __all__ = [
     "SequencesCollator", "Scorer", "Stage", "TAXONOMY", "Teacher", "TopK", "Inversion", "TrainResult", "TrlPlusError", "check_recipe",
     "combine", "generate", "load_run", "trained_module",
     "ddim_invert", "ddim_sample", "flow_elbo_factor", "guided_prediction", "inversion_timesteps", "Noised", "OnlineMethod", "ScoreOutput", "run_stages",
-    "LatentCollator", "load_latent", "segment_ids",
+    "LatentCollator", "load_latent", "segment_ids", "denoise", "denoiser_kind", "has_lora",
     "denoising_errors", "did_you_mean", "dpo_losses", "evaluate", "get_method", "get_registry", "hookimpl", "load_recipe",
     "merge_adapter", "method_collator", "pair_accuracy", "prompt_completion", "resolve_reference_mode", "tokenize_completions",
     "train", "frozen_model", "rollout_token_logps", "turn_sums",
@@ -71,6 +71,7 @@ if TYPE_CHECKING:
     )
     from .diffusion.data import LatentCollator, load_latent, segment_ids
     from .diffusion.inversion import Inversion, ddim_invert, ddim_sample, guided_prediction, inversion_timesteps
+    from .diffusion.models import denoise, denoiser_kind, has_lora
     from .diffusion.scorer import Noised, ScoreOutput, flow_elbo_factor
     from .diffusion.trainer import DiffusionTrainer
     from .models.load import frozen_model
@@ -94,6 +95,9 @@ _LAZY = {
     "Noised": "diffusion.scorer",
     "ScoreOutput": "diffusion.scorer",
     "LatentCollator": "diffusion.data",
+    "denoise": "diffusion.models",
+    "denoiser_kind": "diffusion.models",
+    "has_lora": "diffusion.models",
     "load_latent": "diffusion.data",
     "segment_ids": "diffusion.data",
     "flow_elbo_factor": "diffusion.scorer",

@@ -455,6 +455,30 @@ def tiny_text_encoder(pooled: bool = False, length: int = 16, hidden: int = 32, 
     return encode
 
 
+def checked_split(recipe: Any, split: str = "train"):
+    """A recipe's split as ``trl-plus train`` reads it before any model loads: the recipe checked, the rows checked
+    and prepared (a method's ``prepare_split`` / ``prepare_data``); its one-line errors raised as they are."""
+    from .run.validate import check_recipe, load_split
+
+    method, _ = check_recipe(recipe)
+    return load_split(recipe, method, split)
+
+
+def tiny_unet(seed: int = 0, **kwargs: Any):
+    """The ``tiny-sd`` denoiser (:func:`trl_plus.diffusion.tiny.tiny_unet`), seeded."""
+    from .diffusion.tiny import tiny_unet as build
+
+    return build(seed=seed, **kwargs)
+
+
+def load_method_weights(denoiser: Any, names: Sequence[str], folder: str | Path) -> None:
+    """Load the parameters a method added to a denoiser (``DiffusionMethod.prepare_denoiser``) from a saved run
+    folder's ``method_weights.safetensors``."""
+    from .diffusion.models import load_added_parameters
+
+    load_added_parameters(denoiser, list(names), folder)
+
+
 def tiny_diffusion_bundle(target: str = "epsilon", lora: bool = False, nf4: bool = False, seed: int = 0):
     """A :class:`~trl_plus.diffusion.models.DiffusionBundle` without a pipeline: the ``tiny-sd`` UNet with a DDPM
     scheduler (``target`` ``epsilon`` / ``v_prediction`` / ``sample``) or, for ``flow``, the ``tiny-sd3`` transformer

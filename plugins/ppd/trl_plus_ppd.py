@@ -83,7 +83,7 @@ class PPDCollator:
     """The core's latent collator plus ``user_embedding`` ``[B, T, D]`` (files read once, cached by path)."""
 
     def __init__(self):
-        from trl_plus.diffusion.data import LatentCollator
+        from trl_plus import LatentCollator
 
         self.latents = LatentCollator()
         self.cache: dict[str, Any] = {}
@@ -203,7 +203,7 @@ class PPD(DiffusionDPO):
     # -- the branch ------------------------------------------------------------------------------------------------
     def prepare_denoiser(self, denoiser: Any, examples: Any) -> list[str]:
         """The user branch on the UNet's cross-attention layers, sized [T, D] from the first training example."""
-        from trl_plus.diffusion.models import denoiser_kind, has_lora
+        from trl_plus import denoiser_kind, has_lora
 
         if denoiser_kind(denoiser) != "unet":
             raise TrlPlusError(f"ppd: the user branch is diffusers' IP-Adapter cross-attention of a "

@@ -303,6 +303,9 @@ def format_figures(figures: dict[str, Figures]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """``data DIR`` | ``report REFERENCE POLICY DATA_DIR [GRID.png]``."""
+    import logging
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)  # as the trl-plus command does
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["data"] and len(argv) == 2:
         for key, path in write_digits_data(argv[1]).items():

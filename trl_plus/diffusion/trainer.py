@@ -461,13 +461,11 @@ class DiffusionTrainer(GuardMixin, Trainer):
 
     @torch.no_grad()
     def pair_scores(self, examples=None, draws: int = 8, batch_size: int | None = None):
-        """The held-out table's scores (:class:`~trl_plus.run.evaluate.PairScores`, ``lengths`` ``None``) of the
-        current denoiser on ``examples`` (default: the eval set): each pair's ℓ = −w·ē of its two images, averaged
+        """The held-out table's scores ``[P, 2]`` float64 (``logps`` of :class:`~trl_plus.run.evaluate.PairScores`)
+        of the current denoiser on ``examples`` (default: the eval set): each pair's ℓ = −w·ē of its two images, averaged
         over ``draws`` draws of (t, ε) shared by the pair and seeded by ``args.seed`` — the same draws at every call,
         so scores before and after training compare on identical noise. ``None`` when the examples are not pairs
         (K ≠ 2: lists, single images). On one process (``trl-plus train`` calls it on the main process's view)."""
-        from ..run.evaluate import PairScores
-
         examples = self.eval_dataset if examples is None else examples
         if not self.are_pairs(examples):
             return None
@@ -489,7 +487,7 @@ class DiffusionTrainer(GuardMixin, Trainer):
         finally:
             model.train(was_training)
             self._policy_only = False
-        return PairScores(torch.cat(rows), None)
+        return torch.cat(rows)
 
     # -- metrics ----------------------------------------------------------------------------------------------
     def _gathered_mean(self, value) -> float:

@@ -295,12 +295,12 @@ def evaluate_diffusion(recipe, run_dir: Path, limit: int | None = None, batch_si
     if not trainer.are_pairs(trainer.eval_dataset):
         raise TrlPlusError(f"{recipe_source(recipe)}: data.eval: trl-plus eval scores pairs of images; "
                            f"{recipe.method}'s rows are not pairs")  # fmt: skip
-    before = trainer.pair_scores(batch_size=batch_size)
+    before = PairScores(trainer.pair_scores(batch_size=batch_size), None)
     after = None
     weights = [LORA_FILE, METHOD_WEIGHTS_FILE, "unet/config.json", "transformer/config.json"]
     if run_dir and any((Path(run_dir) / name).exists() for name in weights):
         trainer._load_from_checkpoint(str(run_dir))
-        after = trainer.pair_scores(batch_size=batch_size)
+        after = PairScores(trainer.pair_scores(batch_size=batch_size), None)
     return report_from_scores(before, after, recipe_beta(recipe), str(recipe.data.primary_eval.path))
 
 

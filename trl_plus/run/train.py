@@ -30,7 +30,7 @@ from ..trainers.guard import last_checkpoint
 from ..trainers.iterations import run_iterations
 from ..trainers.stages import run_stages
 from .card import complete_model_card
-from .evaluate import metrics_report, metrics_table, recipe_beta, report_from_scores, score_pairs
+from .evaluate import PairScores, metrics_report, metrics_table, recipe_beta, report_from_scores, score_pairs
 from .report import plot_run
 from .rundir import (
     EVAL_REPORT,
@@ -446,7 +446,9 @@ def _held_out_scorer(recipe: Recipe, trainer):
     if recipe.data.eval is None or not recipe.data.report:
         return None
     if hasattr(trainer, "pair_scores"):  # a diffusion run: its own seeded denoising scores of the eval pairs
-        return trainer.pair_scores if trainer.are_pairs(trainer.eval_dataset) else None
+        if not trainer.are_pairs(trainer.eval_dataset):
+            return None
+        return lambda: PairScores(trainer.pair_scores(), None)
     if not hasattr(trainer, "_tokenizer"):
         return None
     spec = recipe.data.primary_eval

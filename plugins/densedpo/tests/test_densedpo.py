@@ -94,7 +94,7 @@ def test_reduces_to_diffusion_dpo(tmp_path, segment_frames, labels, dpo_beta):
 
 
 def test_per_segment_errors_are_the_element_means_over_each_segments_frames(tmp_path):
-    from trl_plus.diffusion.models import denoise
+    from trl_plus import denoise
 
     segments = [0, 1, 1, 1]  # unequal segments: 1 and 3 latent frames
     trainer = tiny_diffusion_trainer("densedpo", tmp_path, target="video", rows=video_rows([1, -1], segments=segments))
@@ -150,14 +150,13 @@ def write_rows(folder, edit=None):
 
 
 def prepare(tmp_path, edit=None, **method_args):
-    from trl_plus import check_recipe, load_recipe
-    from trl_plus.run.validate import load_split
+    from trl_plus import load_recipe
+    from trl_plus.testing import checked_split
 
     recipe = load_recipe({"method": "densedpo", "method_args": method_args,
                           "model": {"kind": "diffusion", "name_or_path": "tiny-wan"},
                           "data": {"train": {"path": write_rows(tmp_path, edit)}}})  # fmt: skip
-    method, _ = check_recipe(recipe)
-    return load_split(recipe, method, "train").to_list()
+    return checked_split(recipe).to_list()
 
 
 def test_rows_of_latent_files_get_their_segments(tmp_path):

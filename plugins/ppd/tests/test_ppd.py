@@ -108,14 +108,13 @@ def test_the_branch_is_saved_alone_and_resumed(tmp_path):
     for name, p in branch(resumed).items():
         assert torch.equal(p, branch(whole)[name])
     # the saved branch on a fresh base reproduces the trained policy
-    from trl_plus.diffusion.models import load_added_parameters
-    from trl_plus.diffusion.tiny import tiny_unet
+    from trl_plus.testing import load_method_weights, tiny_unet
 
     whole.save_model(str(tmp_path / "final"))
     fresh = tiny_unet()
     names = add_user_branch(fresh, tokens=1, width=3)
     assert names == whole.added_parameters
-    load_added_parameters(fresh, names, tmp_path / "final")
+    load_method_weights(fresh, names, tmp_path / "final")
     x, cond = torch.randn(2, 4, 8, 8), torch.randn(2, 16, 32)
     users = {"image_embeds": [torch.tensor([[[[1.0, 0.0, 0.0]]], [[[0.0, 1.0, 0.0]]]])]}
     with torch.no_grad():
@@ -162,7 +161,7 @@ def test_two_users_with_opposite_preferences_learn_opposite_margins(tmp_path, on
     ({"user_embedding": "abc.txt"}, "row 2: user_embedding .*is not a .npy or .pt file"),
 ])  # fmt: skip
 def test_bad_user_embeddings_name_the_row(tmp_path, bad, expected):
-    from trl_plus.run.validate import check_recipe, load_split
+    from trl_plus.testing import checked_split
 
     rows = [json.loads(line) for line in open(ROOT / "recipes/data/diffusion_user_pairs.jsonl")][:3]
     for row in rows:
@@ -173,14 +172,13 @@ def test_bad_user_embeddings_name_the_row(tmp_path, bad, expected):
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     recipe = load_recipe({"method": "ppd", "model": {"kind": "diffusion", "name_or_path": "tiny-sd"},
                           "data": {"train": {"path": str(tmp_path / "d.jsonl")}}})  # fmt: skip
-    method, _ = check_recipe(recipe)
     with pytest.raises(TrlPlusError, match=expected) as info:
-        load_split(recipe, method, "train")
+        checked_split(recipe)
     assert "\n" not in str(info.value)
 
 
 def test_lora_and_other_reference_modes_are_refused_before_loading(tmp_path):
-    from trl_plus.run.validate import check_recipe, load_split
+    from trl_plus.testing import checked_split
 
     data = str(ROOT / "recipes/data/diffusion_user_pairs.jsonl")
     for extra, expected in (({"model": {"kind": "diffusion", "name_or_path": "tiny-sd", "lora": {"r": 4}}},
@@ -188,9 +186,8 @@ def test_lora_and_other_reference_modes_are_refused_before_loading(tmp_path):
                             ({"reference": {"mode": "model"}}, "reference.mode: ppd's reference is the base")):
         recipe = load_recipe({"method": "ppd", "model": {"kind": "diffusion", "name_or_path": "tiny-sd"},
                               "data": {"train": {"path": data}}, **extra})  # fmt: skip
-        method, _ = check_recipe(recipe)
         with pytest.raises(TrlPlusError, match=expected):
-            load_split(recipe, method, "train")
+            checked_split(recipe)
 
 
 def test_embedding_files_and_the_recipe_through_train(tmp_path):
