@@ -159,7 +159,7 @@ class PPD(DiffusionDPO):
     summary = ("Diffusion-DPO with a per-user embedding in new decoupled cross-attention layers (only W′_k, W′_v "
                "train), reference = the branch off, β 5000")  # fmt: skip
     needs = Needs(reference="yes", fields=(USER_FIELD,), precomputable_reference=False)
-    scoring = Scoring(share_timestep=True, share_noise=True)
+    scoring = Scoring(share_timestep=True, share_noise=True, denoisers=("unet",))  # the branch: UNet attn2 layers
     Config = PPDConfig
     batch_fields = (USER_FIELD,)
     example_data = {"path": "recipes/data/diffusion_user_pairs.jsonl"}

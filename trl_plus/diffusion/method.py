@@ -45,13 +45,17 @@ class Scoring:
       holding each latent frame's segment id (a list of F ints, 0..S−1; −1 leaves a frame out, see
       :func:`~trl_plus.diffusion.data.segment_ids`), collated to ``[B, F]``; the loss then receives ℓ ``[K, B, S]``
       (element means over each segment's frames) with ``mask`` 1 where a segment has frames, and
-      ``ctx.outputs.mse`` ``[K*B, S]``. ``None`` (the default): one score per image.
+      ``ctx.outputs.mse`` ``[K*B, S]``. ``None`` (the default): one score per image;
+    - ``denoisers``: the denoiser kinds the method can drive (a UNet-only branch, a video-only loss), or ``None``.
     """
 
     targets: tuple[str, ...] = TARGETS
     share_timestep: bool = True
     share_noise: bool = True
     segments: str | None = None
+    #: The denoiser kinds the method drives (``unet``, ``sd3``, ``flux``, ``wan``; ``None``: any), checked before any
+    #: model loads like ``targets``.
+    denoisers: tuple[str, ...] | None = None
 
 
 def denoising_errors(ctx: Any) -> tuple[Any, Any]:

@@ -127,6 +127,9 @@ class DiffusionTrainer(GuardMixin, Trainer):
             share_noise=scoring.share_noise if args.share_noise is None else args.share_noise,
             timestep_range=args.timestep_range,
         )  # fmt: skip
+        if scoring.denoisers is not None and bundle.kind not in scoring.denoisers:
+            raise TrlPlusError(f"method {self.method.name!r} drives {' / '.join(scoring.denoisers)} denoisers only, "
+                               f"not a {type(denoiser).__name__} ({bundle.kind})")  # fmt: skip
         if self.scorer.target not in scoring.targets:
             raise TrlPlusError(f"method {self.method.name!r} trains {' / '.join(scoring.targets)} targets, but the "
                                f"scheduler ({type(bundle.scheduler).__name__}) predicts {self.scorer.target}")

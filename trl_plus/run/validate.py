@@ -497,9 +497,13 @@ def check_diffusion_model(recipe: Recipe, method, training: dict[str, Any]) -> N
                            f"or an alias: {', '.join(get_registry().aliases)})")  # fmt: skip
     try:
         facts = pipeline_facts(folder, spec.denoiser, spec.scheduler.subfolder if spec.scheduler else "scheduler")
-        check_denoiser_class(facts.denoiser_class, f"model.denoiser ({folder / facts.denoiser})")
+        kind = check_denoiser_class(facts.denoiser_class, f"model.denoiser ({folder / facts.denoiser})")
     except TrlPlusError as exc:
         raise TrlPlusError(f"{recipe_source(recipe)}: {exc}") from None
+    kinds = method.scoring.denoisers
+    if kinds is not None and kind not in kinds:
+        raise TrlPlusError(f"{locate(recipe, 'model.name_or_path')}: {path}'s denoiser is a {facts.denoiser_class} "
+                           f"({kind}); method {method.name!r} drives {' / '.join(kinds)} denoisers only")  # fmt: skip
     targets = method.scoring.targets
     if facts.prediction_type not in targets:
         raise TrlPlusError(f"{locate(recipe, 'model.scheduler')}: the scheduler of {path} ({facts.scheduler_class}) "

@@ -217,3 +217,15 @@ def test_branch_off_is_restored_after_the_reference(tmp_path):
     with trainer.reference_denoiser() as reference:
         assert all(p.scale == [0.0] for p in branch_processors(reference))
     assert all(p.scale == [1.0] for p in branch_processors(trainer.model))
+
+
+def test_a_transformer_denoiser_is_refused_before_loading(tmp_path):
+    """The branch lives in a UNet's cross-attention layers: an SD3 or Flux pipeline is one line, before any model
+    loads (the pipeline folder's JSON files say which denoiser it has)."""
+    from trl_plus import check_recipe
+
+    data = str(ROOT / "recipes/data/diffusion_user_pairs.jsonl")
+    recipe = load_recipe({"method": "ppd", "model": {"kind": "diffusion", "name_or_path": "tiny-sd3"},
+                          "data": {"train": {"path": data}}})  # fmt: skip
+    with pytest.raises(TrlPlusError, match=r"SD3Transformer2DModel \(sd3\); method 'ppd' drives unet denoisers only"):
+        check_recipe(recipe)
