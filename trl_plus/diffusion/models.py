@@ -192,7 +192,9 @@ def load_diffusion(spec, path: str, *, trainable: bool = True) -> DiffusionBundl
     pipeline = DiffusionPipeline.from_pretrained(path, torch_dtype=text_dtype, **missing)
     pipeline.set_progress_bar_config(disable=True)
     denoiser = getattr(pipeline, facts.denoiser)
-    denoiser.to(_dtype(spec.dtype) or torch.float32)
+    wanted = _dtype(spec.dtype) or torch.float32
+    if any(p.dtype != wanted for p in denoiser.parameters() if p.is_floating_point()):
+        denoiser.to(wanted)  # (only when it changes something: diffusers warns on every .to(dtype))
     vae = getattr(pipeline, "vae", None)
     if vae is not None:
         vae_dtype = _dtype(spec.vae.dtype if spec.vae else None) or torch.float32
