@@ -49,3 +49,27 @@ def test_one_progress_bar_per_long_phase(tiny_run):
         assert noise not in bars, bars
     assert "Scoring held-out pairs (recipes/data/quickstart_prefs_eval.jsonl)" in bars, bars
     assert re.search(r"100%\|[#█]+\| 2/2 \[", stderr), "the training bar"
+
+
+def test_known_third_party_noise_is_dropped_and_nothing_else(caplog):
+    """The command's quieting drops exactly the listed lines: transformers' torchvision fallback (printed when a
+    diffusers pipeline module loads) goes, another warning of the same logger stays; calling it twice adds one
+    filter."""
+    import logging
+
+    from trl_plus.errors import quiet_known_noise
+
+    logger = logging.getLogger("transformers.utils.import_utils")
+    before = list(logger.filters)
+    logger.filters[:] = [f for f in before if not hasattr(f, "text")]  # (a command run earlier added it already)
+    try:
+        quiet_known_noise()
+        quiet_known_noise()
+        assert sum(hasattr(f, "text") for f in logger.filters) == 1
+        with caplog.at_level(logging.WARNING, logger=logger.name):
+            logger.warning("`CLIPImageProcessor` requires torchvision (not installed); falling back to `...Pil`")
+            logger.warning("something else a user should see")
+        assert [r.getMessage() for r in caplog.records] == ["something else a user should see"]
+        assert logging.getLogger("bitsandbytes.backends.cpu.ops").level == logging.ERROR
+    finally:
+        logger.filters[:] = before

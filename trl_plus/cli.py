@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import logging
 import os
 import sys
 import textwrap
@@ -16,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ._version import __version__
-from .errors import TrlPlusError
+from .errors import TrlPlusError, quiet_known_noise
 
 LIST_WIDTH = 100  # `trl-plus list` fits this many columns unless --wide
 
@@ -563,8 +562,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: run a command; user errors print one line (``--debug`` for the traceback) and exit 2; a closed
     output pipe ends it quietly (141)."""
     args = build_parser().parse_args(argv)
-    # bitsandbytes warns on import, on some CPUs, that it cannot download an optional kernel from the hub
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    quiet_known_noise()  # third-party log lines a user cannot act on (trl_plus.errors.KNOWN_NOISE)
     debug = args.debug or os.environ.get("TRL_PLUS_DEBUG") == "1"
     try:
         return args.func(args)

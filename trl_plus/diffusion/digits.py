@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import TrlPlusError
+from ..errors import TrlPlusError, quiet_known_noise
 
 DIGITS_PIP = "pip install --no-deps scikit-learn==1.9.1"
 #: Images per split: the first ``TRAIN`` of a seeded permutation train, the other 397 are held out.
@@ -303,9 +303,7 @@ def format_figures(figures: dict[str, Figures]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """``data DIR`` | ``report REFERENCE POLICY DATA_DIR [GRID.png]``."""
-    import logging
-
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)  # as the trl-plus command does
+    quiet_known_noise()  # as the trl-plus command does
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["data"] and len(argv) == 2:
         for key, path in write_digits_data(argv[1]).items():

@@ -176,6 +176,13 @@ def _dtype(name: str | None):
     return None if name in (None, "auto") else getattr(torch, name)
 
 
+def _cast(module, dtype):
+    """``module`` in ``dtype``, cast only when that changes something (diffusers warns on every ``.to(dtype)``)."""
+    if any(p.dtype != dtype for p in module.parameters() if p.is_floating_point()):
+        module.to(dtype)
+    return module
+
+
 def load_diffusion(spec, path: str, *, trainable: bool = True) -> DiffusionBundle:
     """Load the pipeline folder ``path`` as the recipe's ``model`` block ``spec`` says: the denoiser in
     ``spec.dtype`` (4-bit when ``spec.quantization`` asks), the VAE and text encoders frozen, LoRA attached when
@@ -189,16 +196,14 @@ def load_diffusion(spec, path: str, *, trainable: bool = True) -> DiffusionBundl
     check_denoiser_class(facts.denoiser_class)
     missing = {k: None for k, v in facts.components.items() if isinstance(v, list) and v[0] is None}
     text_dtype = _dtype(spec.text_encoders.dtype if spec.text_encoders else None) or torch.float32
-    pipeline = DiffusionPipeline.from_pretrained(path, torch_dtype=text_dtype, **missing)
+    pipeline = DiffusionPipeline.from_pretrained(path, dtype=text_dtype, **missing)
     pipeline.set_progress_bar_config(disable=True)
     denoiser = getattr(pipeline, facts.denoiser)
-    wanted = _dtype(spec.dtype) or torch.float32
-    if any(p.dtype != wanted for p in denoiser.parameters() if p.is_floating_point()):
-        denoiser.to(wanted)  # (only when it changes something: diffusers warns on every .to(dtype))
+    _cast(denoiser, _dtype(spec.dtype) or torch.float32)
     vae = getattr(pipeline, "vae", None)
     if vae is not None:
         vae_dtype = _dtype(spec.vae.dtype if spec.vae else None) or torch.float32
-        vae.to(vae_dtype).requires_grad_(False).eval()
+        _cast(vae, vae_dtype).requires_grad_(False).eval()
     for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
         if getattr(pipeline, name, None) is not None:
             getattr(pipeline, name).requires_grad_(False).eval()
@@ -242,7 +247,7 @@ def quantize_denoiser(denoiser, path: str, facts: PipelineFacts, spec) -> tuple[
                                     bnb_4bit_use_double_quant=spec.quantization.double_quant,
                                     bnb_4bit_compute_dtype=compute)  # fmt: skip
         cls = getattr(diffusers, facts.denoiser_class)
-        model = cls.from_pretrained(path, subfolder=facts.denoiser, quantization_config=config, torch_dtype=compute)
+        model = cls.from_pretrained(path, subfolder=facts.denoiser, quantization_config=config, dtype=compute)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         logger.info("model.quantization: the denoiser is 4-bit through diffusers' BitsAndBytesConfig (GPU)")
         return model, "diffusers-bnb"
