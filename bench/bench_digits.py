@@ -32,6 +32,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     from trl_plus import train
     from trl_plus.diffusion.digits import quickstart_report, write_digits_data
+    from trl_plus.errors import quiet_known_noise
+
+    quiet_known_noise()
 
     out = Path(args.out)
     files = write_digits_data(out / "data")
