@@ -32,47 +32,39 @@ def smollm2_alias(cache: Path) -> str:
     return gguf_checkpoint(gguf)
 
 
-def tiny_sd_alias(cache_dir: Path) -> str:
-    """Build (once) and return the ``tiny-sd`` pipeline folder (seed 0; see :mod:`trl_plus.diffusion.tiny`)."""
-    from ..diffusion.method import require_diffusers
-    from ..diffusion.tiny import save_tiny_sd
+def _pipeline_alias(cache_dir: Path, name: str, module: str, save: str) -> str:
+    """Build (once) and return the folder of the diffusion pipeline alias ``name``: ``trl_plus.<module>.<save>(dir)``
+    writes it (seed 0), under ``<cache>/models/<name>-v1``; one line without the diffusion extra."""
+    import importlib
 
-    require_diffusers("model alias 'tiny-sd'")
-    return build_once(Path(cache_dir) / "models" / "tiny-sd-v1", save_tiny_sd, marker="model_index.json")
+    from ..diffusion.method import require_diffusers
+
+    require_diffusers(f"model alias {name!r}")
+    build = getattr(importlib.import_module(f"..{module}", __package__), save)
+    return build_once(Path(cache_dir) / "models" / f"{name}-v1", build, marker="model_index.json")
+
+
+def tiny_sd_alias(cache_dir: Path) -> str:
+    """The ``tiny-sd`` pipeline folder (see :mod:`trl_plus.diffusion.tiny`)."""
+    return _pipeline_alias(cache_dir, "tiny-sd", "diffusion.tiny", "save_tiny_sd")
 
 
 def tiny_sd3_alias(cache_dir: Path) -> str:
-    """Build (once) and return the ``tiny-sd3`` pipeline folder (seed 0; see :mod:`trl_plus.diffusion.tiny`)."""
-    from ..diffusion.method import require_diffusers
-    from ..diffusion.tiny import save_tiny_sd3
-
-    require_diffusers("model alias 'tiny-sd3'")
-    return build_once(Path(cache_dir) / "models" / "tiny-sd3-v1", save_tiny_sd3, marker="model_index.json")
+    """The ``tiny-sd3`` pipeline folder (see :mod:`trl_plus.diffusion.tiny`)."""
+    return _pipeline_alias(cache_dir, "tiny-sd3", "diffusion.tiny", "save_tiny_sd3")
 
 
 def tiny_digits_alias(cache_dir: Path) -> str:
-    """Build (once) and return the ``tiny-digits`` pipeline folder: the real-image quickstart's untrained 8×8×1
-    pixel-space UNet with a frozen random text encoder (seed 0; see :mod:`trl_plus.diffusion.digits`)."""
-    from ..diffusion.digits import save_digits_pipeline
-    from ..diffusion.method import require_diffusers
-
-    require_diffusers("model alias 'tiny-digits'")
-    return build_once(Path(cache_dir) / "models" / "tiny-digits-v1", save_digits_pipeline, marker="model_index.json")
+    """The ``tiny-digits`` pipeline folder: the real-image quickstart's untrained 8×8×1 pixel-space UNet with a frozen
+    random text encoder (see :mod:`trl_plus.diffusion.digits`)."""
+    return _pipeline_alias(cache_dir, "tiny-digits", "diffusion.digits", "save_digits_pipeline")
 
 
 def tiny_wan_alias(cache_dir: Path) -> str:
-    """Build (once) and return the ``tiny-wan`` pipeline folder (seed 0; see :mod:`trl_plus.diffusion.tiny`)."""
-    from ..diffusion.method import require_diffusers
-    from ..diffusion.tiny import save_tiny_wan
-
-    require_diffusers("model alias 'tiny-wan'")
-    return build_once(Path(cache_dir) / "models" / "tiny-wan-v1", save_tiny_wan, marker="model_index.json")
+    """The ``tiny-wan`` pipeline folder (see :mod:`trl_plus.diffusion.tiny`)."""
+    return _pipeline_alias(cache_dir, "tiny-wan", "diffusion.tiny", "save_tiny_wan")
 
 
 def tiny_flux_alias(cache_dir: Path) -> str:
-    """Build (once) and return the ``tiny-flux`` pipeline folder (seed 0; see :mod:`trl_plus.diffusion.tiny`)."""
-    from ..diffusion.method import require_diffusers
-    from ..diffusion.tiny import save_tiny_flux
-
-    require_diffusers("model alias 'tiny-flux'")
-    return build_once(Path(cache_dir) / "models" / "tiny-flux-v1", save_tiny_flux, marker="model_index.json")
+    """The ``tiny-flux`` pipeline folder (see :mod:`trl_plus.diffusion.tiny`)."""
+    return _pipeline_alias(cache_dir, "tiny-flux", "diffusion.tiny", "save_tiny_flux")

@@ -27,7 +27,7 @@ hidden states keep the plain path.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -59,6 +59,8 @@ class SharedBatch:
     index: torch.Tensor
     plain_tokens: int  # non-padding tokens of the plain rows
     shared_tokens: int  # non-padding tokens of the shared rows
+    #: The masks built from ``example`` / ``segment``, once per batch: the policy, the reference and a teacher share them.
+    _masks: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     TENSORS = ("input_ids", "position_ids", "example", "segment", "shift_labels", "index")
 
@@ -75,16 +77,20 @@ class SharedBatch:
     def attention_mask(self) -> torch.Tensor:
         """``[R, 1, L, L]`` bool: causal, within a block, and a rest sees the shared part and itself only (padding
         sees only padding: never a row without a visible token)."""
-        width = self.example.size(1)
-        causal = torch.ones(width, width, dtype=torch.bool, device=self.example.device).tril()
-        same_example = self.example.unsqueeze(2) == self.example.unsqueeze(1)
-        visible = (self.segment.unsqueeze(1) == 0) | (self.segment.unsqueeze(2) == self.segment.unsqueeze(1))
-        return (causal & same_example & visible).unsqueeze(1)
+        if "dense" not in self._masks:
+            width = self.example.size(1)
+            causal = torch.ones(width, width, dtype=torch.bool, device=self.example.device).tril()
+            same_example = self.example.unsqueeze(2) == self.example.unsqueeze(1)
+            visible = (self.segment.unsqueeze(1) == 0) | (self.segment.unsqueeze(2) == self.segment.unsqueeze(1))
+            self._masks["dense"] = (causal & same_example & visible).unsqueeze(1)
+        return self._masks["dense"]
 
     def block_mask(self):
         """:attr:`attention_mask` as a FlexAttention ``BlockMask`` (``torch.nn.attention.flex_attention``): the same
         rule as a ``mask_mod`` over ``example`` / ``segment``, so the kernel skips the blocks where nothing is
         visible (other examples of a packed row, another rest) instead of reading an ``[R, 1, L, L]`` mask."""
+        if "block" in self._masks:
+            return self._masks["block"]
         from torch.nn.attention.flex_attention import create_block_mask
 
         example, segment = self.example, self.segment
@@ -94,7 +100,9 @@ class SharedBatch:
                 (segment[b, kv] == 0) | (segment[b, q] == segment[b, kv]))
 
         rows, width = example.shape
-        return create_block_mask(visible, B=rows, H=None, Q_LEN=width, KV_LEN=width, device=example.device)
+        self._masks["block"] = create_block_mask(visible, B=rows, H=None, Q_LEN=width, KV_LEN=width,
+                                                 device=example.device)  # fmt: skip
+        return self._masks["block"]
 
     def model_inputs(self, flex: bool = False) -> dict[str, torch.Tensor]:
         """The keyword arguments of the forward (fused LM head: ``fused_lm_head=True`` is the caller's); ``flex``: the

@@ -199,18 +199,22 @@ def _load(folder: str | Path):
     return unet, pipeline.scheduler, embed
 
 
-def _mean_errors(unet, scheduler, x0, text, draws: int, seed: int):
-    """``[N]`` mean ε-prediction error of ``unet`` over ``draws`` seeded (t, ε) per image."""
+def _pair_errors(unet, scheduler, images, text, draws: int, seed: int):
+    """``[2P]`` mean ε-prediction error ē of ``unet`` on ``images`` (P winners, then their P losers) over ``draws``
+    seeded draws of the core's :class:`~trl_plus.diffusion.scorer.DenoisingScorer`, (t, ε) shared by each pair."""
     import torch
 
+    from .scorer import DenoisingScorer
+
+    scorer = DenoisingScorer(scheduler)
+    pairs = images.size(0) // 2
+    group = torch.arange(pairs).repeat(2)
     generator = torch.Generator().manual_seed(seed)
-    total = torch.zeros(x0.size(0), dtype=torch.float64)
+    total = torch.zeros(images.size(0), dtype=torch.float64)
     with torch.no_grad():
         for _ in range(draws):
-            t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.size(0),), generator=generator)
-            noise = torch.randn(x0.shape, generator=generator)
-            prediction = unet(scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=text).sample
-            total += ((prediction - noise) ** 2).flatten(1).mean(1).double()
+            noised = scorer.forward_noise(images, group, pairs, generator)
+            total += scorer.errors(unet, noised, {"text": text}).double()
     return total / draws
 
 
@@ -227,6 +231,7 @@ def quickstart_report(reference: str | Path, policy: str | Path, data_dir: str |
     """
     import torch
 
+    from ..builtin.metrics import pair_accuracy
     from .data import load_image
     from .inversion import ddim_sample
 
@@ -245,7 +250,7 @@ def quickstart_report(reference: str | Path, policy: str | Path, data_dir: str |
     for name, (unet, scheduler, embed) in models.items():
         text = embed([p["prompt"] for p in pairs])
         both = torch.cat([chosen, rejected])
-        errors = _mean_errors(unet, scheduler, both, torch.cat([text, text]), draws, seed + 3)  # pairs share draws
+        errors = _pair_errors(unet, scheduler, both, torch.cat([text, text]), draws, seed + 3)
         margins[name] = errors[len(pairs):] - errors[:len(pairs)]  # ē_l − ē_w: > 0 when the winner is denoised better
         mse = errors.mean().item()
         cond = {"text": embed([PROMPT.format(int(c)) for c in range(10)])[classes]}
@@ -257,7 +262,7 @@ def quickstart_report(reference: str | Path, policy: str | Path, data_dir: str |
     reference_ink = ink(pictures["reference"].numpy())
     for name, (mse, consistency, mean_ink) in results.items():
         delta = margins[name] - margins["reference"]  # the implicit reward's sign: policy's margin gain over the ref's
-        accuracy = ((delta > 0).double() + 0.5 * (delta == 0).double()).mean().item()
+        accuracy = pair_accuracy(delta, torch.zeros_like(delta)).mean().item()  # ties (policy = reference) ½
         brighter = float((ink(pictures[name].numpy()) > reference_ink).mean())
         figures[name] = Figures(accuracy, mse, consistency, mean_ink, brighter)
     if grid is not None:

@@ -154,7 +154,6 @@ class DiffusionTrainer(GuardMixin, Trainer):
         self.release_text_encoders()
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._eval_generator: torch.Generator | None = None
-        self._policy_only = False  # pair_scores: the scorer skips the reference
         super().__init__(model=denoiser, args=args, data_collator=data_collator or self.method.batch_collator(),
                          train_dataset=train_examples, eval_dataset=eval_examples, **kwargs)  # fmt: skip
         if self.ref_model is not None:
@@ -372,8 +371,9 @@ class DiffusionTrainer(GuardMixin, Trainer):
         rows = prompt_ids.cpu()[group.cpu()]
         return {key: value[rows].to(device=device, dtype=dtype) for key, value in self.text_cache.items()}
 
-    def score(self, model, inputs: Mapping[str, Any], generator=None) -> ScoreOutput:
-        """One draw of (t, ε) for the batch; the policy's and (when the run has one) the reference's scores."""
+    def score(self, model, inputs: Mapping[str, Any], generator=None, reference: bool = True) -> ScoreOutput:
+        """One draw of (t, ε) for the batch; the policy's and (when the run has one and ``reference``) the
+        reference's scores."""
         custom = getattr(self.method, "score", None)
         if custom is not None and (result := custom(self, inputs, model=model, generator=generator)) is not None:
             return result
@@ -386,7 +386,7 @@ class DiffusionTrainer(GuardMixin, Trainer):
         dtype = self.denoiser_dtype(model)
         cond = self.method.extra_conditioning(self, inputs, self.conditioning(prompt_ids, group, dtype, x0.device),
                                               generator)  # fmt: skip
-        reference = None if self.reference_mode == "none" or self._policy_only else self.reference_errors
+        reference = None if self.reference_mode == "none" or not reference else self.reference_errors
         segments = self.method.scoring.segments
         segments = None if segments is None else inputs[segments][group.to(inputs[segments].device)]
         return self.scorer.score(model, x0.to(dtype), group, prompt_ids.size(0), cond, reference, generator,
@@ -478,18 +478,18 @@ class DiffusionTrainer(GuardMixin, Trainer):
         generator = torch.Generator().manual_seed(self.args.seed)
         size = batch_size or self.args.per_device_eval_batch_size
         rows = []
-        self._policy_only = True  # the table compares the policy with itself before training: no reference forward
         try:
             for start in range(0, len(examples), size):
                 batch = Trainer._prepare_inputs(self, self.data_collator(examples[start:start + size]))
                 b = batch[PROMPT_IDS].size(0)
                 total = torch.zeros(2, b, dtype=torch.float64)
                 for _ in range(draws):
-                    total += self.score(model, batch, generator).logps.view(2, b, -1).sum(-1).double().cpu()
+                    # the table compares the policy with itself before training: no reference forward
+                    scores = self.score(model, batch, generator, reference=False)
+                    total += scores.logps.view(2, b, -1).sum(-1).double().cpu()
                 rows.append((total / draws).T)
         finally:
             model.train(was_training)
-            self._policy_only = False
         return torch.cat(rows)
 
     # -- metrics ----------------------------------------------------------------------------------------------
