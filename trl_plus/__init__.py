@@ -42,19 +42,21 @@ from .contract import (
     hookimpl,
 )
 from .data.tokenize import tokenize_completions
-from .diffusion.method import DiffusionMethod, Scoring, denoising_errors
+from .diffusion.method import DiffusionMethod, ImageRollouts, Scoring, denoising_errors
 from .errors import TrlPlusError, did_you_mean
 from .registry import get_method, get_registry
 from .trainers.frozen import REFERENCE_MODES, Teacher, resolve_reference_mode
 
 __all__ = [
-    "DPO", "DPOConfig", "Environment", "EnvironmentConfig", "GRPO", "GroupContext", "GroupMethod", "PlusGRPOTrainer", "DiffusionDPO", "DiffusionDPOConfig", "DiffusionMethod", "DiffusionTrainer", "FieldCollation",
+    "DPO", "DPOConfig", "Environment", "EnvironmentConfig", "GRPO", "GroupContext", "GroupMethod", "PlusGRPOTrainer", "DiffusionDPO", "DiffusionDPOConfig", "DiffusionMethod", "DiffusionTrainer", "ImageRollouts", "FieldCollation",
     "FrozenOutputs", "IterationContext", "ListField", "LossContext", "LossOutput", "Method", "MethodConfig", "Metric", "ModelAlias", "Needs",
     "PairwiseCollator", "Paper", "PlusTrainer", "Rollout", "Rollouts", "PolicyOutputs", "REFERENCE_MODES", "Recipe", "SFT", "Sequence", "Scoring",
     "SequencesCollator", "Scorer", "Stage", "TAXONOMY", "Teacher", "TopK", "Inversion", "TrainResult", "TrlPlusError", "check_recipe",
     "combine", "generate", "load_run", "trained_module",
     "ddim_invert", "ddim_sample", "flow_elbo_factor", "guided_prediction", "inversion_timesteps", "Noised", "OnlineMethod", "ScoreOutput", "run_stages",
     "LatentCollator", "load_latent", "segment_ids", "denoise", "denoiser_kind", "has_lora",
+    "sample", "Trajectory", "ParameterState", "ddim_step_logp", "ddim_step_mean", "ddim_sigma", "implied_noise",
+    "reward_guidance", "sampling_timesteps", "flow_sigmas", "gaussian_logp",
     "denoising_errors", "did_you_mean", "dpo_losses", "evaluate", "get_method", "get_registry", "hookimpl", "load_recipe",
     "merge_adapter", "method_collator", "pair_accuracy", "prompt_completion", "resolve_reference_mode", "tokenize_completions",
     "train", "frozen_model", "rollout_token_logps", "turn_sums",
@@ -72,6 +74,19 @@ if TYPE_CHECKING:
     from .diffusion.data import LatentCollator, load_latent, segment_ids
     from .diffusion.inversion import Inversion, ddim_invert, ddim_sample, guided_prediction, inversion_timesteps
     from .diffusion.models import denoise, denoiser_kind, has_lora
+    from .diffusion.sampling import (
+        ParameterState,
+        Trajectory,
+        ddim_sigma,
+        ddim_step_logp,
+        ddim_step_mean,
+        flow_sigmas,
+        gaussian_logp,
+        implied_noise,
+        reward_guidance,
+        sample,
+        sampling_timesteps,
+    )
     from .diffusion.scorer import Noised, ScoreOutput, flow_elbo_factor
     from .diffusion.trainer import DiffusionTrainer
     from .models.load import frozen_model
@@ -91,6 +106,17 @@ _LAZY = {
     "PlusGRPOTrainer": "trainers.group",
     "frozen_model": "models.load",
     "DiffusionTrainer": "diffusion.trainer",
+    "sample": "diffusion.sampling",
+    "Trajectory": "diffusion.sampling",
+    "ParameterState": "diffusion.sampling",
+    "ddim_step_logp": "diffusion.sampling",
+    "ddim_step_mean": "diffusion.sampling",
+    "ddim_sigma": "diffusion.sampling",
+    "implied_noise": "diffusion.sampling",
+    "reward_guidance": "diffusion.sampling",
+    "sampling_timesteps": "diffusion.sampling",
+    "flow_sigmas": "diffusion.sampling",
+    "gaussian_logp": "diffusion.sampling",
     "Inversion": "diffusion.inversion",
     "Noised": "diffusion.scorer",
     "ScoreOutput": "diffusion.scorer",

@@ -313,6 +313,7 @@ class RolloutSpec(_Block):
     missing_eos_penalty: Annotated[float, Field(ge=0)] | None = None  # subtracted from samples without EOS (TRL)
     scorers: list[ScorerSpec] = Field(default_factory=list)
     environment: EnvironmentSpec | None = None
+    every: PositiveInt | None = None  # diffusion methods: fresh samples every `every` optimizer steps
 
 
 class IterationsSpec(_Block):

@@ -259,6 +259,11 @@ class Rollout:
     - ``environment``: an :class:`Environment` (built from the recipe's ``rollout.environment``) that turns each
       sample into a multi-turn episode (group methods; ``decoding.max_new_tokens`` is then per turn); ``None``: one
       completion per sample.
+    - ``every``: diffusion methods sample fresh images every ``every`` optimizer steps (the steps between train on
+      the last rows again); text methods sample before every step.
+
+    A diffusion method's ``decoding`` holds its sampler's settings instead (``steps``, ``eta``, ``guidance``: see
+    :func:`trl_plus.diffusion.sampling.check_sampling`).
     """
 
     n: int = 2
@@ -267,6 +272,7 @@ class Rollout:
     decoding: Mapping[str, Any] = field(default_factory=lambda: {"max_new_tokens": 64, "temperature": 0.9})
     missing_eos_penalty: float | None = None
     environment: Environment | None = None
+    every: int = 1
 
     def updated(self, fields: Mapping[str, Any]) -> Rollout:
         """This rollout with the recipe's ``rollout:`` fields (``decoding`` merged over this one's)."""
@@ -928,6 +934,11 @@ class Scorer(Configured):
     pairwise and listwise judges come with the online trainers), ``outputs`` (the score names: more than one for a
     vector scorer), ``columns`` (data columns :meth:`score` reads, passed as keyword lists). ``tokenizer`` is the
     run's tokenizer (``--model``), ``device`` where to run.
+
+    ``inputs`` says what a completion is: ``"text"`` (the default), or for image scorers of diffusion runs
+    ``"pixels"`` (``completions`` is a float tensor ``[N, C, H, W]`` in [0, 1], decoded by the pipeline's VAE) or
+    ``"latents"`` (``[N, ...]`` latents as the denoiser sees them; no decoding; a time-conditioned latent reward
+    reads the ``sigma`` column ``[N]`` when it is given, and should be differentiable to guide a sampler).
     """
 
     name: ClassVar[str]
@@ -935,6 +946,7 @@ class Scorer(Configured):
     kind: ClassVar[Literal["pointwise", "pairwise", "listwise"]] = "pointwise"
     outputs: ClassVar[tuple[str, ...]] = ("score",)
     columns: ClassVar[tuple[str, ...]] = ()
+    inputs: ClassVar[Literal["text", "pixels", "latents"]] = "text"
 
     def __init__(self, config: MethodConfig | Mapping[str, Any] | None = None, *, tokenizer: Any = None,
                  device: Any = None, **kwargs: Any):  # fmt: skip

@@ -1,6 +1,7 @@
 """The core's scorers, registered through ``register_scorers`` like a plugin's: ``length``, ``implicit-reward`` (an
 adapter against its base), ``reward-model`` (a sequence-classification model), and the rule scorers online runs and
-tests use (``keyword``, ``regex``, ``digits``, ``exact-answer``)."""
+tests use (``keyword``, ``regex``, ``digits``, ``exact-answer``); for diffusion runs the image scorers ``brightness``,
+``ink`` (pixels) and ``latent-mean`` (latents, differentiable)."""
 
 from __future__ import annotations
 
@@ -300,4 +301,49 @@ class ExactAnswer(Scorer):
         return torch.tensor(values, dtype=torch.float64).unsqueeze(-1)
 
 
-SCORERS = (Length, ImplicitReward, RewardModel, Keyword, Regex, Digits, ExactAnswer)
+
+# -- image scorers (diffusion runs) ---------------------------------------------------------------------------------
+class Brightness(Scorer):
+    """The image's mean pixel value in [0, 1] (all channels): a rule reward online diffusion tests learn."""
+
+    name = "brightness"
+    summary = "an image's mean pixel value in [0, 1] (a rule reward for diffusion tests)"
+    outputs = ("brightness",)
+    inputs = "pixels"
+
+    def score(self, prompts: list, completions: Any, **columns: list) -> Any:
+        return completions.flatten(1).double().mean(1).unsqueeze(-1)
+
+
+class InkConfig(MethodConfig):
+    threshold: float = Field(0.5, ge=0, le=1, description="a pixel is inked when its value (in [0, 1]) exceeds this")
+
+
+class Ink(Scorer):
+    """The share of inked pixels (value above ``threshold``, channels averaged): the digits quickstart's rule as a
+    count of strokes rather than their mean brightness."""
+
+    name = "ink"
+    summary = "the share of pixels above a threshold (strokes of grey digits; default 0.5)"
+    outputs = ("ink",)
+    inputs = "pixels"
+    Config = InkConfig
+
+    def score(self, prompts: list, completions: Any, **columns: list) -> Any:
+        grey = completions.double().mean(1)
+        return (grey > self.config.threshold).double().flatten(1).mean(1).unsqueeze(-1)
+
+
+class LatentMean(Scorer):
+    """The mean latent value, differentiable (no decoding): a latent reward for guidance tests (``reward_guidance``)
+    and for online runs without a VAE decode."""
+
+    name = "latent-mean"
+    summary = "the mean latent value (differentiable; a latent reward for guidance and tests)"
+    outputs = ("latent_mean",)
+    inputs = "latents"
+
+    def score(self, prompts: list, completions: Any, **columns: list) -> Any:
+        return completions.flatten(1).mean(1, keepdim=True)
+
+SCORERS = (Length, ImplicitReward, RewardModel, Keyword, Regex, Digits, ExactAnswer, Brightness, Ink, LatentMean)

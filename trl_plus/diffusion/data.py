@@ -23,6 +23,11 @@ from ..errors import TrlPlusError
 
 #: The collated batch keys of the diffusion trainer.
 X0, PROMPT_IDS, GROUP, NUM_SEQUENCES = "x0", "prompt_ids", "group", "num_sequences"
+#: An example's stored sampler steps (``Scoring.source = "transitions"``): ``{"x_t", "x_prev", "timestep",
+#: "prev_timestep"}`` ``[K, ...]``, collated to ``transition_<key>`` ``[K*B, ...]``.
+TRANSITION = "transition"
+#: The batch key of an online method's micro-batch: the prompt rows the rollout stage samples.
+PROMPT_ROWS = "prompt_rows"
 #: An image column's batch field for soft labels (``ties: keep_as_soft``): 1.0 = decisive, 0.5 = a tie.
 SOFT_LABEL = "label"
 
@@ -92,6 +97,20 @@ def _image_size(path: Path) -> tuple[int, int] | None:
             return image.size
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         return None
+
+
+def check_prompt_rows(dataset: Any, recipe: Any, split: str) -> Any:
+    """An online method's rows: each needs a non-empty string ``prompt`` (one line naming the data file and row)."""
+    spec = getattr(recipe.data, split)
+    source = f"{getattr(recipe, '_source', '<recipe>')}: data.{split} ({spec.path})"
+    data_file = spec.path if looks_local(spec.path) and Path(spec.path).is_file() else None
+    if "prompt" not in dataset.column_names:
+        raise TrlPlusError(f"{source}: an online diffusion method samples its own images: each row needs a 'prompt' "
+                           f"column (columns: {', '.join(dataset.column_names)})")  # fmt: skip
+    for index, prompt in enumerate(dataset["prompt"]):
+        if not isinstance(prompt, str):
+            raise TrlPlusError(f"{source}: {_rows([index], data_file)}: 'prompt' must be a string, got {prompt!r}")
+    return dataset
 
 
 def check_image_rows(dataset: Any, method: Any, recipe: Any, split: str) -> Any:
@@ -220,9 +239,14 @@ class LatentCollator:
     def __call__(self, examples: list[dict]) -> dict:
         import torch
 
-        first = examples[0]["x0"]
+        first = examples[0]["x0"] if X0 in examples[0] else examples[0][TRANSITION]
         batch: dict[str, Any] = {}
-        if isinstance(first, dict):
+        if TRANSITION in examples[0]:  # stored sampler steps (Scoring.source = "transitions")
+            for key in first:
+                stacked = torch.stack([torch.as_tensor(e[TRANSITION][key]) for e in examples], 1)
+                batch[f"{TRANSITION}_{key}"] = stacked.reshape(-1, *stacked.shape[2:])
+            k = first["x_t"].size(0)
+        elif isinstance(first, dict):
             for key in first:
                 stacked = torch.stack([e["x0"][key] for e in examples], 1)  # [K, B, ...]
                 batch[f"{X0}_{key}"] = stacked.reshape(-1, *stacked.shape[2:])
@@ -240,3 +264,11 @@ class LatentCollator:
         if self.segments is not None:  # [B, F] segment id per latent frame (Scoring.segments)
             batch[self.segments] = torch.tensor([e[self.segments] for e in examples], dtype=torch.long)
         return batch
+
+
+class PromptRowsCollator:
+    """An online method's micro-batch: its prepared prompt examples as they are (``{"prompt_rows": [...]}``); the
+    rollout stage samples them and collates the rows :meth:`~trl_plus.DiffusionMethod.make_examples` makes."""
+
+    def __call__(self, examples: list[dict]) -> dict:
+        return {PROMPT_ROWS: list(examples)}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from ..contract import Method, Needs
@@ -46,7 +46,11 @@ class Scoring:
       :func:`~trl_plus.diffusion.data.segment_ids`), collated to ``[B, F]``; the loss then receives ℓ ``[K, B, S]``
       (element means over each segment's frames) with ``mask`` 1 where a segment has frames, and
       ``ctx.outputs.mse`` ``[K*B, S]``. ``None`` (the default): one score per image;
-    - ``denoisers``: the denoiser kinds the method can drive (a UNet-only branch, a video-only loss), or ``None``.
+    - ``denoisers``: the denoiser kinds the method can drive (a UNet-only branch, a video-only loss), or ``None``;
+    - ``source``: where x_t comes from: ``forward`` (the default: forward-noised clean latents) or ``transitions``
+      (stored sampler steps of an online method: each example holds ``transition`` = ``{"x_t", "x_prev",
+      "timestep", "prev_timestep"}`` ``[K, ...]`` and ℓ is the element-mean DDIM step log-density of x_prev under
+      the model's (guided) prediction at x_t: D3PO, SPO).
     """
 
     targets: tuple[str, ...] = TARGETS
@@ -56,6 +60,52 @@ class Scoring:
     #: The denoiser kinds the method drives (``unet``, ``sd3``, ``flux``, ``wan``; ``None``: any), checked before any
     #: model loads like ``targets``.
     denoisers: tuple[str, ...] | None = None
+    source: str = "forward"
+
+
+#: ``Scoring.source`` values.
+SOURCES = ("forward", "transitions")
+
+
+@dataclass
+class ImageRollouts:
+    """The images of one rollout stage of an online diffusion method, group-major (prompt ``g``'s rows are
+    contiguous), as :meth:`DiffusionMethod.make_examples` sees them.
+
+    - ``prompts``: per row, the text; ``prompt_ids`` ``[N]``: its row in the trainer's text cache;
+      ``group`` ``[N]``: the prompt's index in the stage (0 .. Q−1);
+    - ``latents`` ``[N, ...]``: the final latents x0, as the denoiser sees latents (scaled; pixels in [-1, 1] for a
+      pixel-space model);
+    - ``trajectory``: the recorded :class:`~trl_plus.diffusion.sampling.Trajectory` of the N rows (methods with
+      ``record``), else ``None``;
+    - ``images`` ``[N, C, H, W]`` in [0, 1]: decoded only when a scorer reads pixels, else ``None``;
+    - ``scores`` ``[N, S]``, ``weights`` ``[S]``, ``score_names``: the recipe's scorers' outputs and weights;
+    - ``columns``: the prompt rows' other data columns, repeated per row.
+    """
+
+    prompts: list[str]
+    prompt_ids: Any
+    group: Any
+    latents: Any
+    scores: Any
+    weights: Any
+    score_names: tuple[str, ...] = ()
+    trajectory: Any = None
+    images: Any = None
+    columns: dict[str, list] = field(default_factory=dict)
+
+    def reward(self) -> Any:
+        """``[N]`` the weighted sum of the scores (NaN outputs skipped)."""
+        return (self.scores * self.weights).nansum(-1)
+
+    @property
+    def num_groups(self) -> int:
+        """``Q``: prompts in the stage."""
+        return int(self.group.max().item()) + 1 if len(self.group) else 0
+
+    def rows_of(self, g: int) -> list[int]:
+        """The row indices of prompt ``g``, in sampling order."""
+        return (self.group == g).nonzero().flatten().tolist()
 
 
 def denoising_errors(ctx: Any) -> tuple[Any, Any]:
@@ -85,6 +135,12 @@ class DiffusionMethod(Method):
     conditions the denoiser on more than the prompt through modules of its own (PPD's user branch, an image-prompt
     adapter): :meth:`prepare_denoiser` (add and size the trainable modules), :meth:`additions_off` (the reference
     without them) and :meth:`extra_conditioning` (per-row conditioning from batch fields, for ``denoise()``).
+
+    An **online** method (``needs.rollout`` a :class:`~trl_plus.Rollout`: ``n`` images per prompt, ``decoding`` the
+    sampler's ``steps`` / ``eta`` / ``guidance``, ``every``) trains on prompt rows: each micro-batch's prompts are
+    sampled (:meth:`rollout`, with trajectories when :attr:`record`), scored by the recipe's image scorers, and
+    turned into training rows by :meth:`make_examples`; :meth:`step_end` runs after every optimizer step (lagged and
+    EMA copies: ``trainer.parameter_state(name)``).
     """
 
     trainer: ClassVar[str] = "diffusion"
@@ -100,6 +156,39 @@ class DiffusionMethod(Method):
     #: What ``trl-plus show``'s example recipe sets for the model (a tiny offline pipeline).
     example_model: ClassVar[dict[str, Any]] = {"kind": "diffusion", "name_or_path": "tiny-sd"}
 
+    #: Online methods: keep each sample's trajectory (per-step latents, predictions, log-densities) in the rollouts.
+    record: ClassVar[bool] = False
+    #: Online methods: the ``n`` images of one prompt start from the same x_T (D3PO's pairs).
+    share_start: ClassVar[bool] = False
+
+    def rollout(self, trainer: Any, prompt_ids: Any) -> ImageRollouts:
+        """One rollout stage for the text-cache rows ``prompt_ids`` ``[Q]`` (online methods). Default: the trainer's
+        sampler, ``n`` images per prompt from the current policy (:meth:`DiffusionTrainer.sample_rollouts`)."""
+        return trainer.sample_rollouts(prompt_ids)
+
+    def make_examples(self, rollouts: ImageRollouts) -> list[dict[str, Any]]:
+        """An online method's training rows from one rollout stage: dicts for its batch collator (``prompt_id``,
+        ``x0`` ``[K, ...]`` latents, ``transition`` for ``Scoring.source = "transitions"``, batch fields). Default:
+        per prompt, the highest-reward image as the chosen and the lowest as the rejected one (ties to the earlier
+        sample; a prompt whose images all tie gives no row): online Diffusion-DPO, Flow-GRPO's DPO variant."""
+        import torch
+
+        reward = rollouts.reward()
+        rows = []
+        for g in range(rollouts.num_groups):
+            members = rollouts.rows_of(g)
+            values = reward[members]
+            if len(members) < 2 or bool((values == values[0]).all()):
+                continue
+            best, worst = members[int(values.argmax())], members[int(values.argmin())]
+            rows.append({"prompt_id": int(rollouts.prompt_ids[best]),
+                         "x0": torch.stack([rollouts.latents[best], rollouts.latents[worst]])})  # fmt: skip
+        return rows
+
+    def step_end(self, trainer: Any) -> None:
+        """Called after every optimizer step of an online run (default: nothing): refresh lagged or EMA copies
+        (``trainer.parameter_state(name).update(trainer.policy(), decay)``)."""
+
     def images(self, row: dict[str, Any]) -> list[str]:
         """The image paths of one row, preferred first (default: :attr:`image_fields`)."""
         return [row[name] for name in self.image_fields]
@@ -113,8 +202,10 @@ class DiffusionMethod(Method):
     def prepare_split(self, dataset: Any, recipe: Any, split: str) -> Any:
         """The recipe's split checked before any model loads (labels, ties, image paths and sizes; one line naming
         file and row) with image paths made absolute. See :func:`trl_plus.diffusion.data.check_image_rows`."""
-        from .data import check_image_rows
+        from .data import check_image_rows, check_prompt_rows
 
+        if self.needs.rollout is not None:  # online: prompts only (held-out prompts: fixed-seed sample rewards)
+            return check_prompt_rows(dataset, recipe, split)
         return check_image_rows(dataset, self, recipe, split)
 
     def score(self, trainer: Any, inputs: Any, model: Any = None, generator: Any = None) -> Any:

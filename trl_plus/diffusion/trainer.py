@@ -13,6 +13,19 @@ A method may add trainable modules of its own to the denoiser and condition it o
 (``DiffusionMethod.prepare_denoiser`` / ``additions_off`` / ``extra_conditioning``): the added parameters train (the
 base frozen or under LoRA), are saved as ``method_weights.safetensors`` and resumed, and the ``adapter`` reference is
 the denoiser with them (and its LoRA) switched off.
+
+**Online methods** (``needs.rollout``; :class:`~trl_plus.diffusion.method.DiffusionMethod`'s online hooks): the data
+are prompt rows, and each micro-batch is a rollout stage — the policy samples ``rollout.n`` images per prompt
+(:meth:`DiffusionTrainer.sample_rollouts`: eval mode, no grad, LoRA on, seeded per step so that two runs are
+identical; trajectories recorded when the method says so), the recipe's image scorers score them (decoded by the VAE
+only when a scorer reads pixels), ``method.make_examples`` makes the training rows, and the loss runs over those rows
+in chunks of ``training.examples_per_forward`` with their gradients summed (the mean over all rows; only the last
+chunk's backward is transformers'). ``rollout.every`` > 1 trains the steps between on the last rows again. Logged:
+``rollout/reward`` (the mean weighted reward of the samples: the figure an online run improves), ``rollout/rows``.
+Held-out prompts are evaluated as ``eval_rollout/reward``: fixed-seed samples (:meth:`DiffusionTrainer.sample_reward`).
+With ``Scoring.source = "transitions"`` the rows are stored sampler steps and ℓ is the step's log-density
+(:meth:`DiffusionTrainer.transition_score`). Online runs are single-process (or DDP) runs: a DeepSpeed engine steps
+inside its own backward, which the chunked backward would break.
 """
 
 from __future__ import annotations
@@ -27,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from ..contract import LossContext, Method
 from ..errors import TrlPlusError
@@ -35,7 +48,19 @@ from ..trainers import resolve_method
 from ..trainers.frozen import resolve_reference_mode
 from ..trainers.guard import GuardMixin
 from ..trainers.metrics import append_pair_metrics, gathered_mean
-from .data import GROUP, NUM_SEQUENCES, PROMPT_IDS, X0, is_latent_file, load_image, load_latent
+from .data import (
+    GROUP,
+    NUM_SEQUENCES,
+    PROMPT_IDS,
+    PROMPT_ROWS,
+    TRANSITION,
+    X0,
+    PromptRowsCollator,
+    is_latent_file,
+    load_image,
+    load_latent,
+)
+from .inversion import guided_prediction
 from .latents import (
     DEFAULT_LATENT_BUDGET,
     IMAGE_ID,
@@ -46,6 +71,7 @@ from .latents import (
     repeat_draws,
     tensor_bytes,
 )
+from .method import ImageRollouts
 from .models import (
     DiffusionBundle,
     complete_pipeline,
@@ -57,7 +83,15 @@ from .models import (
     save_added_parameters,
     save_denoiser,
 )
-from .scorer import DenoisingScorer, ScoreOutput, check_scoring_options
+from .sampling import (
+    ParameterState,
+    check_sampling,
+    ddim_step_logp,
+    implied_noise,
+    is_flow_scheduler,
+    sample,
+)
+from .scorer import DenoisingScorer, Noised, ScoreOutput, check_scoring_options
 
 logger = logging.getLogger(__name__)
 
@@ -83,10 +117,14 @@ class DiffusionConfig(TrainingArguments):
     flip: Literal["none", "shared", "independent"] = field(
         default="none", metadata={"help": "random horizontal flips in training: per example or per image"})
     draws: int = field(default=1, metadata={"help": "independent (t, ε) draws per example, each its own loss term"})
+    examples_per_forward: int = field(
+        default=0, metadata={"help": "online methods: training rows per forward/backward (0: all of a micro-batch)"})
     remove_unused_columns: bool = False
 
     def __post_init__(self):
         super().__post_init__()
+        if self.examples_per_forward < 0:
+            raise ValueError(f"examples_per_forward must be >= 0, got {self.examples_per_forward}")
         if not 0 <= self.caption_dropout < 1:
             raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
         check_scoring_options(vars(self))
@@ -110,7 +148,8 @@ class DiffusionTrainer(GuardMixin, Trainer):
                  method: str | Method | type[Method] = "diffusion-dpo", method_args: Mapping[str, Any] | None = None,
                  reference_mode: str = "auto", ref_model=None, train_dataset=None, eval_dataset=None,
                  encode_prompts=None, resolution: int | None = None, data_collator=None,
-                 latent_cache: str | bool = "auto", latent_budget: int = DEFAULT_LATENT_BUDGET, **kwargs):  # fmt: skip
+                 latent_cache: str | bool = "auto", latent_budget: int = DEFAULT_LATENT_BUDGET, rollout=None,
+                 scorers=(), **kwargs):  # fmt: skip
         self.method = resolve_method(method, method_args)
         if self.method.trainer != "diffusion":
             raise TrlPlusError(f"method {self.method.name!r} runs on a {self.method.trainer!r} trainer, not on "
@@ -135,6 +174,7 @@ class DiffusionTrainer(GuardMixin, Trainer):
                                f"scheduler ({type(bundle.scheduler).__name__}) predicts {self.scorer.target}")
         self.resolution = resolution
         self.flip = args.flip
+        self.set_rollout(rollout, scorers)
         self._prompts: dict[str, int] = {"": 0}  # the empty prompt first: caption dropout
         self._images: list[str] = []  # the image files of examples encoded on the fly (x0 {"image_id": [K]})
         train_rows, eval_rows = _as_rows(train_dataset), _as_rows(eval_dataset)
@@ -154,16 +194,26 @@ class DiffusionTrainer(GuardMixin, Trainer):
         self.release_text_encoders()
         self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._eval_generator: torch.Generator | None = None
-        super().__init__(model=denoiser, args=args, data_collator=data_collator or self.method.batch_collator(),
-                         train_dataset=train_examples, eval_dataset=eval_examples, **kwargs)  # fmt: skip
+        self.example_collator = self.method.batch_collator()
+        if data_collator is None:
+            data_collator = PromptRowsCollator() if self.online else self.example_collator
+        self.parameter_states: dict[str, ParameterState] = {}
+        self._saved_states: dict[str, dict[str, torch.Tensor]] = {}
+        self._online_rows: dict[int, list[dict]] = {}
+        self._micro = 0
+        super().__init__(model=denoiser, args=args, data_collator=data_collator, train_dataset=train_examples,
+                         eval_dataset=eval_examples, **kwargs)  # fmt: skip
         if self.ref_model is not None:
             self.ref_model.to(self.args.device)
+        if self.online:
+            self.add_callback(_StepEnd(self))
 
     @classmethod
     def from_recipe(cls, recipe, method: Method, training: dict[str, Any], train_dataset=None, eval_dataset=None,
-                    callbacks=None) -> DiffusionTrainer:  # fmt: skip
+                    callbacks=None, **online) -> DiffusionTrainer:  # fmt: skip
         """The trainer a validated diffusion recipe describes (``trl_plus.train`` calls it after the data checks):
-        the pipeline loaded as ``recipe.model`` says, ``training`` (checked) as a :class:`DiffusionConfig`."""
+        the pipeline loaded as ``recipe.model`` says, ``training`` (checked) as a :class:`DiffusionConfig`;
+        ``online``: an online method's ``rollout`` and ``scorers`` (built from the recipe's ``rollout:`` block)."""
         from ..models.load import resolve_model_path
         from .models import load_diffusion
 
@@ -179,6 +229,7 @@ class DiffusionTrainer(GuardMixin, Trainer):
             logger.warning(f"model.quantization: 4-bit denoiser through the {bundle.quantization} path")
         cache = recipe.model.cache
         latents = {} if cache is None else {"latent_cache": cache.latents, "latent_budget": int(cache.latents_budget)}
+        latents.update(online)
         return cls(bundle, args, method=method, reference_mode=recipe.reference.mode, train_dataset=train_dataset,
                    eval_dataset=eval_dataset, resolution=recipe.model.resolution, callbacks=callbacks,
                    nan=recipe.training.get("nan", "stop"), **latents)  # fmt: skip
@@ -206,7 +257,7 @@ class DiffusionTrainer(GuardMixin, Trainer):
     def plan_latents(self, rows: list[dict], setting: str | bool, budget: int) -> dict[str, Any]:
         """Where the latents of ``rows`` (train and eval) live: in memory or re-encoded every batch
         (:func:`~trl_plus.diffusion.latents.plan_latent_cache`; ``auto`` measures one image's encoding), logged."""
-        pending = [row for row in rows if "x0" not in row]
+        pending = [row for row in rows if "x0" not in row] if not self.online else []
         images = sum(len(self.method.images(row)) for row in pending)
         measured = None
         if setting == "auto" and images:
@@ -225,6 +276,9 @@ class DiffusionTrainer(GuardMixin, Trainer):
         if rows is None:
             return None
         rows = _as_rows(rows)
+        if self.online:  # prompt rows: the rollout stage makes the images
+            return [{"prompt_id": self.prompt_id(row.get("prompt", "")), "prompt": row.get("prompt", ""),
+                     "columns": {k: v for k, v in row.items() if k not in ("prompt", "_row")}} for row in rows]
         in_memory = self.latent_cache["mode"] == MEMORY
         segments = self.method.scoring.segments
         fields = (*self.method.batch_fields, "label", *((segments,) if segments else ()))
@@ -377,6 +431,8 @@ class DiffusionTrainer(GuardMixin, Trainer):
         custom = getattr(self.method, "score", None)
         if custom is not None and (result := custom(self, inputs, model=model, generator=generator)) is not None:
             return result
+        if self.method.scoring.source == "transitions":
+            return self.transition_score(model, inputs, reference)
         x0 = self.clean_latents(inputs, generator)
         group, prompt_ids = inputs[GROUP], inputs[PROMPT_IDS]
         dropout = self.args.caption_dropout
@@ -420,11 +476,17 @@ class DiffusionTrainer(GuardMixin, Trainer):
 
     def _prepare_inputs(self, inputs):
         """transformers' device placement, then every example repeated ``training.draws`` times (each copy its own
-        (t, ε) and its own term of the loss: :func:`~trl_plus.diffusion.latents.repeat_draws`)."""
+        (t, ε) and its own term of the loss: :func:`~trl_plus.diffusion.latents.repeat_draws`); an online
+        micro-batch's prompt rows pass as they are."""
+        if isinstance(inputs, Mapping) and PROMPT_ROWS in inputs:
+            return inputs
         return repeat_draws(super()._prepare_inputs(inputs), self.args.draws)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """The method's loss on the scorer's ℓ ``[K, B, 1]`` (metrics logged with the text trainer's names)."""
+        """The method's loss on the scorer's ℓ ``[K, B, 1]`` (metrics logged with the text trainer's names); an
+        online micro-batch: the rollout stage, then the loss over its rows (see the module doc)."""
+        if PROMPT_ROWS in inputs:
+            return self.online_loss(model, inputs[PROMPT_ROWS])
         mode = "train" if model.training else "eval"
         generator = self._eval_generator if mode == "eval" else None
         score = self.score(model, inputs, generator)
@@ -447,7 +509,12 @@ class DiffusionTrainer(GuardMixin, Trainer):
         return loss.detach(), None, None
 
     def evaluate(self, *args, **kwargs):
-        """transformers' evaluation with the draws seeded by ``args.seed`` (comparable across evaluations)."""
+        """transformers' evaluation with the draws seeded by ``args.seed`` (comparable across evaluations); an online
+        run's: ``eval_rollout/reward`` of fixed-seed samples of the held-out prompts."""
+        if self.online:
+            metrics = {"eval_rollout/reward": self.sample_reward(seed=self.args.seed)}
+            self.log(dict(metrics))
+            return metrics
         self._eval_generator = torch.Generator().manual_seed(self.args.seed)
         try:
             return super().evaluate(*args, **kwargs)
@@ -492,6 +559,255 @@ class DiffusionTrainer(GuardMixin, Trainer):
             model.train(was_training)
         return torch.cat(rows)
 
+
+    # -- online methods -----------------------------------------------------------------------------------------
+    @property
+    def online(self) -> bool:
+        """Whether the method samples its own images (``needs.rollout``)."""
+        return self.method.needs.rollout is not None
+
+    def set_rollout(self, rollout=None, scorers=()) -> None:
+        """The rollout (the method's ``needs.rollout``, or the recipe's) and the image scorers ``[(Scorer, weight)]``
+        of an online method, checked in one line: sampler settings the scheduler can run, scorers that read images."""
+        self.rollout, self.scorers, self.sampling = None, (), None
+        if not self.online:
+            if rollout is not None or scorers:
+                raise TrlPlusError(f"method {self.method.name!r} trains on its data, it samples nothing: remove the "
+                                   "rollout: block")  # fmt: skip
+            return
+        self.rollout = rollout or self.method.needs.rollout
+        if not scorers:
+            raise TrlPlusError(f"method {self.method.name!r} scores its own samples: give rollout.scorers, e.g. "
+                               "[{name: brightness}] (trl-plus list --scorers)")  # fmt: skip
+        for scorer, _ in scorers:
+            if scorer.inputs not in ("pixels", "latents"):
+                raise TrlPlusError(f"rollout.scorers: {scorer.name} scores text; a diffusion run's scorers read images "
+                                   "(inputs: pixels or latents), e.g. brightness, ink, latent-mean")  # fmt: skip
+        if self.bundle.kind == "wan":
+            raise TrlPlusError(f"method {self.method.name!r}: online sampling drives image denoisers (unet, sd3, "
+                               "flux), not video (wan)")  # fmt: skip
+        self.sampling = check_sampling(dict(self.rollout.decoding), self.bundle.scheduler)
+        if self.method.scoring.source == "transitions" and (
+                is_flow_scheduler(self.bundle.scheduler) or self.sampling["eta"] <= 0):  # fmt: skip
+            raise TrlPlusError(f"method {self.method.name!r} trains on the sampler's step densities: it needs a "
+                               "DDPM-family scheduler and rollout.decoding.eta > 0 (DDIM with noise)")  # fmt: skip
+        self.scorers = tuple((scorer, scorer.output_weights(weight)) for scorer, weight in scorers)
+
+    def policy(self):
+        """The trained denoiser, unwrapped (LoRA and the method's modules on)."""
+        return self.accelerator.unwrap_model(self.model)
+
+    def cond(self, prompt_ids: torch.Tensor, dtype=None, device=None) -> dict[str, torch.Tensor]:
+        """Per-row conditioning of text-cache rows ``prompt_ids`` ``[N]`` (row 0: the empty prompt)."""
+        dtype = dtype or self.denoiser_dtype(self.model)
+        device = device or self.args.device
+        return self.conditioning(prompt_ids, torch.arange(len(prompt_ids)), dtype, device)
+
+    def uncond(self, n: int, dtype=None, device=None) -> dict[str, torch.Tensor]:
+        """The empty prompt's conditioning, ``n`` rows (classifier-free guidance)."""
+        return self.cond(torch.zeros(n, dtype=torch.long), dtype, device)
+
+    def latent_shape(self) -> tuple[int, ...]:
+        """The shape of one image's latents ``[C, h, w]`` (``model.resolution`` through the VAE's downsampling, else
+        the denoiser's ``sample_size``)."""
+        config = self.bundle.denoiser.config
+        channels = config.in_channels // 4 if self.bundle.kind == "flux" else config.in_channels
+        vae = self.bundle.vae
+        factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+        if self.resolution:
+            side = self.resolution // factor
+        else:
+            side = config.get("sample_size", None) or 64
+            side = side[0] if isinstance(side, (list, tuple)) else side
+        return (channels, side, side)
+
+    def initial_noise(self, n: int, generator=None) -> torch.Tensor:
+        """``[n, C, h, w]`` x_T drawn from ``generator`` (fp32, CPU: the same draws on any device)."""
+        return torch.randn((n, *self.latent_shape()), generator=generator)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """``[N, C, H, W]`` pixels in [0, 1] of latents (the VAE's decoder, after undoing the pipeline's scale and
+        shift; a pixel-space model's latents are pixels in [-1, 1])."""
+        vae = self.bundle.vae
+        if vae is None:
+            return ((latents.float() + 1) / 2).clamp(0, 1)
+        scale, shift = vae.config.scaling_factor, vae.config.get("shift_factor") or 0.0
+        z = latents.to(vae.device, vae.dtype) / scale + shift
+        return ((vae.decode(z).sample.float() + 1) / 2).clamp(0, 1).cpu()
+
+    def score_images(self, prompts: list[str], latents: torch.Tensor, columns: dict[str, list] | None = None):
+        """``(scores [N, S] float64, weights [S], names, images or None)``: every scorer of the run on the images
+        (decoded once, only when a scorer reads pixels)."""
+        columns = columns or {}
+        images = None
+        if any(scorer.inputs == "pixels" for scorer, _ in self.scorers):
+            images = self.decode(latents)
+        scores, weights, names = [], [], []
+        for scorer, weight in self.scorers:
+            wanted = {c: columns[c] for c in scorer.columns if c in columns}
+            value = images if scorer.inputs == "pixels" else latents.float().cpu()
+            scores.append(scorer.checked_scores(list(prompts), value, **wanted))
+            weights += weight
+            names += [f"{scorer.name}/{o}" if len(scorer.outputs) > 1 else scorer.name for o in scorer.outputs]
+        return torch.cat(scores, -1), torch.tensor(weights, dtype=torch.float64), tuple(names), images
+
+    def rollout_generator(self, offset: int = 0) -> torch.Generator:
+        """The rollout stage's generator, seeded by ``args.seed``, the optimizer step, the micro-batch and the process
+        (the training RNG is left alone: two identical runs sample identical images)."""
+        seed = hash((self.args.seed, self.state.global_step, self._micro, self.args.process_index, offset))
+        return torch.Generator().manual_seed(seed % (2**63))
+
+    @torch.no_grad()
+    def sample_images(self, prompt_ids: torch.Tensor, x_T: torch.Tensor, *, generator=None, record: bool = False,
+                      model=None, **kwargs):  # fmt: skip
+        """The :class:`~trl_plus.diffusion.sampling.Trajectory` of ``x_T`` ``[N, ...]`` under text-cache rows
+        ``prompt_ids`` ``[N]`` with the run's sampler settings (``kwargs`` override them, or pass ``noise``,
+        ``start``, ``stop``, ``guidance_fn`` to :func:`~trl_plus.diffusion.sampling.sample`); ``model`` (default: the
+        policy) in eval mode for the call."""
+        model = model or self.policy()
+        settings = {**self.sampling, **{k: kwargs.pop(k) for k in list(kwargs) if k in self.sampling}}
+        dtype, device = self.denoiser_dtype(model), self.args.device
+        cond = self.cond(prompt_ids, dtype, device)
+        uncond = self.uncond(len(prompt_ids), dtype, device) if settings["guidance"] != 1 else None
+        was_training = model.training
+        model.eval()
+        try:
+            trajectory = sample(model, self.bundle.scheduler, x_T.to(device), cond, settings["steps"],
+                                eta=settings["eta"], guidance=settings["guidance"], uncond=uncond,
+                                generator=generator, record=record, **kwargs)  # fmt: skip
+        finally:
+            model.train(was_training)
+        return trajectory
+
+    def sample_rollouts(self, prompt_ids: torch.Tensor, n: int | None = None, generator=None, record: bool | None = None,
+                        share_start: bool | None = None, model=None, columns: dict[str, list] | None = None
+                        ) -> ImageRollouts:  # fmt: skip
+        """``n`` (default ``rollout.n``) images per text-cache row of ``prompt_ids`` ``[Q]``, group-major, from the
+        policy (or ``model``), scored: an :class:`~trl_plus.diffusion.method.ImageRollouts`. ``record``,
+        ``share_start`` default to the method's; ``generator`` to :meth:`rollout_generator`."""
+        n = n or self.rollout.n
+        record = self.method.record if record is None else record
+        share_start = self.method.share_start if share_start is None else share_start
+        generator = generator or self.rollout_generator()
+        q = len(prompt_ids)
+        rows = torch.as_tensor(prompt_ids, dtype=torch.long).repeat_interleave(n)
+        if share_start:
+            x_T = self.initial_noise(q, generator).repeat_interleave(n, 0)
+        else:
+            x_T = self.initial_noise(q * n, generator)
+        trajectory = self.sample_images(rows, x_T, generator=generator, record=record, model=model)
+        latents = trajectory.latents[-1].cpu()
+        prompts = [self._prompt_texts()[int(i)] for i in rows]
+        repeated = {key: [v for v in values for _ in range(n)] for key, values in (columns or {}).items()}
+        scores, weights, names, images = self.score_images(prompts, latents, repeated)
+        return ImageRollouts(prompts=prompts, prompt_ids=rows, group=torch.arange(q).repeat_interleave(n),
+                             latents=latents, scores=scores, weights=weights, score_names=names,
+                             trajectory=trajectory if record else None, images=images, columns=repeated)  # fmt: skip
+
+    def _prompt_texts(self) -> list[str]:
+        if getattr(self, "_texts", None) is None or len(self._texts) != len(self._prompts):
+            self._texts = list(self._prompts)
+        return self._texts
+
+    @torch.no_grad()
+    def sample_reward(self, prompts: list[str] | None = None, seed: int = 0, n: int | None = None,
+                      model=None) -> float:  # fmt: skip
+        """The mean weighted reward of fixed-seed samples (``n`` per prompt; default ``rollout.n``) of ``prompts``
+        (default: the held-out prompts, else the training prompts): the generation-side figure of an online run —
+        the same seed gives the same x_T and step noises before and after training."""
+        if prompts is None:
+            examples = self.eval_dataset or self.train_dataset
+            prompts = [e["prompt"] for e in examples]
+        ids = torch.tensor([self._prompts[p] for p in prompts], dtype=torch.long)
+        rollouts = self.sample_rollouts(ids, n=n, generator=torch.Generator().manual_seed(seed), record=False,
+                                        share_start=False, model=model)  # fmt: skip
+        return float(rollouts.reward().mean())
+
+    def parameter_state(self, name: str) -> ParameterState:
+        """The named lagged / EMA copy of the policy's trainable tensors (created from the current ones on first use;
+        saved in checkpoints as ``parameter_states.safetensors`` and restored on resume)."""
+        if name not in self.parameter_states:
+            state = ParameterState(self.policy())
+            if name in self._saved_states:
+                state.load_state_dict(self._saved_states.pop(name))
+            self.parameter_states[name] = state
+        return self.parameter_states[name]
+
+    def online_rows(self, prompt_rows: list[dict]) -> list[dict]:
+        """The training rows of one online micro-batch: a fresh rollout stage every ``rollout.every`` optimizer steps
+        (else the rows this micro-batch index made last time)."""
+        slot = self._micro % max(1, self.args.gradient_accumulation_steps)
+        every = max(1, getattr(self.rollout, "every", 1))
+        if self.state.global_step % every == 0 or slot not in self._online_rows:
+            ids = torch.tensor([row["prompt_id"] for row in prompt_rows], dtype=torch.long)
+            columns: dict[str, list] = {}
+            for row in prompt_rows:
+                for key, value in row.get("columns", {}).items():
+                    columns.setdefault(key, []).append(value)
+            rollouts = self.method.rollout(self, ids) if not columns else self._rollout_with(ids, columns)
+            self._online_rows[slot] = list(self.method.make_examples(rollouts))
+            self._metrics["train"]["rollout/reward"].append(float(rollouts.reward().mean()))
+            self._metrics["train"]["rollout/rows"].append(float(len(self._online_rows[slot])))
+        self._micro += 1
+        return self._online_rows[slot]
+
+    def _rollout_with(self, ids, columns):
+        rollout = self.method.rollout(self, ids)
+        if not rollout.columns:
+            n = len(rollout.prompts) // max(1, len(ids))
+            rollout.columns = {key: [v for v in values for _ in range(n)] for key, values in columns.items()}
+        return rollout
+
+    def online_loss(self, model, prompt_rows: list[dict]):
+        """The loss of one online micro-batch: its rows in chunks of ``examples_per_forward``, each chunk's loss
+        weighted by its share of the rows; every chunk but the last is backpropagated here (scaled as transformers
+        scales the last), and the returned value is the whole loss (the earlier chunks' parts detached)."""
+        rows = self.online_rows(prompt_rows)
+        if not rows:  # every prompt tied: nothing to learn from this micro-batch
+            self._metrics["train"]["rollout/empty"].append(1.0)
+            return sum(p.sum() * 0 for p in model.parameters() if p.requires_grad)
+        size = self.args.examples_per_forward or len(rows)
+        chunks = [rows[i:i + size] for i in range(0, len(rows), size)]
+        scale = 1 / getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+        done = None
+        for i, chunk in enumerate(chunks):
+            batch = self._prepare_inputs(Trainer._prepare_inputs(self, self.example_collator(chunk)))
+            part = self.compute_loss(model, batch) * (len(chunk) / len(rows))
+            if i == len(chunks) - 1:
+                return part if done is None else part + done
+            self.accelerator.backward(part * scale)
+            done = part.detach() if done is None else done + part.detach()
+        return done
+
+    def transition_score(self, model, inputs: Mapping[str, Any], reference: bool = True) -> ScoreOutput:
+        """ℓ of stored sampler steps (``Scoring.source = "transitions"``): the element-mean DDIM(η) log-density of each
+        row's x_prev given its x_t under the model's prediction (classifier-free guided as the rollout samples), the
+        reference's under no grad; ``mse`` is ē(prediction, ε*) against the implied noise
+        (:func:`~trl_plus.diffusion.sampling.implied_noise`), whose weighted difference the log-ratio is."""
+        x_t, x_prev = inputs[f"{TRANSITION}_x_t"].float(), inputs[f"{TRANSITION}_x_prev"].float()
+        t, prev = inputs[f"{TRANSITION}_timestep"].long(), inputs[f"{TRANSITION}_prev_timestep"].long()
+        group, prompt_ids = inputs[GROUP], inputs[PROMPT_IDS]
+        scheduler, eta, guidance = self.bundle.scheduler, self.sampling["eta"], self.sampling["guidance"]
+        eps_star, weight = implied_noise(scheduler, x_t, x_prev, t, prev, eta)
+
+        def logp(denoiser):
+            dtype = self.denoiser_dtype(denoiser)
+            cond = self.conditioning(prompt_ids, group, dtype, x_t.device)
+            uncond = None if guidance == 1 else self.uncond(len(group), dtype, x_t.device)
+            output = guided_prediction(denoiser, x_t.to(dtype), t, cond, uncond, guidance).float()
+            error = ((output - eps_star) ** 2).flatten(1).mean(1)
+            return ddim_step_logp(scheduler, x_t, output, x_prev, t, prev, eta), error
+
+        logps, mse = logp(model)
+        ref_logps = ref_mse = None
+        if reference and self.reference_mode != "none":
+            with torch.no_grad(), self.reference_denoiser() as ref:
+                ref_logps, ref_mse = logp(ref)
+        noised = Noised(x_t=x_t, timesteps=t, target=eps_star, weight=weight, noise=eps_star, t=t)
+        return ScoreOutput(logps.unsqueeze(-1), torch.ones_like(logps).unsqueeze(-1),
+                           None if ref_logps is None else ref_logps.unsqueeze(-1), mse, ref_mse, noised)  # fmt: skip
+
     # -- metrics ----------------------------------------------------------------------------------------------
     def _gathered_mean(self, value) -> float:
         return gathered_mean(self.accelerator, value)
@@ -529,6 +845,11 @@ class DiffusionTrainer(GuardMixin, Trainer):
             save_denoiser(denoiser, output_dir)
         if self.added_parameters:
             save_added_parameters(denoiser, self.added_parameters, output_dir)
+        if self.parameter_states:
+            from safetensors.torch import save_file
+
+            save_file({f"{name}::{key}": value.contiguous() for name, state in self.parameter_states.items()
+                       for key, value in state.state_dict().items()}, os.path.join(output_dir, STATES_FILE))  # fmt: skip
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
@@ -548,6 +869,30 @@ class DiffusionTrainer(GuardMixin, Trainer):
             load_denoiser_weights(denoiser, resume_from_checkpoint)
         if self.added_parameters:
             load_added_parameters(denoiser, self.added_parameters, resume_from_checkpoint)
+        states = os.path.join(resume_from_checkpoint, STATES_FILE)
+        if os.path.isfile(states):
+            from safetensors.torch import load_file
+
+            for key, value in load_file(states).items():
+                name, tensor = key.split("::", 1)
+                self._saved_states.setdefault(name, {})[tensor] = value
+            for name in list(self._saved_states):
+                if name in self.parameter_states:
+                    self.parameter_states[name].load_state_dict(self._saved_states.pop(name))
+
+
+#: The lagged / EMA copies of an online run's checkpoint (:meth:`DiffusionTrainer.parameter_state`).
+STATES_FILE = "parameter_states.safetensors"
+
+
+class _StepEnd(TrainerCallback):
+    """Calls the method's ``step_end`` after every optimizer step of an online run."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer.method.step_end(self.trainer)
 
 
 def _as_rows(rows) -> list[dict] | None:

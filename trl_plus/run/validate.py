@@ -408,11 +408,25 @@ def build_rollout(recipe: Recipe, method) -> tuple[Any, list] | None:
                            "samples once per iteration: drop one of them")  # fmt: skip
     if when is not None:
         fields["when"] = when
+    if spec.every is not None:
+        fields["every"] = spec.every
     rollout = base.updated(fields)
-    try:
-        check_decoding(rollout.decoding)
-    except TrlPlusError as exc:
-        raise TrlPlusError(f"{recipe_source(recipe)}: {exc}") from None
+    images = method.trainer == "diffusion"
+    if images:
+        from ..diffusion.sampling import check_sampling
+
+        check_sampling(dict(rollout.decoding), where=locate(recipe, "rollout.decoding"))
+        if tuple(rollout.sources) != ("policy",):
+            raise TrlPlusError(f"{locate(recipe, 'rollout.sources')}: a diffusion method samples from its policy only "
+                               "(sources: [policy])")  # fmt: skip
+    else:
+        if spec.every is not None:
+            raise TrlPlusError(f"{locate(recipe, 'rollout.every')}: text methods sample before every step; every is "
+                               "a diffusion rollout's setting")  # fmt: skip
+        try:
+            check_decoding(rollout.decoding)
+        except TrlPlusError as exc:
+            raise TrlPlusError(f"{recipe_source(recipe)}: {exc}") from None
     for i, source in enumerate(rollout.sources):
         if source not in ("policy", "reference") and not source.startswith("column:"):
             raise TrlPlusError(f"{locate(recipe, 'rollout.sources')}: {source!r} is not policy, reference or "
@@ -422,6 +436,11 @@ def build_rollout(recipe: Recipe, method) -> tuple[Any, list] | None:
     for i, item in enumerate(spec.scorers):
         key = f"rollout.scorers.{i}"
         scorer = _configured(recipe, key, registry.get_scorer, item.name, item.args)
+        if images != (scorer.inputs in ("pixels", "latents")):
+            reads = "images" if images else "text"
+            raise TrlPlusError(f"{locate(recipe, key + '.name')}: {item.name} scores "
+                               f"{'text' if images else scorer.inputs}, but method {method.name!r} samples {reads} "
+                               f"(trl-plus list --scorers)")  # fmt: skip
         if isinstance(item.weight, list) and len(item.weight) != len(scorer.outputs):
             raise TrlPlusError(f"{locate(recipe, key + '.weight')}: {len(item.weight)} weights for the "
                                f"{len(scorer.outputs)} outputs of {item.name} ({', '.join(scorer.outputs)})")
