@@ -167,15 +167,19 @@ def ddim_step_mean(scheduler, x_t: torch.Tensor, output: torch.Tensor, t: torch.
 
 
 def gaussian_logp(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """``[N]`` the element mean of log N(x; mean, std²) over all dims but the first (``std`` ``[N]``)."""
+    """``[N]`` the element mean of log N(x; mean, std²) over all dims but the first (``std`` ``[N]``). A row with
+    std 0 is a deterministic step (DDIM's last step when the scheduler's final ᾱ is 1: ``set_alpha_to_one``; SD's
+    schedulers set it false): it has no density, and is given 0 with no gradient (no signal for a ratio loss)."""
     std = _expand(std.to(mean.device, torch.float32), mean)
-    value = -((x.float().detach() - mean) ** 2) / (2 * std**2) - std.log() - LOG_SQRT_2PI
-    return value.flatten(1).mean(1)
+    live = std > 0
+    safe = torch.where(live, std, torch.ones_like(std))
+    value = -((x.float().detach() - mean) ** 2) / (2 * safe**2) - safe.log() - LOG_SQRT_2PI
+    return (value * live).flatten(1).mean(1)
 
 
 def ddim_step_logp(scheduler, x_t, output, x_prev, t, prev_t, eta: float) -> torch.Tensor:
     """``[N]`` the element-mean log-density of the stored ``x_prev`` under the DDIM(η) step from ``x_t`` with the model
-    ``output`` (differentiable in it; ``x_prev`` detached). Needs η > 0."""
+    ``output`` (differentiable in it; ``x_prev`` detached). Needs η > 0; a deterministic step (σ_t = 0) gives 0."""
     if eta <= 0:
         raise TrlPlusError("a DDIM step with eta = 0 is deterministic: it has no log-density (sample with eta > 0)")
     mean = ddim_step_mean(scheduler, x_t, output, t, prev_t, eta)
