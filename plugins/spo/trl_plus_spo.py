@@ -158,8 +158,10 @@ class SPO(DiffusionMethod):
             if bool((std > 0).all()):  # a σ = 0 step (the final one, where the final ᾱ is 1) has no density
                 for g in valid.nonzero().flatten().tolist():
                     best, worst = int(indices[0, g]), int(indices[1, g])
-                    pairs[g].append({"x_t": torch.stack([x[g], x[g]]), "x_prev": torch.stack([grid[g, best], grid[g, worst]]),
-                                     "timestep": torch.stack([t[g], t[g]]), "prev_timestep": torch.stack([prev[g], prev[g]])})  # fmt: skip
+                    pairs[g].append({"x_t": torch.stack([x[g], x[g]]),
+                                     "x_prev": torch.stack([grid[g, best], grid[g, worst]]),
+                                     "timestep": torch.stack([t[g], t[g]]),
+                                     "prev_timestep": torch.stack([prev[g], prev[g]])})  # fmt: skip
                     kept += 1
             choice = torch.randint(k, (q,), generator=generator)
             x = grid[torch.arange(q), choice]

@@ -86,7 +86,8 @@ def test_make_examples_pairs_every_step_winner_first():
     trajectory.latents, trajectory.steps = latents, steps
     trajectory.timesteps, trajectory.prev_timesteps = torch.tensor([750, 500, 250]), torch.tensor([500, 250, 0])
     trajectory.logps = torch.zeros(steps, n)
-    rollouts = ImageRollouts(prompts=["p"] * n, prompt_ids=torch.tensor([5] * n), group=torch.zeros(n, dtype=torch.long),
+    group = torch.zeros(n, dtype=torch.long)
+    rollouts = ImageRollouts(prompts=["p"] * n, prompt_ids=torch.tensor([5] * n), group=group,
                              latents=latents[-1], scores=torch.tensor([[0.2], [0.9], [0.2]], dtype=torch.float64),
                              weights=torch.tensor([1.0], dtype=torch.float64), trajectory=trajectory)  # fmt: skip
     rows = D3PO().make_examples(rollouts)
@@ -99,7 +100,7 @@ def test_make_examples_pairs_every_step_winner_first():
     assert len(half) == 2
     trajectory.logps[-1] = float("nan")  # a deterministic last step (σ = 0) has no density: left out
     assert len(D3PO().make_examples(rollouts)) == 2 * (steps - 1)
-    negative = ImageRollouts(prompts=["p"] * n, prompt_ids=torch.tensor([5] * n), group=torch.zeros(n, dtype=torch.long),
+    negative = ImageRollouts(prompts=["p"] * n, prompt_ids=torch.tensor([5] * n), group=group,
                              latents=latents[-1], scores=rollouts.scores, weights=-rollouts.weights,
                              trajectory=trajectory)  # fmt: skip
     assert torch.equal(D3PO().make_examples(negative)[0]["transition"]["x_t"][0], latents[0, 0])  # lower wins
