@@ -115,6 +115,8 @@ class D3PO(DiffusionMethod):
     record = True
     share_start = True
     example_data = {"path": "recipes/data/online_prompts.jsonl"}
+    #: ``trl-plus show``'s example rollout: a latent scorer (no VAE) and a short sampler for the tiny model.
+    example_rollout = {"decoding": {"steps": 4}, "scorers": [{"name": "latent-mean"}]}
 
     def make_examples(self, rollouts) -> list[dict[str, Any]]:
         """For every pair of a prompt's images (C(n, 2)) with a decided preference (see :func:`preference`), one

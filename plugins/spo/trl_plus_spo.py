@@ -102,6 +102,9 @@ class SPO(DiffusionMethod):
     image_fields = ()
     record = True
     example_data = {"path": "recipes/data/online_prompts.jsonl"}
+    #: ``trl-plus show``'s example rollout: a latent scorer on a logit-like scale and a short sampler (branching
+    #: from step 4 of 6) for the tiny model.
+    example_rollout = {"decoding": {"steps": 6}, "scorers": [{"name": "latent-mean", "weight": 20.0}]}
 
     def candidate_scores(self, trainer: Any, prompt_ids, candidates, x0_hat, step: int):
         """``[N]`` the preference score of each candidate next latent (rows ``prompt_ids``) at sampler step
