@@ -705,6 +705,12 @@ class DiffusionTrainer(GuardMixin, Trainer):
                              latents=latents, scores=scores, weights=weights, score_names=names,
                              trajectory=trajectory if record else None, images=images, columns=repeated)  # fmt: skip
 
+    def prompt_texts(self, prompt_ids) -> list[str]:
+        """The texts of text-cache rows ``prompt_ids`` (``[N]``; row 0 is the empty prompt): for a method's own
+        rollout (SPO's branching sampler) that scores images with :meth:`score_images`."""
+        texts = self._prompt_texts()
+        return [texts[int(i)] for i in prompt_ids]
+
     def _prompt_texts(self) -> list[str]:
         if getattr(self, "_texts", None) is None or len(self._texts) != len(self._prompts):
             self._texts = list(self._prompts)
