@@ -159,7 +159,7 @@ class AWM(DiffusionMethod):
     def score(self, trainer: Any, inputs: Any, model: Any = None, generator: Any = None) -> Any:
         """``train_timesteps`` stratified σ of the sampler's grid (shared by the batch, as the official code), fresh ε
         per (sample, time); the policy's float64 errors (with grad) and, with β > 0, the reference's and the EMA
-        anchor's predictions (no grad) for the velocity-space penalties (``outputs.kl``)."""
+        anchor's predictions (no grad) for the velocity-space penalties (``outputs.extras``: ``kl_ref``, ``kl_ema``)."""
         import torch
 
         from trl_plus import Noised, ScoreOutput, denoise, flow_sigmas
@@ -201,10 +201,9 @@ class AWM(DiffusionMethod):
                 kl["ema"] = ((prediction - ema_pred) ** 2).flatten(1).mean(1)
         noised = Noised(x_t=x_t, timesteps=timesteps, target=target, weight=torch.ones_like(sigma), noise=noise,
                         t=index.to(device), sigma=sigma)  # fmt: skip
-        out = ScoreOutput(-mse.unsqueeze(-1), torch.ones_like(mse).unsqueeze(-1),
-                          None if ref_mse is None else -ref_mse.unsqueeze(-1), mse, ref_mse, noised)  # fmt: skip
-        out.kl = kl
-        return out
+        return ScoreOutput(-mse.unsqueeze(-1), torch.ones_like(mse).unsqueeze(-1),
+                           None if ref_mse is None else -ref_mse.unsqueeze(-1), mse, ref_mse, noised,
+                           extras={f"kl_{name}": value for name, value in kl.items()})  # fmt: skip
 
     def loss(self, ctx: LossContext) -> LossOutput:
         """Policy loss (ghuber or uniform ℓ, PPO clip) + β·KL_ref + β_ema·KL_ema; ``ctx.outputs.mse`` ``[T·B]``
@@ -222,13 +221,13 @@ class AWM(DiffusionMethod):
         metrics = {"awm/policy_loss": loss.detach(), "awm/mse": mse.detach().mean(),
                    "awm/advantage_abs": advantages.abs().mean(),
                    "awm/clipfrac": ((ratio.detach() - 1).abs() > config.clip_range).double().mean()}  # fmt: skip
-        kl = getattr(outputs, "kl", None) or {}
-        if "ref" in kl:
-            loss = loss + config.beta * kl["ref"].mean()
-            metrics["awm/kl_ref"] = kl["ref"].detach().mean()
-        if "ema" in kl:
-            loss = loss + config.ema_beta * kl["ema"].mean()
-            metrics["awm/kl_ema"] = kl["ema"].detach().mean()
+        extras = getattr(outputs, "extras", None) or {}
+        if "kl_ref" in extras:
+            loss = loss + config.beta * extras["kl_ref"].mean()
+            metrics["awm/kl_ref"] = extras["kl_ref"].detach().mean()
+        if "kl_ema" in extras:
+            loss = loss + config.ema_beta * extras["kl_ema"].mean()
+            metrics["awm/kl_ema"] = extras["kl_ema"].detach().mean()
         return LossOutput(loss.float(), metrics=metrics)
 
 

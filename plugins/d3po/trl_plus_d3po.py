@@ -135,7 +135,7 @@ class D3PO(DiffusionMethod):
             kept = weights != 0
             values = torch.nan_to_num(rollouts.scores[:, kept] * weights[kept])
         # a step with σ_t = 0 (the last one, on a schedule whose final ᾱ is 1) is deterministic: no density, left out
-        usable = [j for j in range(trajectory.steps) if bool(torch.isfinite(trajectory.logps[j]).all())]
+        usable = trajectory.stochastic_steps()
         total = len(usable)
         trained = max(1, int(trajectory.steps * self.config.timestep_fraction))
         rows = []

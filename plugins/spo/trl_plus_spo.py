@@ -33,10 +33,7 @@ from trl_plus import (
     Rollout,
     Scoring,
     TrlPlusError,
-    ddim_sigma,
-    ddim_step_mean,
     hookimpl,
-    sampling_timesteps,
 )
 
 #: The official sampler (SD1.5 configs: 20 DDIM steps, η 1.0, guidance 5.0); one chain per prompt.
@@ -122,6 +119,8 @@ class SPO(DiffusionMethod):
         scorers) with each prompt's kept pairs in ``columns["spo_pairs"]`` (``{"x_t", "x_prev" [2, ...] winner
         first, "timestep", "prev_timestep" [2]}``)."""
         import torch
+
+        from trl_plus import ddim_sigma, ddim_step_mean, sampling_timesteps  # torch-backed: imported when sampling
 
         config, settings = self.config, trainer.sampling
         steps, eta, k = settings["steps"], settings["eta"], config.num_sample_each_step

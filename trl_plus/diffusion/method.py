@@ -156,6 +156,8 @@ class DiffusionMethod(Method):
     #: What ``trl-plus show``'s example recipe sets for the model (a tiny offline pipeline).
     example_model: ClassVar[dict[str, Any]] = {"kind": "diffusion", "name_or_path": "tiny-sd"}
 
+    #: Online methods: what ``trl-plus show``'s example recipe samples and scores with (a short sampler, a rule scorer).
+    example_rollout: ClassVar[dict[str, Any]] = {"n": 2, "decoding": {"steps": 4}, "scorers": [{"name": "latent-mean"}]}
     #: Online methods: keep each sample's trajectory (per-step latents, predictions, log-densities) in the rollouts.
     record: ClassVar[bool] = False
     #: Online methods: the ``n`` images of one prompt start from the same x_T (D3PO's pairs).

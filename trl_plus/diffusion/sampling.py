@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -92,7 +92,8 @@ class Trajectory:
       level each step lands on (−1: the final step, ᾱ = the scheduler's final ᾱ); flow runs: ``sigmas`` ``[S+1]``;
     - ``predictions`` ``[S, N, ...]``: the (guided) model output each step used;
     - ``logps`` ``[S, N]``: the element-mean log-density of each stored step (DDIM with η > 0), else ``None``;
-    - ``eta``, ``guidance``: the settings it was sampled with.
+    - ``eta``, ``guidance``: the settings it was sampled with; ``stds`` ``[S]``: each DDIM step's σ_t (0: a
+      deterministic step with no density, as the last one when the final ᾱ is 1), ``None`` for a flow run.
     """
 
     latents: torch.Tensor
@@ -103,18 +104,25 @@ class Trajectory:
     eta: float
     guidance: float
     sigmas: torch.Tensor | None = None
+    stds: torch.Tensor | None = None
 
     @property
     def steps(self) -> int:
         """S: the steps recorded."""
         return int(self.timesteps.numel())
 
+    def stochastic_steps(self) -> list[int]:
+        """The indices of the steps with a density (σ_t > 0): the ones a step-density loss can train on."""
+        if self.stds is None or self.logps is None:
+            return []
+        return [j for j in range(self.steps) if float(self.stds[j]) > 0]
+
     def select(self, rows) -> Trajectory:
         """The trajectory of images ``rows`` (an index list or tensor) only."""
         rows = torch.as_tensor(rows, dtype=torch.long)
         return Trajectory(self.latents[:, rows], self.timesteps, self.prev_timesteps, self.predictions[:, rows],
                           None if self.logps is None else self.logps[:, rows], self.eta, self.guidance,
-                          self.sigmas)  # fmt: skip
+                          self.sigmas, self.stds)  # fmt: skip
 
 
 # -- DDIM arithmetic ----------------------------------------------------------------------------------------------
@@ -250,12 +258,13 @@ def sample(model, scheduler, x_T: torch.Tensor, cond: dict[str, Any], steps: int
     n, device = x_T.size(0), x_T.device
     if flow:
         tokens = x_T[0, 0].numel() // 4 if x_T.dim() == 4 else None
-        sigmas = flow_sigmas(scheduler, steps, tokens)
+        sigmas, stds = flow_sigmas(scheduler, steps, tokens), None
         timesteps = sigmas[:-1] * scheduler.config.num_train_timesteps
         prev = sigmas[1:] * scheduler.config.num_train_timesteps
     else:
         sigmas = None
         timesteps, prev = sampling_timesteps(scheduler, steps)
+        stds = ddim_sigma(scheduler, timesteps, prev, eta)
     stop = steps if stop is None else stop
     x = x_T.float()
     latents, predictions, logps = [x], [], []
@@ -290,6 +299,7 @@ def sample(model, scheduler, x_T: torch.Tensor, cond: dict[str, Any], steps: int
         latents=torch.stack(latents), timesteps=timesteps[steps_run], prev_timesteps=prev[steps_run],
         predictions=torch.stack(predictions) if predictions else empty, logps=torch.stack(logps) if logps else None,
         eta=float(eta), guidance=float(guidance), sigmas=None if sigmas is None else sigmas[start:stop + 1],
+        stds=None if stds is None else stds[steps_run],
     )  # fmt: skip
 
 

@@ -26,7 +26,7 @@ reads them from). Without segments (the default) everything is ``[N]`` / ``[N, 1
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -125,6 +125,8 @@ class ScoreOutput:
     mse: torch.Tensor
     ref_mse: torch.Tensor | None
     noised: Noised
+    #: A method's own per-row terms from its ``score()`` for its loss (AWM's velocity-space KL penalties), by name.
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class DenoisingScorer:

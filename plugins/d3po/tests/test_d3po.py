@@ -10,7 +10,7 @@ import pytest
 import torch
 from trl_plus_d3po import D3PO, d3po_losses, preference
 
-from trl_plus import ImageRollouts, LossContext, Rollout, TrlPlusError, get_registry, guided_prediction
+from trl_plus import ImageRollouts, LossContext, Rollout, Trajectory, TrlPlusError, get_registry, guided_prediction
 from trl_plus.testing import perturb, tiny_diffusion_trainer
 
 SHORT = Rollout(n=2, decoding={"steps": 4, "eta": 1.0, "guidance": 5.0})
@@ -82,10 +82,9 @@ def test_compare_is_pareto_dominance():
 def test_make_examples_pairs_every_step_winner_first():
     steps, n = 3, 3
     latents = torch.randn(steps + 1, n, 4, 2, 2)
-    trajectory = type("T", (), {})()
-    trajectory.latents, trajectory.steps = latents, steps
-    trajectory.timesteps, trajectory.prev_timesteps = torch.tensor([750, 500, 250]), torch.tensor([500, 250, 0])
-    trajectory.logps = torch.zeros(steps, n)
+    trajectory = Trajectory(latents=latents, timesteps=torch.tensor([750, 500, 250]),
+                            prev_timesteps=torch.tensor([500, 250, 0]), predictions=torch.zeros_like(latents[1:]),
+                            logps=torch.zeros(steps, n), eta=1.0, guidance=1.0, stds=torch.full((steps,), 0.5))
     group = torch.zeros(n, dtype=torch.long)
     rollouts = ImageRollouts(prompts=["p"] * n, prompt_ids=torch.tensor([5] * n), group=group,
                              latents=latents[-1], scores=torch.tensor([[0.2], [0.9], [0.2]], dtype=torch.float64),
@@ -98,7 +97,7 @@ def test_make_examples_pairs_every_step_winner_first():
     assert first["timestep"].tolist() == [750, 750] and first["prev_timestep"].tolist() == [500, 500]
     half = D3PO(timestep_fraction=0.5).make_examples(rollouts)  # int(3 · 0.5) = 1 step per pair
     assert len(half) == 2
-    trajectory.logps[-1] = float("nan")  # a deterministic last step (σ = 0) has no density: left out
+    trajectory.stds[-1] = 0.0  # a deterministic last step (σ = 0) has no density: left out
     assert len(D3PO().make_examples(rollouts)) == 2 * (steps - 1)
     negative = ImageRollouts(prompts=["p"] * n, prompt_ids=torch.tensor([5] * n), group=group,
                              latents=latents[-1], scores=rollouts.scores, weights=-rollouts.weights,
