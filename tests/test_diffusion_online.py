@@ -42,6 +42,7 @@ class OnlineDPO(DiffusionDPO):
     name = "online-diffusion-dpo-test"
     needs = Needs(reference="yes", precomputable_reference=False,
                   rollout=Rollout(n=4, decoding={"steps": 4, "eta": 1.0}))  # fmt: skip
+    data_fields, image_fields = ("prompt",), ()
 
 
 class Transitions(DiffusionDPO):
@@ -309,8 +310,55 @@ def test_scorers_must_read_images_and_an_online_method_needs_one(tmp_path):
 def test_a_recipe_names_image_scorers_for_diffusion_methods_and_text_scorers_for_text_ones(tmp_path):
     from trl_plus.run.validate import build_rollout
 
-    path = tiny_recipe(tmp_path, "online-dpo", [{"prompt": "p"}], rollout={"scorers": [{"name": "brightness"}]})
-    recipe, method = load_recipe(path), get_registry().get("online-dpo")()
-    with pytest.raises(TrlPlusError, match=r"rollout.scorers.0.name: brightness scores pixels, but method 'online-dpo' "
+    path = tiny_recipe(tmp_path, "grpo", [{"prompt": "p"}], rollout={"scorers": [{"name": "brightness"}]})
+    recipe, method = load_recipe(path), get_registry().get("grpo")()
+    with pytest.raises(TrlPlusError, match=r"rollout.scorers.0.name: brightness scores pixels, but method 'grpo' "
                                            r"samples text"):  # fmt: skip
         build_rollout(recipe, method)
+
+
+def online_recipe(tmp_path, rollout, **training):
+    import yaml
+
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(f'{{"prompt": "a shape {i}"}}\n' for i in range(4)))
+    recipe = {"method": OnlineDPO.name, "method_args": {"beta": 500.0},
+              "model": {"kind": "diffusion", "name_or_path": "tiny-sd", "resolution": 16,
+                        "lora": {"r": 4, "alpha": 4, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]}},
+              "data": {"train": {"path": str(data)}, "eval": {"path": str(data)}}, "rollout": rollout,
+              "training": {"output_dir": str(tmp_path / "run"), "max_steps": 2, "per_device_train_batch_size": 2,
+                           "learning_rate": 1e-3, "eval_steps": 2, "logging_steps": 1, **training}}  # fmt: skip
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return str(path)
+
+
+def test_an_online_recipe_trains_through_the_vae_and_evaluates_sample_rewards(tmp_path):
+    from trl_plus import train
+    from trl_plus.testing import registered
+
+    rollout = {"n": 2, "decoding": {"steps": 3}, "scorers": [{"name": "brightness"}]}
+    with registered(OnlineDPO):
+        result = train(online_recipe(tmp_path, rollout))
+    import json
+    import os
+
+    logs = json.load(open(os.path.join(result.output_dir, "trainer_state.json")))["log_history"]
+    assert any("rollout/reward" in h for h in logs) and any("eval_rollout/reward" in h for h in logs)
+    assert all(0 <= h["rollout/reward"] <= 1 for h in logs if "rollout/reward" in h)  # brightness of decoded pixels
+
+
+@pytest.mark.parametrize("rollout, message", [
+    ({"scorers": []}, "rollout: method 'online-diffusion-dpo-test' ranks its own samples: add rollout"),
+    ({"decoding": {"temperature": 0.9}, "scorers": [{"name": "brightness"}]},
+     "rollout.decoding.temperature: not a diffusion sampler setting"),
+    ({"sources": ["reference"], "scorers": [{"name": "brightness"}]},
+     "rollout.sources: a diffusion method samples from its policy only"),
+    ({"scorers": [{"name": "keyword", "args": {"keyword": "x"}}]}, "rollout.scorers.0.name: keyword scores text"),
+])  # fmt: skip
+def test_online_recipe_mistakes_are_one_line_errors(tmp_path, rollout, message):
+    from trl_plus import check_recipe
+    from trl_plus.testing import registered
+
+    with registered(OnlineDPO), pytest.raises(TrlPlusError, match=message):
+        check_recipe(load_recipe(online_recipe(tmp_path, rollout)))

@@ -11,8 +11,11 @@ default, so the unchanged ``dpo`` loss with the official β (5000) is the offici
   saving LoRA;
 - :mod:`.scorer`: the :class:`~trl_plus.diffusion.scorer.DenoisingScorer` (targets, timesteps, sharing, weights);
 - :mod:`.inversion`: deterministic DDIM inversion (optional ReNoise averaging) and the matching DDIM sampler;
+- :mod:`.sampling`: the recording sampler of online methods (DDIM(η) with step log-densities, flow Euler, guidance
+  hooks) and :class:`~trl_plus.diffusion.sampling.ParameterState` (lagged / EMA copies of the trained tensors);
 - :mod:`.tiny`: the offline ``tiny-sd`` / ``tiny-sd3`` / ``tiny-flux`` / ``tiny-wan`` pipelines;
-- :mod:`.trainer`: ``DiffusionConfig`` and ``DiffusionTrainer`` (``transformers.Trainer``), trainer kind ``diffusion``.
+- :mod:`.trainer`: ``DiffusionConfig`` and ``DiffusionTrainer`` (``transformers.Trainer``), trainer kind ``diffusion``;
+  online methods' rollout stage (prompts -> images -> scores -> the method's rows).
 
 This package's ``__init__`` imports nothing: diffusers and torch load only when a diffusion run needs them.
 """

@@ -524,7 +524,7 @@ class DiffusionTrainer(GuardMixin, Trainer):
     @staticmethod
     def are_pairs(examples) -> bool:
         """Whether prepared ``examples`` are pairs (K = 2 images each), the shape :meth:`pair_scores` scores."""
-        if not examples:
+        if not examples or X0 not in examples[0]:  # an online method's prompt rows: no images to score
             return False
         first = examples[0]["x0"]
         return (next(iter(first.values())) if isinstance(first, dict) else first).size(0) == 2
