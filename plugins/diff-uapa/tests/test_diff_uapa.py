@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -108,10 +109,7 @@ def test_data_checks(tmp_path):
     recipe = load_recipe("recipes/diff-uapa.yaml", ["model.name_or_path=tiny-sd", "model.lora=null",
                                                     f"training.output_dir={tmp_path}"])  # fmt: skip
     assert len(checked_split(recipe.model_copy(update={"phases": None}))) == 4
-    from PIL import Image
-
-    image = str(tmp_path / "x.png")
-    Image.new("RGB", (16, 16)).save(image)
+    image = str(Path("recipes/data/diffusion/red-0-a.png").resolve())
 
     def check(row):
         bad = tmp_path / "bad.jsonl"
