@@ -6,8 +6,8 @@ every Euler step by the gradient of a time-conditioned latent reward, one user w
 
 (diffusers' flow convention: σ = 1 is noise; σ/(1 − σ) capped at ``max_factor``). Only the reward is differentiated
 (to the latent): no VAE decode, no generator backward. ``guided_generate`` samples a pipeline folder / alias or a
-built :class:`~trl_plus.DiffusionTrainer` with it and writes PNGs; ``python -m trl_plus_flow_nrg RECIPE`` runs it
-from a recipe. The method ``flow-nrg`` is registered so that recipes name it; it trains nothing.
+built :class:`~trl_plus.DiffusionTrainer` with it and writes PNGs; ``trl-plus flow-nrg generate RECIPE`` (or
+``python -m trl_plus_flow_nrg RECIPE``) runs it from a recipe. The method ``flow-nrg`` is registered so that recipes name it; it trains nothing.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from trl_plus import (
 )
 
 #: The one line every training entry point answers with.
-TRAINS_NOTHING = ("flow-nrg trains nothing; generate with python -m trl_plus_flow_nrg RECIPE "
+TRAINS_NOTHING = ("flow-nrg trains nothing; generate with trl-plus flow-nrg generate RECIPE "
                   "(or trl_plus_flow_nrg.guided_generate)")  # fmt: skip
 
 
@@ -304,24 +304,40 @@ def generate_from_recipe(recipe_path: str, prompts: list[str] | None = None, out
                            resolution=recipe.model.resolution, dtype=recipe.model.dtype)  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m trl_plus_flow_nrg RECIPE [--prompt P ...] [--out DIR] [--seed S] [--set key=value ...]``."""
-    parser = argparse.ArgumentParser(prog="python -m trl_plus_flow_nrg", description=__doc__.splitlines()[0])
-    parser.add_argument("recipe")
-    parser.add_argument("--prompt", action="append", default=[])
-    parser.add_argument("--out")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--set", action="append", default=[], dest="overrides")
-    args = parser.parse_args(argv)
-    try:
-        done = generate_from_recipe(args.recipe, args.prompt, args.out, args.seed, args.overrides)
-    except TrlPlusError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="a flow-nrg recipe (model, rollout.decoding, rollout.scorers, data.train)")
+    parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable; default: data.train)")
+    parser.add_argument("--out", help="the folder for the PNGs (default: training.output_dir)")
+    parser.add_argument("--seed", type=int, default=0, help="the starts' seed")
+    parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE")
+
+
+def _run(args: argparse.Namespace) -> int:
+    done = generate_from_recipe(args.recipe, args.prompt, args.out, args.seed, args.overrides)
     for name, values in done.rewards.items():
         print(f"{name}: mean {float(values.mean()):.6f} over {len(values)} images")
     print(f"wrote {len(done.paths)} images to {Path(done.paths[0]).parent if done.paths else '-'}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m trl_plus_flow_nrg RECIPE [--prompt P ...] [--out DIR] [--seed S] [--set key=value ...]`` (the
+    same as ``trl-plus flow-nrg generate``)."""
+    parser = argparse.ArgumentParser(prog="python -m trl_plus_flow_nrg", description=__doc__.splitlines()[0])
+    _add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except TrlPlusError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+@hookimpl
+def register_commands(register):
+    """``trl-plus flow-nrg generate``."""
+    register("flow-nrg generate", "reward-guided samples of a flow pipeline as a flow-nrg recipe says (PNGs)",
+             _add_arguments, _run)  # fmt: skip
 
 
 @hookimpl

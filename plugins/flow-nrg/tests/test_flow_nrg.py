@@ -10,7 +10,7 @@ import trl_plus_flow_nrg as nrg
 from trl_plus_flow_nrg import FlowNRG, guidance_fn, guided_generate
 
 from trl_plus import Rollout, Scorer, TrlPlusError, get_registry, load_recipe, sample
-from trl_plus.testing import checked_split, tiny_diffusion_trainer
+from trl_plus.testing import checked_split, cli, tiny_diffusion_trainer
 
 PROMPTS = ["a red circle", "a blue square"]
 
@@ -97,6 +97,9 @@ def test_recipe_runs_and_train_refuses(tmp_path):
     assert nrg.main(["recipes/flow-nrg.yaml", "--out", str(tmp_path), "--prompt", "a dot",
                      *[f"--set={o}" for o in overrides]]) == 0  # fmt: skip
     assert (tmp_path / "0000.png").is_file()
+    assert cli("flow-nrg", "generate", "recipes/flow-nrg.yaml", "--out", str(tmp_path / "cli"), "--prompt", "a dot",
+               *[f"--set={o}" for o in overrides]) == 0  # fmt: skip
+    assert (tmp_path / "cli" / "0000.png").is_file()
     recipe = load_recipe("recipes/flow-nrg.yaml", [*overrides, f"training.output_dir={tmp_path / 'run'}"])
     with pytest.raises(TrlPlusError, match="flow-nrg trains nothing; generate with"):
         checked_split(recipe)
