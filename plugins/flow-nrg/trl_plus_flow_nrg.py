@@ -67,8 +67,12 @@ class FlowNRG(DiffusionMethod):
     example_data = {"path": "recipes/data/diffusion_prompts.jsonl"}
     example_model = {"kind": "diffusion", "name_or_path": "tiny-sd3"}
 
-    def prepare_split(self, dataset: Any, recipe: Any, split: str) -> Any:
-        """Refused before any model loads: there is nothing to train."""
+    example_rollout = {"n": 1, "decoding": {"steps": 4, "eta": 0.0, "guidance": 1.0},
+                       "scorers": [{"name": "latent-mean", "weight": 1.0}]}  # fmt: skip
+
+    def stages(self, dataset: Any) -> Any:
+        """Refused when ``trl-plus train`` / ``validate`` plans the training, after the recipe's and the prompts'
+        checks and before any model loads: there is nothing to train."""
         raise TrlPlusError(f"method: {TRAINS_NOTHING}")
 
     def make_examples(self, rollouts: Any) -> list[dict[str, Any]]:

@@ -9,7 +9,7 @@ import torch
 import trl_plus_flow_nrg as nrg
 from trl_plus_flow_nrg import FlowNRG, guidance_fn, guided_generate
 
-from trl_plus import Rollout, Scorer, TrlPlusError, get_registry, load_recipe, sample
+from trl_plus import DiffusionTrainer, Rollout, Scorer, TrlPlusError, get_registry, load_recipe, sample, train
 from trl_plus.testing import checked_split, cli, tiny_diffusion_trainer
 
 PROMPTS = ["a red circle", "a blue square"]
@@ -90,7 +90,11 @@ def test_pipeline_alias_writes_pngs(tmp_path):
     assert (tmp_path / "samples.jsonl").read_text().count("\n") == 2
 
 
-def test_recipe_runs_and_train_refuses(tmp_path):
+def no_model(*args, **kwargs):
+    raise AssertionError("a pipeline was loaded")
+
+
+def test_recipe_runs_and_train_refuses(tmp_path, monkeypatch):
     overrides = ["model.name_or_path=tiny-sd3", "model.dtype=float32", "model.text_encoders.dtype=float32",
                  "model.resolution=16", "rollout.decoding.steps=2", "rollout.decoding.guidance=1.0", "rollout.n=1",
                  "data.train.path=recipes/data/diffusion_prompts.jsonl"]  # fmt: skip
@@ -101,8 +105,10 @@ def test_recipe_runs_and_train_refuses(tmp_path):
                *[f"--set={o}" for o in overrides]) == 0  # fmt: skip
     assert (tmp_path / "cli" / "0000.png").is_file()
     recipe = load_recipe("recipes/flow-nrg.yaml", [*overrides, f"training.output_dir={tmp_path / 'run'}"])
-    with pytest.raises(TrlPlusError, match="flow-nrg trains nothing; generate with"):
-        checked_split(recipe)
+    assert len(checked_split(recipe)) == 4  # the prompts pass the core's checks ...
+    monkeypatch.setattr(DiffusionTrainer, "from_recipe", no_model)
+    with pytest.raises(TrlPlusError, match="flow-nrg trains nothing; generate with trl-plus flow-nrg generate"):
+        train(recipe)  # ... and training stops before any model loads
 
 
 def test_one_line_errors(trainer):
