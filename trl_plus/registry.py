@@ -28,6 +28,7 @@ REPOSITORY_PLUGINS = frozenset({
     "online-dpo", "xpo",  # issue 14: online methods
     "disco", "drpo", "mo-grpo", "rto", "hybrid-offline-online", "oprl", "deep-research-survey",  # issue 15: group-RL methods, phases
     "densedpo", "ppd",  # issue 21: video latents, a user-conditioned branch
+    "flow-nrg", "spro", "diff-uapa",  # guided generation, a generation pipeline, trajectory preferences in rounds
 })  # fmt: skip
 
 
