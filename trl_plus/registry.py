@@ -28,7 +28,7 @@ REPOSITORY_PLUGINS = frozenset({
     "online-dpo", "xpo",  # issue 14: online methods
     "disco", "drpo", "mo-grpo", "rto", "hybrid-offline-online", "oprl", "deep-research-survey",  # issue 15: group-RL methods, phases
     "densedpo", "ppd",  # issue 21: video latents, a user-conditioned branch
-    "d3po", "spo", "diffusion-dro", "awm",  # issue 19: online diffusion (step transitions, replay, group advantages)
+    "d3po", "spo", "diffusion-dro", "awm", "flow-nrg", "spro", "diff-uapa",  # issue 19: online and step-wise diffusion
 })  # fmt: skip
 
 

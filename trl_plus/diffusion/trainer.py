@@ -210,10 +210,13 @@ class DiffusionTrainer(GuardMixin, Trainer):
 
     @classmethod
     def from_recipe(cls, recipe, method: Method, training: dict[str, Any], train_dataset=None, eval_dataset=None,
-                    callbacks=None, **online) -> DiffusionTrainer:  # fmt: skip
+                    callbacks=None, model=None, **online) -> DiffusionTrainer:  # fmt: skip
         """The trainer a validated diffusion recipe describes (``trl_plus.train`` calls it after the data checks):
         the pipeline loaded as ``recipe.model`` says, ``training`` (checked) as a :class:`DiffusionConfig`;
-        ``online``: an online method's ``rollout`` and ``scorers`` (built from the recipe's ``rollout:`` block)."""
+        ``online``: an online method's ``rollout`` and ``scorers`` (built from the recipe's ``rollout:`` block).
+        ``model``: train this denoiser (a ``phases:`` run's, as the previous phase left it) instead of the loaded
+        one; the loaded one, frozen, is then the reference of a method that needs a frozen copy (the initial
+        policy, not the previous phase's)."""
         from ..models.load import resolve_model_path
         from .models import load_diffusion
 
@@ -230,6 +233,14 @@ class DiffusionTrainer(GuardMixin, Trainer):
         cache = recipe.model.cache
         latents = {} if cache is None else {"latent_cache": cache.latents, "latent_budget": int(cache.latents_budget)}
         latents.update(online)
+        if model is not None:  # a later phase: its policy, the pipeline's own denoiser as the initial reference
+            loaded, bundle.denoiser = bundle.denoiser, model
+            for name in ("unet", "transformer"):
+                if getattr(bundle.pipeline, name, None) is loaded:
+                    setattr(bundle.pipeline, name, model)
+            if (method.needs.reference != "no" and recipe.reference.mode in ("auto", "model")
+                    and not has_lora(model)):  # fmt: skip
+                latents["ref_model"] = loaded.eval().requires_grad_(False)
         return cls(bundle, args, method=method, reference_mode=recipe.reference.mode, train_dataset=train_dataset,
                    eval_dataset=eval_dataset, resolution=recipe.model.resolution, callbacks=callbacks,
                    nan=recipe.training.get("nan", "stop"), **latents)  # fmt: skip

@@ -108,8 +108,9 @@ def build_trainer(recipe: Recipe, callbacks: list | None = None, model: Any = No
     stages = plan_stages(recipe, method, train_dataset)
     if hasattr(trainer_cls, "from_recipe"):  # a trainer kind that builds its own models (diffusion pipelines)
         training.setdefault("output_dir", default_output_dir(method))
+        kept = {} if model is None else {"model": model}  # a phase's policy, as the previous phase left it
         trainer = trainer_cls.from_recipe(recipe, method, training, train_dataset, eval_dataset, callbacks=callbacks,
-                                          **_online(recipe, method))  # fmt: skip
+                                          **kept, **_online(recipe, method))  # fmt: skip
         trainer.stages = stages
         return trainer
 
