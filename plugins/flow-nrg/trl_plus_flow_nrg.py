@@ -70,10 +70,8 @@ class FlowNRG(DiffusionMethod):
     example_rollout = {"n": 1, "decoding": {"steps": 4, "eta": 0.0, "guidance": 1.0},
                        "scorers": [{"name": "latent-mean", "weight": 1.0}]}  # fmt: skip
 
-    def stages(self, dataset: Any) -> Any:
-        """Refused when ``trl-plus train`` / ``validate`` plans the training, after the recipe's and the prompts'
-        checks and before any model loads: there is nothing to train."""
-        raise TrlPlusError(f"method: {TRAINS_NOTHING}")
+    #: ``trl-plus train`` refuses a flow-nrg recipe with this, after the prompts' checks, before any model loads.
+    inference_only = "generate with trl-plus flow-nrg generate RECIPE (or trl_plus_flow_nrg.guided_generate)"
 
     def make_examples(self, rollouts: Any) -> list[dict[str, Any]]:
         """Refused: a DiffusionTrainer built on flow-nrg samples, it does not train."""

@@ -156,6 +156,10 @@ class DiffusionMethod(Method):
     #: What ``trl-plus show``'s example recipe sets for the model (a tiny offline pipeline).
     example_model: ClassVar[dict[str, Any]] = {"kind": "diffusion", "name_or_path": "tiny-sd"}
 
+    #: A method that trains nothing (inference-time guidance, Flow-NRG): what to run instead. ``trl-plus train``
+    #: refuses its recipe in one line saying so, after the data checks and before any model loads; ``validate`` and
+    #: ``show`` treat the recipe as any other.
+    inference_only: ClassVar[str | None] = None
     #: Online methods: what ``trl-plus show``'s example recipe samples and scores with (a short sampler, a rule scorer).
     example_rollout: ClassVar[dict[str, Any]] = {"n": 2, "decoding": {"steps": 4}, "scorers": [{"name": "latent-mean"}]}
     #: Online methods: keep each sample's trajectory (per-step latents, predictions, log-densities) in the rollouts.

@@ -105,6 +105,9 @@ def build_trainer(recipe: Recipe, callbacks: list | None = None, model: Any = No
     trainer_cls = trainer_class(method)
     train_dataset = load_split(recipe, method, "train")  # data problems surface before any model loads
     eval_dataset = load_split(recipe, method, "eval")
+    if getattr(method, "inference_only", None):
+        raise TrlPlusError(f"{recipe_source(recipe)}: method {method.name!r} trains nothing: "
+                           f"{method.inference_only}")  # fmt: skip
     stages = plan_stages(recipe, method, train_dataset)
     if hasattr(trainer_cls, "from_recipe"):  # a trainer kind that builds its own models (diffusion pipelines)
         training.setdefault("output_dir", default_output_dir(method))

@@ -107,7 +107,7 @@ def test_recipe_runs_and_train_refuses(tmp_path, monkeypatch):
     recipe = load_recipe("recipes/flow-nrg.yaml", [*overrides, f"training.output_dir={tmp_path / 'run'}"])
     assert len(checked_split(recipe)) == 4  # the prompts pass the core's checks ...
     monkeypatch.setattr(DiffusionTrainer, "from_recipe", no_model)
-    with pytest.raises(TrlPlusError, match="flow-nrg trains nothing; generate with trl-plus flow-nrg generate"):
+    with pytest.raises(TrlPlusError, match="method 'flow-nrg' trains nothing: generate with trl-plus flow-nrg generate"):
         train(recipe)  # ... and training stops before any model loads
 
 
