@@ -79,7 +79,11 @@ def cmd_list(args: argparse.Namespace) -> int:
         table = {"metric": registry.metrics, "scorer": registry.scorers, "environment": registry.environments}[kind]
         rows = [[name, textwrap.fill(cls.summary, 60), _distribution(registry.component_sources[kind, name])]
                 for name, cls in sorted(table.items())]  # fmt: skip
-        print(_table(rows, [kind, "what it gives", "from"]))
+        header = [kind, "what it gives", "from"]
+        if kind == "scorer":  # what a completion is: text, or a diffusion run's pixels / latents
+            rows = [[row[0], getattr(table[row[0]], "inputs", "text"), *row[1:]] for row in rows]
+            header = [kind, "reads", *header[1:]]
+        print(_table(rows, header))
         return 0
     if args.json or args.markdown:
         from .run.catalogue import method_record, methods_markdown, ordered

@@ -85,7 +85,7 @@ class DiffUAPA(DiffusionMethod):
 
     name = "diff-uapa"
     taxonomy = {"data.feedback": "pair", "learning.paradigm": "offline", "constraint.reference": "fixed",
-                "property": ("uncertainty-aware",), "scope": "policy", "source": "inferred"}  # fmt: skip
+                "data.quality": ("noise",), "property": (), "scope": "policy", "source": "inferred"}  # fmt: skip
     family = "policy-rl"
     paper = Paper("Uncertainty-Aware Preference Alignment for Diffusion Policies", None,
                   venue="NeurIPS (listed); read as an anonymous ICML-format submission")

@@ -54,7 +54,8 @@ class FlowNRG(DiffusionMethod):
 
     name = "flow-nrg"
     taxonomy = {"data.feedback": "point", "learning.paradigm": "online", "constraint.reference": "reference-free",
-                "property": ("inference-time",), "scope": "video", "source": "inferred"}  # fmt: skip
+                "learning.objective": ("multi-objective",), "property": (), "scope": "video",
+                "source": "inferred"}  # fmt: skip
     family = "flow"
     paper = Paper("Improving Video Generation with Human Feedback", "2501.13918")
     summary = "inference-time reward guidance for flow models: ṽ = v − σ/(1−σ)·Σ_k w_k ∇r_k (trains nothing)"
