@@ -6,7 +6,7 @@ VENV ?= .venv
 PLUGINS := $(foreach p,$(sort $(wildcard plugins/*/pyproject.toml)),-e $(dir $(p)))
 BIN := $(VENV)/bin
 
-.PHONY: setup quickstart quickstart-diffusion test bench
+.PHONY: setup quickstart quickstart-diffusion quickstart-diffusion-online test bench
 
 $(BIN)/trl-plus: pyproject.toml $(wildcard plugins/*/pyproject.toml)
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,13 @@ quickstart-diffusion: setup
 	$(BIN)/trl-plus train recipes/quickstart-diffusion-sft.yaml
 	$(BIN)/trl-plus train recipes/quickstart-diffusion.yaml
 	$(BIN)/python -m trl_plus.diffusion.digits report $(DIGITS)/sft $(DIGITS)/dpo $(DIGITS)/data
+
+# Its online variant: D3PO from the same SFT reference on its own samples, rewarded by their brightness (the SFT
+# stage runs first when its folder is missing).
+quickstart-diffusion-online: setup
+	test -f $(DIGITS)/sft/model_index.json || $(MAKE) quickstart-diffusion
+	$(BIN)/trl-plus train recipes/quickstart-diffusion-online.yaml
+	$(BIN)/python -m trl_plus.diffusion.digits report $(DIGITS)/sft $(DIGITS)/d3po $(DIGITS)/data
 
 test: setup
 	$(BIN)/python -m pytest -q -n auto

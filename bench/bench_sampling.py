@@ -8,6 +8,9 @@ A benchmark, not a test. It prints the median wall time of one 20-step DDIM(η =
      runs; no decode)                                                                          target <= 1.10
   2. recording / not recording (``record=False``): the price of the records themselves
   3. with classifier-free guidance 5.0 (two UNet rows per image), ratio 1 again
+  4. the share of a D3PO training step (the d3po plugin, official sampler: 20 steps, η 1, CFG 5; LoRA on the
+     tiny-sd UNet (8x8x4 latents), 2 prompts × 2 images, the 19 stochastic steps of each pair trained) spent sampling
+     (``method.rollout``) against the whole optimizer step (rollout, rows, loss, backward, optimizer)
 
 Setup: the (32, 64)-channel UNet2DConditionModel of bench_diffusion.py (16x16x4 latents, cross-attention 32), SD's
 scaled-linear schedule, 8 images per run, fp32, no grad; runs interleaved over --repeats after one warm-up.
@@ -93,7 +96,51 @@ def main(argv=None) -> int:
         rec, plain, ref = med[("recording", guidance)], med[("plain", guidance)], med[("diffusers", guidance)]
         print(f"  guidance {guidance:g}: recording {rec:.1f}, not recording {plain:.1f}, diffusers' loop {ref:.1f}"
               f"  ->  recording / diffusers {rec / ref:.3f} (target <= 1.10), recording / not {rec / plain:.3f}")
+    d3po_share(args.steps, max(2, args.repeats))
     return 0
+
+
+def d3po_share(sample_steps: int, steps: int) -> None:
+    """Print the share of a d3po step spent in its rollout (item 4 of the module doc)."""
+    import tempfile
+
+    from transformers import TrainerCallback
+
+    from trl_plus import Rollout, get_registry
+    from trl_plus.testing import tiny_diffusion_trainer
+
+    if "d3po" not in get_registry().methods:
+        print("  d3po: not installed (pip install -e plugins/d3po); skipped")
+        return
+    timings = {"rollout": [], "step": []}
+
+    class Steps(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            timings["step"].append(time.perf_counter() - self.start)
+
+    with tempfile.TemporaryDirectory() as out:
+        rows = [{"prompt": f"prompt {i}"} for i in range(2 * (steps + 1))]
+        trainer = tiny_diffusion_trainer(
+            "d3po", out, lora=True, rows=rows, max_steps=steps + 1, learning_rate=1e-4, batch_size=2,
+            rollout=Rollout(n=2, decoding={"steps": sample_steps, "eta": 1.0, "guidance": 5.0}),
+            scorers=[(get_registry().get_scorer("latent-mean")(), 1.0)], callbacks=[Steps()],
+            training={"logging_steps": 1000})  # fmt: skip
+        original = trainer.method.rollout
+
+        def timed(t, ids):
+            start = time.perf_counter()
+            result = original(t, ids)
+            timings["rollout"].append(time.perf_counter() - start)
+            return result
+
+        trainer.method.rollout = timed
+        trainer.train()
+    rollout, step = statistics.median(timings["rollout"][1:]), statistics.median(timings["step"][1:])
+    print(f"  d3po step (tiny UNet, LoRA, 2 prompts x 2 images, {sample_steps} steps, CFG 5): {step * 1000:.0f} ms, "
+          f"of which sampling {rollout * 1000:.0f} ms = {rollout / step:.0%} (median of {steps} steps after one)")
 
 
 if __name__ == "__main__":

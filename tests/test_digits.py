@@ -2,7 +2,8 @@
 digits of the scikit-learn wheel, written deterministically; the ``tiny-digits`` pipeline; and the learning test of
 issue 21 — diffusion-dpo from a cached SFT reference raises held-out implicit-reward accuracy from exactly 0.5 to
 ≥ 0.8 *together with* the fidelity guard (held-out denoising error ≤ 1.2 × the reference's, samples' class
-consistency ≥ the reference's − 0.05), on the quickstart's own recipes."""
+consistency ≥ the reference's − 0.05), on the quickstart's own recipes; and issue 19's online variant (D3PO on its
+own samples, rewarded by their brightness: every same-seed sample gets brighter, the guard holds)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from trl_plus.diffusion.digits import (
 ROOT = Path(__file__).resolve().parents[1]
 SFT_RECIPE = ROOT / "recipes" / "quickstart-diffusion-sft.yaml"
 DPO_RECIPE = ROOT / "recipes" / "quickstart-diffusion.yaml"
+ONLINE_RECIPE = ROOT / "recipes" / "quickstart-diffusion-online.yaml"
 
 
 def rows(path):
@@ -121,3 +123,23 @@ def test_dpo_on_real_digits_learns_and_keeps_the_fidelity_guard(digits_data, sft
     assert policy.held_out_mse <= 1.2 * reference.held_out_mse, table
     assert policy.class_consistency >= reference.class_consistency - 0.05, table
     assert (tmp_path / "grid.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_d3po_online_on_real_digits_brightens_its_own_samples_and_keeps_the_fidelity_guard(digits_data, sft_reference,
+                                                                                           tmp_path):  # fmt: skip
+    """Issue 19's generation-side learning test on real images: D3PO, rewarded by the brightness of its own samples,
+    makes every same-seed sample brighter (measured at 20 steps: mean ink −0.3803 -> −0.3576, class consistency
+    0.880 -> 0.870, held-out error 0.0809 -> 0.0808)."""
+    pytest.importorskip("trl_plus_d3po")
+    out, _ = digits_data
+    run = tmp_path / "d3po"
+    result = train(ONLINE_RECIPE, [f"model.name_or_path={sft_reference}", f"training.output_dir={run}",
+                                   "training.max_steps=20"])  # fmt: skip
+    assert result.global_step == 20
+    figures = quickstart_report(sft_reference, run, out, samples=200)
+    reference, policy = figures["reference"], figures["policy"]
+    table = format_figures(figures)
+    assert policy.brighter >= 0.9 and policy.sample_ink > reference.sample_ink + 0.01, table
+    assert policy.class_consistency >= reference.class_consistency - 0.05, table
+    assert policy.held_out_mse <= 1.2 * reference.held_out_mse, table

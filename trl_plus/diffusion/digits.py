@@ -273,6 +273,27 @@ def quickstart_report(reference: str | Path, policy: str | Path, data_dir: str |
 def write_grid(reference, policy, path: str | Path, columns: int = 10, rows: int = 4, scale: int = 6) -> str:
     """A PNG of same-seed samples: ``rows`` rows of the reference's above the same rows of the policy's (one column
     per prompt class 0..9), separated by a white line, each pixel ``scale``×``scale``."""
+    return write_blocks([reference, policy], path, columns, rows, scale)
+
+
+def same_seed_samples(folder: str | Path, samples: int = 200, steps: int = 25, seed: int = 0):
+    """``[samples, 1, 8, 8]`` the report's DDIM samples (η = 0, ``steps`` steps) of a digits pipeline folder: prompt
+    "digit c" for c = i mod 10, the start noise seeded by ``seed`` as :func:`quickstart_report` draws it."""
+    import torch
+
+    from .inversion import ddim_sample
+
+    unet, scheduler, embed = _load(folder)
+    classes = torch.arange(samples) % 10
+    start = torch.randn((samples, 1, 8, 8), generator=torch.Generator().manual_seed(seed + 2))
+    cond = {"text": embed([PROMPT.format(int(c)) for c in range(10)])[classes]}
+    with torch.no_grad():
+        return ddim_sample(unet, start, cond, scheduler, steps).clamp(-1, 1)
+
+
+def write_blocks(blocks, path: str | Path, columns: int = 10, rows: int = 4, scale: int = 6) -> str:
+    """A PNG of blocks of same-seed samples stacked top to bottom (``rows`` rows of ``columns`` each, one column per
+    prompt class), separated by white lines, each pixel ``scale``×``scale``."""
     import numpy as np
     from PIL import Image
 
@@ -283,9 +304,10 @@ def write_grid(reference, policy, path: str | Path, columns: int = 10, rows: int
         lines = [np.concatenate(list(padded[r * columns:(r + 1) * columns]), axis=1) for r in range(rows)]
         return np.concatenate(lines, axis=0)
 
-    top, bottom = block(reference), block(policy)
-    gap = np.full((2, top.shape[1]), 255, dtype=np.uint8)
-    picture = np.concatenate([top, gap, bottom], axis=0).repeat(scale, 0).repeat(scale, 1)
+    parts = [block(images) for images in blocks]
+    gap = np.full((2, parts[0].shape[1]), 255, dtype=np.uint8)
+    stacked = [piece for part in parts for piece in (part, gap)][:-1]
+    picture = np.concatenate(stacked, axis=0).repeat(scale, 0).repeat(scale, 1)
     Image.fromarray(picture, mode="L").save(path)
     return str(path)
 
