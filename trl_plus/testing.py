@@ -479,6 +479,26 @@ def load_method_weights(denoiser: Any, names: Sequence[str], folder: str | Path)
     load_added_parameters(denoiser, list(names), folder)
 
 
+def official_ddim_logprob(scheduler, x_t, eps, x_prev, t, prev_t, eta: float = 1.0):
+    """``[N]`` D3PO's ``ddim_step_with_logprob`` (yk7333/d3po ``d3po_pytorch/diffusers_patch/ddim_with_logprob.py``),
+    written out independently of the core's sampler for tests: the element-mean Gaussian log-density of ``x_prev``
+    under the DDIM(η) step from ``x_t`` with the ε-prediction ``eps`` (timesteps ``t`` -> ``prev_t``, ``[N]``; a
+    negative ``prev_t`` lands on ᾱ = 1)."""
+    import math
+
+    import torch
+
+    alphas = scheduler.alphas_cumprod.float()
+    shape = (-1, *([1] * (x_t.dim() - 1)))
+    a_t = alphas[t].view(shape)
+    a_prev = torch.where(prev_t >= 0, alphas[prev_t.clamp(min=0)], torch.tensor(1.0)).view(shape)
+    x0 = (x_t - (1 - a_t) ** 0.5 * eps) / a_t**0.5
+    std = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
+    mean = a_prev**0.5 * x0 + (1 - a_prev - std**2) ** 0.5 * eps
+    log_prob = -((x_prev - mean) ** 2) / (2 * std**2) - torch.log(std) - math.log(math.sqrt(2 * math.pi))
+    return log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
+
+
 def tiny_diffusion_bundle(target: str = "epsilon", lora: bool = False, nf4: bool = False, seed: int = 0):
     """A :class:`~trl_plus.diffusion.models.DiffusionBundle` without a pipeline: the ``tiny-sd`` UNet with a DDPM
     scheduler (``target`` ``epsilon`` / ``v_prediction`` / ``sample``) or, for ``flow``, the ``tiny-sd3`` transformer

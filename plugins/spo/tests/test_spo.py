@@ -11,7 +11,7 @@ import torch
 from trl_plus_spo import SPO, preference_compare, spo_losses
 
 from trl_plus import ImageRollouts, LossContext, Rollout, TrlPlusError, get_registry, guided_prediction
-from trl_plus.testing import perturb, tiny_diffusion_trainer
+from trl_plus.testing import official_ddim_logprob, perturb, tiny_diffusion_trainer
 
 PROMPTS = [{"prompt": "a red square"}, {"prompt": "a blue circle"}]
 SHORT = Rollout(n=1, decoding={"steps": 5, "eta": 1.0, "guidance": 5.0})
@@ -89,7 +89,6 @@ def test_ratio_equals_the_official_formula_on_the_branching_samplers_pairs(tmp_p
     score = trainer.score(trainer.model, batch)
     k, b = 2, len(rows)
     _, log_ratios = spo_losses(score.logps.view(k, b), score.ref_logps.view(k, b), 10.0, 0.1)
-    alphas = trainer.bundle.scheduler.alphas_cumprod.float()
     x_t, x_prev = batch["transition_x_t"], batch["transition_x_prev"]
     t, prev = batch["transition_timestep"], batch["transition_prev_timestep"]
     ids = batch["prompt_ids"][batch["group"]]
@@ -98,13 +97,7 @@ def test_ratio_equals_the_official_formula_on_the_branching_samplers_pairs(tmp_p
     def official_logp(model):
         with torch.no_grad():
             eps = guided_prediction(model, x_t, t, cond, uncond, 5.0).float()
-        a_t = alphas[t].view(-1, 1, 1, 1)
-        a_prev = torch.where(prev >= 0, alphas[prev.clamp(min=0)], torch.tensor(1.0)).view(-1, 1, 1, 1)
-        x0 = (x_t - (1 - a_t) ** 0.5 * eps) / a_t**0.5
-        std = ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
-        mean = a_prev**0.5 * x0 + (1 - a_prev - std**2) ** 0.5 * eps
-        log_prob = -((x_prev - mean) ** 2) / (2 * std**2) - torch.log(std) - math.log(math.sqrt(2 * math.pi))
-        return log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
+        return official_ddim_logprob(trainer.bundle.scheduler, x_t, eps, x_prev, t, prev)
 
     policy = official_logp(trainer.policy())
     with torch.no_grad(), trainer.reference_denoiser() as reference:
