@@ -114,8 +114,10 @@ def denoise(model, x_t, timesteps, cond: dict[str, Any]):
     = ``added_cond_kwargs``, e.g. SDXL's or an IP-Adapter-style branch's ``image_embeds``; Flux: ``guidance`` ``[N]`` or
     a number), shaped like ``x_t``. UNet2DCondition takes the DDPM index; SD3 and Wan 1000·σ (the flow scheduler's
     timesteps table: WanPipeline passes ``scheduler.timesteps`` entries, one per video; Wan's text is the UMT5
-    sequence, no pooled vector); Flux σ."""
-    kind = denoiser_kind(model)
+    sequence, no pooled vector); Flux σ. ``model`` may be wrapped for distributed training (DDP): the wrapper is
+    called (its gradient hooks), the module inside says which denoiser it is."""
+    inner = _unwrapped(model)
+    kind = denoiser_kind(inner)
     if kind == "unet":
         return model(x_t, timesteps, encoder_hidden_states=cond["text"], added_cond_kwargs=cond.get("added"),
                      return_dict=False)[0]  # fmt: skip
@@ -125,6 +127,13 @@ def denoise(model, x_t, timesteps, cond: dict[str, Any]):
         return model(hidden_states=x_t, timestep=timesteps, encoder_hidden_states=cond["text"], return_dict=False)[0]
     return model(hidden_states=x_t, timestep=timesteps, encoder_hidden_states=cond["text"],
                  pooled_projections=cond["pooled"], return_dict=False)[0]  # fmt: skip
+
+
+def _unwrapped(model):
+    """The module inside a ``torch.nn.parallel.DistributedDataParallel`` wrapper (else ``model``)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 def _denoise_flux(model, x_t, timesteps, cond: dict[str, Any]):
@@ -143,7 +152,7 @@ def _denoise_flux(model, x_t, timesteps, cond: dict[str, Any]):
     img_ids = FluxPipeline._prepare_latent_image_ids(n, h // 2, w // 2, x_t.device, x_t.dtype)
     txt_ids = torch.zeros(cond["text"].shape[1], 3, device=x_t.device, dtype=x_t.dtype)
     guidance = None
-    if model.config.guidance_embeds:
+    if _unwrapped(model).config.guidance_embeds:
         guidance = torch.as_tensor(cond.get("guidance", FLUX_TRAINING_GUIDANCE), dtype=x_t.dtype, device=x_t.device)
         guidance = guidance.expand(n) if guidance.dim() == 0 else guidance
     out = model(hidden_states=packed, timestep=timesteps / 1000, guidance=guidance, encoder_hidden_states=cond["text"],
