@@ -13,6 +13,17 @@ element-mean DDIM step log-densities ℓ of its two transitions (scored by the c
 The paper's step-aware preference model (a time-conditioned PickScore) is not available here: a candidate is scored
 by the run's own scorers on its predicted x̂0 at the next step (the final image at the last step) — the card's
 recommended fallback; override :meth:`SPO.candidate_scores` for a step-aware scorer.
+
+``variant: gradspo`` is GradSPO (A Gradient Guidance Perspective on Stepwise Preference Optimization for Diffusion
+Models, NeurIPS 2025; official code JoshuaTTJ/GradSPO ``gradspo/custom_diffusers/loss.py``,
+``train_scripts/train_gradspo.py``): the same sampler run by an EMA copy of the policy (decay ``ema_decay``, updated
+after every optimizer step), each kept pair also storing d = (z_best − z_worst)/2 from the unit noises that made its
+two candidates, and the step log-density replaced by a score-matching term on the shared x_t (c_t = √(1 − ᾱ_t),
+g = ``grad_scale``, ε_m CFG-guided, the target detached):
+
+    s_m(±) = −mean((ε_m − (ε_ema − g·c_t·(±d)))²),   m ∈ {θ, ref};   "+" the winner, "−" the loser
+
+in the same clipped loss (log r_w = clip(s_θ(+) − s_ref(+)), log r_l = clip(s_θ(−) − s_ref(−))).
 """
 
 from __future__ import annotations
@@ -40,6 +51,8 @@ from trl_plus import (
 SPO_DECODING = {"steps": 20, "eta": 1.0, "guidance": 5.0}
 #: The ImageRollouts column holding each prompt's kept pairs (a list of transition dicts per prompt).
 PAIRS = "spo_pairs"
+#: GradSPO's EMA sampler (``trainer.parameter_state(EMA)``).
+EMA = "ema"
 
 
 class SPOConfig(MethodConfig):
@@ -53,6 +66,12 @@ class SPOConfig(MethodConfig):
     candidate_view: Literal["predicted_x0", "latent"] = Field(
         "predicted_x0", description="what the fallback scorer sees of a candidate: its x̂0 at the next step (the "
                                     "official step-aware model's input) or the candidate latent itself")  # fmt: skip
+    variant: Literal["spo", "gradspo"] = Field(
+        "spo", description="spo: step log-densities of the stored candidates; gradspo: GradSPO's score-matching "
+                           "term along the noise direction d, sampled by an EMA of the policy")  # fmt: skip
+    grad_scale: float = Field(0.5, ge=0, description="GradSPO g, the size of the noise-direction shift (0.5)")
+    ema_decay: float = Field(0.9, ge=0, lt=1, description="GradSPO decay of the sampling EMA, updated after each "
+                                                          "optimizer step (0.9)")  # fmt: skip
 
 
 def preference_compare(scores, threshold: float):
@@ -75,6 +94,16 @@ def spo_losses(logps, ref_logps, beta: float, eps: float):
 
     log_ratios = torch.clamp(logps - ref_logps, math.log(1 - eps), math.log(1 + eps))
     return -F.logsigmoid(beta * (log_ratios[0] - log_ratios[1])), log_ratios
+
+
+def gradspo_scores(prediction, ema_prediction, direction, alphas_t, grad_scale: float):
+    """GradSPO's score-matching terms (the official ``score_matching_loss``): ``[N]``
+    s = −mean over elements of (ε − (ε_ema − g·√(1 − ᾱ_t)·d))², the target detached. ``prediction`` /
+    ``ema_prediction`` / ``direction`` ``[N, ...]`` (``direction`` +d on a winner's row, −d on a loser's), ``alphas_t``
+    ``[N]`` ᾱ at the rows' timesteps."""
+    c_t = (1 - alphas_t.to(prediction.dtype)).sqrt().view(-1, *([1] * (prediction.dim() - 1)))
+    target = (ema_prediction - grad_scale * c_t * direction).detach()
+    return -((prediction - target) ** 2).flatten(1).mean(1)
 
 
 def predicted_x0(scheduler, x, prediction, t):
@@ -117,7 +146,15 @@ class SPO(DiffusionMethod):
         """SPO's step-wise resampler for the text-cache rows ``prompt_ids`` ``[Q]``: one chain per prompt, branching
         into k candidates from step ``divert_start_step`` on; returns the chains' final images (scored by the run's
         scorers) with each prompt's kept pairs in ``columns["spo_pairs"]`` (``{"x_t", "x_prev" [2, ...] winner
-        first, "timestep", "prev_timestep" [2]}``)."""
+        first, "timestep", "prev_timestep" [2]}``; GradSPO adds ``"direction"`` [2, ...] = (d, −d) with
+        d = (z_best − z_worst)/2 of the candidates' unit noises). GradSPO samples with the EMA copy of the policy
+        swapped in (``trainer.parameter_state("ema")``)."""
+        if self.config.variant == "gradspo":
+            with trainer.parameter_state(EMA).applied(trainer.policy()):
+                return self._branching_rollout(trainer, prompt_ids)
+        return self._branching_rollout(trainer, prompt_ids)
+
+    def _branching_rollout(self, trainer: Any, prompt_ids) -> ImageRollouts:
         import torch
 
         from trl_plus import ddim_sigma, ddim_step_mean, sampling_timesteps  # torch-backed: imported when sampling
@@ -136,6 +173,7 @@ class SPO(DiffusionMethod):
             x = trainer.sample_images(ids, x, generator=generator, stop=config.divert_start_step).latents[-1].cpu()
         timesteps, prev_timesteps = sampling_timesteps(scheduler, steps)
         pairs: list[list[dict]] = [[] for _ in range(q)]
+        gradspo = config.variant == "gradspo"
         kept = considered = 0
         prediction = None
         for j in range(config.divert_start_step, steps):
@@ -160,10 +198,13 @@ class SPO(DiffusionMethod):
             if bool((std > 0).all()):  # a σ = 0 step (the final one, where the final ᾱ is 1) has no density
                 for g in valid.nonzero().flatten().tolist():
                     best, worst = int(indices[0, g]), int(indices[1, g])
-                    pairs[g].append({"x_t": torch.stack([x[g], x[g]]),
-                                     "x_prev": torch.stack([grid[g, best], grid[g, worst]]),
-                                     "timestep": torch.stack([t[g], t[g]]),
-                                     "prev_timestep": torch.stack([prev[g], prev[g]])})  # fmt: skip
+                    pair = {"x_t": torch.stack([x[g], x[g]]),
+                            "x_prev": torch.stack([grid[g, best], grid[g, worst]]),
+                            "timestep": torch.stack([t[g], t[g]]), "prev_timestep": torch.stack([prev[g], prev[g]])}
+                    if gradspo:  # the official win_noise / lose_noise: ±(z_max − z_min)/2
+                        d = (noise[best, g] - noise[worst, g]) / 2
+                        pair["direction"] = torch.stack([d, -d])
+                    pairs[g].append(pair)
                     kept += 1
             choice = torch.randint(k, (q,), generator=generator)
             x = grid[torch.arange(q), choice]
@@ -182,6 +223,57 @@ class SPO(DiffusionMethod):
                                "branching sampler)")  # fmt: skip
         return [{"prompt_id": int(rollouts.prompt_ids[g]), "transition": pair}
                 for g, prompt_pairs in enumerate(rollouts.columns[PAIRS]) for pair in prompt_pairs]  # fmt: skip
+
+    def score(self, trainer: Any, inputs: Any, model: Any = None, generator: Any = None) -> Any:
+        """GradSPO's rows (``variant: gradspo``; SPO: ``None``, the core's step log-densities): ℓ ``[2·B, 1]`` =
+        s(+) on the winners' rows, s(−) on the losers' (:func:`gradspo_scores`), ε_θ with grad, ε_ref and ε_ema
+        without, each classifier-free guided as the sampler; the pair's shared x_t is predicted once."""
+        if self.config.variant != "gradspo":
+            return None
+        import torch
+
+        from trl_plus import Noised, ScoreOutput, guided_prediction
+
+        if "transition_direction" not in inputs:
+            raise TrlPlusError("spo: variant gradspo needs rows with the noise direction (transition.direction): "
+                               "sample them with SPO.rollout under method_args.variant: gradspo")  # fmt: skip
+        x_t, t = inputs["transition_x_t"].float(), inputs["transition_timestep"].long()
+        direction = inputs["transition_direction"].float()
+        group, prompt_ids = inputs["group"], inputs["prompt_ids"]
+        b = prompt_ids.size(0)
+        shared = x_t.size(0) == 2 * b and torch.equal(x_t[:b], x_t[b:]) and torch.equal(t[:b], t[b:])
+        rows = slice(0, b) if shared else slice(None)
+        guidance = trainer.sampling["guidance"]
+
+        def predict(denoiser):
+            dtype = trainer.denoiser_dtype(denoiser)
+            cond = trainer.conditioning(prompt_ids, group[rows], dtype, x_t.device)
+            uncond = None if guidance == 1 else trainer.uncond(len(group[rows]), dtype, x_t.device)
+            output = guided_prediction(denoiser, x_t[rows].to(dtype), t[rows], cond, uncond, guidance).float()
+            return output.repeat(2, *([1] * (output.dim() - 1))) if shared else output
+
+        # the EMA and the reference first: swapping the EMA's tensors in place must precede the policy's graph
+        with torch.no_grad(), trainer.parameter_state(EMA).applied(trainer.policy()) as ema:
+            ema_prediction = predict(ema)
+        alphas = trainer.bundle.scheduler.alphas_cumprod.to(x_t.device)[t]
+        g = self.config.grad_scale
+        ref_logps = None
+        if trainer.reference_mode != "none":
+            with torch.no_grad(), trainer.reference_denoiser() as reference:
+                ref_logps = gradspo_scores(predict(reference), ema_prediction, direction, alphas, g)
+        logps = gradspo_scores(predict(model), ema_prediction, direction, alphas, g)
+        c_t = (1 - alphas).sqrt().view(-1, *([1] * (x_t.dim() - 1)))
+        noised = Noised(x_t=x_t, timesteps=t, target=ema_prediction - g * c_t * direction,
+                        weight=torch.ones_like(logps.detach()), noise=direction, t=t)  # fmt: skip
+        return ScoreOutput(logps.unsqueeze(-1), torch.ones_like(logps.detach()).unsqueeze(-1),
+                           None if ref_logps is None else ref_logps.unsqueeze(-1), -logps.detach(),
+                           None if ref_logps is None else -ref_logps, noised)  # fmt: skip
+
+    def step_end(self, trainer: Any) -> None:
+        """GradSPO: the sampling EMA ← decay·EMA + (1 − decay)·θ after every optimizer step (the official
+        ``update_ema``); SPO: nothing."""
+        if self.config.variant == "gradspo":
+            trainer.parameter_state(EMA).update(trainer.policy(), decay=self.config.ema_decay)
 
     def loss(self, ctx: LossContext) -> LossOutput:
         """The clipped step-wise DPO loss, mean over the kept pairs (winner index 0)."""
