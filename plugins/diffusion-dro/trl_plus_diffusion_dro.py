@@ -205,6 +205,14 @@ class DiffusionDRO(DiffusionMethod):
                              trajectory.latents[:-1, i], trajectory.timesteps, trajectory.predictions[:, i])
         return self.buffer.sample(len(rollouts.prompts), trainer.rollout_generator(offset=2))
 
+    def state_dict(self) -> dict[str, Any]:
+        """The replay buffer's trajectories, saved in every checkpoint (a resumed run replays the same samples)."""
+        return {"buffer": list(self.buffer.items)} if self.buffer.items else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the replay buffer of a checkpoint."""
+        self.buffer.items = list(state.get("buffer", []))[-self.buffer.size:]
+
     def step_end(self, trainer: Any) -> None:
         """Copy the policy into the sampler every ``buffer_update_steps`` optimizer steps (official: ``step %
         buffer_update_steps == 0``)."""

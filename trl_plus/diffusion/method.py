@@ -191,6 +191,15 @@ class DiffusionMethod(Method):
                          "x0": torch.stack([rollouts.latents[best], rollouts.latents[worst]])})  # fmt: skip
         return rows
 
+    def state_dict(self) -> dict[str, Any]:
+        """State the method keeps between steps that a resumed run needs (a replay buffer): tensors, numbers,
+        strings and containers of them; saved in every checkpoint as ``method_state.pt`` when not empty (default:
+        none). :meth:`load_state_dict` restores it on resume."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved (default: nothing to restore)."""
+
     def step_end(self, trainer: Any) -> None:
         """Called after every optimizer step of an online run (default: nothing): refresh lagged or EMA copies
         (``trainer.parameter_state(name).update(trainer.policy(), decay)``)."""

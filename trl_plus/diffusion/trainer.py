@@ -867,6 +867,9 @@ class DiffusionTrainer(GuardMixin, Trainer):
 
             save_file({f"{name}::{key}": value.contiguous() for name, state in self.parameter_states.items()
                        for key, value in state.state_dict().items()}, os.path.join(output_dir, STATES_FILE))  # fmt: skip
+        method_state = self.method.state_dict()
+        if method_state:
+            torch.save(method_state, os.path.join(output_dir, METHOD_STATE_FILE))
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
@@ -886,6 +889,9 @@ class DiffusionTrainer(GuardMixin, Trainer):
             load_denoiser_weights(denoiser, resume_from_checkpoint)
         if self.added_parameters:
             load_added_parameters(denoiser, self.added_parameters, resume_from_checkpoint)
+        method_state = os.path.join(resume_from_checkpoint, METHOD_STATE_FILE)
+        if os.path.isfile(method_state):
+            self.method.load_state_dict(torch.load(method_state, map_location="cpu", weights_only=True))
         states = os.path.join(resume_from_checkpoint, STATES_FILE)
         if os.path.isfile(states):
             from safetensors.torch import load_file
@@ -900,6 +906,8 @@ class DiffusionTrainer(GuardMixin, Trainer):
 
 #: The lagged / EMA copies of an online run's checkpoint (:meth:`DiffusionTrainer.parameter_state`).
 STATES_FILE = "parameter_states.safetensors"
+#: A method's own state between steps (``DiffusionMethod.state_dict``: Diffusion-DRO's replay buffer).
+METHOD_STATE_FILE = "method_state.pt"
 
 
 class _StepEnd(TrainerCallback):

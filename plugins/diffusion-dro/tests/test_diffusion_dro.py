@@ -119,6 +119,19 @@ def test_the_lagged_sampler_updates_exactly_every_buffer_update_steps(tmp_path, 
     assert not torch.equal(initial[state.names[0]], state.tensors[state.names[0]])
 
 
+def test_the_replay_buffer_is_checkpointed_and_resumed(tmp_path):
+    tr = trainer(tmp_path / "a", max_steps=2, batch_size=2, training={"save_strategy": "steps", "save_steps": 2})
+    tr.train()
+    saved = tr.method.buffer.items
+    assert len(saved) == 4  # 2 steps x 2 prompts, within buffer_size 4
+    resumed = trainer(tmp_path / "b", max_steps=2, batch_size=2)
+    assert len(resumed.method.buffer) == 0
+    resumed._load_from_checkpoint(str(tmp_path / "a" / "checkpoint-2"))
+    restored = resumed.method.buffer.items
+    assert [item["prompt_id"] for item in restored] == [item["prompt_id"] for item in saved]
+    assert all(torch.equal(a["x_t"], b["x_t"]) and torch.equal(a["eps"], b["eps"]) for a, b in zip(saved, restored))
+
+
 def test_bad_input_is_one_line(tmp_path):
     rows = [{"prompt": "p"}]
     tr = tiny_diffusion_trainer("diffusion-dro", tmp_path, rows=rows, rollout=FAST, max_steps=1, batch_size=1,
