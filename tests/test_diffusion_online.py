@@ -213,6 +213,31 @@ def test_online_diffusion_dpo_raises_the_generation_side_reward(tmp_path):
     assert trainer.sample_reward(seed=0, n=4) > before + 0.05
 
 
+def test_scorers_read_the_prompt_rows_data_columns(tmp_path):
+    from trl_plus import Scorer
+
+    class Target(Scorer):
+        """Minus the distance of the latent mean from the row's ``target`` column."""
+
+        name, inputs, columns = "target-test", "latents", ("target",)
+
+        def score(self, prompts, completions, target):
+            return -(completions.flatten(1).mean(1) - torch.tensor(target)).abs()
+
+    rows = [{"prompt": f"prompt {i}", "target": float(i)} for i in range(2)]
+    trainer = tiny_diffusion_trainer(OnlineDPO, tmp_path, lora=True, rows=rows, scorers=[(Target(), 1.0)],
+                                     method_args={"beta": 500.0})  # fmt: skip
+    seen, make_examples = [], trainer.method.make_examples
+    trainer.method.make_examples = lambda rollouts: (seen.append(rollouts), make_examples(rollouts))[1]
+    trainer.online_rows(list(trainer.train_dataset))
+    rollouts = seen[0]
+    assert rollouts.columns["target"] == [0.0] * 4 + [1.0] * 4  # each prompt's value, per image
+    expected = -(rollouts.latents.flatten(1).mean(1).double() - torch.tensor(rollouts.columns["target"])).abs()
+    assert torch.allclose(rollouts.scores[:, 0], expected, atol=1e-6)
+    held_out = trainer.sample_reward(seed=0)  # the held-out (here: training) rows' columns reach the scorer too
+    assert held_out < 0
+
+
 def test_two_identical_runs_give_identical_curves_and_rollout_every_reuses_rows(tmp_path):
     histories, calls = [], []
     for run in range(2):

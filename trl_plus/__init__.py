@@ -56,7 +56,7 @@ __all__ = [
     "ddim_invert", "ddim_sample", "flow_elbo_factor", "guided_prediction", "inversion_timesteps", "Noised", "OnlineMethod", "ScoreOutput", "run_stages",
     "LatentCollator", "load_latent", "segment_ids", "denoise", "denoiser_kind", "has_lora",
     "sample", "Trajectory", "ParameterState", "ddim_step_logp", "ddim_step_mean", "ddim_sigma", "implied_noise",
-    "reward_guidance", "sampling_timesteps", "flow_sigmas", "gaussian_logp",
+    "reward_guidance", "sampling_timesteps", "flow_sigmas", "gaussian_logp", "predicted_x0", "save_image",
     "denoising_errors", "did_you_mean", "dpo_losses", "evaluate", "get_method", "get_registry", "hookimpl", "load_recipe",
     "merge_adapter", "method_collator", "pair_accuracy", "prompt_completion", "resolve_reference_mode", "tokenize_completions",
     "train", "frozen_model", "rollout_token_logps", "turn_sums",
@@ -71,7 +71,7 @@ if TYPE_CHECKING:
         method_collator,
         prompt_completion,
     )
-    from .diffusion.data import LatentCollator, load_latent, segment_ids
+    from .diffusion.data import LatentCollator, load_latent, save_image, segment_ids
     from .diffusion.inversion import Inversion, ddim_invert, ddim_sample, guided_prediction, inversion_timesteps
     from .diffusion.models import denoise, denoiser_kind, has_lora
     from .diffusion.sampling import (
@@ -83,6 +83,7 @@ if TYPE_CHECKING:
         flow_sigmas,
         gaussian_logp,
         implied_noise,
+        predicted_x0,
         reward_guidance,
         sample,
         sampling_timesteps,
@@ -117,6 +118,8 @@ _LAZY = {
     "sampling_timesteps": "diffusion.sampling",
     "flow_sigmas": "diffusion.sampling",
     "gaussian_logp": "diffusion.sampling",
+    "predicted_x0": "diffusion.sampling",
+    "save_image": "diffusion.data",
     "Inversion": "diffusion.inversion",
     "Noised": "diffusion.scorer",
     "ScoreOutput": "diffusion.scorer",

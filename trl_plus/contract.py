@@ -314,8 +314,37 @@ def check_decoding(decoding: Mapping[str, Any], where: str = "rollout.decoding")
             raise TrlPlusError(f"{where}.{key}: expected a number {bound}, got {value!r}")
 
 
+class GroupedSamples:
+    """What text and image rollouts share: rows grouped by prompt (``group`` ``[N]``), scored (``scores`` ``[N, S]``,
+    ``weights`` ``[S]``)."""
+
+    group: torch.Tensor
+    scores: torch.Tensor
+    weights: torch.Tensor
+
+    def reward(self) -> torch.Tensor:
+        """``[N]`` the weighted sum of the scores, NaN outputs skipped (``nansum``; all NaN → 0)."""
+        return (self.scores * self.weights).nansum(-1)
+
+    @property
+    def num_groups(self) -> int:
+        """``Q``: prompts in the stage."""
+        return int(self.group.max().item()) + 1 if len(self.group) else 0
+
+    def rows_of(self, g: int) -> list[int]:
+        """The row indices of prompt ``g``, in sampling order."""
+        return (self.group == g).nonzero().flatten().tolist()
+
+    def best_and_worst(self, g: int) -> tuple[int, int]:
+        """The rows of prompt ``g`` with the highest and the lowest :meth:`reward` (ties: the earlier sample; the
+        same row when all tie)."""
+        members = self.rows_of(g)
+        values = self.reward()[members]
+        return members[int(values.argmax())], members[int(values.argmin())]
+
+
 @dataclass
-class Rollouts:
+class Rollouts(GroupedSamples):
     """The samples of one rollout stage, group-major (prompt ``g``'s rows are contiguous), as every online hook
     sees them. Token ids are the sampled ones (never re-tokenized text).
 
@@ -347,19 +376,6 @@ class Rollouts:
     score_names: tuple[str, ...] = ()
     old_token_logps: torch.Tensor | None = None
     turn_ids: torch.Tensor | None = None
-
-    def reward(self) -> torch.Tensor:
-        """``[N]`` the weighted sum of the scores, NaN outputs skipped (``nansum``; all NaN → 0)."""
-        return (self.scores * self.weights).nansum(-1)
-
-    @property
-    def num_groups(self) -> int:
-        """``Q``: prompts in the stage."""
-        return int(self.group.max().item()) + 1 if len(self.group) else 0
-
-    def rows_of(self, g: int) -> list[int]:
-        """The row indices of prompt ``g``, in sampling order."""
-        return (self.group == g).nonzero().flatten().tolist()
 
     def penalize_missing_eos(self, penalty: float | None) -> Rollouts:
         """These rollouts with ``penalty`` subtracted from the :meth:`reward` of every completion without EOS (TRL's
@@ -800,15 +816,12 @@ class Method(Configured):
         reads (``prompt_ids``, ``chosen_ids``, ``rejected_ids`` for the core's pairwise collator, plus any
         ``needs.fields``). Default: per prompt, the highest-reward sample is chosen and the lowest rejected, ties to
         the first sample (TRL's ``OnlineDPOTrainer`` rule); a prompt with one sample gives no row."""
-        reward = rollouts.reward()
         rows = []
         for g in range(rollouts.num_groups):
             members = rollouts.rows_of(g)
             if len(members) < 2:
                 continue
-            values = reward[members]
-            best = members[int(values.argmax())]  # the first maximum: ties to the earlier sample
-            worst = members[int(values.argmin())]
+            best, worst = rollouts.best_and_worst(g)  # the first maximum / minimum: ties to the earlier sample
             if worst == best:  # all tied: the first is chosen, the last rejected
                 worst = members[-1]
             rows.append({"prompt_ids": rollouts.prompt_ids[best], "chosen_ids": rollouts.completion_ids[best],

@@ -136,7 +136,6 @@ class DiffusionDRO(DiffusionMethod):
         super().__init__(*args, **kwargs)
         self.buffer = ReplayBuffer(self.config.buffer_size)
         self._experts: dict[str, Any] = {}
-        self._trainer = None
 
     # -- data -----------------------------------------------------------------------------------------------------
     def prepare_split(self, dataset: Any, recipe: Any, split: str) -> Any:
@@ -174,12 +173,13 @@ class DiffusionDRO(DiffusionMethod):
 
     # -- online stage ---------------------------------------------------------------------------------------------
     def rollout(self, trainer: Any, prompt_ids: Any):
-        """The lagged sampler's trajectories (recorded) of the micro-batch's prompts; each prompt is dropped to the
-        empty one with probability ``training.caption_dropout`` before sampling, as the official script encodes the
-        dropped prompt once for both the buffer sampler and the training step."""
+        """The lagged sampler's trajectories (recorded) of the micro-batch's prompts, pushed with their prompts'
+        experts into the replay buffer; then as many (trajectory, step) rows drawn from the buffer as the stage has
+        prompts, carried to :meth:`make_examples` as ``columns["dro_rows"]``. Each prompt is dropped to the empty one
+        with probability ``training.caption_dropout`` before sampling, as the official script encodes the dropped
+        prompt once for both the buffer sampler and the training step."""
         import torch
 
-        self._trainer = trainer
         generator = trainer.rollout_generator(offset=1)
         ids = torch.as_tensor(prompt_ids, dtype=torch.long).clone()
         if trainer.args.caption_dropout > 0:
@@ -187,14 +187,7 @@ class DiffusionDRO(DiffusionMethod):
             ids = torch.where(drop, torch.zeros_like(ids), ids)
         policy = trainer.policy()
         with trainer.parameter_state("sampler").applied(policy):
-            return trainer.sample_rollouts(ids, n=1, record=True, model=policy)
-
-    def make_examples(self, rollouts: Any) -> list[dict[str, Any]]:
-        """Push the stage's trajectories (with their prompts' experts) into the buffer, then draw as many
-        (trajectory, step) rows from it as the stage has prompts."""
-        trainer = self._trainer
-        if trainer is None:
-            raise TrlPlusError("diffusion-dro: make_examples runs after the method's own rollout (it needs the trainer)")
+            rollouts = trainer.sample_rollouts(ids, n=1, record=True, model=policy)
         column = self.config.image_column
         experts = rollouts.columns.get(column)
         if experts is None:
@@ -203,7 +196,15 @@ class DiffusionDRO(DiffusionMethod):
         for i in range(len(rollouts.prompts)):
             self.buffer.push(int(rollouts.prompt_ids[i]), self.expert(trainer, experts[i]),
                              trajectory.latents[:-1, i], trajectory.timesteps, trajectory.predictions[:, i])
-        return self.buffer.sample(len(rollouts.prompts), trainer.rollout_generator(offset=2))
+        rollouts.columns["dro_rows"] = self.buffer.sample(len(rollouts.prompts), trainer.rollout_generator(offset=2))
+        return rollouts
+
+    def make_examples(self, rollouts: Any) -> list[dict[str, Any]]:
+        """The rows :meth:`rollout` drew from the replay buffer."""
+        if "dro_rows" not in rollouts.columns:
+            raise TrlPlusError("diffusion-dro: make_examples takes the rows of the method's own rollout (it fills the "
+                               "replay buffer and draws from it)")  # fmt: skip
+        return rollouts.columns["dro_rows"]
 
     def state_dict(self) -> dict[str, Any]:
         """The replay buffer's trajectories, saved in every checkpoint (a resumed run replays the same samples)."""

@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import struct
 import sys
 import tempfile
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -241,33 +239,17 @@ def guided_generate(source: Any, prompts: list[str], scorers: Any, *, steps: int
     return GuidedSamples(texts, latents, images, rewards, paths)
 
 
-# -- PNG (stdlib: no image library in a plugin) ---------------------------------------------------------------------
-def png_bytes(image: Any) -> bytes:
-    """An 8-bit PNG of ``image`` ``[C, H, W]`` in [0, 1] (C = 1 grey, 3 RGB, 4 RGBA; more: the first 3)."""
-    import torch
-
-    image = image[:3] if image.size(0) > 4 or image.size(0) == 2 else image
-    c, h, w = image.shape
-    pixels = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy().tobytes()
-    raw = b"".join(b"\x00" + pixels[y * w * c:(y + 1) * w * c] for y in range(h))
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    colour = {1: 0, 3: 2, 4: 6}[c]
-    header = struct.pack(">IIBBBBB", w, h, 8, colour, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
-
-
+# -- files ----------------------------------------------------------------------------------------------------------
 def write_images(images: Any, out_dir: str | Path, prompts: list[str], rewards: dict[str, Any]) -> list[str]:
     """``out_dir/NNNN.png`` per image and ``out_dir/samples.jsonl`` (prompt, image, the rewards); the paths."""
+    from trl_plus import save_image
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths, lines = [], []
     for i, image in enumerate(images):
         path = out / f"{i:04d}.png"
-        path.write_bytes(png_bytes(image))
-        paths.append(str(path))
+        paths.append(save_image(image, path))
         lines.append(json.dumps({"prompt": prompts[i], "image": path.name,
                                  **{k: float(v[i]) for k, v in rewards.items()}}))  # fmt: skip
     (out / "samples.jsonl").write_text("".join(line + "\n" for line in lines))

@@ -106,12 +106,6 @@ def gradspo_scores(prediction, ema_prediction, direction, alphas_t, grad_scale: 
     return -((prediction - target) ** 2).flatten(1).mean(1)
 
 
-def predicted_x0(scheduler, x, prediction, t):
-    """``[N, ...]`` x̂0 = (x_t − √(1 − ᾱ_t)·ε̂)/√ᾱ_t of an ε-prediction at timesteps ``t`` ``[N]``."""
-    alphas = scheduler.alphas_cumprod.to(x.device, x.dtype)[t.long()].view(-1, *([1] * (x.dim() - 1)))
-    return (x - (1 - alphas).sqrt() * prediction) / alphas.sqrt()
-
-
 class SPO(DiffusionMethod):
     """Online step-wise DPO on candidate next latents that share x_t, from a branching sampler."""
 
@@ -157,7 +151,7 @@ class SPO(DiffusionMethod):
     def _branching_rollout(self, trainer: Any, prompt_ids) -> ImageRollouts:
         import torch
 
-        from trl_plus import ddim_sigma, ddim_step_mean, sampling_timesteps  # torch-backed: imported when sampling
+        from trl_plus import ddim_sigma, ddim_step_mean, predicted_x0, sampling_timesteps  # torch-backed: when sampling
 
         config, settings = self.config, trainer.sampling
         steps, eta, k = settings["steps"], settings["eta"], config.num_sample_each_step
@@ -232,7 +226,7 @@ class SPO(DiffusionMethod):
             return None
         import torch
 
-        from trl_plus import Noised, ScoreOutput, guided_prediction
+        from trl_plus import Noised, ScoreOutput
 
         if "transition_direction" not in inputs:
             raise TrlPlusError("spo: variant gradspo needs rows with the noise direction (transition.direction): "
@@ -243,13 +237,9 @@ class SPO(DiffusionMethod):
         b = prompt_ids.size(0)
         shared = x_t.size(0) == 2 * b and torch.equal(x_t[:b], x_t[b:]) and torch.equal(t[:b], t[b:])
         rows = slice(0, b) if shared else slice(None)
-        guidance = trainer.sampling["guidance"]
 
         def predict(denoiser):
-            dtype = trainer.denoiser_dtype(denoiser)
-            cond = trainer.conditioning(prompt_ids, group[rows], dtype, x_t.device)
-            uncond = None if guidance == 1 else trainer.uncond(len(group[rows]), dtype, x_t.device)
-            output = guided_prediction(denoiser, x_t[rows].to(dtype), t[rows], cond, uncond, guidance).float()
+            output = trainer.sampler_prediction(denoiser, x_t[rows], t[rows], prompt_ids, group[rows])
             return output.repeat(2, *([1] * (output.dim() - 1))) if shared else output
 
         # the EMA and the reference first: swapping the EMA's tensors in place must precede the policy's graph

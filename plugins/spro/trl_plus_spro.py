@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import struct
 import tempfile
-import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -194,12 +192,14 @@ def spro_data(source: Any, seeds: Sequence[dict], out_dir: str | Path, scorers: 
         table += [{"caption": caption, "prompt": p, "reward": rewards[-1][j], "kept": keeps[-1][j],
                    "base_reward": base[-1]} for j, p in enumerate(candidates[i])]  # fmt: skip
     pairs, kept = pick_rows(captions, candidates, rewards, base, keeps, instruction)
+    from trl_plus import save_image
+
     sft = []
     for pair, i in zip(pairs, kept):
         winner = candidates[i].index(pair["chosen"])
         for j, image in enumerate(renders[i][winner]):
             name = f"images/{i:04d}-{j}.png"
-            (out / name).write_bytes(png_bytes(image))
+            save_image(image, out / name)
             sft.append({"prompt": captions[i], "image": name, "reward": pair["chosen_reward"],
                         "winner_prompt": pair["chosen"]})  # fmt: skip
     _write_jsonl(out / "pairs.jsonl", pairs)
@@ -232,22 +232,6 @@ def lm_writer(model: Any, tokenizer: Any, max_new_tokens: int = 60, temperature:
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-
-
-def png_bytes(image: Any) -> bytes:
-    """An 8-bit PNG of ``image`` ``[C, H, W]`` in [0, 1] (C = 1 grey, 3 RGB, 4 RGBA; other counts: the first 3)."""
-    import torch
-
-    image = image[:3] if image.size(0) not in (1, 3, 4) else image
-    c, h, w = image.shape
-    pixels = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy().tobytes()
-    raw = b"".join(b"\x00" + pixels[y * w * c:(y + 1) * w * c] for y in range(h))
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    header = struct.pack(">IIBBBBB", w, h, 8, {1: 0, 3: 2, 4: 6}[c], 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
 
 
 # -- the command ----------------------------------------------------------------------------------------------------

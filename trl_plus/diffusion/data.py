@@ -224,6 +224,19 @@ def load_image(path: str, resolution: int | None, channels: int):
     return tensor.unsqueeze(0) if tensor.dim() == 2 else tensor.permute(2, 0, 1)
 
 
+def save_image(pixels, path: str | Path) -> str:
+    """Write ``pixels`` ``[C, H, W]`` in [0, 1] (C = 1 grey, 3 RGB, 4 RGBA; other counts: the first three) as an
+    8-bit image file (the format from the suffix, PNG for ``.png``); returns the path (the inverse of
+    :func:`load_image`'s pixel range, up to the 8-bit rounding)."""
+    import torch
+    from PIL import Image
+
+    pixels = pixels if pixels.size(0) in (1, 3, 4) else pixels[:3]
+    array = (pixels.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(path)
+    return str(path)
+
+
 class LatentCollator:
     """Prepared examples (``{"x0": [K, ...] latents or {"mean", "std"}, "prompt_id": int, fields...}``) -> a batch:
     ``x0`` ``[K*B, ...]`` ordered sequence-major (``[img0 ex1..exB, img1 ex1..]``, as the text trainer's rows),

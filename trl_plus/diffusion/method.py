@@ -8,7 +8,7 @@ import importlib.util
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from ..contract import Method, Needs
+from ..contract import GroupedSamples, Method, Needs
 
 #: How to get the optional extra that diffusion methods need.
 DIFFUSION_INSTALL = 'pip install "trl-plus[diffusion]"'
@@ -68,7 +68,7 @@ SOURCES = ("forward", "transitions")
 
 
 @dataclass
-class ImageRollouts:
+class ImageRollouts(GroupedSamples):
     """The images of one rollout stage of an online diffusion method, group-major (prompt ``g``'s rows are
     contiguous), as :meth:`DiffusionMethod.make_examples` sees them.
 
@@ -93,19 +93,6 @@ class ImageRollouts:
     trajectory: Any = None
     images: Any = None
     columns: dict[str, list] = field(default_factory=dict)
-
-    def reward(self) -> Any:
-        """``[N]`` the weighted sum of the scores (NaN outputs skipped)."""
-        return (self.scores * self.weights).nansum(-1)
-
-    @property
-    def num_groups(self) -> int:
-        """``Q``: prompts in the stage."""
-        return int(self.group.max().item()) + 1 if len(self.group) else 0
-
-    def rows_of(self, g: int) -> list[int]:
-        """The row indices of prompt ``g``, in sampling order."""
-        return (self.group == g).nonzero().flatten().tolist()
 
 
 def denoising_errors(ctx: Any) -> tuple[Any, Any]:
@@ -179,14 +166,11 @@ class DiffusionMethod(Method):
         sample; a prompt whose images all tie gives no row): online Diffusion-DPO, Flow-GRPO's DPO variant."""
         import torch
 
-        reward = rollouts.reward()
         rows = []
         for g in range(rollouts.num_groups):
-            members = rollouts.rows_of(g)
-            values = reward[members]
-            if len(members) < 2 or bool((values == values[0]).all()):
+            best, worst = rollouts.best_and_worst(g)
+            if best == worst:  # one image, or all tied
                 continue
-            best, worst = members[int(values.argmax())], members[int(values.argmin())]
             rows.append({"prompt_id": int(rollouts.prompt_ids[best]),
                          "x0": torch.stack([rollouts.latents[best], rollouts.latents[worst]])})  # fmt: skip
         return rows

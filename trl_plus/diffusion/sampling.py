@@ -117,13 +117,6 @@ class Trajectory:
             return []
         return [j for j in range(self.steps) if float(self.stds[j]) > 0]
 
-    def select(self, rows) -> Trajectory:
-        """The trajectory of images ``rows`` (an index list or tensor) only."""
-        rows = torch.as_tensor(rows, dtype=torch.long)
-        return Trajectory(self.latents[:, rows], self.timesteps, self.prev_timesteps, self.predictions[:, rows],
-                          None if self.logps is None else self.logps[:, rows], self.eta, self.guidance,
-                          self.sigmas, self.stds)  # fmt: skip
-
 
 # -- DDIM arithmetic ----------------------------------------------------------------------------------------------
 def _table(scheduler, values: torch.Tensor, device) -> torch.Tensor:
@@ -147,15 +140,12 @@ def _expand(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.view(-1, *([1] * (like.dim() - 1)))
 
 
-def ddim_step_mean(scheduler, x_t: torch.Tensor, output: torch.Tensor, t: torch.Tensor, prev_t: torch.Tensor,
-                   eta: float) -> torch.Tensor:  # fmt: skip
-    """``[N, ...]`` μ of the DDIM(η) step t -> prev_t (per row) from the model ``output`` (ε, v or x0 as the scheduler
-    predicts; x̂0 clipped when its config says ``clip_sample``), differentiable in ``output``; fp32."""
-    config = scheduler.config
+def predicted_x0(scheduler, x_t: torch.Tensor, output: torch.Tensor, t: torch.Tensor, with_noise: bool = False):
+    """``[N, ...]`` x̂0 of the model ``output`` at ``x_t`` and timesteps ``t`` ``[N]`` (ε, v or x0 prediction, as the
+    scheduler's ``prediction_type`` says; fp32, differentiable, unclipped), or ``(x̂0, ε̂)`` with ``with_noise``."""
     x_t, output = x_t.float(), output.float()
     a_t = _expand(_table(scheduler, t, x_t.device), x_t)
-    a_prev = _expand(_table(scheduler, prev_t, x_t.device), x_t)
-    kind = config.get("prediction_type", "epsilon")
+    kind = scheduler.config.get("prediction_type", "epsilon")
     if kind == "epsilon":
         x0, eps = (x_t - (1 - a_t).sqrt() * output) / a_t.sqrt(), output
     elif kind == "v_prediction":
@@ -165,6 +155,18 @@ def ddim_step_mean(scheduler, x_t: torch.Tensor, output: torch.Tensor, t: torch.
     else:
         raise TrlPlusError(f"DDIM sampling: the scheduler's prediction_type {kind!r} is not epsilon, v_prediction or "
                            "sample")  # fmt: skip
+    return (x0, eps) if with_noise else x0
+
+
+def ddim_step_mean(scheduler, x_t: torch.Tensor, output: torch.Tensor, t: torch.Tensor, prev_t: torch.Tensor,
+                   eta: float) -> torch.Tensor:  # fmt: skip
+    """``[N, ...]`` μ of the DDIM(η) step t -> prev_t (per row) from the model ``output`` (ε, v or x0 as the scheduler
+    predicts; x̂0 clipped when its config says ``clip_sample``), differentiable in ``output``; fp32."""
+    config = scheduler.config
+    x_t = x_t.float()
+    a_t = _expand(_table(scheduler, t, x_t.device), x_t)
+    a_prev = _expand(_table(scheduler, prev_t, x_t.device), x_t)
+    x0, eps = predicted_x0(scheduler, x_t, output, t, with_noise=True)
     if config.get("clip_sample", False):
         limit = config.get("clip_sample_range", 1.0)
         x0 = x0.clamp(-limit, limit)

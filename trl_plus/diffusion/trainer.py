@@ -200,6 +200,7 @@ class DiffusionTrainer(GuardMixin, Trainer):
         self.parameter_states: dict[str, ParameterState] = {}
         self._saved_states: dict[str, dict[str, torch.Tensor]] = {}
         self._online_rows: dict[int, list[dict]] = {}
+        self._stage_columns: dict[str, list] = {}  # the current rollout stage's prompt rows' data columns
         self._micro = 0
         super().__init__(model=denoiser, args=args, data_collator=data_collator, train_dataset=train_examples,
                          eval_dataset=eval_examples, **kwargs)  # fmt: skip
@@ -696,7 +697,8 @@ class DiffusionTrainer(GuardMixin, Trainer):
                         ) -> ImageRollouts:  # fmt: skip
         """``n`` (default ``rollout.n``) images per text-cache row of ``prompt_ids`` ``[Q]``, group-major, from the
         policy (or ``model``), scored: an :class:`~trl_plus.diffusion.method.ImageRollouts`. ``record``,
-        ``share_start`` default to the method's; ``generator`` to :meth:`rollout_generator`."""
+        ``share_start`` default to the method's; ``generator`` to :meth:`rollout_generator`; ``columns`` (one value
+        per prompt, for scorers that read data columns) to the current rollout stage's prompt rows' columns."""
         n = n or self.rollout.n
         record = self.method.record if record is None else record
         share_start = self.method.share_start if share_start is None else share_start
@@ -709,8 +711,10 @@ class DiffusionTrainer(GuardMixin, Trainer):
             x_T = self.initial_noise(q * n, generator)
         trajectory = self.sample_images(rows, x_T, generator=generator, record=record, model=model)
         latents = trajectory.latents[-1].cpu()
-        prompts = [self._prompt_texts()[int(i)] for i in rows]
-        repeated = {key: [v for v in values for _ in range(n)] for key, values in (columns or {}).items()}
+        prompts = self.prompt_texts(rows)
+        if columns is None:  # the stage's prompt rows, when these are their prompts
+            columns = self._stage_columns if all(len(v) == q for v in self._stage_columns.values()) else {}
+        repeated = {key: [v for v in values for _ in range(n)] for key, values in columns.items()}
         scores, weights, names, images = self.score_images(prompts, latents, repeated)
         return ImageRollouts(prompts=prompts, prompt_ids=rows, group=torch.arange(q).repeat_interleave(n),
                              latents=latents, scores=scores, weights=weights, score_names=names,
@@ -719,13 +723,8 @@ class DiffusionTrainer(GuardMixin, Trainer):
     def prompt_texts(self, prompt_ids) -> list[str]:
         """The texts of text-cache rows ``prompt_ids`` (``[N]``; row 0 is the empty prompt): for a method's own
         rollout (SPO's branching sampler) that scores images with :meth:`score_images`."""
-        texts = self._prompt_texts()
+        texts = list(self._prompts)  # insertion order: the text cache's rows
         return [texts[int(i)] for i in prompt_ids]
-
-    def _prompt_texts(self) -> list[str]:
-        if getattr(self, "_texts", None) is None or len(self._texts) != len(self._prompts):
-            self._texts = list(self._prompts)
-        return self._texts
 
     @torch.no_grad()
     def sample_reward(self, prompts: list[str] | None = None, seed: int = 0, n: int | None = None,
@@ -733,12 +732,17 @@ class DiffusionTrainer(GuardMixin, Trainer):
         """The mean weighted reward of fixed-seed samples (``n`` per prompt; default ``rollout.n``) of ``prompts``
         (default: the held-out prompts, else the training prompts): the generation-side figure of an online run —
         the same seed gives the same x_T and step noises before and after training."""
+        columns = None
         if prompts is None:
             examples = self.eval_dataset or self.train_dataset
-            prompts = [e["prompt"] for e in examples]
+            prompts, columns = [e["prompt"] for e in examples], _columns(examples)
+        unknown = [p for p in prompts if p not in self._prompts]
+        if unknown:
+            raise TrlPlusError(f"sample_reward: {unknown[0]!r} is not in the text cache (the prompts of the trainer's "
+                               "train and eval rows are)")  # fmt: skip
         ids = torch.tensor([self._prompts[p] for p in prompts], dtype=torch.long)
         rollouts = self.sample_rollouts(ids, n=n, generator=torch.Generator().manual_seed(seed), record=False,
-                                        share_start=False, model=model)  # fmt: skip
+                                        share_start=False, model=model, columns=columns)  # fmt: skip
         return float(rollouts.reward().mean())
 
     def parameter_state(self, name: str) -> ParameterState:
@@ -758,23 +762,19 @@ class DiffusionTrainer(GuardMixin, Trainer):
         every = max(1, getattr(self.rollout, "every", 1))
         if self.state.global_step % every == 0 or slot not in self._online_rows:
             ids = torch.tensor([row["prompt_id"] for row in prompt_rows], dtype=torch.long)
-            columns: dict[str, list] = {}
-            for row in prompt_rows:
-                for key, value in row.get("columns", {}).items():
-                    columns.setdefault(key, []).append(value)
-            rollouts = self.method.rollout(self, ids) if not columns else self._rollout_with(ids, columns)
+            self._stage_columns = _columns(prompt_rows)
+            try:
+                rollouts = self.method.rollout(self, ids)
+            finally:
+                columns, self._stage_columns = self._stage_columns, {}
+            if columns and not rollouts.columns:  # a method's own sampler: the prompts' columns, per row
+                rows = rollouts.group.tolist()
+                rollouts.columns = {key: [values[g] for g in rows] for key, values in columns.items()}
             self._online_rows[slot] = list(self.method.make_examples(rollouts))
             self._metrics["train"]["rollout/reward"].append(float(rollouts.reward().mean()))
             self._metrics["train"]["rollout/rows"].append(float(len(self._online_rows[slot])))
         self._micro += 1
         return self._online_rows[slot]
-
-    def _rollout_with(self, ids, columns):
-        rollout = self.method.rollout(self, ids)
-        if not rollout.columns:
-            n = len(rollout.prompts) // max(1, len(ids))
-            rollout.columns = {key: [v for v in values for _ in range(n)] for key, values in columns.items()}
-        return rollout
 
     def online_loss(self, model, prompt_rows: list[dict]):
         """The loss of one online micro-batch: its rows in chunks of ``examples_per_forward``, each chunk's loss
@@ -797,6 +797,17 @@ class DiffusionTrainer(GuardMixin, Trainer):
             done = part.detach() if done is None else done + part.detach()
         return done
 
+    def sampler_prediction(self, denoiser, x_t: torch.Tensor, timesteps: torch.Tensor, prompt_ids: torch.Tensor,
+                           group: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """``[N, ...]`` fp32: ``denoiser``'s prediction at ``x_t`` as the run's sampler makes it — classifier-free
+        guided at ``rollout.decoding.guidance`` (the empty prompt's rows as the unconditional ones) — for rows
+        ``group`` of the examples' text-cache rows ``prompt_ids`` (grad as the caller's mode says)."""
+        guidance = self.sampling["guidance"]
+        dtype = self.denoiser_dtype(denoiser)
+        cond = self.conditioning(prompt_ids, group, dtype, x_t.device)
+        uncond = None if guidance == 1 else self.uncond(len(group), dtype, x_t.device)
+        return guided_prediction(denoiser, x_t.to(dtype), timesteps, cond, uncond, guidance).float()
+
     def transition_score(self, model, inputs: Mapping[str, Any], reference: bool = True) -> ScoreOutput:
         """ℓ of stored sampler steps (``Scoring.source = "transitions"``): the element-mean DDIM(η) log-density of each
         row's x_prev given its x_t under the model's prediction (classifier-free guided as the rollout samples), the
@@ -805,14 +816,11 @@ class DiffusionTrainer(GuardMixin, Trainer):
         x_t, x_prev = inputs[f"{TRANSITION}_x_t"].float(), inputs[f"{TRANSITION}_x_prev"].float()
         t, prev = inputs[f"{TRANSITION}_timestep"].long(), inputs[f"{TRANSITION}_prev_timestep"].long()
         group, prompt_ids = inputs[GROUP], inputs[PROMPT_IDS]
-        scheduler, eta, guidance = self.bundle.scheduler, self.sampling["eta"], self.sampling["guidance"]
+        scheduler, eta = self.bundle.scheduler, self.sampling["eta"]
         eps_star, weight = implied_noise(scheduler, x_t, x_prev, t, prev, eta)
 
         def logp(denoiser):
-            dtype = self.denoiser_dtype(denoiser)
-            cond = self.conditioning(prompt_ids, group, dtype, x_t.device)
-            uncond = None if guidance == 1 else self.uncond(len(group), dtype, x_t.device)
-            output = guided_prediction(denoiser, x_t.to(dtype), t, cond, uncond, guidance).float()
+            output = self.sampler_prediction(denoiser, x_t, t, prompt_ids, group)
             error = ((output - eps_star) ** 2).flatten(1).mean(1)
             return ddim_step_logp(scheduler, x_t, output, x_prev, t, prev, eta), error
 
@@ -918,6 +926,12 @@ class _StepEnd(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.trainer.method.step_end(self.trainer)
+
+
+def _columns(prompt_rows: list[dict]) -> dict[str, list]:
+    """The data columns of an online method's prepared prompt rows, one list per column (a value per row)."""
+    keys = prompt_rows[0]["columns"] if prompt_rows else ()
+    return {key: [row["columns"][key] for row in prompt_rows] for key in keys}
 
 
 def _as_rows(rows) -> list[dict] | None:

@@ -82,10 +82,11 @@ def test_the_buffer_stores_the_samplers_prediction_at_the_latent_it_stores(tmp_p
     expert branch is a real forward-noised error; the run samples and trains through the core's online stage."""
     tr = trainer(tmp_path, max_steps=1, batch_size=2, method_args={"buffer_size": 2})
     method = tr.method
-    ids = torch.tensor([tr.prompt_id("prompt 0"), tr.prompt_id("prompt 1")])
-    rollouts = method.rollout(tr, ids)
-    rollouts.columns = {"image": [torch.ones(4, 8, 8)] * 2}
-    rows = method.make_examples(rollouts)
+    seen, make_examples = [], method.make_examples
+    method.make_examples = lambda rollouts: (seen.append(rollouts), make_examples(rollouts))[1]
+    rows = tr.online_rows(list(tr.train_dataset[:2]))  # the core's stage: prompts 0 and 1 with their expert columns
+    rollouts = seen[0]
+    del method.make_examples
     assert len(rows) == 2 and len(method.buffer) == 2
     item = method.buffer.items[0]
     assert item["x_t"].shape == (4, 4, 8, 8) and item["timesteps"].tolist() == [750, 500, 250, 0]
